@@ -1,0 +1,1 @@
+//! driftsync client

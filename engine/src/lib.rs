@@ -1,0 +1,20 @@
+//! The driftsync engine: everything about documents that does not touch a socket.
+//!
+//! * [`doc`]: yrs documents with text and map helpers, client ids, safe decoding, and turning a
+//!   stored snapshot + log tail back into a document.
+//! * [`clock`]: hybrid logical clocks, which give chat messages a deterministic, causal order.
+//! * [`chat`]: the chat room schema (messages, edits, tombstones) and read receipts.
+//! * [`sync`]: the sans-IO sync core — resume planning on the server, applying remote updates
+//!   with bounded pending, computing what a peer lacks. It takes bytes and returns bytes.
+//! * [`store`]: the durable store (SQLite and PostgreSQL through sqlx).
+//!
+//! Architecture invariant: nothing outside [`store`] performs I/O.
+
+pub mod chat;
+pub mod clock;
+pub mod doc;
+mod error;
+pub mod store;
+pub mod sync;
+
+pub use error::{Error, Result};

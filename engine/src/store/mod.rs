@@ -1,0 +1,226 @@
+//! Durable storage of documents: an append-only update log per document with a store-assigned
+//! cursor, a snapshot that compaction folds the log into, and, for clients, an outbox of local
+//! changes the server has not acknowledged yet plus the last server cursor seen per document.
+//!
+//! Two implementations through sqlx: [`SqliteStore`] (the embedded default, WAL mode) and
+//! [`PgStore`] (for servers, several instances may share one database). [`AnyStore`] picks one
+//! at run time from a URL.
+//!
+//! The store moves bytes; it never interprets an update except during [`Store::compact`] and in
+//! [`load_document`], where an undecodable row becomes [`Error::Corrupt`] naming the document —
+//! never a panic and never a silently empty document.
+//!
+//! Architecture invariant: a cursor is assigned inside the transaction that stores the update, by
+//! incrementing the document's `head` row (which also serialises appends to one document across
+//! server instances), so cursors of one document are gap-free and increase in commit order.
+
+mod postgres;
+mod sqlite;
+
+use std::future::Future;
+
+pub use postgres::PgStore;
+pub use sqlite::SqliteStore;
+
+use crate::{Error, Result};
+use driftsync_protocol::Cursor;
+
+/// Where an appended update came from, for deduplicating a batch a client re-sends after a lost
+/// acknowledgement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Origin {
+    /// The pushing client's yrs client id.
+    pub client_id: u64,
+    /// The client's batch id; increasing per client and document.
+    pub batch: u64,
+}
+
+/// One update to append to a document's log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Append {
+    /// The document.
+    pub doc: String,
+    /// The pushing client's batch, if the update came from a client push (`None` for local edits
+    /// and server-generated updates: never deduplicated).
+    pub origin: Option<Origin>,
+    /// A yrs v1 update.
+    pub update: Vec<u8>,
+}
+
+/// What became of one [`Append`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Appended {
+    /// Stored at this cursor.
+    Stored(Cursor),
+    /// The same client already pushed this batch (or a later one) for this document: nothing was
+    /// stored. The cursor is that of the client's latest stored batch, at or after the original.
+    Duplicate(Cursor),
+}
+
+impl Appended {
+    /// The cursor the update is stored at (or, for a duplicate, at or before).
+    pub fn cursor(self) -> Cursor {
+        match self {
+            Appended::Stored(c) | Appended::Duplicate(c) => c,
+        }
+    }
+}
+
+/// One entry of a document's update log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogEntry {
+    /// Its cursor.
+    pub cursor: Cursor,
+    /// The yrs v1 update.
+    pub update: Vec<u8>,
+}
+
+/// A document as stored: the snapshot and the log entries after it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StoredDoc {
+    /// The snapshot (a yrs v1 update holding the state up to `snapshot_cursor`), if any.
+    pub snapshot: Option<Vec<u8>>,
+    /// The cursor the snapshot covers (0 without a snapshot).
+    pub snapshot_cursor: Cursor,
+    /// Log entries after `snapshot_cursor`, in cursor order.
+    pub tail: Vec<LogEntry>,
+    /// The document's last assigned cursor.
+    pub head: Cursor,
+}
+
+/// Log entries after a cursor, for a resume.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LogTail {
+    /// Every entry after the cursor, in order (possibly none).
+    Entries(Vec<LogEntry>),
+    /// Entries after the cursor were already folded into the snapshot and deleted; the caller
+    /// must fall back to a state-vector diff.
+    Pruned,
+}
+
+/// Bookkeeping of one document, cheap to read.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DocMeta {
+    /// Last assigned cursor.
+    pub head: Cursor,
+    /// Cursor covered by the snapshot.
+    pub snapshot_cursor: Cursor,
+    /// Encoded size of the snapshot in bytes.
+    pub snapshot_bytes: u64,
+    /// Total size of the log entries after the snapshot, in bytes.
+    pub log_bytes: u64,
+    /// Log entries up to this cursor have been deleted.
+    pub pruned_through: Cursor,
+}
+
+/// When and how to compact a document.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CompactionPolicy {
+    /// Compact once the log after the snapshot holds more bytes than the snapshot and at least
+    /// this many bytes.
+    pub min_log_bytes: u64,
+    /// Keep this many of the newest log entries after compacting, so that clients a little
+    /// behind still resume with a cheap log tail instead of a state-vector diff.
+    pub retain_entries: u64,
+}
+
+impl Default for CompactionPolicy {
+    fn default() -> Self {
+        CompactionPolicy { min_log_bytes: 64 * 1024, retain_entries: 1024 }
+    }
+}
+
+impl CompactionPolicy {
+    /// Whether a document with this bookkeeping should be compacted now.
+    pub fn due(&self, meta: &DocMeta) -> bool {
+        meta.log_bytes >= self.min_log_bytes && meta.log_bytes > meta.snapshot_bytes
+    }
+}
+
+/// What a compaction did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Compacted {
+    /// The cursor the new snapshot covers.
+    pub snapshot_cursor: Cursor,
+    /// Size of the new snapshot in bytes.
+    pub snapshot_bytes: u64,
+    /// Number of log entries deleted.
+    pub deleted_entries: u64,
+}
+
+/// A device's identity in a client store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceIdentity {
+    /// The yrs client id every local edit of this device is made with: random, below 2^53,
+    /// created once per store and never reused elsewhere.
+    pub client_id: u64,
+    /// A random device id (UUID) for receipts and chat messages.
+    pub device_id: String,
+}
+
+/// One unacknowledged local change in a client's outbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboxEntry {
+    /// The document.
+    pub doc: String,
+    /// The batch id it is pushed with; increasing over the whole store.
+    pub batch: u64,
+    /// The yrs v1 update.
+    pub update: Vec<u8>,
+}
+
+/// The storage interface shared by servers and clients. Every method is one transaction.
+pub trait Store: Send + Sync + 'static {
+    /// Appends updates to their documents' logs in ONE transaction (group commit) and returns
+    /// what became of each, in order. Either all are durable when this returns `Ok`, or none.
+    fn append(&self, batch: &[Append]) -> impl Future<Output = Result<Vec<Appended>>> + Send;
+
+    /// Loads a document's snapshot and log tail (`None` if it was never stored).
+    fn load(&self, doc: &str) -> impl Future<Output = Result<Option<StoredDoc>>> + Send;
+
+    /// The log entries after `after`, or [`LogTail::Pruned`] if some were deleted by compaction.
+    fn log_after(&self, doc: &str, after: Cursor) -> impl Future<Output = Result<LogTail>> + Send;
+
+    /// A document's bookkeeping (`None` if it was never stored).
+    fn meta(&self, doc: &str) -> impl Future<Output = Result<Option<DocMeta>>> + Send;
+
+    /// Folds the log into the snapshot (see the module docs). Updates appended while it runs are
+    /// kept in the log. Returns `None` when there was nothing to fold.
+    fn compact(
+        &self,
+        doc: &str,
+        policy: &CompactionPolicy,
+    ) -> impl Future<Output = Result<Option<Compacted>>> + Send;
+
+    /// Ids of every stored document.
+    fn documents(&self) -> impl Future<Output = Result<Vec<String>>> + Send;
+
+    // ----- client side -----
+
+    /// This store's device identity, created on first call (random client id below 2^53, random
+    /// device id) and the same forever after.
+    fn device(&self) -> impl Future<Output = Result<DeviceIdentity>> + Send;
+
+    /// Records a local change: appends it to the document's log and to the outbox in one
+    /// transaction. Returns its batch id.
+    fn record_local(&self, doc: &str, update: &[u8]) -> impl Future<Output = Result<u64>> + Send;
+
+    /// Unacknowledged local changes, oldest first, optionally of one document only.
+    fn outbox(&self, doc: Option<&str>) -> impl Future<Output = Result<Vec<OutboxEntry>>> + Send;
+
+    /// The server acknowledged `batch` of `doc`: removes it (and any older batch of that document)
+    /// from the outbox.
+    fn acknowledge(&self, doc: &str, batch: u64) -> impl Future<Output = Result<()>> + Send;
+
+    /// The last server cursor seen for a document (0 if none).
+    fn server_cursor(&self, doc: &str) -> impl Future<Output = Result<Cursor>> + Send;
+
+    /// Advances the last server cursor seen for a document (never moves it backwards), and
+    /// appends the updates received with it, in one transaction.
+    fn record_remote(
+        &self,
+        doc: &str,
+        cursor: Cursor,
+        updates: &[Vec<u8>],
+    ) -> impl Future<Output = Result<()>> + Send;
+}

@@ -1,0 +1,339 @@
+//! The sync core. It does no I/O: it takes bytes (updates, state vectors, log entries that the
+//! shell read from the store) and returns bytes to send or store.
+//!
+//! * [`apply_remote`]: apply an update from a peer. Order and duplicates do not matter; updates
+//!   whose predecessors are missing are held by yrs, bounded by [`Limits`], and reported.
+//! * [`answer_resume`] (server): what one document of a client's resume lacks — the log tail
+//!   after the client's cursor when the log still has it, otherwise a state-vector diff — and
+//!   whether the server lacks something of the client's.
+//! * [`plan_pushes`] (client): after the answer, what the client sends — its outbox, plus a
+//!   recovery update if the server turns out to lack changes the outbox does not hold.
+//!
+//! The cursor path is what makes a resume cheap: a client that missed nothing pays a few bytes,
+//! one that missed K operations pays about their size, and neither receives the document's whole
+//! delete set (which a state-vector diff, like a y-protocols SyncStep2, always carries).
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+use driftsync_protocol::Cursor;
+use yrs::updates::encoder::{Encode, Encoder, EncoderV1};
+use yrs::{ClientID, Doc, ReadTxn, StateVector, Transact, Update};
+
+use crate::doc::{apply, decode_state_vector, decode_update, is_empty_update};
+use crate::store::{LogEntry, OutboxEntry};
+use crate::{Error, Result};
+
+/// Bounds on what a document holds back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// The most bytes of updates that may wait for missing predecessors in one document. An
+    /// update that would start waiting beyond this is refused with [`Error::TooManyPending`].
+    pub max_pending_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { max_pending_bytes: 1024 * 1024 }
+    }
+}
+
+/// What applying a remote update did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Applied {
+    /// Everything the document knows is integrated.
+    Integrated,
+    /// Some updates wait for predecessors: `missing` lists, per client id, the clock the
+    /// document must reach before they can be integrated.
+    Pending {
+        /// `(client id, clock)` pairs still missing.
+        missing: Vec<(u64, u32)>,
+        /// Encoded size of what waits, in bytes.
+        bytes: usize,
+    },
+}
+
+/// Applies a peer's update. Applying the same update twice, or updates in any order, gives the
+/// same document (yrs is a CRDT); what cannot be integrated yet is held and reported.
+pub fn apply_remote(doc: &Doc, bytes: &[u8], limits: &Limits) -> Result<Applied> {
+    let update = decode_update(bytes)?;
+    if would_wait(doc, &update) {
+        let (_, pending_bytes) = pending(doc);
+        if pending_bytes + bytes.len() > limits.max_pending_bytes {
+            return Err(Error::TooManyPending { pending: pending_bytes + bytes.len(), limit: limits.max_pending_bytes });
+        }
+    }
+    apply(doc, update)?;
+    Ok(match pending(doc) {
+        (Some(missing), bytes) => Applied::Pending { missing, bytes },
+        (None, _) => Applied::Integrated,
+    })
+}
+
+/// Whether some of `update` starts beyond what `doc` has from the same client (a gap).
+fn would_wait(doc: &Doc, update: &Update) -> bool {
+    let txn = doc.transact();
+    let have = txn.state_vector();
+    update.state_vector_lower().iter().any(|(client, &clock)| clock > have.get(client))
+}
+
+/// What waits in `doc` for predecessors: the missing clocks and the encoded size.
+fn pending(doc: &Doc) -> (Option<Vec<(u64, u32)>>, usize) {
+    let txn = doc.transact();
+    let store = txn.store();
+    let mut missing: Vec<(u64, u32)> = Vec::new();
+    let mut bytes = 0;
+    if let Some(p) = store.pending_update() {
+        missing.extend(p.missing.iter().map(|(c, &k)| (c.get(), k)));
+        bytes += p.update.encode_v1().len();
+    }
+    if let Some(ds) = store.pending_ds() {
+        let mut enc = EncoderV1::new();
+        ds.encode(&mut enc);
+        bytes += enc.to_vec().len();
+        if missing.is_empty() {
+            // Deletions of items that have not arrived yet.
+            missing.push((0, 0));
+        }
+    }
+    if missing.is_empty() && bytes == 0 {
+        (None, 0)
+    } else {
+        missing.sort_unstable();
+        (Some(missing), bytes)
+    }
+}
+
+/// What `doc` has that a peer with state vector `sv` lacks, including updates that still wait
+/// for predecessors (so nothing the server holds is ever withheld).
+pub fn missing_for(doc: &Doc, sv: &StateVector) -> Vec<u8> {
+    doc.transact().encode_state_as_update_v1(sv)
+}
+
+/// Merges updates into one and drops what a peer with `sv` already has. Deletions in the
+/// updates are kept whole: they have no clock, so `sv` cannot tell whether the peer has them.
+pub fn merge_for(updates: &[&[u8]], sv: &StateVector) -> Result<Vec<u8>> {
+    let decoded = updates.iter().map(|u| decode_update(u)).collect::<Result<Vec<_>>>()?;
+    let sv = sv.encode_v1();
+    let merged = catch_unwind(AssertUnwindSafe(|| Update::merge_updates(decoded).encode_v1()))
+        .map_err(|_| Error::InvalidUpdate("merging updates panicked".into()))?;
+    catch_unwind(AssertUnwindSafe(|| yrs::diff_updates_v1(&merged, &sv)))
+        .map_err(|_| Error::InvalidUpdate("diffing updates panicked".into()))?
+        .map_err(|e| Error::InvalidUpdate(e.to_string()))
+}
+
+/// The server's answer for one document of a resume (see [`answer_resume`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResumeAnswer {
+    /// The server's cursor after the answer.
+    pub cursor: Cursor,
+    /// What the client lacks, if anything.
+    pub update: Option<Vec<u8>>,
+    /// The server's state vector, when the client has changes the server lacks.
+    pub state_vector: Option<Vec<u8>>,
+    /// Whether the answer came from the log tail (cheap) or a state-vector diff.
+    pub from_log: bool,
+}
+
+/// Plans the server's answer to one document of a resume.
+///
+/// `doc` is the live document at cursor `head`. `tail` is what the store holds after the
+/// client's cursor: `Some(entries)` (entries after `client_cursor`, in order) or `None` when the
+/// log no longer reaches back that far. The shell need not read the store when the client is
+/// already at `head`.
+pub fn answer_resume(
+    doc: &Doc,
+    head: Cursor,
+    client_cursor: Cursor,
+    client_sv: &[u8],
+    tail: Option<&[LogEntry]>,
+) -> Result<ResumeAnswer> {
+    let client_sv = decode_state_vector(client_sv)?;
+    let server_sv = doc.transact().state_vector();
+    let server_lacks = client_sv.iter().any(|(client, &clock)| clock > server_sv.get(client));
+    let state_vector = server_lacks.then(|| server_sv.encode_v1());
+
+    let (update, from_log) = if client_cursor == head {
+        (None, true)
+    } else if let (true, Some(entries)) = (client_cursor > 0 && client_cursor < head, tail) {
+        let parts: Vec<&[u8]> =
+            entries.iter().filter(|e| e.cursor > client_cursor).map(|e| e.update.as_slice()).collect();
+        (Some(merge_for(&parts, &client_sv)?), true)
+    } else {
+        // A new client, a log that was compacted past the client's cursor, or a cursor from
+        // another history (the server lost data or the client talks to another deployment):
+        // the state-vector diff is always correct.
+        (Some(missing_for(doc, &client_sv)), false)
+    };
+    let update = update.filter(|u| !is_empty_update(u));
+    Ok(ResumeAnswer { cursor: head, update, state_vector, from_log })
+}
+
+/// What a client pushes after a resume answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PlannedPush {
+    /// An outbox entry, pushed with its own batch id.
+    Outbox(OutboxEntry),
+    /// The server lacks changes the outbox does not hold (it lost data, or this client received
+    /// them from elsewhere): this update restores them. The shell records it in the outbox to get
+    /// a batch id, then pushes it.
+    Recovery(Vec<u8>),
+}
+
+/// Plans what a client sends after the server's answer for one document: its outbox, oldest
+/// first, and a recovery update when the server's state vector shows a gap the outbox does not
+/// fill.
+pub fn plan_pushes(doc: &Doc, outbox: Vec<OutboxEntry>, server_sv: Option<&[u8]>) -> Result<Vec<PlannedPush>> {
+    let Some(server_sv) = server_sv else {
+        return Ok(outbox.into_iter().map(PlannedPush::Outbox).collect());
+    };
+    let server_sv = decode_state_vector(server_sv)?;
+    let (local_sv, me) = {
+        let txn = doc.transact();
+        (txn.state_vector(), doc.client_id())
+    };
+    // The lowest clock of this client's own changes in the outbox: the server must hold
+    // everything below it, or the outbox cannot be integrated there.
+    let mut outbox_floor: Option<u32> = None;
+    for entry in &outbox {
+        let update = decode_update(&entry.update)?;
+        if let Some(&low) = update.state_vector_lower().iter().find(|(c, _)| **c == me).map(|(_, k)| k) {
+            outbox_floor = Some(outbox_floor.map_or(low, |f| f.min(low)));
+        }
+    }
+    let gap = local_sv.iter().any(|(client, &clock)| {
+        let has = server_sv.get(client);
+        if *client == me {
+            has < outbox_floor.unwrap_or(clock).min(clock)
+        } else {
+            has < clock
+        }
+    });
+    let mut plan: Vec<PlannedPush> = outbox.into_iter().map(PlannedPush::Outbox).collect();
+    if gap {
+        plan.push(PlannedPush::Recovery(missing_for(doc, &server_sv)));
+    }
+    Ok(plan)
+}
+
+/// The client id of a document as a plain number.
+pub fn client_id(doc: &Doc) -> u64 {
+    ClientID::get(&doc.client_id())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::doc::{new_doc, state_vector, text, text_delete, text_insert};
+
+    fn log(updates: &[Vec<u8>]) -> Vec<LogEntry> {
+        updates.iter().enumerate().map(|(i, u)| LogEntry { cursor: i as u64 + 1, update: u.clone() }).collect()
+    }
+
+    #[test]
+    fn out_of_order_updates_are_held_and_reported() {
+        let a = new_doc(1).unwrap();
+        let u1 = text_insert(&a, 0, "ab").unwrap();
+        let u2 = text_insert(&a, 2, "cd").unwrap();
+        let b = new_doc(2).unwrap();
+        let limits = Limits::default();
+        match apply_remote(&b, &u2, &limits).unwrap() {
+            Applied::Pending { missing, bytes } => {
+                assert_eq!(missing.iter().map(|m| m.0).collect::<Vec<_>>(), vec![1]);
+                assert!(bytes > 0);
+            }
+            other => panic!("expected pending, got {other:?}"),
+        }
+        assert_eq!(apply_remote(&b, &u1, &limits).unwrap(), Applied::Integrated);
+        assert_eq!(apply_remote(&b, &u1, &limits).unwrap(), Applied::Integrated);
+        assert_eq!(text(&b), "abcd");
+    }
+
+    #[test]
+    fn pending_is_bounded() {
+        let a = new_doc(1).unwrap();
+        let _first = text_insert(&a, 0, "x").unwrap();
+        let later: Vec<Vec<u8>> = (0..50).map(|i| text_insert(&a, 1 + i, "y").unwrap()).collect();
+        let b = new_doc(2).unwrap();
+        let limits = Limits { max_pending_bytes: 200 };
+        let mut refused = false;
+        for u in &later {
+            match apply_remote(&b, u, &limits) {
+                Err(Error::TooManyPending { .. }) => refused = true,
+                Err(e) => panic!("{e}"),
+                Ok(_) => {}
+            }
+        }
+        assert!(refused, "the pending bound was never hit");
+        assert!(pending(&b).1 <= 200 + later[0].len());
+    }
+
+    #[test]
+    fn resume_sends_only_the_tail() {
+        let server = new_doc(1).unwrap();
+        let client = new_doc(2).unwrap();
+        let mut updates = Vec::new();
+        for i in 0..200u32 {
+            updates.push(text_insert(&server, i, "x").unwrap());
+        }
+        // Many deletions: a state-vector diff would carry all of them again.
+        for _ in 0..100 {
+            updates.push(text_delete(&server, 0, 1).unwrap());
+        }
+        for u in &updates {
+            apply_remote(&client, u, &Limits::default()).unwrap();
+        }
+        let entries = log(&updates);
+        let head = entries.len() as u64;
+
+        // Nothing missed: nothing sent.
+        let nothing = answer_resume(&server, head, head, &state_vector(&client), Some(&[])).unwrap();
+        assert_eq!((nothing.update, nothing.state_vector), (None, None));
+
+        // Missed three operations: about their size, not the delete set.
+        let mut more = Vec::new();
+        more.push(text_insert(&server, 0, "a").unwrap());
+        more.push(text_delete(&server, 5, 1).unwrap());
+        more.push(text_insert(&server, 2, "b").unwrap());
+        let tail: Vec<LogEntry> =
+            more.iter().enumerate().map(|(i, u)| LogEntry { cursor: head + 1 + i as u64, update: u.clone() }).collect();
+        let answer = answer_resume(&server, head + 3, head, &state_vector(&client), Some(&tail)).unwrap();
+        assert!(answer.from_log);
+        let bytes = answer.update.unwrap();
+        let missed: usize = more.iter().map(Vec::len).sum();
+        let full = missing_for(&server, &decode_state_vector(&state_vector(&client)).unwrap());
+        assert!(bytes.len() <= missed + 16, "tail {} vs missed {missed}", bytes.len());
+        assert!(bytes.len() < full.len(), "tail {} vs full diff {}", bytes.len(), full.len());
+        apply_remote(&client, &bytes, &Limits::default()).unwrap();
+        assert_eq!(text(&client), text(&server));
+
+        // Pruned log: falls back to the diff, still correct.
+        let c2 = new_doc(3).unwrap();
+        let answer = answer_resume(&server, head + 3, 5, &state_vector(&c2), None).unwrap();
+        assert!(!answer.from_log);
+        apply_remote(&c2, &answer.update.unwrap(), &Limits::default()).unwrap();
+        assert_eq!(text(&c2), text(&server));
+    }
+
+    #[test]
+    fn server_state_vector_only_when_it_lacks_something() {
+        let server = new_doc(1).unwrap();
+        let client = new_doc(2).unwrap();
+        let u = text_insert(&client, 0, "offline").unwrap();
+        let answer = answer_resume(&server, 0, 0, &state_vector(&client), Some(&[])).unwrap();
+        let sv = answer.state_vector.expect("server lacks the offline edit");
+        let outbox = vec![OutboxEntry { doc: "d".into(), batch: 1, update: u.clone() }];
+        let plan = plan_pushes(&client, outbox.clone(), Some(&sv)).unwrap();
+        assert_eq!(plan, vec![PlannedPush::Outbox(outbox[0].clone())]);
+        // The outbox was lost (or acknowledged by a server that later lost the data): recover.
+        let plan = plan_pushes(&client, Vec::new(), Some(&sv)).unwrap();
+        let [PlannedPush::Recovery(update)] = plan.as_slice() else { panic!("{plan:?}") };
+        apply_remote(&server, update, &Limits::default()).unwrap();
+        assert_eq!(text(&server), "offline");
+    }
+
+    #[test]
+    fn garbage_state_vector_is_an_error() {
+        let server = new_doc(1).unwrap();
+        assert!(answer_resume(&server, 0, 0, &[0xff, 0xff], None).is_err());
+    }
+}
