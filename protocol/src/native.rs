@@ -411,10 +411,19 @@ mod tests {
         // A document that did not change: id, cursor and a one-client state vector each way.
         let sv = vec![1, 0xd2, 0x85, 0xd8, 0xcc, 0x04, 0x80, 0x80, 0x0b];
         let req = ClientFrame::Resume {
-            docs: vec![ResumeDoc { doc: doc("notes/0042"), cursor: 1_000_000, state_vector: sv }],
+            docs: vec![ResumeDoc {
+                doc: doc("notes/0042"),
+                cursor: 1_000_000,
+                state_vector: sv,
+            }],
         };
         let resp = ServerFrame::Resumed {
-            docs: vec![DocResumed { doc: doc("notes/0042"), cursor: 1_000_000, update: None, state_vector: None }],
+            docs: vec![DocResumed {
+                doc: doc("notes/0042"),
+                cursor: 1_000_000,
+                update: None,
+                state_vector: None,
+            }],
         };
         let total = req.encode().len() + resp.encode().len();
         assert!(total <= 64, "resume of an unchanged document costs {total} bytes");
