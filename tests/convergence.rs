@@ -36,13 +36,18 @@ fn run_schedule(seed: u64) {
     let mut replicas: Vec<Replica> = (0..n)
         .map(|i| Replica {
             // Two replicas may share a user (two devices of one person).
-            author: Author { user: users[i % users.len()].into(), device: format!("dev{i}") },
+            author: Author {
+                user: users[i % users.len()].into(),
+                device: format!("dev{i}"),
+            },
             chat: ChatRoom::new(new_doc(1000 + i as u64).unwrap()),
             text: new_doc(2000 + i as u64).unwrap(),
             inbox: Vec::new(),
         })
         .collect();
-    let limits = Limits { max_pending_bytes: usize::MAX };
+    let limits = Limits {
+        max_pending_bytes: usize::MAX,
+    };
     let steps = rng.random_range(20..80u32);
     // Wall clocks are skewed per replica, up to an hour either way.
     let skew: Vec<i64> = (0..n).map(|_| rng.random_range(-3_600_000..3_600_000)).collect();
@@ -54,14 +59,27 @@ fn run_schedule(seed: u64) {
         let produced: Option<(Target, Vec<u8>)> = match rng.random_range(0..10) {
             0..=2 => Some((Target::Chat, r.chat.send(&r.author, &format!("m{step}"), now).1)),
             3 => {
-                let own: Vec<_> = r.chat.messages().into_iter().filter(|m| m.author == r.author.user).collect();
+                let own: Vec<_> = r
+                    .chat
+                    .messages()
+                    .into_iter()
+                    .filter(|m| m.author == r.author.user)
+                    .collect();
                 (!own.is_empty()).then(|| {
                     let m = &own[rng.random_range(0..own.len())];
-                    (Target::Chat, r.chat.edit(&r.author, &m.id, &format!("edited{step}"), now).unwrap())
+                    (
+                        Target::Chat,
+                        r.chat.edit(&r.author, &m.id, &format!("edited{step}"), now).unwrap(),
+                    )
                 })
             }
             4 => {
-                let own: Vec<_> = r.chat.messages().into_iter().filter(|m| m.author == r.author.user).collect();
+                let own: Vec<_> = r
+                    .chat
+                    .messages()
+                    .into_iter()
+                    .filter(|m| m.author == r.author.user)
+                    .collect();
                 (!own.is_empty()).then(|| {
                     let m = &own[rng.random_range(0..own.len())];
                     (Target::Chat, r.chat.delete(&r.author, &m.id, now).unwrap())
@@ -73,13 +91,19 @@ fn run_schedule(seed: u64) {
                     None
                 } else {
                     let m = &all[rng.random_range(0..all.len())];
-                    r.chat.mark_read(&r.author, &m.id, now).unwrap().map(|u| (Target::Chat, u))
+                    r.chat
+                        .mark_read(&r.author, &m.id, now)
+                        .unwrap()
+                        .map(|u| (Target::Chat, u))
                 }
             }
             6..=7 => {
                 let len = doc::text_len(&r.text);
                 let pos = rng.random_range(0..=len);
-                Some((Target::Text, doc::text_insert(&r.text, pos, &format!("<{i}:{step}>")).unwrap()))
+                Some((
+                    Target::Text,
+                    doc::text_insert(&r.text, pos, &format!("<{i}:{step}>")).unwrap(),
+                ))
             }
             8 => {
                 let len = doc::text_len(&r.text);
@@ -173,7 +197,10 @@ fn replicas_converge_under_random_schedules() {
     let seeds: Vec<u64> = match std::env::var("DRIFTSYNC_SEED") {
         Ok(seed) => vec![seed.parse().expect("DRIFTSYNC_SEED is a u64")],
         Err(_) => {
-            let count: u64 = std::env::var("DRIFTSYNC_SCHEDULES").ok().and_then(|s| s.parse().ok()).unwrap_or(500);
+            let count: u64 = std::env::var("DRIFTSYNC_SCHEDULES")
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(500);
             let base: u64 = rand::random();
             (0..count).map(|k| base.wrapping_add(k)).collect()
         }
@@ -186,3 +213,4 @@ fn replicas_converge_under_random_schedules() {
         }
     }
 }
+

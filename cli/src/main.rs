@@ -79,7 +79,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             args.data_dir.join("driftsync.db").to_string_lossy().into_owned()
         }
     };
-    let store = AnyStore::open(&target).await.with_context(|| format!("cannot open the store at {target}"))?;
+    let store = AnyStore::open(&target)
+        .await
+        .with_context(|| format!("cannot open the store at {target}"))?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;

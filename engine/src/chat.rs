@@ -99,7 +99,9 @@ pub struct ChatRoom {
 
 impl std::fmt::Debug for ChatRoom {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ChatRoom").field("clock", &self.clock()).finish_non_exhaustive()
+        f.debug_struct("ChatRoom")
+            .field("clock", &self.clock())
+            .finish_non_exhaustive()
     }
 }
 
@@ -121,16 +123,24 @@ impl ChatRoom {
         }
         let clock = Arc::new(Mutex::new(clock));
         let observed = Arc::clone(&clock);
-        messages.observe(CLOCK_OBSERVER, move |txn: &TransactionMut<'_>, event: &yrs::types::map::MapEvent| {
-            for change in event.keys(txn).values() {
-                if let EntryChange::Inserted(value) = change {
-                    if let Some(hlc) = message_hlc(txn, value) {
-                        observed.lock().unwrap_or_else(PoisonError::into_inner).observe(hlc);
+        messages.observe(
+            CLOCK_OBSERVER,
+            move |txn: &TransactionMut<'_>, event: &yrs::types::map::MapEvent| {
+                for change in event.keys(txn).values() {
+                    if let EntryChange::Inserted(value) = change {
+                        if let Some(hlc) = message_hlc(txn, value) {
+                            observed.lock().unwrap_or_else(PoisonError::into_inner).observe(hlc);
+                        }
                     }
                 }
-            }
-        });
-        ChatRoom { doc, messages, receipts, clock }
+            },
+        );
+        ChatRoom {
+            doc,
+            messages,
+            receipts,
+            clock,
+        }
     }
 
     /// The underlying document.
@@ -255,14 +265,21 @@ impl ChatRoom {
         let txn = self.doc.transact();
         let mut out: BTreeMap<String, Receipt> = BTreeMap::new();
         for (key, value) in self.receipts.iter(&txn) {
-            let Some((user, device)) = key.rsplit_once('/') else { continue };
+            let Some((user, device)) = key.rsplit_once('/') else {
+                continue;
+            };
             let Out::Any(Any::Map(fields)) = value else { continue };
-            let (Some(Any::String(message)), Some(Any::String(sort))) = (fields.get("message"), fields.get("sort")) else {
+            let (Some(Any::String(message)), Some(Any::String(sort))) = (fields.get("message"), fields.get("sort"))
+            else {
                 continue;
             };
             let at_ms = fields.get("at").and_then(any_u64).unwrap_or(0);
-            let candidate =
-                Receipt { message: message.to_string(), sort: sort.to_string(), at_ms, device: device.to_string() };
+            let candidate = Receipt {
+                message: message.to_string(),
+                sort: sort.to_string(),
+                at_ms,
+                device: device.to_string(),
+            };
             match out.get(user) {
                 Some(existing) if (&existing.sort, &existing.device) >= (&candidate.sort, &candidate.device) => {}
                 _ => {
@@ -289,7 +306,11 @@ impl ChatRoom {
 
     /// The users whose receipt covers a message with this sort key.
     pub fn read_by(&self, sort: &str) -> Vec<String> {
-        self.receipts().into_iter().filter(|(_, r)| r.sort.as_str() >= sort).map(|(user, _)| user).collect()
+        self.receipts()
+            .into_iter()
+            .filter(|(_, r)| r.sort.as_str() >= sort)
+            .map(|(user, _)| user)
+            .collect()
     }
 }
 
@@ -358,7 +379,10 @@ mod tests {
     }
 
     fn who(user: &str, device: &str) -> Author {
-        Author { user: user.into(), device: device.into() }
+        Author {
+            user: user.into(),
+            device: device.into(),
+        }
     }
 
     #[test]

@@ -39,15 +39,24 @@ impl Hlc {
         if !wall.bytes().chain(counter.bytes()).all(|b| b.is_ascii_digit()) {
             return None;
         }
-        Some(Hlc { wall_ms: wall.parse().ok()?, counter: counter.parse().ok()? })
+        Some(Hlc {
+            wall_ms: wall.parse().ok()?,
+            counter: counter.parse().ok()?,
+        })
     }
 
     /// The next stamp after this one at the same wall time (carrying into the wall time when the
     /// counter is exhausted).
     fn successor(self) -> Hlc {
         match self.counter.checked_add(1) {
-            Some(counter) => Hlc { wall_ms: self.wall_ms, counter },
-            None => Hlc { wall_ms: (self.wall_ms + 1).min(MAX_WALL_MS), counter: 0 },
+            Some(counter) => Hlc {
+                wall_ms: self.wall_ms,
+                counter,
+            },
+            None => Hlc {
+                wall_ms: (self.wall_ms + 1).min(MAX_WALL_MS),
+                counter: 0,
+            },
         }
     }
 }
@@ -80,7 +89,10 @@ impl HlcClock {
     pub fn tick(&mut self, now_ms: u64) -> Hlc {
         let now_ms = now_ms.min(MAX_WALL_MS);
         self.last = if now_ms > self.last.wall_ms {
-            Hlc { wall_ms: now_ms, counter: 0 }
+            Hlc {
+                wall_ms: now_ms,
+                counter: 0,
+            }
         } else {
             self.last.successor()
         };
@@ -92,7 +104,10 @@ impl HlcClock {
     ///
     /// [`tick`]: HlcClock::tick
     pub fn observe(&mut self, remote: Hlc) {
-        let remote = Hlc { wall_ms: remote.wall_ms.min(MAX_WALL_MS), counter: remote.counter };
+        let remote = Hlc {
+            wall_ms: remote.wall_ms.min(MAX_WALL_MS),
+            counter: remote.counter,
+        };
         if remote > self.last {
             self.last = remote;
         }
@@ -110,7 +125,13 @@ mod tests {
         let b = c.tick(900);
         let d = c.tick(1000);
         assert!(a < b && b < d);
-        assert_eq!(c.tick(2000), Hlc { wall_ms: 2000, counter: 0 });
+        assert_eq!(
+            c.tick(2000),
+            Hlc {
+                wall_ms: 2000,
+                counter: 0
+            }
+        );
     }
 
     #[test]
@@ -128,10 +149,19 @@ mod tests {
     #[test]
     fn key_sorts_like_the_stamp_and_parses_back() {
         let stamps = [
-            Hlc { wall_ms: 5, counter: 10 },
+            Hlc {
+                wall_ms: 5,
+                counter: 10,
+            },
             Hlc { wall_ms: 5, counter: 9 },
-            Hlc { wall_ms: 1_732_363_200_000, counter: 0 },
-            Hlc { wall_ms: 40, counter: u32::MAX },
+            Hlc {
+                wall_ms: 1_732_363_200_000,
+                counter: 0,
+            },
+            Hlc {
+                wall_ms: 40,
+                counter: u32::MAX,
+            },
         ];
         for a in stamps {
             assert_eq!(Hlc::parse(&a.key()), Some(a));
@@ -146,7 +176,10 @@ mod tests {
     #[test]
     fn counter_overflow_carries_into_wall_time() {
         let mut c = HlcClock::new();
-        c.observe(Hlc { wall_ms: 7, counter: u32::MAX });
+        c.observe(Hlc {
+            wall_ms: 7,
+            counter: u32::MAX,
+        });
         assert_eq!(c.tick(0), Hlc { wall_ms: 8, counter: 0 });
     }
 }

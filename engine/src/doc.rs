@@ -12,10 +12,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use yrs::updates::decoder::Decode;
 use yrs::updates::encoder::Encode;
-use yrs::{
-    Any, ClientID, Doc, GetString, Map, OffsetKind, Options, ReadTxn, StateVector, Text, Transact,
-    Update,
-};
+use yrs::{Any, ClientID, Doc, GetString, Map, OffsetKind, Options, ReadTxn, StateVector, Text, Transact, Update};
 
 use crate::store::StoredDoc;
 use crate::{Error, Result};
@@ -105,9 +102,13 @@ pub fn encode_state(doc: &Doc) -> Vec<u8> {
 /// skipped, so a damaged document is refused rather than served with silent holes.
 pub fn load_document(doc_id: &str, stored: &StoredDoc, client_id: u64) -> Result<Doc> {
     let doc = new_doc(client_id)?;
-    let corrupt = |what: String, e: Error| Error::Corrupt { doc: doc_id.to_string(), reason: format!("{what}: {e}") };
+    let corrupt = |what: String, e: Error| Error::Corrupt {
+        doc: doc_id.to_string(),
+        reason: format!("{what}: {e}"),
+    };
     if let Some(snapshot) = &stored.snapshot {
-        apply_bytes(&doc, snapshot).map_err(|e| corrupt(format!("snapshot at cursor {}", stored.snapshot_cursor), e))?;
+        apply_bytes(&doc, snapshot)
+            .map_err(|e| corrupt(format!("snapshot at cursor {}", stored.snapshot_cursor), e))?;
     }
     for entry in &stored.tail {
         apply_bytes(&doc, &entry.update).map_err(|e| corrupt(format!("log entry {}", entry.cursor), e))?;
@@ -121,7 +122,10 @@ pub fn fold(doc_id: &str, stored: &StoredDoc) -> Result<(Vec<u8>, Vec<u8>)> {
     // The folding replica never edits, so any valid client id will do.
     let doc = load_document(doc_id, stored, 1)?;
     let txn = doc.transact();
-    Ok((txn.encode_state_as_update_v1(&StateVector::default()), txn.state_vector().encode_v1()))
+    Ok((
+        txn.encode_state_as_update_v1(&StateVector::default()),
+        txn.state_vector().encode_v1(),
+    ))
 }
 
 /// Runs `edit` in one transaction on `doc` and returns the update it produced (empty edits give
@@ -156,7 +160,9 @@ pub fn text_insert(doc: &Doc, index: u32, chunk: &str) -> Result<Vec<u8>> {
     let text = doc.get_or_insert_text(TEXT_ROOT);
     let len = text_len(doc);
     if index > len {
-        return Err(Error::Invalid(format!("position {index} is past the end of the text ({len})")));
+        return Err(Error::Invalid(format!(
+            "position {index} is past the end of the text ({len})"
+        )));
     }
     Ok(edit(doc, |txn| text.insert(txn, index, chunk)).1)
 }
@@ -166,7 +172,9 @@ pub fn text_delete(doc: &Doc, index: u32, len: u32) -> Result<Vec<u8>> {
     let text = doc.get_or_insert_text(TEXT_ROOT);
     let total = text_len(doc);
     if index.checked_add(len).is_none_or(|end| end > total) {
-        return Err(Error::Invalid(format!("range {index}+{len} is past the end of the text ({total})")));
+        return Err(Error::Invalid(format!(
+            "range {index}+{len} is past the end of the text ({total})"
+        )));
     }
     Ok(edit(doc, |txn| text.remove_range(txn, index, len)).1)
 }
@@ -252,7 +260,10 @@ mod tests {
         let stored = StoredDoc {
             snapshot: Some(good),
             snapshot_cursor: 1,
-            tail: vec![LogEntry { cursor: 2, update: vec![9, 9, 9] }],
+            tail: vec![LogEntry {
+                cursor: 2,
+                update: vec![9, 9, 9],
+            }],
             head: 2,
         };
         let err = load_document("notes/1", &stored, 5).unwrap_err();
@@ -265,10 +276,21 @@ mod tests {
         let a = new_doc(1).unwrap();
         let mut tail = Vec::new();
         for (i, w) in ["a", "b", "c"].iter().enumerate() {
-            tail.push(LogEntry { cursor: i as u64 + 1, update: text_insert(&a, i as u32, w).unwrap() });
+            tail.push(LogEntry {
+                cursor: i as u64 + 1,
+                update: text_insert(&a, i as u32, w).unwrap(),
+            });
         }
-        tail.push(LogEntry { cursor: 4, update: text_delete(&a, 1, 1).unwrap() });
-        let stored = StoredDoc { snapshot: None, snapshot_cursor: 0, tail, head: 4 };
+        tail.push(LogEntry {
+            cursor: 4,
+            update: text_delete(&a, 1, 1).unwrap(),
+        });
+        let stored = StoredDoc {
+            snapshot: None,
+            snapshot_cursor: 0,
+            tail,
+            head: 4,
+        };
         let (snapshot, _sv) = fold("d", &stored).unwrap();
         let b = new_doc(2).unwrap();
         apply_bytes(&b, &snapshot).unwrap();

@@ -16,5 +16,7 @@ pub mod doc;
 mod error;
 pub mod store;
 pub mod sync;
+#[cfg(feature = "test-support")]
+pub mod trace;
 
 pub use error::{Error, Result};

@@ -33,7 +33,9 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { max_pending_bytes: 1024 * 1024 }
+        Limits {
+            max_pending_bytes: 1024 * 1024,
+        }
     }
 }
 
@@ -59,7 +61,10 @@ pub fn apply_remote(doc: &Doc, bytes: &[u8], limits: &Limits) -> Result<Applied>
     if would_wait(doc, &update) {
         let (_, pending_bytes) = pending(doc);
         if pending_bytes + bytes.len() > limits.max_pending_bytes {
-            return Err(Error::TooManyPending { pending: pending_bytes + bytes.len(), limit: limits.max_pending_bytes });
+            return Err(Error::TooManyPending {
+                pending: pending_bytes + bytes.len(),
+                limit: limits.max_pending_bytes,
+            });
         }
     }
     apply(doc, update)?;
@@ -73,7 +78,10 @@ pub fn apply_remote(doc: &Doc, bytes: &[u8], limits: &Limits) -> Result<Applied>
 fn would_wait(doc: &Doc, update: &Update) -> bool {
     let txn = doc.transact();
     let have = txn.state_vector();
-    update.state_vector_lower().iter().any(|(client, &clock)| clock > have.get(client))
+    update
+        .state_vector_lower()
+        .iter()
+        .any(|(client, &clock)| clock > have.get(client))
 }
 
 /// What waits in `doc` for predecessors: the missing clocks and the encoded size.
@@ -103,10 +111,15 @@ fn pending(doc: &Doc) -> (Option<Vec<(u64, u32)>>, usize) {
     }
 }
 
-/// What `doc` has that a peer with state vector `sv` lacks, including updates that still wait
-/// for predecessors (so nothing the server holds is ever withheld).
+/// What `doc` has integrated that a peer with state vector `sv` lacks (its whole delete set
+/// included, as deletions have no clock).
+///
+/// Updates still waiting for predecessors are not included: yrs can only ship them merged into
+/// the diff, and such merged updates were seen to never integrate on the receiver (the seeded
+/// convergence test found it). The server never holds waiting updates — it refuses an update
+/// with missing dependencies instead of storing it — so for the server this is everything.
 pub fn missing_for(doc: &Doc, sv: &StateVector) -> Vec<u8> {
-    doc.transact().encode_state_as_update_v1(sv)
+    doc.transact().encode_diff_v1(sv)
 }
 
 /// Merges updates into one and drops what a peer with `sv` already has. Deletions in the
@@ -155,8 +168,11 @@ pub fn answer_resume(
     let (update, from_log) = if client_cursor == head {
         (None, true)
     } else if let (true, Some(entries)) = (client_cursor > 0 && client_cursor < head, tail) {
-        let parts: Vec<&[u8]> =
-            entries.iter().filter(|e| e.cursor > client_cursor).map(|e| e.update.as_slice()).collect();
+        let parts: Vec<&[u8]> = entries
+            .iter()
+            .filter(|e| e.cursor > client_cursor)
+            .map(|e| e.update.as_slice())
+            .collect();
         (Some(merge_for(&parts, &client_sv)?), true)
     } else {
         // A new client, a log that was compacted past the client's cursor, or a cursor from
@@ -165,7 +181,12 @@ pub fn answer_resume(
         (Some(missing_for(doc, &client_sv)), false)
     };
     let update = update.filter(|u| !is_empty_update(u));
-    Ok(ResumeAnswer { cursor: head, update, state_vector, from_log })
+    Ok(ResumeAnswer {
+        cursor: head,
+        update,
+        state_vector,
+        from_log,
+    })
 }
 
 /// What a client pushes after a resume answer.
@@ -196,7 +217,12 @@ pub fn plan_pushes(doc: &Doc, outbox: Vec<OutboxEntry>, server_sv: Option<&[u8]>
     let mut outbox_floor: Option<u32> = None;
     for entry in &outbox {
         let update = decode_update(&entry.update)?;
-        if let Some(&low) = update.state_vector_lower().iter().find(|(c, _)| **c == me).map(|(_, k)| k) {
+        if let Some(&low) = update
+            .state_vector_lower()
+            .iter()
+            .find(|(c, _)| **c == me)
+            .map(|(_, k)| k)
+        {
             outbox_floor = Some(outbox_floor.map_or(low, |f| f.min(low)));
         }
     }
@@ -226,7 +252,14 @@ mod tests {
     use crate::doc::{new_doc, state_vector, text, text_delete, text_insert};
 
     fn log(updates: &[Vec<u8>]) -> Vec<LogEntry> {
-        updates.iter().enumerate().map(|(i, u)| LogEntry { cursor: i as u64 + 1, update: u.clone() }).collect()
+        updates
+            .iter()
+            .enumerate()
+            .map(|(i, u)| LogEntry {
+                cursor: i as u64 + 1,
+                update: u.clone(),
+            })
+            .collect()
     }
 
     #[test]
@@ -290,19 +323,31 @@ mod tests {
         assert_eq!((nothing.update, nothing.state_vector), (None, None));
 
         // Missed three operations: about their size, not the delete set.
-        let mut more = Vec::new();
-        more.push(text_insert(&server, 0, "a").unwrap());
-        more.push(text_delete(&server, 5, 1).unwrap());
-        more.push(text_insert(&server, 2, "b").unwrap());
-        let tail: Vec<LogEntry> =
-            more.iter().enumerate().map(|(i, u)| LogEntry { cursor: head + 1 + i as u64, update: u.clone() }).collect();
+        let more = vec![
+            text_insert(&server, 0, "a").unwrap(),
+            text_delete(&server, 5, 1).unwrap(),
+            text_insert(&server, 2, "b").unwrap(),
+        ];
+        let tail: Vec<LogEntry> = more
+            .iter()
+            .enumerate()
+            .map(|(i, u)| LogEntry {
+                cursor: head + 1 + i as u64,
+                update: u.clone(),
+            })
+            .collect();
         let answer = answer_resume(&server, head + 3, head, &state_vector(&client), Some(&tail)).unwrap();
         assert!(answer.from_log);
         let bytes = answer.update.unwrap();
         let missed: usize = more.iter().map(Vec::len).sum();
         let full = missing_for(&server, &decode_state_vector(&state_vector(&client)).unwrap());
         assert!(bytes.len() <= missed + 16, "tail {} vs missed {missed}", bytes.len());
-        assert!(bytes.len() < full.len(), "tail {} vs full diff {}", bytes.len(), full.len());
+        assert!(
+            bytes.len() < full.len(),
+            "tail {} vs full diff {}",
+            bytes.len(),
+            full.len()
+        );
         apply_remote(&client, &bytes, &Limits::default()).unwrap();
         assert_eq!(text(&client), text(&server));
 
@@ -321,12 +366,18 @@ mod tests {
         let u = text_insert(&client, 0, "offline").unwrap();
         let answer = answer_resume(&server, 0, 0, &state_vector(&client), Some(&[])).unwrap();
         let sv = answer.state_vector.expect("server lacks the offline edit");
-        let outbox = vec![OutboxEntry { doc: "d".into(), batch: 1, update: u.clone() }];
+        let outbox = vec![OutboxEntry {
+            doc: "d".into(),
+            batch: 1,
+            update: u.clone(),
+        }];
         let plan = plan_pushes(&client, outbox.clone(), Some(&sv)).unwrap();
         assert_eq!(plan, vec![PlannedPush::Outbox(outbox[0].clone())]);
         // The outbox was lost (or acknowledged by a server that later lost the data): recover.
         let plan = plan_pushes(&client, Vec::new(), Some(&sv)).unwrap();
-        let [PlannedPush::Recovery(update)] = plan.as_slice() else { panic!("{plan:?}") };
+        let [PlannedPush::Recovery(update)] = plan.as_slice() else {
+            panic!("{plan:?}")
+        };
         apply_remote(&server, update, &Limits::default()).unwrap();
         assert_eq!(text(&server), "offline");
     }

@@ -325,6 +325,9 @@ pub enum ErrorCode {
     Unavailable,
     /// An unexpected server-side failure.
     Internal,
+    /// The update depends on changes the server does not have; it was not stored. The client
+    /// should resume (the server's state vector shows what it lacks) and push those first.
+    MissingDependencies,
 }
 
 impl ClientFrame {

@@ -15,7 +15,7 @@ use proptest::prelude::*;
 const MAX: usize = DEFAULT_MAX_FRAME_SIZE;
 
 /// Every `ErrorCode` variant, in declaration order.
-const ERROR_CODES: [(&str, ErrorCode); 17] = [
+const ERROR_CODES: [(&str, ErrorCode); 18] = [
     ("unauthorized", ErrorCode::Unauthorized),
     ("token-expired", ErrorCode::TokenExpired),
     ("forbidden", ErrorCode::Forbidden),
@@ -33,6 +33,7 @@ const ERROR_CODES: [(&str, ErrorCode); 17] = [
     ("store-unavailable", ErrorCode::StoreUnavailable),
     ("unavailable", ErrorCode::Unavailable),
     ("internal", ErrorCode::Internal),
+    ("missing-dependencies", ErrorCode::MissingDependencies),
 ];
 
 /// A match that fails to compile when `ErrorCode` gains a variant, so that `ERROR_CODES` (and
@@ -56,7 +57,8 @@ fn error_codes_are_all_listed(code: ErrorCode) {
         | ErrorCode::LoadFailed
         | ErrorCode::StoreUnavailable
         | ErrorCode::Unavailable
-        | ErrorCode::Internal => {}
+        | ErrorCode::Internal
+        | ErrorCode::MissingDependencies => {}
     }
 }
 

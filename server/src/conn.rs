@@ -8,10 +8,10 @@ use std::time::Instant;
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use driftsync_engine::store::{Append, Appended, LogTail, Origin, Store};
-use driftsync_engine::sync::{answer_resume, apply_remote};
+use driftsync_engine::sync::{answer_resume, apply_remote, Applied};
 use driftsync_protocol::{
-    ClientFrame, DocId, DocResumed, ErrorCode, ResumeDoc, ServerFrame, CLOSE_PROTOCOL_ERROR,
-    CLOSE_UNSUPPORTED_VERSION, PROTOCOL_VERSION,
+    ClientFrame, DocId, DocResumed, ErrorCode, ResumeDoc, ServerFrame, CLOSE_PROTOCOL_ERROR, CLOSE_UNSUPPORTED_VERSION,
+    PROTOCOL_VERSION,
 };
 use futures_util::{SinkExt, StreamExt};
 use tokio::sync::mpsc;
@@ -31,7 +31,10 @@ pub(crate) async fn run<S: Store>(shared: Arc<Shared<S>>, socket: WebSocket) {
     let (mut sink, mut stream) = socket.split();
     let (tx, mut rx) = mpsc::channel::<Vec<u8>>(shared.config.outbound_queue);
     let ctl = Arc::new(ConnCtl::new(shared.shutdown.child_token()));
-    let out = Outbound { tx, ctl: Arc::clone(&ctl) };
+    let out = Outbound {
+        tx,
+        ctl: Arc::clone(&ctl),
+    };
 
     let writer_ctl = Arc::clone(&ctl);
     let writer = tokio::spawn(async move {
@@ -56,7 +59,10 @@ pub(crate) async fn run<S: Store>(shared: Arc<Shared<S>>, socket: WebSocket) {
                 return;
             }
         }
-        let frame = CloseFrame { code: writer_ctl.code(), reason: "".into() };
+        let frame = CloseFrame {
+            code: writer_ctl.code(),
+            reason: "".into(),
+        };
         let _ = sink.send(Message::Close(Some(frame))).await;
     });
 
@@ -82,7 +88,9 @@ async fn hello<S: Store>(
     session: u64,
 ) -> Result<Peer, u16> {
     let first = tokio::time::timeout(shared.config.hello_timeout, next_binary(stream)).await;
-    let Ok(Some(bytes)) = first else { return Err(CLOSE_PROTOCOL_ERROR) };
+    let Ok(Some(bytes)) = first else {
+        return Err(CLOSE_PROTOCOL_ERROR);
+    };
     match ClientFrame::decode(&bytes, shared.config.max_frame_size) {
         Ok(ClientFrame::Hello { version, client_id, .. }) => {
             if version != PROTOCOL_VERSION {
@@ -96,7 +104,12 @@ async fn hello<S: Store>(
                 heartbeat_ms: u32::try_from(shared.config.heartbeat.as_millis()).unwrap_or(u32::MAX),
             });
             // This minimal server runs open: everyone is "anonymous" unless tokens say otherwise.
-            Ok(Peer { session, client_id, user: format!("anonymous-{session}"), docs: HashSet::new() })
+            Ok(Peer {
+                session,
+                client_id,
+                user: format!("anonymous-{session}"),
+                docs: HashSet::new(),
+            })
         }
         Ok(_) => {
             out.send(&error(ErrorCode::Malformed, None, None));
@@ -174,21 +187,33 @@ async fn read_loop<S: Store>(
                 }
             }
             ClientFrame::Presence { doc, state } => {
-                relay(shared, out, peer, &doc, ServerFrame::Presence {
-                    doc: doc.clone(),
-                    peer: peer.session,
-                    user: peer.user.clone(),
-                    state,
-                })
+                relay(
+                    shared,
+                    out,
+                    peer,
+                    &doc,
+                    ServerFrame::Presence {
+                        doc: doc.clone(),
+                        peer: peer.session,
+                        user: peer.user.clone(),
+                        state,
+                    },
+                )
                 .await
             }
             ClientFrame::Typing { doc, typing } => {
-                relay(shared, out, peer, &doc, ServerFrame::Typing {
-                    doc: doc.clone(),
-                    peer: peer.session,
-                    user: peer.user.clone(),
-                    typing,
-                })
+                relay(
+                    shared,
+                    out,
+                    peer,
+                    &doc,
+                    ServerFrame::Typing {
+                        doc: doc.clone(),
+                        peer: peer.session,
+                        user: peer.user.clone(),
+                        typing,
+                    },
+                )
                 .await
             }
             ClientFrame::Ping { nonce } => {
@@ -204,7 +229,12 @@ async fn read_loop<S: Store>(
 async fn resume<S: Store>(shared: &Shared<S>, out: &Outbound, peer: &mut Peer, docs: Vec<ResumeDoc>) {
     let mut answers = Vec::with_capacity(docs.len());
     let mut size = 0usize;
-    for ResumeDoc { doc, cursor, state_vector } in docs {
+    for ResumeDoc {
+        doc,
+        cursor,
+        state_vector,
+    } in docs
+    {
         if !peer.docs.contains(&doc) && peer.docs.len() >= shared.config.max_docs_per_connection {
             out.send(&error(ErrorCode::TooManyDocuments, Some(doc), None));
             continue;
@@ -240,13 +270,26 @@ async fn resume<S: Store>(shared: &Shared<S>, out: &Outbound, peer: &mut Peer, d
                 continue;
             }
         };
-        state.subscribers.insert(peer.session, Subscriber { user: peer.user.clone(), out: out.clone() });
+        state.subscribers.insert(
+            peer.session,
+            Subscriber {
+                user: peer.user.clone(),
+                out: out.clone(),
+            },
+        );
         drop(guard);
         peer.docs.insert(doc.clone());
-        let entry = DocResumed { doc, cursor: answer.cursor, update: answer.update, state_vector: answer.state_vector };
+        let entry = DocResumed {
+            doc,
+            cursor: answer.cursor,
+            update: answer.update,
+            state_vector: answer.state_vector,
+        };
         let entry_size = entry.update.as_ref().map_or(0, Vec::len) + entry.doc.as_str().len() + 32;
         if size + entry_size > shared.config.max_frame_size / 2 && !answers.is_empty() {
-            out.send(&ServerFrame::Resumed { docs: std::mem::take(&mut answers) });
+            out.send(&ServerFrame::Resumed {
+                docs: std::mem::take(&mut answers),
+            });
             size = 0;
         }
         size += entry_size;
@@ -272,25 +315,41 @@ async fn push<S: Store>(shared: &Shared<S>, out: &Outbound, peer: &Peer, doc: Do
         }
     };
     // Validate by applying: an update that yrs cannot take is refused whole and never stored.
-    if let Err(e) = apply_remote(&state.doc, &update, &shared.config.limits) {
-        tracing::info!(doc = %doc, batch, error = %e, "refusing an update");
-        let code = match e {
-            driftsync_engine::Error::TooManyPending { .. } => ErrorCode::TooManyPending,
-            _ => ErrorCode::InvalidUpdate,
-        };
-        out.send(&error(code, Some(doc), Some(batch)));
-        return;
+    match apply_remote(&state.doc, &update, &shared.config.limits) {
+        Ok(Applied::Integrated) => {}
+        Ok(Applied::Pending { missing, .. }) => {
+            // The server never holds updates with missing dependencies (see engine::sync):
+            // refuse it and reload the live document, which now holds it, from the store.
+            tracing::info!(doc = %doc, batch, ?missing, "refusing an update with missing dependencies");
+            room.reload(&mut guard, &shared.store).await;
+            out.send(&error(ErrorCode::MissingDependencies, Some(doc), Some(batch)));
+            return;
+        }
+        Err(e) => {
+            tracing::info!(doc = %doc, batch, error = %e, "refusing an update");
+            let code = match e {
+                driftsync_engine::Error::TooManyPending { .. } => ErrorCode::TooManyPending,
+                _ => ErrorCode::InvalidUpdate,
+            };
+            out.send(&error(code, Some(doc), Some(batch)));
+            return;
+        }
     }
-    let append = Append { doc: doc.as_str().to_string(), origin: Some(Origin { client_id: peer.client_id, batch }), update };
+    let append = Append {
+        doc: doc.as_str().to_string(),
+        origin: Some(Origin {
+            client_id: peer.client_id,
+            batch,
+        }),
+        update,
+    };
     let appended = match shared.store.append(std::slice::from_ref(&append)).await {
         Ok(mut results) => results.pop(),
         Err(e) => {
-            // The live document now holds an update the store does not: drop it and reload from
-            // the store on next use, so that nothing unacknowledged is ever served as stored.
+            // The live document now holds an update the store does not: reload it from the
+            // store, so that nothing unacknowledged is ever served as stored.
             tracing::error!(doc = %doc, error = %e, "store failed; batch not acknowledged");
-            *guard = None;
-            drop(guard);
-            shared.rooms.evict(doc.as_str());
+            room.reload(&mut guard, &shared.store).await;
             out.send(&error(ErrorCode::StoreUnavailable, Some(doc), Some(batch)));
             return;
         }
@@ -298,7 +357,14 @@ async fn push<S: Store>(shared: &Shared<S>, out: &Outbound, peer: &Peer, doc: Do
     match appended {
         Some(Appended::Stored(cursor)) => {
             state.head = cursor;
-            state.broadcast(peer.session, &ServerFrame::Update { doc: doc.clone(), cursor, update: append.update });
+            state.broadcast(
+                peer.session,
+                &ServerFrame::Update {
+                    doc: doc.clone(),
+                    cursor,
+                    update: append.update,
+                },
+            );
             out.send(&ServerFrame::Ack { doc, batch, cursor });
         }
         Some(Appended::Duplicate(cursor)) => {
@@ -328,7 +394,15 @@ async fn leave<S: Store>(shared: &Shared<S>, session: u64, doc: &DocId) {
     if let Some(state) = guard.as_mut() {
         if let Some(sub) = state.subscribers.remove(&session) {
             // Announce the departure so no ghost presence remains.
-            state.broadcast(session, &ServerFrame::Presence { doc: doc.clone(), peer: session, user: sub.user, state: None });
+            state.broadcast(
+                session,
+                &ServerFrame::Presence {
+                    doc: doc.clone(),
+                    peer: session,
+                    user: sub.user,
+                    state: None,
+                },
+            );
         }
     }
 }

@@ -86,13 +86,18 @@ pub async fn serve<S: Store>(
         next_session: AtomicU64::new(1),
         shutdown: token.clone(),
     });
-    let app = Router::new().route("/healthz", get(healthz)).route("/v1/sync", get(sync::<S>)).with_state(shared);
+    let app = Router::new()
+        .route("/healthz", get(healthz))
+        .route("/v1/sync", get(sync::<S>))
+        .with_state(shared);
     let stop = token.clone();
     tokio::spawn(async move {
         shutdown.await;
         stop.cancel();
     });
-    axum::serve(listener, app).with_graceful_shutdown(async move { token.cancelled().await }).await
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move { token.cancelled().await })
+        .await
 }
 
 async fn healthz() -> &'static str {

@@ -25,14 +25,14 @@ impl Rooms {
     /// The room for `id`, created (not yet loaded) on first use.
     pub(crate) fn get(&self, id: &str) -> Arc<Room> {
         let mut map = self.map.lock().unwrap_or_else(PoisonError::into_inner);
-        Arc::clone(map.entry(id.to_string()).or_insert_with(|| Arc::new(Room { id: id.to_string(), state: Default::default() })))
+        Arc::clone(map.entry(id.to_string()).or_insert_with(|| {
+            Arc::new(Room {
+                id: id.to_string(),
+                state: Default::default(),
+            })
+        }))
     }
 
-    /// Forgets a room whose live state can no longer be trusted (a store failure); the next
-    /// use reloads it from the store.
-    pub(crate) fn evict(&self, id: &str) {
-        self.map.lock().unwrap_or_else(PoisonError::into_inner).remove(id);
-    }
 }
 
 /// One document's live state. The async mutex serialises everything done to the document.
@@ -66,9 +66,43 @@ impl Room {
         if state.is_none() {
             let stored = store.load(&self.id).await?.unwrap_or_default();
             let doc = load_document(&self.id, &stored, SERVER_CLIENT_ID)?;
-            *state = Some(RoomState { doc, head: stored.head, subscribers: HashMap::new() });
+            *state = Some(RoomState {
+                doc,
+                head: stored.head,
+                subscribers: HashMap::new(),
+            });
         }
-        state.as_mut().ok_or_else(|| driftsync_engine::Error::Invalid("room state vanished".into()))
+        state
+            .as_mut()
+            .ok_or_else(|| driftsync_engine::Error::Invalid("room state vanished".into()))
+    }
+}
+
+impl Room {
+    /// Replaces the live document with what the store holds, keeping the subscribers. Used when
+    /// the live document may hold something that is not stored (a refused update, a failed
+    /// commit). If the reload fails, every subscriber is told to resync and the room is unloaded.
+    pub(crate) async fn reload<S: Store>(&self, state: &mut Option<RoomState>, store: &S) {
+        let reloaded = async {
+            let stored = store.load(&self.id).await?.unwrap_or_default();
+            Ok::<_, driftsync_engine::Error>((load_document(&self.id, &stored, SERVER_CLIENT_ID)?, stored.head))
+        }
+        .await;
+        match (reloaded, state.as_mut()) {
+            (Ok((doc, head)), Some(live)) => {
+                live.doc = doc;
+                live.head = head;
+            }
+            (Ok(_), None) => {}
+            (Err(e), _) => {
+                tracing::error!(doc = %self.id, error = %e, "reload failed; unloading the room");
+                if let Some(live) = state.take() {
+                    for sub in live.subscribers.values() {
+                        sub.out.ctl.close(CLOSE_RESYNC);
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -77,7 +111,8 @@ impl RoomState {
     /// to resync and dropped from the room: never silently left behind.
     pub(crate) fn broadcast(&mut self, except: u64, frame: &ServerFrame) {
         let bytes = frame.encode();
-        self.subscribers.retain(|session, sub| *session == except || sub.out.send_bytes(bytes.clone()));
+        self.subscribers
+            .retain(|session, sub| *session == except || sub.out.send_bytes(bytes.clone()));
     }
 }
 
@@ -89,7 +124,10 @@ pub(crate) struct ConnCtl {
 
 impl ConnCtl {
     pub(crate) fn new(token: CancellationToken) -> Self {
-        ConnCtl { token, code: AtomicU16::new(driftsync_protocol::CLOSE_GOING_AWAY) }
+        ConnCtl {
+            token,
+            code: AtomicU16::new(driftsync_protocol::CLOSE_GOING_AWAY),
+        }
     }
 
     /// Asks the connection to close with `code` (the first code asked for wins).

@@ -7,21 +7,25 @@
 //! at run time from a URL.
 //!
 //! The store moves bytes; it never interprets an update except during [`Store::compact`] and in
-//! [`load_document`], where an undecodable row becomes [`Error::Corrupt`] naming the document —
+//! [`load_document`](crate::doc::load_document), where an undecodable row becomes [`Error::Corrupt`] naming the document —
 //! never a panic and never a silently empty document.
 //!
 //! Architecture invariant: a cursor is assigned inside the transaction that stores the update, by
 //! incrementing the document's `head` row (which also serialises appends to one document across
 //! server instances), so cursors of one document are gap-free and increase in commit order.
 
+mod any;
 mod postgres;
+mod sql;
 mod sqlite;
 
 use std::future::Future;
 
+pub use any::AnyStore;
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 
+#[allow(unused_imports)] // `Error` is named in the docs.
 use crate::{Error, Result};
 use driftsync_protocol::Cursor;
 
@@ -126,7 +130,10 @@ pub struct CompactionPolicy {
 
 impl Default for CompactionPolicy {
     fn default() -> Self {
-        CompactionPolicy { min_log_bytes: 64 * 1024, retain_entries: 1024 }
+        CompactionPolicy {
+            min_log_bytes: 64 * 1024,
+            retain_entries: 1024,
+        }
     }
 }
 
@@ -186,11 +193,7 @@ pub trait Store: Send + Sync + 'static {
 
     /// Folds the log into the snapshot (see the module docs). Updates appended while it runs are
     /// kept in the log. Returns `None` when there was nothing to fold.
-    fn compact(
-        &self,
-        doc: &str,
-        policy: &CompactionPolicy,
-    ) -> impl Future<Output = Result<Option<Compacted>>> + Send;
+    fn compact(&self, doc: &str, policy: &CompactionPolicy) -> impl Future<Output = Result<Option<Compacted>>> + Send;
 
     /// Ids of every stored document.
     fn documents(&self) -> impl Future<Output = Result<Vec<String>>> + Send;
@@ -217,10 +220,5 @@ pub trait Store: Send + Sync + 'static {
 
     /// Advances the last server cursor seen for a document (never moves it backwards), and
     /// appends the updates received with it, in one transaction.
-    fn record_remote(
-        &self,
-        doc: &str,
-        cursor: Cursor,
-        updates: &[Vec<u8>],
-    ) -> impl Future<Output = Result<()>> + Send;
+    fn record_remote(&self, doc: &str, cursor: Cursor, updates: &[Vec<u8>]) -> impl Future<Output = Result<()>> + Send;
 }

@@ -1,0 +1,101 @@
+//! [`AnyStore`], which picks a backend from a URL at run time, for binaries that take a
+//! database URL.
+
+use super::{
+    Append, Appended, Compacted, CompactionPolicy, DeviceIdentity, DocMeta, LogTail, OutboxEntry, PgStore, SqliteStore,
+    Store, StoredDoc,
+};
+use crate::{Error, Result};
+use driftsync_protocol::Cursor;
+
+/// A store whose backend is chosen at run time, for binaries that take a database URL.
+#[derive(Debug)]
+pub enum AnyStore {
+    /// An embedded SQLite database.
+    Sqlite(SqliteStore),
+    /// A PostgreSQL database, possibly shared by several server instances.
+    Postgres(PgStore),
+}
+
+impl AnyStore {
+    /// Opens the store that `url_or_path` names:
+    ///
+    /// * `postgres://…` or `postgresql://…`: PostgreSQL ([`PgStore::connect`]);
+    /// * `sqlite:…`: SQLite through a sqlx URL ([`SqliteStore::connect`]), for example
+    ///   `sqlite:data/app.db` or `sqlite::memory:`;
+    /// * anything else without a `scheme://` prefix: the path of an SQLite database file, created
+    ///   with its parent directories if missing ([`SqliteStore::open`]).
+    ///
+    /// Any other URL scheme is [`Error::UnsupportedUrl`].
+    pub async fn open(url_or_path: &str) -> Result<Self> {
+        if url_or_path.starts_with("postgres://") || url_or_path.starts_with("postgresql://") {
+            Ok(AnyStore::Postgres(PgStore::connect(url_or_path).await?))
+        } else if url_or_path.starts_with("sqlite:") {
+            Ok(AnyStore::Sqlite(SqliteStore::connect(url_or_path).await?))
+        } else if url_or_path.contains("://") || url_or_path.is_empty() {
+            Err(Error::UnsupportedUrl(url_or_path.to_string()))
+        } else {
+            Ok(AnyStore::Sqlite(SqliteStore::open(url_or_path).await?))
+        }
+    }
+}
+
+/// Runs the same call on whichever store `self` holds.
+macro_rules! dispatch {
+    ($self:ident, $store:ident => $call:expr) => {
+        match $self {
+            AnyStore::Sqlite($store) => $call,
+            AnyStore::Postgres($store) => $call,
+        }
+    };
+}
+
+impl Store for AnyStore {
+    async fn append(&self, batch: &[Append]) -> Result<Vec<Appended>> {
+        dispatch!(self, s => s.append(batch).await)
+    }
+
+    async fn load(&self, doc: &str) -> Result<Option<StoredDoc>> {
+        dispatch!(self, s => s.load(doc).await)
+    }
+
+    async fn log_after(&self, doc: &str, after: Cursor) -> Result<LogTail> {
+        dispatch!(self, s => s.log_after(doc, after).await)
+    }
+
+    async fn meta(&self, doc: &str) -> Result<Option<DocMeta>> {
+        dispatch!(self, s => s.meta(doc).await)
+    }
+
+    async fn compact(&self, doc: &str, policy: &CompactionPolicy) -> Result<Option<Compacted>> {
+        dispatch!(self, s => s.compact(doc, policy).await)
+    }
+
+    async fn documents(&self) -> Result<Vec<String>> {
+        dispatch!(self, s => s.documents().await)
+    }
+
+    async fn device(&self) -> Result<DeviceIdentity> {
+        dispatch!(self, s => s.device().await)
+    }
+
+    async fn record_local(&self, doc: &str, update: &[u8]) -> Result<u64> {
+        dispatch!(self, s => s.record_local(doc, update).await)
+    }
+
+    async fn outbox(&self, doc: Option<&str>) -> Result<Vec<OutboxEntry>> {
+        dispatch!(self, s => s.outbox(doc).await)
+    }
+
+    async fn acknowledge(&self, doc: &str, batch: u64) -> Result<()> {
+        dispatch!(self, s => s.acknowledge(doc, batch).await)
+    }
+
+    async fn server_cursor(&self, doc: &str) -> Result<Cursor> {
+        dispatch!(self, s => s.server_cursor(doc).await)
+    }
+
+    async fn record_remote(&self, doc: &str, cursor: Cursor, updates: &[Vec<u8>]) -> Result<()> {
+        dispatch!(self, s => s.record_remote(doc, cursor, updates).await)
+    }
+}
