@@ -10,8 +10,10 @@
 //! closed with "going away" and `serve` returns once the HTTP server has stopped. Every write is
 //! committed before it is acknowledged, so nothing acknowledged is pending at exit.
 
-mod conn;
+mod commit;
+mod native;
 mod room;
+mod socket;
 
 use std::future::Future;
 use std::sync::atomic::AtomicU64;
@@ -27,6 +29,7 @@ use driftsync_engine::sync::Limits;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::commit::Committer;
 use crate::room::Rooms;
 
 /// Server settings; [`Config::default`] is what `driftsync serve` uses.
@@ -62,7 +65,9 @@ impl Default for Config {
 
 /// What every connection shares.
 struct Shared<S> {
-    store: S,
+    store: Arc<S>,
+    /// Writes pushed updates in groups (one transaction for many batches).
+    committer: Committer,
     config: Config,
     rooms: Rooms,
     /// Session ids, unique per process: they name connections in presence and logs.
@@ -79,8 +84,11 @@ pub async fn serve<S: Store>(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let token = CancellationToken::new();
+    let store = Arc::new(store);
+    let (committer, committer_task) = Committer::start(Arc::clone(&store));
     let shared = Arc::new(Shared {
         store,
+        committer,
         config,
         rooms: Rooms::default(),
         next_session: AtomicU64::new(1),
@@ -95,10 +103,18 @@ pub async fn serve<S: Store>(
         shutdown.await;
         stop.cancel();
     });
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move { token.cancelled().await })
-        .await
+    let result = axum::serve(listener, app).with_graceful_shutdown(async move { token.cancelled().await }).await;
+    // Connections were told to close; once they are gone, so is every handle to the committer,
+    // which then finishes what is queued and stops. Nothing is acknowledged before it is
+    // written, so nothing acknowledged can be lost here; the wait only lets in-flight batches land.
+    if tokio::time::timeout(SHUTDOWN_GRACE, committer_task).await.is_err() {
+        tracing::warn!("connections still open after the shutdown grace period");
+    }
+    result
 }
+
+/// How long shutdown waits for connections to finish their in-flight batches.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 async fn healthz() -> &'static str {
     "ok"
@@ -110,5 +126,5 @@ async fn sync<S: Store>(State(shared): State<Arc<Shared<S>>>, ws: WebSocketUpgra
         .max_frame_size(max)
         // A small write buffer: a connection must not cost a large fixed buffer.
         .write_buffer_size(4 * 1024)
-        .on_upgrade(move |socket| conn::run(shared, socket))
+        .on_upgrade(move |socket| native::run(shared, socket))
 }

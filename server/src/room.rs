@@ -1,16 +1,22 @@
-//! Rooms: one live yrs document per active document id, shared by every connection subscribed to
-//! it, with the document's head cursor and its subscribers' outbound queues.
+//! Rooms: one live yrs document per active document id, shared by every connection subscribed
+//! to it whatever its protocol, with the document's head cursor and its subscribers' queues.
+//!
+//! Everything done to a document goes through its room's async mutex, so updates are applied,
+//! stored and broadcast in cursor order.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use driftsync_engine::doc::load_document;
-use driftsync_engine::store::Store;
-use driftsync_protocol::{Cursor, ServerFrame, CLOSE_RESYNC};
+use driftsync_engine::store::{Append, Appended, Origin, Store};
+use driftsync_engine::sync::{apply_remote, Applied, Limits};
+use driftsync_protocol::{Cursor, DocId, ErrorCode, CLOSE_RESYNC};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use yrs::Doc;
+
+use crate::commit::Committer;
 
 /// The server's documents never edit; any valid client id will do for them.
 const SERVER_CLIENT_ID: u64 = 1;
@@ -23,21 +29,18 @@ pub(crate) struct Rooms {
 
 impl Rooms {
     /// The room for `id`, created (not yet loaded) on first use.
-    pub(crate) fn get(&self, id: &str) -> Arc<Room> {
+    pub(crate) fn get(&self, id: &DocId) -> Arc<Room> {
         let mut map = self.map.lock().unwrap_or_else(PoisonError::into_inner);
-        Arc::clone(map.entry(id.to_string()).or_insert_with(|| {
-            Arc::new(Room {
-                id: id.to_string(),
-                state: Default::default(),
-            })
-        }))
+        Arc::clone(
+            map.entry(id.as_str().to_string())
+                .or_insert_with(|| Arc::new(Room { id: id.clone(), state: Default::default() })),
+        )
     }
-
 }
 
-/// One document's live state. The async mutex serialises everything done to the document.
+/// One document's live state.
 pub(crate) struct Room {
-    pub(crate) id: String,
+    pub(crate) id: DocId,
     pub(crate) state: tokio::sync::Mutex<Option<RoomState>>,
 }
 
@@ -55,6 +58,32 @@ pub(crate) struct Subscriber {
     pub(crate) out: Outbound,
 }
 
+/// What a room sends its subscribers. Each connection's writer encodes it for its protocol.
+#[derive(Debug)]
+pub(crate) enum RoomEvent {
+    /// An update stored at `cursor`.
+    Update { doc: DocId, cursor: Cursor, update: Vec<u8> },
+    /// A connection's presence changed (`None`: it left).
+    Presence { doc: DocId, peer: u64, user: String, state: Option<String> },
+    /// A connection started or stopped typing.
+    Typing { doc: DocId, peer: u64, user: String, typing: bool },
+}
+
+/// What goes into a connection's queue.
+#[derive(Debug)]
+pub(crate) enum Outgoing {
+    /// Bytes already encoded for this connection's protocol.
+    Frame(Vec<u8>),
+    /// A room event, shared by every subscriber.
+    Event(Arc<RoomEvent>),
+}
+
+/// Why a push was refused.
+#[derive(Debug)]
+pub(crate) struct Refused {
+    pub(crate) code: ErrorCode,
+}
+
 impl Room {
     /// Loads the room from the store if it is not loaded yet. A load failure refuses the room:
     /// it is never served (nor later stored) as an empty document.
@@ -64,31 +93,22 @@ impl Room {
         store: &S,
     ) -> driftsync_engine::Result<&'a mut RoomState> {
         if state.is_none() {
-            let stored = store.load(&self.id).await?.unwrap_or_default();
-            let doc = load_document(&self.id, &stored, SERVER_CLIENT_ID)?;
-            *state = Some(RoomState {
-                doc,
-                head: stored.head,
-                subscribers: HashMap::new(),
-            });
+            let (doc, head) = self.load(store).await?;
+            *state = Some(RoomState { doc, head, subscribers: HashMap::new() });
         }
-        state
-            .as_mut()
-            .ok_or_else(|| driftsync_engine::Error::Invalid("room state vanished".into()))
+        state.as_mut().ok_or_else(|| driftsync_engine::Error::Invalid("room state vanished".into()))
     }
-}
 
-impl Room {
+    async fn load<S: Store>(&self, store: &S) -> driftsync_engine::Result<(Doc, Cursor)> {
+        let stored = store.load(self.id.as_str()).await?.unwrap_or_default();
+        Ok((load_document(self.id.as_str(), &stored, SERVER_CLIENT_ID)?, stored.head))
+    }
+
     /// Replaces the live document with what the store holds, keeping the subscribers. Used when
     /// the live document may hold something that is not stored (a refused update, a failed
     /// commit). If the reload fails, every subscriber is told to resync and the room is unloaded.
     pub(crate) async fn reload<S: Store>(&self, state: &mut Option<RoomState>, store: &S) {
-        let reloaded = async {
-            let stored = store.load(&self.id).await?.unwrap_or_default();
-            Ok::<_, driftsync_engine::Error>((load_document(&self.id, &stored, SERVER_CLIENT_ID)?, stored.head))
-        }
-        .await;
-        match (reloaded, state.as_mut()) {
+        match (self.load(store).await, state.as_mut()) {
             (Ok((doc, head)), Some(live)) => {
                 live.doc = doc;
                 live.head = head;
@@ -104,15 +124,91 @@ impl Room {
             }
         }
     }
+
+    /// Validates, durably stores and broadcasts one update from connection `session`. Returns
+    /// the cursor it is stored at (for a re-sent batch, the original's or a later one).
+    ///
+    /// Nothing is stored unless yrs integrates the update completely; nothing is acknowledged or
+    /// broadcast before the group commit that stores it has finished.
+    pub(crate) async fn push<S: Store>(
+        &self,
+        store: &S,
+        committer: &Committer,
+        limits: &Limits,
+        session: u64,
+        origin: Option<Origin>,
+        update: Vec<u8>,
+    ) -> Result<Cursor, Refused> {
+        let mut guard = self.state.lock().await;
+        let state = match self.ensure_loaded(&mut guard, store).await {
+            Ok(state) => state,
+            Err(e) => {
+                tracing::error!(doc = %self.id, error = %e, "document failed to load");
+                return Err(Refused { code: ErrorCode::LoadFailed });
+            }
+        };
+        match apply_remote(&state.doc, &update, limits) {
+            Ok(Applied::Integrated) => {}
+            Ok(Applied::Pending { missing, .. }) => {
+                // The server never holds updates with missing dependencies (see engine::sync):
+                // refuse it and reload the live document, which now holds it, from the store.
+                tracing::info!(doc = %self.id, ?missing, "refusing an update with missing dependencies");
+                self.reload(&mut guard, store).await;
+                return Err(Refused { code: ErrorCode::MissingDependencies });
+            }
+            Err(e) => {
+                tracing::info!(doc = %self.id, error = %e, "refusing an update");
+                let code = match e {
+                    driftsync_engine::Error::TooManyPending { .. } => ErrorCode::TooManyPending,
+                    _ => ErrorCode::InvalidUpdate,
+                };
+                return Err(Refused { code });
+            }
+        }
+        let append = Append { doc: self.id.as_str().to_string(), origin, update };
+        match committer.append(append.clone()).await {
+            Ok(Appended::Stored(cursor)) => {
+                state.head = cursor;
+                let event = Arc::new(RoomEvent::Update { doc: self.id.clone(), cursor, update: append.update });
+                state.broadcast(session, event);
+                Ok(cursor)
+            }
+            Ok(Appended::Duplicate(cursor)) => Ok(cursor),
+            Err(e) => {
+                // The live document now holds an update the store does not: reload it from the
+                // store, so that nothing unacknowledged is ever served as stored.
+                tracing::error!(doc = %self.id, error = %e, "store failed; update not acknowledged");
+                self.reload(&mut guard, store).await;
+                Err(Refused { code: ErrorCode::StoreUnavailable })
+            }
+        }
+    }
+
+    /// Sends an ephemeral event (presence, typing) to every other subscriber.
+    pub(crate) async fn relay(&self, session: u64, event: RoomEvent) {
+        let mut guard = self.state.lock().await;
+        if let Some(state) = guard.as_mut() {
+            state.broadcast(session, Arc::new(event));
+        }
+    }
+
+    /// Removes a subscriber and announces its departure, so no ghost presence remains.
+    pub(crate) async fn leave(&self, session: u64) {
+        let mut guard = self.state.lock().await;
+        if let Some(state) = guard.as_mut() {
+            if let Some(sub) = state.subscribers.remove(&session) {
+                let event = RoomEvent::Presence { doc: self.id.clone(), peer: session, user: sub.user, state: None };
+                state.broadcast(session, Arc::new(event));
+            }
+        }
+    }
 }
 
 impl RoomState {
-    /// Sends `frame` to every subscriber but `except`. A subscriber whose queue is full is told
+    /// Sends `event` to every subscriber but `except`. A subscriber whose queue is full is told
     /// to resync and dropped from the room: never silently left behind.
-    pub(crate) fn broadcast(&mut self, except: u64, frame: &ServerFrame) {
-        let bytes = frame.encode();
-        self.subscribers
-            .retain(|session, sub| *session == except || sub.out.send_bytes(bytes.clone()));
+    pub(crate) fn broadcast(&mut self, except: u64, event: Arc<RoomEvent>) {
+        self.subscribers.retain(|session, sub| *session == except || sub.out.send(Outgoing::Event(Arc::clone(&event))));
     }
 }
 
@@ -124,10 +220,7 @@ pub(crate) struct ConnCtl {
 
 impl ConnCtl {
     pub(crate) fn new(token: CancellationToken) -> Self {
-        ConnCtl {
-            token,
-            code: AtomicU16::new(driftsync_protocol::CLOSE_GOING_AWAY),
-        }
+        ConnCtl { token, code: AtomicU16::new(driftsync_protocol::CLOSE_GOING_AWAY) }
     }
 
     /// Asks the connection to close with `code` (the first code asked for wins).
@@ -146,18 +239,15 @@ impl ConnCtl {
 /// A connection's bounded outbound queue.
 #[derive(Clone)]
 pub(crate) struct Outbound {
-    pub(crate) tx: mpsc::Sender<Vec<u8>>,
+    pub(crate) tx: mpsc::Sender<Outgoing>,
     pub(crate) ctl: Arc<ConnCtl>,
 }
 
 impl Outbound {
-    /// Queues a frame; on overflow closes the connection with [`CLOSE_RESYNC`] and returns false.
-    pub(crate) fn send(&self, frame: &ServerFrame) -> bool {
-        self.send_bytes(frame.encode())
-    }
-
-    pub(crate) fn send_bytes(&self, bytes: Vec<u8>) -> bool {
-        match self.tx.try_send(bytes) {
+    /// Queues an item; on overflow closes the connection with [`CLOSE_RESYNC`] and returns
+    /// false: a slow consumer is disconnected with a reason, never silently left behind.
+    pub(crate) fn send(&self, item: Outgoing) -> bool {
+        match self.tx.try_send(item) {
             Ok(()) => true,
             Err(mpsc::error::TrySendError::Full(_)) => {
                 tracing::warn!("slow consumer: outbound queue full, closing with resync");
@@ -166,5 +256,10 @@ impl Outbound {
             }
             Err(mpsc::error::TrySendError::Closed(_)) => false,
         }
+    }
+
+    /// Queues an encoded frame.
+    pub(crate) fn frame(&self, bytes: Vec<u8>) -> bool {
+        self.send(Outgoing::Frame(bytes))
     }
 }

@@ -1,0 +1,247 @@
+//! The native endpoint, `/v1/sync`: one WebSocket connection speaking the postcard protocol of
+//! `driftsync-protocol`, multiplexing any number of documents.
+
+use std::collections::HashSet;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::ws::WebSocket;
+use driftsync_engine::store::{LogTail, Origin, Store};
+use driftsync_engine::sync::answer_resume;
+use driftsync_protocol::{
+    ClientFrame, DocId, DocResumed, ErrorCode, ResumeDoc, ServerFrame, CLOSE_PROTOCOL_ERROR,
+    CLOSE_UNSUPPORTED_VERSION, PROTOCOL_VERSION,
+};
+use futures_util::stream::SplitStream;
+use futures_util::StreamExt;
+use tokio::sync::mpsc;
+
+use crate::room::{ConnCtl, Outbound, RoomEvent, Subscriber};
+use crate::socket::{next_binary, spawn_writer};
+use crate::Shared;
+
+/// What the connection knows about its peer after the hello.
+struct Peer {
+    session: u64,
+    client_id: u64,
+    user: String,
+    docs: HashSet<DocId>,
+}
+
+/// Encodes a room event as a native frame.
+fn encode(event: &RoomEvent) -> Option<Vec<u8>> {
+    let frame = match event {
+        RoomEvent::Update { doc, cursor, update } => {
+            ServerFrame::Update { doc: doc.clone(), cursor: *cursor, update: update.clone() }
+        }
+        RoomEvent::Presence { doc, peer, user, state } => {
+            ServerFrame::Presence { doc: doc.clone(), peer: *peer, user: user.clone(), state: state.clone() }
+        }
+        RoomEvent::Typing { doc, peer, user, typing } => {
+            ServerFrame::Typing { doc: doc.clone(), peer: *peer, user: user.clone(), typing: *typing }
+        }
+    };
+    Some(frame.encode())
+}
+
+fn error(code: ErrorCode, doc: Option<DocId>, batch: Option<u64>) -> Vec<u8> {
+    ServerFrame::Error { code, doc, batch }.encode()
+}
+
+pub(crate) async fn run<S: Store>(shared: Arc<Shared<S>>, socket: WebSocket) {
+    let (sink, mut stream) = socket.split();
+    let (tx, rx) = mpsc::channel(shared.config.outbound_queue);
+    let ctl = Arc::new(ConnCtl::new(shared.shutdown.child_token()));
+    let out = Outbound { tx, ctl: Arc::clone(&ctl) };
+    let writer = spawn_writer(sink, rx, Arc::clone(&ctl), encode);
+
+    let session = shared.next_session.fetch_add(1, Ordering::Relaxed);
+    match hello(&shared, &mut stream, &out, session).await {
+        Ok(mut peer) => {
+            read_loop(&shared, &mut stream, &out, &mut peer).await;
+            for doc in &peer.docs {
+                shared.rooms.get(doc).leave(peer.session).await;
+            }
+            ctl.close(driftsync_protocol::CLOSE_GOING_AWAY);
+        }
+        Err(code) => ctl.close(code),
+    }
+    drop(out);
+    let _ = writer.await;
+}
+
+async fn hello<S: Store>(
+    shared: &Shared<S>,
+    stream: &mut SplitStream<WebSocket>,
+    out: &Outbound,
+    session: u64,
+) -> Result<Peer, u16> {
+    let first = tokio::time::timeout(shared.config.hello_timeout, next_binary(stream)).await;
+    let Ok(Some(bytes)) = first else { return Err(CLOSE_PROTOCOL_ERROR) };
+    match ClientFrame::decode(&bytes, shared.config.max_frame_size) {
+        Ok(ClientFrame::Hello { version, client_id, .. }) => {
+            if version != PROTOCOL_VERSION {
+                out.frame(error(ErrorCode::UnsupportedVersion, None, None));
+                return Err(CLOSE_UNSUPPORTED_VERSION);
+            }
+            out.frame(
+                ServerFrame::Welcome {
+                    version: PROTOCOL_VERSION,
+                    max_frame_size: u32::try_from(shared.config.max_frame_size).unwrap_or(u32::MAX),
+                    session,
+                    heartbeat_ms: u32::try_from(shared.config.heartbeat.as_millis()).unwrap_or(u32::MAX),
+                }
+                .encode(),
+            );
+            Ok(Peer { session, client_id, user: format!("anonymous-{session}"), docs: HashSet::new() })
+        }
+        Ok(_) => {
+            out.frame(error(ErrorCode::Malformed, None, None));
+            Err(CLOSE_PROTOCOL_ERROR)
+        }
+        Err(e) => {
+            tracing::info!(session, error = %e, "bad hello");
+            out.frame(error(ErrorCode::Malformed, None, None));
+            Err(CLOSE_PROTOCOL_ERROR)
+        }
+    }
+}
+
+async fn read_loop<S: Store>(shared: &Shared<S>, stream: &mut SplitStream<WebSocket>, out: &Outbound, peer: &mut Peer) {
+    let heartbeat = shared.config.heartbeat;
+    let mut ticker = tokio::time::interval(heartbeat);
+    ticker.tick().await;
+    let mut last_heard = Instant::now();
+    let mut nonce = 0u64;
+    loop {
+        let bytes = tokio::select! {
+            () = out.ctl.token.cancelled() => return,
+            _ = ticker.tick() => {
+                if last_heard.elapsed() > heartbeat * 3 {
+                    tracing::info!(session = peer.session, "peer silent for three heartbeats: closing");
+                    return;
+                }
+                nonce += 1;
+                out.frame(ServerFrame::Ping { nonce }.encode());
+                continue;
+            }
+            bytes = next_binary(stream) => match bytes {
+                Some(bytes) => bytes,
+                None => return,
+            },
+        };
+        last_heard = Instant::now();
+        let frame = match ClientFrame::decode(&bytes, shared.config.max_frame_size) {
+            Ok(frame) => frame,
+            Err(e) => {
+                tracing::info!(session = peer.session, error = %e, "malformed frame");
+                out.frame(error(ErrorCode::Malformed, None, None));
+                continue;
+            }
+        };
+        match frame {
+            ClientFrame::Hello { .. } => {
+                out.frame(error(ErrorCode::Malformed, None, None));
+            }
+            ClientFrame::Resume { docs } => resume(shared, out, peer, docs).await,
+            ClientFrame::Push { doc, batch, update } => {
+                if !peer.docs.contains(&doc) {
+                    out.frame(error(ErrorCode::NotSubscribed, Some(doc), Some(batch)));
+                    continue;
+                }
+                let origin = Some(Origin { client_id: peer.client_id, batch });
+                let room = shared.rooms.get(&doc);
+                match room.push(&*shared.store, &shared.committer, &shared.config.limits, peer.session, origin, update).await {
+                    Ok(cursor) => out.frame(ServerFrame::Ack { doc, batch, cursor }.encode()),
+                    Err(refused) => out.frame(error(refused.code, Some(doc), Some(batch))),
+                };
+            }
+            ClientFrame::Unsubscribe { doc } => {
+                if peer.docs.remove(&doc) {
+                    shared.rooms.get(&doc).leave(peer.session).await;
+                }
+            }
+            ClientFrame::Presence { doc, state } => {
+                let event = RoomEvent::Presence { doc: doc.clone(), peer: peer.session, user: peer.user.clone(), state };
+                relay(shared, out, peer, doc, event).await;
+            }
+            ClientFrame::Typing { doc, typing } => {
+                let event = RoomEvent::Typing { doc: doc.clone(), peer: peer.session, user: peer.user.clone(), typing };
+                relay(shared, out, peer, doc, event).await;
+            }
+            ClientFrame::Ping { nonce } => {
+                out.frame(ServerFrame::Pong { nonce }.encode());
+            }
+            ClientFrame::Pong { .. } | ClientFrame::Reauth { .. } => {}
+        }
+    }
+}
+
+async fn relay<S: Store>(shared: &Shared<S>, out: &Outbound, peer: &Peer, doc: DocId, event: RoomEvent) {
+    if peer.docs.contains(&doc) {
+        shared.rooms.get(&doc).relay(peer.session, event).await;
+    } else {
+        out.frame(error(ErrorCode::NotSubscribed, Some(doc), None));
+    }
+}
+
+/// Answers a resume: every listed document in one `Resumed` frame (split only if it would
+/// exceed the frame size), subscribing the connection to each.
+///
+/// Updates to a document may be queued before the `Resumed` frame that covers it; clients apply
+/// them at once but advance their stored cursor only once the document's `Resumed` arrived.
+async fn resume<S: Store>(shared: &Shared<S>, out: &Outbound, peer: &mut Peer, docs: Vec<ResumeDoc>) {
+    let mut answers = Vec::with_capacity(docs.len());
+    let mut size = 0usize;
+    for ResumeDoc { doc, cursor, state_vector } in docs {
+        if !peer.docs.contains(&doc) && peer.docs.len() >= shared.config.max_docs_per_connection {
+            out.frame(error(ErrorCode::TooManyDocuments, Some(doc), None));
+            continue;
+        }
+        let room = shared.rooms.get(&doc);
+        let mut guard = room.state.lock().await;
+        let state = match room.ensure_loaded(&mut guard, &*shared.store).await {
+            Ok(state) => state,
+            Err(e) => {
+                tracing::error!(doc = %doc, error = %e, "refusing a document that failed to load");
+                out.frame(error(ErrorCode::LoadFailed, Some(doc), None));
+                continue;
+            }
+        };
+        // The log is read only when the client is behind: an unchanged document costs nothing.
+        let tail = if cursor == 0 || cursor >= state.head {
+            Some(Vec::new())
+        } else {
+            match shared.store.log_after(doc.as_str(), cursor).await {
+                Ok(LogTail::Entries(entries)) => Some(entries),
+                Ok(LogTail::Pruned) => None,
+                Err(e) => {
+                    tracing::error!(doc = %doc, error = %e, "store failed reading the log");
+                    out.frame(error(ErrorCode::StoreUnavailable, Some(doc), None));
+                    continue;
+                }
+            }
+        };
+        let answer = match answer_resume(&state.doc, state.head, cursor, &state_vector, tail.as_deref()) {
+            Ok(answer) => answer,
+            Err(e) => {
+                tracing::info!(doc = %doc, error = %e, "bad resume entry");
+                out.frame(error(ErrorCode::Malformed, Some(doc), None));
+                continue;
+            }
+        };
+        state.subscribers.insert(peer.session, Subscriber { user: peer.user.clone(), out: out.clone() });
+        drop(guard);
+        peer.docs.insert(doc.clone());
+        let entry = DocResumed { doc, cursor: answer.cursor, update: answer.update, state_vector: answer.state_vector };
+        let entry_size = entry.update.as_ref().map_or(0, Vec::len) + entry.doc.as_str().len() + 32;
+        if size + entry_size > shared.config.max_frame_size / 2 && !answers.is_empty() {
+            out.frame(ServerFrame::Resumed { docs: std::mem::take(&mut answers) }.encode());
+            size = 0;
+        }
+        size += entry_size;
+        answers.push(entry);
+    }
+    out.frame(ServerFrame::Resumed { docs: answers }.encode());
+}
