@@ -1,1 +1,162 @@
-//! Shared helpers for the cross-crate tests.
+//! Shared helpers for the cross-crate tests: a server on a loopback port, and a small native
+//! protocol client over a real WebSocket.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use driftsync_engine::store::Store;
+use driftsync_protocol::{ClientFrame, ServerFrame, DEFAULT_MAX_FRAME_SIZE, PROTOCOL_VERSION};
+use futures_util::{SinkExt, StreamExt};
+use tokio::net::TcpStream;
+use tokio::sync::oneshot;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+/// How long a test waits for a frame before failing.
+pub const TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A server running in this process on 127.0.0.1 and a free port.
+pub struct TestServer {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
+}
+
+impl TestServer {
+    /// Starts a server on `store` with `config`.
+    pub async fn start<S: Store>(store: S, config: driftsync_server::Config) -> TestServer {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind 127.0.0.1:0");
+        let addr = listener.local_addr().expect("local addr");
+        let (stop, stopped) = oneshot::channel::<()>();
+        let shutdown = async move {
+            let _ = stopped.await;
+        };
+        let task = tokio::spawn(driftsync_server::serve(listener, store, config, shutdown));
+        TestServer { addr, stop: Some(stop), task: Some(task) }
+    }
+
+    /// `ws://127.0.0.1:port`.
+    pub fn url(&self) -> String {
+        format!("ws://{}", self.addr)
+    }
+
+    /// Stops the server gracefully and waits for it.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            let _ = tokio::time::timeout(TIMEOUT * 2, task).await;
+        }
+    }
+}
+
+/// A native-protocol client for tests: sends frames, receives frames.
+pub struct NativeClient {
+    ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    /// The session id the server gave this connection.
+    pub session: u64,
+}
+
+impl NativeClient {
+    /// Connects to `base` (`ws://host:port`), says hello with `token` and `client_id`, and waits
+    /// for the welcome. Panics (failing the test) if the server refuses.
+    pub async fn connect(base: &str, token: &str, client_id: u64) -> NativeClient {
+        let mut client = Self::connect_raw(base).await;
+        client.send(&ClientFrame::Hello { version: PROTOCOL_VERSION, token: token.into(), client_id }).await;
+        match client.recv().await {
+            Some(ServerFrame::Welcome { session, .. }) => client.session = session,
+            other => panic!("expected a welcome, got {other:?}"),
+        }
+        client
+    }
+
+    /// Opens the WebSocket without saying hello.
+    pub async fn connect_raw(base: &str) -> NativeClient {
+        let (ws, _) = tokio_tungstenite::connect_async(format!("{base}/v1/sync")).await.expect("connect");
+        NativeClient { ws, session: 0 }
+    }
+
+    /// Sends one frame.
+    pub async fn send(&mut self, frame: &ClientFrame) {
+        self.send_raw(frame.encode()).await;
+    }
+
+    /// Sends arbitrary bytes as one binary message.
+    pub async fn send_raw(&mut self, bytes: Vec<u8>) {
+        self.ws.send(Message::Binary(bytes.into())).await.expect("send");
+    }
+
+    /// The next frame (answering server pings), or `None` when the connection closed.
+    /// Fails the test after [`TIMEOUT`].
+    pub async fn recv(&mut self) -> Option<ServerFrame> {
+        self.recv_within(TIMEOUT).await.expect("timed out waiting for a frame")
+    }
+
+    /// Like [`recv`](Self::recv) but `Err(())` after `timeout` instead of failing.
+    pub async fn recv_within(&mut self, timeout: Duration) -> Result<Option<ServerFrame>, ()> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let msg = tokio::time::timeout_at(deadline, self.ws.next()).await.map_err(|_| ())?;
+            match msg {
+                Some(Ok(Message::Binary(bytes))) => {
+                    let frame = ServerFrame::decode(&bytes, DEFAULT_MAX_FRAME_SIZE).expect("server sent a bad frame");
+                    if let ServerFrame::Ping { nonce } = frame {
+                        self.send(&ClientFrame::Pong { nonce }).await;
+                        continue;
+                    }
+                    return Ok(Some(frame));
+                }
+                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return Ok(None),
+                Some(Ok(_)) => continue,
+            }
+        }
+    }
+
+    /// Receives until `pick` returns `Some`, skipping other frames.
+    pub async fn recv_until<T>(&mut self, mut pick: impl FnMut(&ServerFrame) -> Option<T>) -> T {
+        loop {
+            match self.recv().await {
+                Some(frame) => {
+                    if let Some(t) = pick(&frame) {
+                        return t;
+                    }
+                }
+                None => panic!("connection closed while waiting"),
+            }
+        }
+    }
+
+    /// The close code the server sent, waiting for the close (skipping other frames).
+    pub async fn close_code(&mut self) -> Option<u16> {
+        let deadline = tokio::time::Instant::now() + TIMEOUT;
+        loop {
+            match tokio::time::timeout_at(deadline, self.ws.next()).await.ok()? {
+                Some(Ok(Message::Close(frame))) => return frame.map(|f| u16::from(f.code)),
+                None | Some(Err(_)) => return None,
+                Some(Ok(_)) => continue,
+            }
+        }
+    }
+}
+
+/// Runs `f` with a fresh SQLite store in a temporary directory, returning the directory too.
+pub async fn sqlite_store() -> (tempfile::TempDir, driftsync_engine::store::SqliteStore) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = driftsync_engine::store::SqliteStore::open(dir.path().join("server.db")).await.expect("open sqlite");
+    (dir, store)
+}
+
+/// Polls `check` until it returns true or [`TIMEOUT`] passes.
+pub async fn eventually<F: Future<Output = bool>>(mut check: impl FnMut() -> F) -> bool {
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    while tokio::time::Instant::now() < deadline {
+        if check().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    false
+}
