@@ -85,7 +85,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
-    tracing::info!(listen = %args.listen, store = %target, "driftsync serving");
+    let local = listener.local_addr().context("cannot read the listening address")?;
+    // One plain line on stdout, for scripts and tests that start the server on port 0.
+    println!("driftsync listening on {local}");
+    tracing::info!(listen = %local, store = %target, "driftsync serving");
     driftsync_server::serve(listener, store, driftsync_server::Config::default(), shutdown_signal()).await?;
     tracing::info!("driftsync stopped");
     Ok(())
