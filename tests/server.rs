@@ -41,3 +41,85 @@ async fn push_is_acknowledged_stored_and_broadcast() {
     assert_eq!(ack, ServerFrame::Ack { doc: d.clone(), batch: 1, cursor: 1 });
     server.stop().await;
 }
+
+async fn subscribe(c: &mut NativeClient, d: &DocId) {
+    c.send(&ClientFrame::Resume { docs: vec![ResumeDoc { doc: d.clone(), cursor: 0, state_vector: vec![0] }] }).await;
+    c.recv_until(|f| matches!(f, ServerFrame::Resumed { .. }).then_some(())).await;
+}
+
+#[tokio::test]
+async fn a_client_that_stops_reading_is_told_to_resync_and_others_keep_receiving() {
+    let (_dir, store) = sqlite_store().await;
+    let config = driftsync_server::Config { outbound_queue: 16, ..Default::default() };
+    let server = TestServer::start(store, config).await;
+    let d = doc_id("notes/slow");
+    let mut slow = NativeClient::connect(&server.url(), "", 21).await;
+    let mut reader = NativeClient::connect(&server.url(), "", 22).await;
+    let mut writer = NativeClient::connect(&server.url(), "", 23).await;
+    for c in [&mut slow, &mut reader, &mut writer] {
+        subscribe(c, &d).await;
+    }
+    // Enough data to fill the loopback socket buffers of the client that does not read.
+    let local = new_doc(23).unwrap();
+    let chunk = "x".repeat(8 * 1024);
+    let total = 2000u64;
+    let reader_task = tokio::spawn(async move {
+        let mut last = 0;
+        while last < total {
+            last = reader.recv_until(|f| if let ServerFrame::Update { cursor, .. } = f { Some(*cursor) } else { None }).await;
+        }
+        last
+    });
+    for batch in 1..=total {
+        let update = doc::text_insert(&local, 0, &chunk).unwrap();
+        writer.send(&ClientFrame::Push { doc: d.clone(), batch, update }).await;
+        // Keep the writer's own queue drained.
+        writer.recv_until(|f| matches!(f, ServerFrame::Ack { .. }).then_some(())).await;
+    }
+    assert_eq!(reader_task.await.unwrap(), total, "the reading client received every update");
+    assert_eq!(slow.close_code().await, Some(driftsync_protocol::CLOSE_RESYNC));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn garbage_frames_and_garbage_updates_leave_the_room_healthy() {
+    let (_dir, store) = sqlite_store().await;
+    let server = TestServer::start(store, Default::default()).await;
+    let d = doc_id("notes/garbage");
+    let mut bad = NativeClient::connect(&server.url(), "", 31).await;
+    let mut good = NativeClient::connect(&server.url(), "", 32).await;
+    subscribe(&mut bad, &d).await;
+    subscribe(&mut good, &d).await;
+
+    // Random bytes as frames: a typed error each, and the connection stays.
+    let mut seed = 0x5eed_u64;
+    for len in [1usize, 2, 7, 64, 1000] {
+        let bytes: Vec<u8> = (0..len)
+            .map(|_| {
+                seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                (seed >> 56) as u8
+            })
+            .collect();
+        bad.send_raw(bytes).await;
+    }
+    // A well-formed frame carrying an update that is not a yrs update.
+    bad.send(&ClientFrame::Push { doc: d.clone(), batch: 1, update: vec![0xff; 40] }).await;
+    let code = bad
+        .recv_until(|f| match f {
+            ServerFrame::Error { code, batch: Some(1), .. } => Some(*code),
+            _ => None,
+        })
+        .await;
+    assert_eq!(code, driftsync_protocol::ErrorCode::InvalidUpdate);
+
+    // The room and the other client are unaffected; the bad client's connection still works.
+    let local = new_doc(31).unwrap();
+    let update = doc::text_insert(&local, 0, "still fine").unwrap();
+    bad.send(&ClientFrame::Push { doc: d.clone(), batch: 2, update }).await;
+    bad.recv_until(|f| matches!(f, ServerFrame::Ack { batch: 2, .. }).then_some(())).await;
+    let bytes = good.recv_until(|f| if let ServerFrame::Update { update, .. } = f { Some(update.clone()) } else { None }).await;
+    let replica = new_doc(32).unwrap();
+    apply_remote(&replica, &bytes, &Limits::default()).unwrap();
+    assert_eq!(doc::text(&replica), "still fine");
+    server.stop().await;
+}

@@ -10,9 +10,15 @@ use tokio::sync::mpsc;
 
 use crate::room::{ConnCtl, Outgoing, RoomEvent};
 
+/// How long a closing connection may take to flush what is queued and send its close frame.
+/// A peer that does not read (dead or slow) is cut off after this.
+const CLOSE_FLUSH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Spawns the writer: it sends queued items (room events encoded by `encode`; `None` skips an
-/// event) until the queue closes or the connection is told to close, then flushes what is still
-/// queued — acknowledgements matter — and sends a close frame with the connection's close code.
+/// event) until the queue closes or the connection is told to close, then — within
+/// [`CLOSE_FLUSH_TIMEOUT`] — flushes what is still queued (acknowledgements matter) and sends a
+/// close frame with the connection's close code. A blocked send never keeps it from noticing
+/// the close.
 pub(crate) fn spawn_writer(
     mut sink: SplitSink<WebSocket, Message>,
     mut rx: mpsc::Receiver<Outgoing>,
@@ -25,29 +31,34 @@ pub(crate) fn spawn_writer(
             Outgoing::Event(event) => encode(&event),
         };
         loop {
-            tokio::select! {
+            let item = tokio::select! {
                 biased;
+                () = ctl.token.cancelled() => break,
                 item = rx.recv() => match item {
-                    Some(item) => {
-                        let Some(bytes) = bytes_of(item) else { continue };
-                        if sink.send(Message::Binary(bytes.into())).await.is_err() {
-                            ctl.close(driftsync_protocol::CLOSE_GOING_AWAY);
-                            return;
-                        }
-                    }
+                    Some(item) => item,
                     None => break,
+                },
+            };
+            let Some(bytes) = bytes_of(item) else { continue };
+            tokio::select! {
+                sent = sink.send(Message::Binary(bytes.into())) => if sent.is_err() {
+                    ctl.close(driftsync_protocol::CLOSE_GOING_AWAY);
+                    return;
                 },
                 () = ctl.token.cancelled() => break,
             }
         }
-        while let Ok(item) = rx.try_recv() {
-            let Some(bytes) = bytes_of(item) else { continue };
-            if sink.send(Message::Binary(bytes.into())).await.is_err() {
-                return;
+        let close = async {
+            while let Ok(item) = rx.try_recv() {
+                let Some(bytes) = bytes_of(item) else { continue };
+                if sink.send(Message::Binary(bytes.into())).await.is_err() {
+                    return;
+                }
             }
-        }
-        let frame = CloseFrame { code: ctl.code(), reason: "".into() };
-        let _ = sink.send(Message::Close(Some(frame))).await;
+            let frame = CloseFrame { code: ctl.code(), reason: "".into() };
+            let _ = sink.send(Message::Close(Some(frame))).await;
+        };
+        let _ = tokio::time::timeout(CLOSE_FLUSH_TIMEOUT, close).await;
     })
 }
 
