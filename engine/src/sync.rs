@@ -134,6 +134,9 @@ pub fn merge_for(updates: &[&[u8]], sv: &StateVector) -> Result<Vec<u8>> {
         .map_err(|e| Error::InvalidUpdate(e.to_string()))
 }
 
+/// Above this many bytes, a log-tail answer is compared with the state diff.
+const TAIL_CHECK_BYTES: usize = 16 * 1024;
+
 /// The server's answer for one document of a resume (see [`answer_resume`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ResumeAnswer {
@@ -173,7 +176,17 @@ pub fn answer_resume(
             .filter(|e| e.cursor > client_cursor)
             .map(|e| e.update.as_slice())
             .collect();
-        (Some(merge_for(&parts, &client_sv)?), true)
+        let tail = merge_for(&parts, &client_sv)?;
+        // A long tail can be bigger than the state diff: it keeps the content of items inserted
+        // and deleted again within it, which the document has garbage-collected. Past a size
+        // where computing the diff is worth it, send the smaller of the two (both are correct).
+        if tail.len() > TAIL_CHECK_BYTES {
+            let diff = missing_for(doc, &client_sv);
+            if diff.len() < tail.len() {
+                return Ok(ResumeAnswer { cursor: head, update: Some(diff), state_vector, from_log: false });
+            }
+        }
+        (Some(tail), true)
     } else {
         // A new client, a log that was compacted past the client's cursor, or a cursor from
         // another history (the server lost data or the client talks to another deployment):
@@ -357,6 +370,29 @@ mod tests {
         assert!(!answer.from_log);
         apply_remote(&c2, &answer.update.unwrap(), &Limits::default()).unwrap();
         assert_eq!(text(&c2), text(&server));
+    }
+
+    #[test]
+    fn a_long_tail_of_churn_falls_back_to_the_smaller_diff() {
+        let server = new_doc(1).unwrap();
+        let client = new_doc(2).unwrap();
+        let base = text_insert(&server, 0, "base").unwrap();
+        apply_remote(&client, &base, &Limits::default()).unwrap();
+        // 40 KiB typed and deleted again: the tail carries it all, the diff only the deletions.
+        let mut tail = Vec::new();
+        for i in 0..40u64 {
+            let u = text_insert(&server, 4, &"y".repeat(1024)).unwrap();
+            tail.push(LogEntry { cursor: 2 + 2 * i, update: u });
+            let d = text_delete(&server, 4, 1024).unwrap();
+            tail.push(LogEntry { cursor: 3 + 2 * i, update: d });
+        }
+        let head = 81;
+        let answer = answer_resume(&server, head, 1, &state_vector(&client), Some(&tail)).unwrap();
+        assert!(!answer.from_log);
+        let bytes = answer.update.unwrap();
+        assert!(bytes.len() < 16 * 1024, "answer of {} bytes", bytes.len());
+        apply_remote(&client, &bytes, &Limits::default()).unwrap();
+        assert_eq!(text(&client), "base");
     }
 
     #[test]
