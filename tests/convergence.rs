@@ -213,4 +213,3 @@ fn replicas_converge_under_random_schedules() {
         }
     }
 }
-

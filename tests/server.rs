@@ -17,40 +17,94 @@ async fn push_is_acknowledged_stored_and_broadcast() {
     let mut a = NativeClient::connect(&server.url(), "", 11).await;
     let mut b = NativeClient::connect(&server.url(), "", 12).await;
     for c in [&mut a, &mut b] {
-        c.send(&ClientFrame::Resume { docs: vec![ResumeDoc { doc: d.clone(), cursor: 0, state_vector: vec![0] }] })
-            .await;
-        let ServerFrame::Resumed { docs } = c.recv().await.unwrap() else { panic!() };
+        c.send(&ClientFrame::Resume {
+            docs: vec![ResumeDoc {
+                doc: d.clone(),
+                cursor: 0,
+                state_vector: vec![0],
+            }],
+        })
+        .await;
+        let ServerFrame::Resumed { docs } = c.recv().await.unwrap() else {
+            panic!()
+        };
         assert_eq!(docs.len(), 1);
         assert_eq!(docs[0].cursor, 0);
     }
     let local = new_doc(11).unwrap();
     let update = doc::text_insert(&local, 0, "hello").unwrap();
-    a.send(&ClientFrame::Push { doc: d.clone(), batch: 1, update: update.clone() }).await;
-    let ack = a.recv_until(|f| matches!(f, ServerFrame::Ack { .. }).then(|| f.clone())).await;
-    assert_eq!(ack, ServerFrame::Ack { doc: d.clone(), batch: 1, cursor: 1 });
-    let got = b.recv_until(|f| matches!(f, ServerFrame::Update { .. }).then(|| f.clone())).await;
-    let ServerFrame::Update { cursor, update: bytes, .. } = got else { unreachable!() };
+    a.send(&ClientFrame::Push {
+        doc: d.clone(),
+        batch: 1,
+        update: update.clone(),
+    })
+    .await;
+    let ack = a
+        .recv_until(|f| matches!(f, ServerFrame::Ack { .. }).then(|| f.clone()))
+        .await;
+    assert_eq!(
+        ack,
+        ServerFrame::Ack {
+            doc: d.clone(),
+            batch: 1,
+            cursor: 1
+        }
+    );
+    let got = b
+        .recv_until(|f| matches!(f, ServerFrame::Update { .. }).then(|| f.clone()))
+        .await;
+    let ServerFrame::Update {
+        cursor, update: bytes, ..
+    } = got
+    else {
+        unreachable!()
+    };
     assert_eq!(cursor, 1);
     let remote = new_doc(12).unwrap();
     apply_remote(&remote, &bytes, &Limits::default()).unwrap();
     assert_eq!(doc::text(&remote), "hello");
 
     // A re-sent batch (its acknowledgement was lost) is acknowledged again, not stored twice.
-    a.send(&ClientFrame::Push { doc: d.clone(), batch: 1, update }).await;
-    let ack = a.recv_until(|f| matches!(f, ServerFrame::Ack { .. }).then(|| f.clone())).await;
-    assert_eq!(ack, ServerFrame::Ack { doc: d.clone(), batch: 1, cursor: 1 });
+    a.send(&ClientFrame::Push {
+        doc: d.clone(),
+        batch: 1,
+        update,
+    })
+    .await;
+    let ack = a
+        .recv_until(|f| matches!(f, ServerFrame::Ack { .. }).then(|| f.clone()))
+        .await;
+    assert_eq!(
+        ack,
+        ServerFrame::Ack {
+            doc: d.clone(),
+            batch: 1,
+            cursor: 1
+        }
+    );
     server.stop().await;
 }
 
 async fn subscribe(c: &mut NativeClient, d: &DocId) {
-    c.send(&ClientFrame::Resume { docs: vec![ResumeDoc { doc: d.clone(), cursor: 0, state_vector: vec![0] }] }).await;
-    c.recv_until(|f| matches!(f, ServerFrame::Resumed { .. }).then_some(())).await;
+    c.send(&ClientFrame::Resume {
+        docs: vec![ResumeDoc {
+            doc: d.clone(),
+            cursor: 0,
+            state_vector: vec![0],
+        }],
+    })
+    .await;
+    c.recv_until(|f| matches!(f, ServerFrame::Resumed { .. }).then_some(()))
+        .await;
 }
 
 #[tokio::test]
 async fn a_client_that_stops_reading_is_told_to_resync_and_others_keep_receiving() {
     let (_dir, store) = sqlite_store().await;
-    let config = driftsync_server::Config { outbound_queue: 16, ..Default::default() };
+    let config = driftsync_server::Config {
+        outbound_queue: 16,
+        ..Default::default()
+    };
     let server = TestServer::start(store, config).await;
     let d = doc_id("notes/slow");
     let mut slow = NativeClient::connect(&server.url(), "", 21).await;
@@ -66,17 +120,37 @@ async fn a_client_that_stops_reading_is_told_to_resync_and_others_keep_receiving
     let reader_task = tokio::spawn(async move {
         let mut last = 0;
         while last < total {
-            last = reader.recv_until(|f| if let ServerFrame::Update { cursor, .. } = f { Some(*cursor) } else { None }).await;
+            last = reader
+                .recv_until(|f| {
+                    if let ServerFrame::Update { cursor, .. } = f {
+                        Some(*cursor)
+                    } else {
+                        None
+                    }
+                })
+                .await;
         }
         last
     });
     for batch in 1..=total {
         let update = doc::text_insert(&local, 0, &chunk).unwrap();
-        writer.send(&ClientFrame::Push { doc: d.clone(), batch, update }).await;
+        writer
+            .send(&ClientFrame::Push {
+                doc: d.clone(),
+                batch,
+                update,
+            })
+            .await;
         // Keep the writer's own queue drained.
-        writer.recv_until(|f| matches!(f, ServerFrame::Ack { .. }).then_some(())).await;
+        writer
+            .recv_until(|f| matches!(f, ServerFrame::Ack { .. }).then_some(()))
+            .await;
     }
-    assert_eq!(reader_task.await.unwrap(), total, "the reading client received every update");
+    assert_eq!(
+        reader_task.await.unwrap(),
+        total,
+        "the reading client received every update"
+    );
     assert_eq!(slow.close_code().await, Some(driftsync_protocol::CLOSE_RESYNC));
     server.stop().await;
 }
@@ -103,10 +177,17 @@ async fn garbage_frames_and_garbage_updates_leave_the_room_healthy() {
         bad.send_raw(bytes).await;
     }
     // A well-formed frame carrying an update that is not a yrs update.
-    bad.send(&ClientFrame::Push { doc: d.clone(), batch: 1, update: vec![0xff; 40] }).await;
+    bad.send(&ClientFrame::Push {
+        doc: d.clone(),
+        batch: 1,
+        update: vec![0xff; 40],
+    })
+    .await;
     let code = bad
         .recv_until(|f| match f {
-            ServerFrame::Error { code, batch: Some(1), .. } => Some(*code),
+            ServerFrame::Error {
+                code, batch: Some(1), ..
+            } => Some(*code),
             _ => None,
         })
         .await;
@@ -115,9 +196,23 @@ async fn garbage_frames_and_garbage_updates_leave_the_room_healthy() {
     // The room and the other client are unaffected; the bad client's connection still works.
     let local = new_doc(31).unwrap();
     let update = doc::text_insert(&local, 0, "still fine").unwrap();
-    bad.send(&ClientFrame::Push { doc: d.clone(), batch: 2, update }).await;
-    bad.recv_until(|f| matches!(f, ServerFrame::Ack { batch: 2, .. }).then_some(())).await;
-    let bytes = good.recv_until(|f| if let ServerFrame::Update { update, .. } = f { Some(update.clone()) } else { None }).await;
+    bad.send(&ClientFrame::Push {
+        doc: d.clone(),
+        batch: 2,
+        update,
+    })
+    .await;
+    bad.recv_until(|f| matches!(f, ServerFrame::Ack { batch: 2, .. }).then_some(()))
+        .await;
+    let bytes = good
+        .recv_until(|f| {
+            if let ServerFrame::Update { update, .. } = f {
+                Some(update.clone())
+            } else {
+                None
+            }
+        })
+        .await;
     let replica = new_doc(32).unwrap();
     apply_remote(&replica, &bytes, &Limits::default()).unwrap();
     assert_eq!(doc::text(&replica), "still fine");

@@ -27,14 +27,20 @@ pub struct TestServer {
 impl TestServer {
     /// Starts a server on `store` with `config`.
     pub async fn start<S: Store>(store: S, config: driftsync_server::Config) -> TestServer {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind 127.0.0.1:0");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind 127.0.0.1:0");
         let addr = listener.local_addr().expect("local addr");
         let (stop, stopped) = oneshot::channel::<()>();
         let shutdown = async move {
             let _ = stopped.await;
         };
         let task = tokio::spawn(driftsync_server::serve(listener, store, config, shutdown));
-        TestServer { addr, stop: Some(stop), task: Some(task) }
+        TestServer {
+            addr,
+            stop: Some(stop),
+            task: Some(task),
+        }
     }
 
     /// `ws://127.0.0.1:port`.
@@ -65,7 +71,13 @@ impl NativeClient {
     /// for the welcome. Panics (failing the test) if the server refuses.
     pub async fn connect(base: &str, token: &str, client_id: u64) -> NativeClient {
         let mut client = Self::connect_raw(base).await;
-        client.send(&ClientFrame::Hello { version: PROTOCOL_VERSION, token: token.into(), client_id }).await;
+        client
+            .send(&ClientFrame::Hello {
+                version: PROTOCOL_VERSION,
+                token: token.into(),
+                client_id,
+            })
+            .await;
         match client.recv().await {
             Some(ServerFrame::Welcome { session, .. }) => client.session = session,
             other => panic!("expected a welcome, got {other:?}"),
@@ -75,7 +87,9 @@ impl NativeClient {
 
     /// Opens the WebSocket without saying hello.
     pub async fn connect_raw(base: &str) -> NativeClient {
-        let (ws, _) = tokio_tungstenite::connect_async(format!("{base}/v1/sync")).await.expect("connect");
+        let (ws, _) = tokio_tungstenite::connect_async(format!("{base}/v1/sync"))
+            .await
+            .expect("connect");
         NativeClient { ws, session: 0 }
     }
 
@@ -99,7 +113,9 @@ impl NativeClient {
     pub async fn recv_within(&mut self, timeout: Duration) -> Result<Option<ServerFrame>, ()> {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
-            let msg = tokio::time::timeout_at(deadline, self.ws.next()).await.map_err(|_| ())?;
+            let msg = tokio::time::timeout_at(deadline, self.ws.next())
+                .await
+                .map_err(|_| ())?;
             match msg {
                 Some(Ok(Message::Binary(bytes))) => {
                     let frame = ServerFrame::decode(&bytes, DEFAULT_MAX_FRAME_SIZE).expect("server sent a bad frame");
@@ -145,7 +161,9 @@ impl NativeClient {
 /// Runs `f` with a fresh SQLite store in a temporary directory, returning the directory too.
 pub async fn sqlite_store() -> (tempfile::TempDir, driftsync_engine::store::SqliteStore) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let store = driftsync_engine::store::SqliteStore::open(dir.path().join("server.db")).await.expect("open sqlite");
+    let store = driftsync_engine::store::SqliteStore::open(dir.path().join("server.db"))
+        .await
+        .expect("open sqlite");
     (dir, store)
 }
 

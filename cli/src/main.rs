@@ -1,11 +1,14 @@
 //! The `driftsync` binary.
 //!
 //! `driftsync serve` runs the sync server with the embedded SQLite store in `./driftsync-data`
-//! by default (`--database-url postgres://…` for PostgreSQL). Errors are one line on stderr and a
-//! non-zero exit.
+//! by default (`--database-url postgres://…` for PostgreSQL). With `--secret` (or
+//! `DRIFTSYNC_SECRET`) every connection needs a token; without one the server runs open and only
+//! listens on a loopback address. `driftsync token` mints a token signed with the secret. Errors
+//! are one line on stderr and a non-zero exit.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
@@ -22,6 +25,8 @@ struct Cli {
 enum Command {
     /// Run the sync server.
     Serve(ServeArgs),
+    /// Mint an access token (HS256, signed with the server's secret) and print it.
+    Token(TokenArgs),
 }
 
 #[derive(clap::Args)]
@@ -35,6 +40,28 @@ struct ServeArgs {
     /// A database URL (postgres://… or sqlite:…) instead of the embedded store.
     #[arg(long, env = "DRIFTSYNC_DATABASE_URL")]
     database_url: Option<String>,
+    /// The secret tokens are signed with. Without it the server runs open, on loopback only.
+    #[arg(long, env = "DRIFTSYNC_SECRET", hide_env_values = true)]
+    secret: Option<String>,
+}
+
+#[derive(clap::Args)]
+struct TokenArgs {
+    /// The server's secret.
+    #[arg(long, env = "DRIFTSYNC_SECRET", hide_env_values = true)]
+    secret: String,
+    /// The user id (the token's subject).
+    #[arg(long)]
+    user: String,
+    /// Comma-separated document patterns: exact ids, prefixes ending in `*` (`chat/*`), or `*`.
+    #[arg(long, value_delimiter = ',', required = true)]
+    docs: Vec<String>,
+    /// Read-only: the token's connections receive updates but may not write.
+    #[arg(long)]
+    read_only: bool,
+    /// How long the token is valid: a number with s, m, h or d (`90m`, `24h`, `7d`).
+    #[arg(long, default_value = "24h", value_parser = parse_ttl)]
+    ttl: Duration,
 }
 
 fn main() {
@@ -56,6 +83,7 @@ fn main() {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Serve(args) => serve(args).await,
+            Command::Token(args) => token(args),
         }
     });
     if let Err(e) = result {
@@ -64,13 +92,65 @@ fn main() {
     }
 }
 
-async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    if !args.listen.ip().is_loopback() {
-        bail!(
-            "refusing to listen on {} without authentication: this build serves open connections on loopback only",
-            args.listen
-        );
+/// A token lifetime: a positive number followed by `s`, `m`, `h` or `d`.
+fn parse_ttl(text: &str) -> Result<Duration, String> {
+    let bad = || format!("invalid duration {text:?}: use a number with s, m, h or d, e.g. 90m, 24h, 7d");
+    let split = text
+        .len()
+        .checked_sub(1)
+        .filter(|&i| text.is_char_boundary(i))
+        .ok_or_else(bad)?;
+    let (number, unit) = text.split_at(split);
+    let unit_secs = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(bad()),
+    };
+    let number: u64 = number.parse().map_err(|_| bad())?;
+    match number.checked_mul(unit_secs) {
+        Some(0) => Err(format!("invalid duration {text:?}: it must be longer than zero")),
+        Some(secs) => Ok(Duration::from_secs(secs)),
+        None => Err(bad()),
     }
+}
+
+fn token(args: TokenArgs) -> anyhow::Result<()> {
+    if args.secret.is_empty() {
+        bail!("the secret is empty");
+    }
+    if args.user.is_empty() {
+        bail!("the user id is empty");
+    }
+    let docs: Vec<String> = args
+        .docs
+        .iter()
+        .map(|d| d.trim().to_string())
+        .filter(|d| !d.is_empty())
+        .collect();
+    if docs.is_empty() {
+        bail!("no document patterns: pass --docs, e.g. --docs 'chat/*,notes/1'");
+    }
+    let token = driftsync_server::mint(&args.secret, &args.user, &docs, !args.read_only, args.ttl)?;
+    println!("{token}");
+    Ok(())
+}
+
+/// Refuses to serve open connections on anything but a loopback address.
+fn check_listen(listen: SocketAddr, secret: Option<&str>) -> anyhow::Result<()> {
+    match secret {
+        Some("") => bail!("the secret is empty"),
+        Some(_) => Ok(()),
+        None if listen.ip().is_loopback() => Ok(()),
+        None => bail!(
+            "refusing to listen on {listen} without a secret: open connections are served on loopback only (pass --secret or set DRIFTSYNC_SECRET)"
+        ),
+    }
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    check_listen(args.listen, args.secret.as_deref())?;
     let target = match &args.database_url {
         Some(url) => url.clone(),
         None => {
@@ -88,8 +168,17 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let local = listener.local_addr().context("cannot read the listening address")?;
     // One plain line on stdout, for scripts and tests that start the server on port 0.
     println!("driftsync listening on {local}");
-    tracing::info!(listen = %local, store = %target, "driftsync serving");
-    driftsync_server::serve(listener, store, driftsync_server::Config::default(), shutdown_signal()).await?;
+    let config = driftsync_server::Config {
+        auth: driftsync_server::Auth::new(args.secret.as_deref()),
+        ..Default::default()
+    };
+    let auth = if config.auth.is_open() {
+        "open (no secret)"
+    } else {
+        "tokens"
+    };
+    tracing::info!(listen = %local, store = %target, auth, "driftsync serving");
+    driftsync_server::serve(listener, store, config, shutdown_signal()).await?;
     tracing::info!("driftsync stopped");
     Ok(())
 }
@@ -112,5 +201,37 @@ async fn shutdown_signal() {
     tokio::select! {
         () = ctrl_c => {},
         () = term => {},
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ttls() {
+        assert_eq!(parse_ttl("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_ttl("90m"), Ok(Duration::from_secs(5400)));
+        assert_eq!(parse_ttl("24h"), Ok(Duration::from_secs(86_400)));
+        assert_eq!(parse_ttl("7d"), Ok(Duration::from_secs(604_800)));
+        for bad in ["", "h", "24", "24x", "-1h", "0h", "1.5h", "99999999999999999999d", "é"] {
+            assert!(parse_ttl(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn open_servers_listen_on_loopback_only() {
+        let local: SocketAddr = "127.0.0.1:8787".parse().unwrap();
+        let local6: SocketAddr = "[::1]:8787".parse().unwrap();
+        let public: SocketAddr = "0.0.0.0:8787".parse().unwrap();
+        assert!(check_listen(local, None).is_ok());
+        assert!(check_listen(local6, None).is_ok());
+        let refused = check_listen(public, None).unwrap_err().to_string();
+        assert!(
+            refused.contains("without a secret") && !refused.contains('\n'),
+            "{refused}"
+        );
+        assert!(check_listen(public, Some("s3cret")).is_ok());
+        assert!(check_listen(local, Some("")).is_err());
     }
 }

@@ -22,23 +22,52 @@ fn start(store_args: &[&str]) -> (Child, String) {
         .expect("start driftsync serve");
     let stdout = child.stdout.take().expect("stdout");
     let mut line = String::new();
-    BufReader::new(stdout).read_line(&mut line).expect("read the listening line");
-    let addr = line.trim().strip_prefix("driftsync listening on ").unwrap_or_else(|| panic!("unexpected: {line:?}"));
+    BufReader::new(stdout)
+        .read_line(&mut line)
+        .expect("read the listening line");
+    let addr = line
+        .trim()
+        .strip_prefix("driftsync listening on ")
+        .unwrap_or_else(|| panic!("unexpected: {line:?}"));
     (child, format!("ws://{addr}"))
 }
 
 /// Pushes `count` edits to `doc`, waiting for every acknowledgement; returns the expected text.
 async fn push_acknowledged(url: &str, doc: &DocId, count: usize) -> String {
     let mut client = NativeClient::connect(url, "", 77).await;
-    client.send(&ClientFrame::Resume { docs: vec![ResumeDoc { doc: doc.clone(), cursor: 0, state_vector: vec![0] }] }).await;
-    client.recv_until(|f| matches!(f, ServerFrame::Resumed { .. }).then_some(())).await;
+    client
+        .send(&ClientFrame::Resume {
+            docs: vec![ResumeDoc {
+                doc: doc.clone(),
+                cursor: 0,
+                state_vector: vec![0],
+            }],
+        })
+        .await;
+    client
+        .recv_until(|f| matches!(f, ServerFrame::Resumed { .. }).then_some(()))
+        .await;
     let local = new_doc(77).unwrap();
     for i in 0..count {
         let update = doc::text_insert(&local, doc::text_len(&local), &format!("[{i}]")).unwrap();
-        client.send(&ClientFrame::Push { doc: doc.clone(), batch: i as u64 + 1, update }).await;
+        client
+            .send(&ClientFrame::Push {
+                doc: doc.clone(),
+                batch: i as u64 + 1,
+                update,
+            })
+            .await;
     }
     for i in 0..count {
-        let batch = client.recv_until(|f| if let ServerFrame::Ack { batch, .. } = f { Some(*batch) } else { None }).await;
+        let batch = client
+            .recv_until(|f| {
+                if let ServerFrame::Ack { batch, .. } = f {
+                    Some(*batch)
+                } else {
+                    None
+                }
+            })
+            .await;
         assert_eq!(batch, i as u64 + 1, "acknowledgements come in order");
     }
     doc::text(&local)
@@ -47,8 +76,24 @@ async fn push_acknowledged(url: &str, doc: &DocId, count: usize) -> String {
 /// Reads the document back from a fresh connection.
 async fn read_back(url: &str, doc: &DocId) -> String {
     let mut client = NativeClient::connect(url, "", 78).await;
-    client.send(&ClientFrame::Resume { docs: vec![ResumeDoc { doc: doc.clone(), cursor: 0, state_vector: vec![0] }] }).await;
-    let docs = client.recv_until(|f| if let ServerFrame::Resumed { docs } = f { Some(docs.clone()) } else { None }).await;
+    client
+        .send(&ClientFrame::Resume {
+            docs: vec![ResumeDoc {
+                doc: doc.clone(),
+                cursor: 0,
+                state_vector: vec![0],
+            }],
+        })
+        .await;
+    let docs = client
+        .recv_until(|f| {
+            if let ServerFrame::Resumed { docs } = f {
+                Some(docs.clone())
+            } else {
+                None
+            }
+        })
+        .await;
     let replica = new_doc(78).unwrap();
     if let Some(update) = &docs[0].update {
         apply_remote(&replica, update, &Limits::default()).unwrap();

@@ -18,12 +18,19 @@
 //!
 //! Messages are created once with a fresh id, so no two replicas ever create the same nested map
 //! concurrently (which in Yjs would lose one of them); receipts are flat for the same reason.
+//!
+//! # Rules a server enforces
+//! [`ChatGuard`] watches a room document and checks each transaction applied to it against the
+//! rules, given the writer's user id: a new message's `author` is the writer and its `id` is its
+//! key; a message is never removed or replaced (deletion is a tombstone); only its author changes
+//! a message, and only its `text`, `edited` and `deleted` fields; a user writes only receipts
+//! keyed `"{user}/{device}"`. Other root types of a room are not checked.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, PoisonError};
 
-use yrs::types::EntryChange;
-use yrs::{Any, Doc, Map, MapPrelim, MapRef, Observable, Out, ReadTxn, Transact, TransactionMut};
+use yrs::types::{EntryChange, Event, Events, PathSegment};
+use yrs::{Any, DeepObservable, Doc, Map, MapPrelim, MapRef, Observable, Out, ReadTxn, Transact, TransactionMut};
 
 use crate::clock::{Hlc, HlcClock};
 use crate::doc::edit;
@@ -320,6 +327,196 @@ impl Drop for ChatRoom {
     }
 }
 
+/// The fields of a message its author may change after sending it.
+pub const MUTABLE_FIELDS: [&str; 3] = ["text", "edited", "deleted"];
+
+/// An update broke the chat rules; the text says which rule and where.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Violation(pub String);
+
+impl std::fmt::Display for Violation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Violation {}
+
+impl From<Violation> for Error {
+    fn from(violation: Violation) -> Self {
+        Error::SchemaViolation(violation.0)
+    }
+}
+
+/// One thing a transaction did to a room, and who may do it.
+#[derive(Debug, Clone)]
+enum Touch {
+    /// Allowed to this user only (`None`: the owner is unknown, so to no authenticated user).
+    Owner { user: Option<String>, what: String },
+    /// Breaks the schema whoever does it.
+    Forbidden(String),
+}
+
+const GUARD_OBSERVER: &str = "driftsync-chat-guard";
+
+/// Checks what transactions do to a chat room against the rules (see the module docs).
+///
+/// [`ChatGuard::attach`] registers deep observers on the room's `messages` and `receipts` maps;
+/// they record what every transaction touched and who may touch it. After applying an update,
+/// [`ChatGuard::check`] takes that record and judges it for the writer. The guard does no I/O;
+/// the caller decides what to do with a refused update (a server reloads the document from its
+/// store, so that nothing refused stays in it).
+pub struct ChatGuard {
+    /// Keeps the document (and so the observed branches) alive as long as the guard.
+    _doc: Doc,
+    messages: MapRef,
+    receipts: MapRef,
+    record: Arc<Mutex<Vec<Touch>>>,
+}
+
+impl std::fmt::Debug for ChatGuard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChatGuard").finish_non_exhaustive()
+    }
+}
+
+impl ChatGuard {
+    /// Starts watching a room document. Must not be called inside a transaction on `doc`.
+    pub fn attach(doc: &Doc) -> ChatGuard {
+        let messages = doc.get_or_insert_map(MESSAGES_ROOT);
+        let receipts = doc.get_or_insert_map(RECEIPTS_ROOT);
+        let record: Arc<Mutex<Vec<Touch>>> = Arc::default();
+        let sink = Arc::clone(&record);
+        let root = messages.clone();
+        messages.observe_deep(GUARD_OBSERVER, move |txn: &TransactionMut<'_>, events: &Events<'_>| {
+            let mut touches = Vec::new();
+            for event in events.iter() {
+                message_touches(txn, &root, event, &mut touches);
+            }
+            sink.lock().unwrap_or_else(PoisonError::into_inner).extend(touches);
+        });
+        let sink = Arc::clone(&record);
+        receipts.observe_deep(GUARD_OBSERVER, move |txn: &TransactionMut<'_>, events: &Events<'_>| {
+            let mut touches = Vec::new();
+            for event in events.iter() {
+                receipt_touches(txn, event, &mut touches);
+            }
+            sink.lock().unwrap_or_else(PoisonError::into_inner).extend(touches);
+        });
+        ChatGuard {
+            _doc: doc.clone(),
+            messages,
+            receipts,
+            record,
+        }
+    }
+
+    /// Forgets what was recorded so far (call it before applying the update to judge).
+    pub fn reset(&self) {
+        self.record.lock().unwrap_or_else(PoisonError::into_inner).clear();
+    }
+
+    /// Judges everything recorded since the last `check` or [`reset`](Self::reset) as written by
+    /// `user`, and forgets it.
+    ///
+    /// `None` means the writer is not authenticated (a server running open): ownership cannot be
+    /// checked then, and only the rules that bind everyone apply.
+    pub fn check(&self, user: Option<&str>) -> Result<(), Violation> {
+        let touches = std::mem::take(&mut *self.record.lock().unwrap_or_else(PoisonError::into_inner));
+        for touch in touches {
+            match touch {
+                Touch::Forbidden(what) => return Err(Violation(what)),
+                Touch::Owner { user: owner, what } => match user {
+                    Some(user) if owner.as_deref() != Some(user) => {
+                        let owner = owner.as_deref().unwrap_or("no one");
+                        return Err(Violation(format!("{what}, which only {owner} may do")));
+                    }
+                    _ => {}
+                },
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for ChatGuard {
+    fn drop(&mut self) {
+        self.messages.unobserve_deep(GUARD_OBSERVER);
+        self.receipts.unobserve_deep(GUARD_OBSERVER);
+    }
+}
+
+/// Records what one event under the `messages` root did.
+fn message_touches(txn: &TransactionMut<'_>, messages: &MapRef, event: &Event, out: &mut Vec<Touch>) {
+    let path = event.path();
+    let Some(first) = path.front() else {
+        // The root itself: messages added, replaced or removed.
+        if let Event::Map(event) = event {
+            for (key, change) in event.keys(txn) {
+                out.push(match change {
+                    EntryChange::Inserted(Out::YMap(fields)) => {
+                        if get_str(txn, fields, "id").as_deref() != Some(&**key) {
+                            Touch::Forbidden(format!("message {key}: its id field differs from its key"))
+                        } else {
+                            let author = get_str(txn, fields, "author");
+                            let what = format!("sending message {key} as {}", author.as_deref().unwrap_or("no author"));
+                            Touch::Owner { user: author, what }
+                        }
+                    }
+                    EntryChange::Inserted(_) => Touch::Forbidden(format!("message {key} is not a map")),
+                    EntryChange::Updated(..) => Touch::Forbidden(format!("replacing message {key}")),
+                    EntryChange::Removed(_) => Touch::Forbidden(format!("removing message {key}")),
+                });
+            }
+        }
+        return;
+    };
+    let PathSegment::Key(id) = first else {
+        out.push(Touch::Forbidden("a change below the messages map at an index".into()));
+        return;
+    };
+    // A change inside an existing message: its author's alone, and only to the mutable fields.
+    let author = match messages.get(txn, id) {
+        Some(Out::YMap(fields)) => get_str(txn, &fields, "author"),
+        _ => None,
+    };
+    out.push(Touch::Owner {
+        user: author,
+        what: format!("changing message {id}"),
+    });
+    match (path.get(1), event) {
+        (None, Event::Map(event)) => {
+            for key in event.keys(txn).keys() {
+                if !MUTABLE_FIELDS.contains(&&**key) {
+                    out.push(Touch::Forbidden(format!("changing field {key} of message {id}")));
+                }
+            }
+        }
+        (None, _) => out.push(Touch::Forbidden(format!("message {id} is not a map"))),
+        (Some(PathSegment::Key(field)), _) if MUTABLE_FIELDS.contains(&&**field) => {}
+        (Some(segment), _) => out.push(Touch::Forbidden(format!("changing {segment:?} of message {id}"))),
+    }
+}
+
+/// Records what one event under the `receipts` root did: every touched key belongs to the user
+/// named before its last `/`.
+fn receipt_touches(txn: &TransactionMut<'_>, event: &Event, out: &mut Vec<Touch>) {
+    let path = event.path();
+    let owner = |key: &str| Touch::Owner {
+        user: key.rsplit_once('/').map(|(user, _)| user.to_string()),
+        what: format!("writing receipt {key}"),
+    };
+    match path.front() {
+        None => {
+            if let Event::Map(event) = event {
+                out.extend(event.keys(txn).keys().map(|key| owner(key)));
+            }
+        }
+        Some(PathSegment::Key(key)) => out.push(owner(key)),
+        Some(PathSegment::Index(_)) => out.push(Touch::Forbidden("a change below the receipts map at an index".into())),
+    }
+}
+
 /// The receipts key of a user's device.
 pub fn receipt_key(user: &str, device: &str) -> String {
     format!("{user}/{device}")
@@ -453,5 +650,181 @@ mod tests {
         // Marking an earlier message changes nothing.
         assert_eq!(a.mark_read(&who("bob", "laptop"), &m2, 500).unwrap(), None);
         assert!(a.mark_read(&ada, "missing", 1).is_err());
+    }
+
+    /// A server-side copy of a room with its guard.
+    struct Judge {
+        doc: Doc,
+        guard: ChatGuard,
+    }
+
+    impl Judge {
+        fn new() -> Judge {
+            let doc = new_doc(99).unwrap();
+            let guard = ChatGuard::attach(&doc);
+            Judge { doc, guard }
+        }
+
+        /// Applies `update` as written by `user` and judges it.
+        fn judge(&self, update: &[u8], user: Option<&str>) -> Result<(), Violation> {
+            self.guard.reset();
+            apply_bytes(&self.doc, update).unwrap();
+            self.guard.check(user)
+        }
+    }
+
+    /// Sets fields of message `id` in `room` directly, bypassing the room's own author check.
+    fn raw_set(room: &ChatRoom, id: &str, fields: &[(&str, Any)]) -> Vec<u8> {
+        let txn = room.doc().transact();
+        let Some(Out::YMap(message)) = room.messages.get(&txn, id) else {
+            panic!("no message {id}")
+        };
+        drop(txn);
+        edit(room.doc(), |txn| {
+            for (key, value) in fields {
+                message.insert(txn, *key, value.clone());
+            }
+        })
+        .1
+    }
+
+    #[test]
+    fn guard_passes_legit_send_edit_delete_and_receipts() {
+        let judge = Judge::new();
+        let a = room(1);
+        let b = room(2);
+        let ada = who("ada", "d1");
+        let bob = who("bob", "d2");
+        let (m1, u1) = a.send(&ada, "hello", 1000);
+        assert_eq!(judge.judge(&u1, Some("ada")), Ok(()));
+        apply_bytes(b.doc(), &u1).unwrap();
+        let (m2, u2) = b.send(&bob, "hi", 1001);
+        assert_eq!(judge.judge(&u2, Some("bob")), Ok(()));
+        apply_bytes(a.doc(), &u2).unwrap();
+        let edit = a.edit(&ada, &m1, "hello!", 1002).unwrap();
+        assert_eq!(judge.judge(&edit, Some("ada")), Ok(()));
+        let delete = b.delete(&bob, &m2, 1003).unwrap();
+        assert_eq!(judge.judge(&delete, Some("bob")), Ok(()));
+        let read = b.mark_read(&bob, &m1, 1004).unwrap().unwrap();
+        assert_eq!(judge.judge(&read, Some("bob")), Ok(()));
+        // Other root types of a room are not checked.
+        let other = crate::doc::map_set(a.doc(), "anything", 1.0);
+        assert_eq!(judge.judge(&other, Some("bob")), Ok(()));
+    }
+
+    #[test]
+    fn guard_refuses_a_forged_author() {
+        let judge = Judge::new();
+        let b = room(2);
+        let (_, forged) = b.send(&who("ada", "d2"), "I am ada", 1000);
+        let refused = judge.judge(&forged, Some("bob")).unwrap_err();
+        assert!(refused.0.contains("as ada"), "{refused}");
+        // An unauthenticated writer cannot be checked for ownership.
+        let (_, forged) = b.send(&who("ada", "d2"), "again", 1001);
+        assert_eq!(judge.judge(&forged, None), Ok(()));
+    }
+
+    #[test]
+    fn guard_refuses_editing_or_deleting_someone_elses_message() {
+        let judge = Judge::new();
+        let a = room(1);
+        let b = room(2);
+        let (m1, u1) = a.send(&who("ada", "d1"), "hello", 1000);
+        judge.judge(&u1, Some("ada")).unwrap();
+        apply_bytes(b.doc(), &u1).unwrap();
+        let forged = raw_set(&b, &m1, &[("text", Any::from("forged")), ("edited", Any::from(2000.0))]);
+        assert!(judge.judge(&forged, Some("bob")).unwrap_err().0.contains("only ada"));
+        let delete = raw_set(&b, &m1, &[("text", Any::from("")), ("deleted", Any::from(true))]);
+        assert!(judge.judge(&delete, Some("bob")).unwrap_err().0.contains("only ada"));
+        // Replacing the message with one of his own under the same key is no better.
+        let (_, replace) = edit(b.doc(), |txn| {
+            let fields = MapPrelim::from([("id", Any::from(m1.as_str())), ("author", Any::from("bob"))]);
+            b.messages.insert(txn, m1.as_str(), fields);
+        });
+        assert!(judge.judge(&replace, Some("bob")).unwrap_err().0.contains("replacing"));
+    }
+
+    #[test]
+    fn guard_refuses_changing_the_author_field() {
+        let judge = Judge::new();
+        let a = room(1);
+        let b = room(2);
+        let (m1, u1) = a.send(&who("ada", "d1"), "hello", 1000);
+        judge.judge(&u1, Some("ada")).unwrap();
+        apply_bytes(b.doc(), &u1).unwrap();
+        // Bob claims Ada's message.
+        let claim = raw_set(&b, &m1, &[("author", Any::from("bob"))]);
+        assert!(judge.judge(&claim, Some("bob")).is_err());
+        // Not even the author may hand her message to someone else, nor move it in the order.
+        let give = raw_set(&a, &m1, &[("author", Any::from("bob"))]);
+        assert!(judge.judge(&give, Some("ada")).is_err());
+        let (m2, u2) = a.send(&who("ada", "d1"), "two", 1001);
+        judge.judge(&u2, Some("ada")).unwrap();
+        let resort = raw_set(&a, &m2, &[("sort", Any::from("0"))]);
+        assert!(judge.judge(&resort, Some("ada")).is_err());
+    }
+
+    #[test]
+    fn guard_refuses_removing_or_replacing_a_message() {
+        let judge = Judge::new();
+        let a = room(1);
+        let (m1, u1) = a.send(&who("ada", "d1"), "hello", 1000);
+        judge.judge(&u1, Some("ada")).unwrap();
+        let (_, remove) = edit(a.doc(), |txn| {
+            a.messages.remove(txn, &m1);
+        });
+        assert!(judge.judge(&remove, Some("ada")).unwrap_err().0.contains("removing"));
+        // A message that is not a map, or whose id differs from its key.
+        let (_, plain) = edit(a.doc(), |txn| {
+            a.messages.insert(txn, "m-plain", "text");
+        });
+        assert!(judge.judge(&plain, Some("ada")).is_err());
+        let (_, mismatched) = edit(a.doc(), |txn| {
+            let fields = MapPrelim::from([("id", Any::from("other")), ("author", Any::from("ada"))]);
+            a.messages.insert(txn, "m-key", fields);
+        });
+        assert!(judge.judge(&mismatched, Some("ada")).is_err());
+        // Structural rules bind unauthenticated writers too.
+        let (m2, u2) = a.send(&who("ada", "d1"), "two", 1001);
+        judge.judge(&u2, None).unwrap();
+        let (_, remove) = edit(a.doc(), |txn| {
+            a.messages.remove(txn, &m2);
+        });
+        assert!(judge.judge(&remove, None).is_err());
+    }
+
+    #[test]
+    fn guard_refuses_a_receipt_for_another_user() {
+        let judge = Judge::new();
+        let a = room(1);
+        let b = room(2);
+        let (m1, u1) = a.send(&who("ada", "d1"), "hello", 1000);
+        judge.judge(&u1, Some("ada")).unwrap();
+        apply_bytes(b.doc(), &u1).unwrap();
+        let forged = b.mark_read(&who("carol", "d2"), &m1, 1001).unwrap().unwrap();
+        assert!(judge.judge(&forged, Some("bob")).unwrap_err().0.contains("carol/d2"));
+        // The user is what precedes the last '/': "bob/x/y" is a receipt of user "bob/x".
+        let (_, nested) = edit(b.doc(), |txn| {
+            b.receipts.insert(txn, "bob/x/y", "whatever");
+        });
+        assert!(judge.judge(&nested, Some("bob")).is_err());
+        // Removing someone else's receipt is writing it too.
+        let mine = a.mark_read(&who("ada", "d1"), &m1, 1002).unwrap().unwrap();
+        judge.judge(&mine, Some("ada")).unwrap();
+        apply_bytes(b.doc(), &mine).unwrap();
+        let (_, removed) = edit(b.doc(), |txn| {
+            b.receipts.remove(txn, "ada/d1");
+        });
+        assert!(judge.judge(&removed, Some("bob")).is_err());
+    }
+
+    #[test]
+    fn reset_forgets_what_was_recorded() {
+        let judge = Judge::new();
+        let b = room(2);
+        let (_, forged) = b.send(&who("ada", "d2"), "x", 1000);
+        apply_bytes(&judge.doc, &forged).unwrap();
+        judge.guard.reset();
+        assert_eq!(judge.guard.check(Some("bob")), Ok(()));
     }
 }

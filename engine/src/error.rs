@@ -44,6 +44,10 @@ pub enum Error {
     /// An argument is out of range (the text says which).
     #[error("invalid argument: {0}")]
     Invalid(String),
+    /// An update breaks a document's schema rules (see [`crate::chat::ChatGuard`]); the text
+    /// says which rule.
+    #[error("schema violation: {0}")]
+    SchemaViolation(String),
 }
 
 /// Result alias for the engine.

@@ -183,7 +183,12 @@ pub fn answer_resume(
         if tail.len() > TAIL_CHECK_BYTES {
             let diff = missing_for(doc, &client_sv);
             if diff.len() < tail.len() {
-                return Ok(ResumeAnswer { cursor: head, update: Some(diff), state_vector, from_log: false });
+                return Ok(ResumeAnswer {
+                    cursor: head,
+                    update: Some(diff),
+                    state_vector,
+                    from_log: false,
+                });
             }
         }
         (Some(tail), true)
@@ -382,9 +387,15 @@ mod tests {
         let mut tail = Vec::new();
         for i in 0..40u64 {
             let u = text_insert(&server, 4, &"y".repeat(1024)).unwrap();
-            tail.push(LogEntry { cursor: 2 + 2 * i, update: u });
+            tail.push(LogEntry {
+                cursor: 2 + 2 * i,
+                update: u,
+            });
             let d = text_delete(&server, 4, 1024).unwrap();
-            tail.push(LogEntry { cursor: 3 + 2 * i, update: d });
+            tail.push(LogEntry {
+                cursor: 3 + 2 * i,
+                update: d,
+            });
         }
         let head = 81;
         let answer = answer_resume(&server, head, 1, &state_vector(&client), Some(&tail)).unwrap();

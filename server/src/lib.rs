@@ -3,17 +3,26 @@
 //! This is the minimal server the engine needs to be exercised end to end: `/healthz` and the
 //! native endpoint `/v1/sync` (hello, multi-document resume in one round trip, pushes that are
 //! acknowledged only after the store committed them, broadcast to the other subscribers,
-//! presence and typing relayed, ping/pong heartbeats). It runs open (no tokens), so the binary
-//! binds it to loopback only.
+//! presence and typing relayed, ping/pong heartbeats), and the y-websocket endpoint
+//! `/yjs/{doc}` for stock Yjs clients on the same documents. Presence is shared by both
+//! protocols, expires after 30 s without a refresh, and is removed when a connection leaves.
+//!
+//! With a secret ([`Config::auth`]) every connection presents an HS256 token naming its user, the
+//! documents it may open and whether it may write ([`auth`]); in chat rooms (ids starting with
+//! [`CHAT_PREFIX`]) every update is also checked against the chat rules for that user. Without a
+//! secret the server runs open, so the binary binds it to loopback only.
 //!
 //! Shutdown is a parameter: [`serve`] takes a future; when it resolves, every connection is
 //! closed with "going away" and `serve` returns once the HTTP server has stopped. Every write is
 //! committed before it is acknowledged, so nothing acknowledged is pending at exit.
 
+pub mod auth;
 mod commit;
 mod native;
+mod presence;
 mod room;
 mod socket;
+mod yjs;
 
 use std::future::Future;
 use std::sync::atomic::AtomicU64;
@@ -29,8 +38,13 @@ use driftsync_engine::sync::Limits;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+pub use crate::auth::{mint, Access, Auth, Claims, Grant};
 use crate::commit::Committer;
 use crate::room::Rooms;
+
+/// Documents whose id starts with this are chat rooms: updates to them must follow the chat
+/// rules of `driftsync_engine::chat` (ARCHITECTURE.md, "Chat and receipts schema").
+pub const CHAT_PREFIX: &str = "chat/";
 
 /// Server settings; [`Config::default`] is what `driftsync serve` uses.
 #[derive(Debug, Clone)]
@@ -40,7 +54,8 @@ pub struct Config {
     /// Frames queued for one connection before it counts as a slow consumer and is told to
     /// resync.
     pub outbound_queue: usize,
-    /// How often the server pings; a connection silent for three intervals is closed.
+    /// How often the server pings; a connection silent for three intervals is closed. Keep it
+    /// below 30 s: y-websocket clients drop a connection that brought them nothing for 30 s.
     pub heartbeat: Duration,
     /// How long a new connection may take to send its hello.
     pub hello_timeout: Duration,
@@ -48,6 +63,8 @@ pub struct Config {
     pub max_docs_per_connection: usize,
     /// Bounds on updates waiting for predecessors.
     pub limits: Limits,
+    /// Token verification; the default has no secret and runs open.
+    pub auth: Auth,
 }
 
 impl Default for Config {
@@ -59,6 +76,7 @@ impl Default for Config {
             hello_timeout: Duration::from_secs(10),
             max_docs_per_connection: 1024,
             limits: Limits::default(),
+            auth: Auth::default(),
         }
     }
 }
@@ -76,7 +94,7 @@ struct Shared<S> {
     shutdown: CancellationToken,
 }
 
-/// Serves `/healthz` and `/v1/sync` on `listener` until `shutdown` resolves.
+/// Serves `/healthz`, `/v1/sync` and `/yjs/{doc}` on `listener` until `shutdown` resolves.
 pub async fn serve<S: Store>(
     listener: TcpListener,
     store: S,
@@ -94,16 +112,21 @@ pub async fn serve<S: Store>(
         next_session: AtomicU64::new(1),
         shutdown: token.clone(),
     });
+    // Expires silent presence until shutdown; it ends with the shutdown token.
+    tokio::spawn(presence::run_sweeper(Arc::clone(&shared)));
     let app = Router::new()
         .route("/healthz", get(healthz))
         .route("/v1/sync", get(sync::<S>))
+        .route("/yjs/{*doc}", get(yjs::upgrade::<S>))
         .with_state(shared);
     let stop = token.clone();
     tokio::spawn(async move {
         shutdown.await;
         stop.cancel();
     });
-    let result = axum::serve(listener, app).with_graceful_shutdown(async move { token.cancelled().await }).await;
+    let result = axum::serve(listener, app)
+        .with_graceful_shutdown(async move { token.cancelled().await })
+        .await;
     // Connections were told to close; once they are gone, so is every handle to the committer,
     // which then finishes what is queued and stops. Nothing is acknowledged before it is
     // written, so nothing acknowledged can be lost here; the wait only lets in-flight batches land.

@@ -10,13 +10,14 @@ use axum::extract::ws::WebSocket;
 use driftsync_engine::store::{LogTail, Origin, Store};
 use driftsync_engine::sync::answer_resume;
 use driftsync_protocol::{
-    ClientFrame, DocId, DocResumed, ErrorCode, ResumeDoc, ServerFrame, CLOSE_PROTOCOL_ERROR,
+    ClientFrame, DocId, DocResumed, ErrorCode, ResumeDoc, ServerFrame, CLOSE_PROTOCOL_ERROR, CLOSE_UNAUTHORIZED,
     CLOSE_UNSUPPORTED_VERSION, PROTOCOL_VERSION,
 };
 use futures_util::stream::SplitStream;
 use futures_util::StreamExt;
 use tokio::sync::mpsc;
 
+use crate::auth::{Access, Grant};
 use crate::room::{ConnCtl, Outbound, RoomEvent, Subscriber};
 use crate::socket::{next_binary, spawn_writer};
 use crate::Shared;
@@ -26,21 +27,57 @@ struct Peer {
     session: u64,
     client_id: u64,
     user: String,
+    /// What the peer's token allows (replaced by a `Reauth`).
+    grant: Grant,
     docs: HashSet<DocId>,
+}
+
+impl Peer {
+    /// Whether the peer may open `doc` now: its token has not expired and covers `doc`.
+    fn may_read(&self, doc: &DocId) -> Result<Access, ErrorCode> {
+        if self.grant.is_expired() {
+            return Err(ErrorCode::TokenExpired);
+        }
+        self.grant.access(doc).ok_or(ErrorCode::Forbidden)
+    }
+
+    /// Whether the peer may write `doc` now: as [`Peer::may_read`], and the token is not
+    /// read-only.
+    fn may_write(&self, doc: &DocId) -> Result<(), ErrorCode> {
+        match self.may_read(doc)? {
+            Access::Write => Ok(()),
+            Access::Read => Err(ErrorCode::ReadOnly),
+        }
+    }
 }
 
 /// Encodes a room event as a native frame.
 fn encode(event: &RoomEvent) -> Option<Vec<u8>> {
     let frame = match event {
-        RoomEvent::Update { doc, cursor, update } => {
-            ServerFrame::Update { doc: doc.clone(), cursor: *cursor, update: update.clone() }
-        }
-        RoomEvent::Presence { doc, peer, user, state } => {
-            ServerFrame::Presence { doc: doc.clone(), peer: *peer, user: user.clone(), state: state.clone() }
-        }
-        RoomEvent::Typing { doc, peer, user, typing } => {
-            ServerFrame::Typing { doc: doc.clone(), peer: *peer, user: user.clone(), typing: *typing }
-        }
+        RoomEvent::Update { doc, cursor, update } => ServerFrame::Update {
+            doc: doc.clone(),
+            cursor: *cursor,
+            update: update.clone(),
+        },
+        RoomEvent::Presence {
+            doc, peer, user, state, ..
+        } => ServerFrame::Presence {
+            doc: doc.clone(),
+            peer: *peer,
+            user: user.clone(),
+            state: state.clone(),
+        },
+        RoomEvent::Typing {
+            doc,
+            peer,
+            user,
+            typing,
+        } => ServerFrame::Typing {
+            doc: doc.clone(),
+            peer: *peer,
+            user: user.clone(),
+            typing: *typing,
+        },
     };
     Some(frame.encode())
 }
@@ -53,7 +90,10 @@ pub(crate) async fn run<S: Store>(shared: Arc<Shared<S>>, socket: WebSocket) {
     let (sink, mut stream) = socket.split();
     let (tx, rx) = mpsc::channel(shared.config.outbound_queue);
     let ctl = Arc::new(ConnCtl::new(shared.shutdown.child_token()));
-    let out = Outbound { tx, ctl: Arc::clone(&ctl) };
+    let out = Outbound {
+        tx,
+        ctl: Arc::clone(&ctl),
+    };
     let writer = spawn_writer(sink, rx, Arc::clone(&ctl), encode);
 
     let session = shared.next_session.fetch_add(1, Ordering::Relaxed);
@@ -78,13 +118,24 @@ async fn hello<S: Store>(
     session: u64,
 ) -> Result<Peer, u16> {
     let first = tokio::time::timeout(shared.config.hello_timeout, next_binary(stream)).await;
-    let Ok(Some(bytes)) = first else { return Err(CLOSE_PROTOCOL_ERROR) };
+    let Ok(Some(bytes)) = first else {
+        return Err(CLOSE_PROTOCOL_ERROR);
+    };
     match ClientFrame::decode(&bytes, shared.config.max_frame_size) {
-        Ok(ClientFrame::Hello { version, client_id, .. }) => {
+        Ok(ClientFrame::Hello {
+            version,
+            token,
+            client_id,
+        }) => {
             if version != PROTOCOL_VERSION {
                 out.frame(error(ErrorCode::UnsupportedVersion, None, None));
                 return Err(CLOSE_UNSUPPORTED_VERSION);
             }
+            let grant = shared.config.auth.verify(&token).map_err(|code| {
+                tracing::info!(session, ?code, "hello refused");
+                out.frame(error(code, None, None));
+                CLOSE_UNAUTHORIZED
+            })?;
             out.frame(
                 ServerFrame::Welcome {
                     version: PROTOCOL_VERSION,
@@ -94,7 +145,13 @@ async fn hello<S: Store>(
                 }
                 .encode(),
             );
-            Ok(Peer { session, client_id, user: format!("anonymous-{session}"), docs: HashSet::new() })
+            Ok(Peer {
+                session,
+                client_id,
+                user: grant.user.clone(),
+                grant,
+                docs: HashSet::new(),
+            })
         }
         Ok(_) => {
             out.frame(error(ErrorCode::Malformed, None, None));
@@ -150,9 +207,30 @@ async fn read_loop<S: Store>(shared: &Shared<S>, stream: &mut SplitStream<WebSoc
                     out.frame(error(ErrorCode::NotSubscribed, Some(doc), Some(batch)));
                     continue;
                 }
-                let origin = Some(Origin { client_id: peer.client_id, batch });
+                // Checked at every push: the token may have expired since the hello.
+                if let Err(code) = peer.may_write(&doc) {
+                    out.frame(error(code, Some(doc), Some(batch)));
+                    continue;
+                }
+                let origin = Some(Origin {
+                    client_id: peer.client_id,
+                    batch,
+                });
                 let room = shared.rooms.get(&doc);
-                match room.push(&*shared.store, &shared.committer, &shared.config.limits, peer.session, origin, update).await {
+                let user = peer.grant.identity();
+                let limits = &shared.config.limits;
+                match room
+                    .push(
+                        &*shared.store,
+                        &shared.committer,
+                        limits,
+                        peer.session,
+                        user,
+                        origin,
+                        update,
+                    )
+                    .await
+                {
                     Ok(cursor) => out.frame(ServerFrame::Ack { doc, batch, cursor }.encode()),
                     Err(refused) => out.frame(error(refused.code, Some(doc), Some(batch))),
                 };
@@ -163,19 +241,61 @@ async fn read_loop<S: Store>(shared: &Shared<S>, stream: &mut SplitStream<WebSoc
                 }
             }
             ClientFrame::Presence { doc, state } => {
-                let event = RoomEvent::Presence { doc: doc.clone(), peer: peer.session, user: peer.user.clone(), state };
-                relay(shared, out, peer, doc, event).await;
+                if !peer.docs.contains(&doc) {
+                    out.frame(error(ErrorCode::NotSubscribed, Some(doc), None));
+                    continue;
+                }
+                // Presence lives in the room's awareness table, shared with Yjs clients: it
+                // expires unless refreshed and is removed when this connection leaves.
+                if let Err(refused) = shared.rooms.get(&doc).presence(peer.session, &peer.user, state).await {
+                    out.frame(error(refused.code, Some(doc), None));
+                }
             }
             ClientFrame::Typing { doc, typing } => {
-                let event = RoomEvent::Typing { doc: doc.clone(), peer: peer.session, user: peer.user.clone(), typing };
+                let event = RoomEvent::Typing {
+                    doc: doc.clone(),
+                    peer: peer.session,
+                    user: peer.user.clone(),
+                    typing,
+                };
                 relay(shared, out, peer, doc, event).await;
             }
             ClientFrame::Ping { nonce } => {
                 out.frame(ServerFrame::Pong { nonce }.encode());
             }
-            ClientFrame::Pong { .. } | ClientFrame::Reauth { .. } => {}
+            ClientFrame::Reauth { token } => {
+                if let Err(code) = reauth(shared, out, peer, &token).await {
+                    tracing::info!(session = peer.session, ?code, "reauth refused");
+                    out.frame(error(code, None, None));
+                    out.ctl.close(CLOSE_UNAUTHORIZED);
+                    return;
+                }
+            }
+            ClientFrame::Pong { .. } => {}
         }
     }
+}
+
+/// Replaces the peer's grant with `token`'s, which must name the same user. Documents the new
+/// grant does not cover are unsubscribed, each with a `Forbidden` error.
+async fn reauth<S: Store>(shared: &Shared<S>, out: &Outbound, peer: &mut Peer, token: &str) -> Result<(), ErrorCode> {
+    let grant = shared.config.auth.verify(token)?;
+    if grant.user != peer.grant.user {
+        return Err(ErrorCode::Unauthorized);
+    }
+    peer.grant = grant;
+    let lost: Vec<DocId> = peer
+        .docs
+        .iter()
+        .filter(|doc| peer.grant.access(doc).is_none())
+        .cloned()
+        .collect();
+    for doc in lost {
+        peer.docs.remove(&doc);
+        shared.rooms.get(&doc).leave(peer.session).await;
+        out.frame(error(ErrorCode::Forbidden, Some(doc), None));
+    }
+    Ok(())
 }
 
 async fn relay<S: Store>(shared: &Shared<S>, out: &Outbound, peer: &Peer, doc: DocId, event: RoomEvent) {
@@ -193,8 +313,19 @@ async fn relay<S: Store>(shared: &Shared<S>, out: &Outbound, peer: &Peer, doc: D
 /// them at once but advance their stored cursor only once the document's `Resumed` arrived.
 async fn resume<S: Store>(shared: &Shared<S>, out: &Outbound, peer: &mut Peer, docs: Vec<ResumeDoc>) {
     let mut answers = Vec::with_capacity(docs.len());
+    let mut resumed = Vec::with_capacity(docs.len());
     let mut size = 0usize;
-    for ResumeDoc { doc, cursor, state_vector } in docs {
+    for ResumeDoc {
+        doc,
+        cursor,
+        state_vector,
+    } in docs
+    {
+        // A document the token does not cover is refused alone; the others proceed.
+        if let Err(code) = peer.may_read(&doc) {
+            out.frame(error(code, Some(doc), None));
+            continue;
+        }
         if !peer.docs.contains(&doc) && peer.docs.len() >= shared.config.max_docs_per_connection {
             out.frame(error(ErrorCode::TooManyDocuments, Some(doc), None));
             continue;
@@ -231,17 +362,32 @@ async fn resume<S: Store>(shared: &Shared<S>, out: &Outbound, peer: &mut Peer, d
                 continue;
             }
         };
-        state.subscribers.insert(peer.session, Subscriber { user: peer.user.clone(), out: out.clone() });
+        state.subscribers.insert(peer.session, Subscriber { out: out.clone() });
         drop(guard);
         peer.docs.insert(doc.clone());
-        let entry = DocResumed { doc, cursor: answer.cursor, update: answer.update, state_vector: answer.state_vector };
+        resumed.push(doc.clone());
+        let entry = DocResumed {
+            doc,
+            cursor: answer.cursor,
+            update: answer.update,
+            state_vector: answer.state_vector,
+        };
         let entry_size = entry.update.as_ref().map_or(0, Vec::len) + entry.doc.as_str().len() + 32;
         if size + entry_size > shared.config.max_frame_size / 2 && !answers.is_empty() {
-            out.frame(ServerFrame::Resumed { docs: std::mem::take(&mut answers) }.encode());
+            out.frame(
+                ServerFrame::Resumed {
+                    docs: std::mem::take(&mut answers),
+                }
+                .encode(),
+            );
             size = 0;
         }
         size += entry_size;
         answers.push(entry);
     }
     out.frame(ServerFrame::Resumed { docs: answers }.encode());
+    // Then who is there: the current presence states of the resumed documents.
+    for doc in resumed {
+        shared.rooms.get(&doc).send_presence(peer.session).await;
+    }
 }

@@ -2,24 +2,32 @@
 //! to it whatever its protocol, with the document's head cursor and its subscribers' queues.
 //!
 //! Everything done to a document goes through its room's async mutex, so updates are applied,
-//! stored and broadcast in cursor order.
+//! stored and broadcast in cursor order. The room also holds the document's presence (see
+//! [`crate::presence`]), shared by native and Yjs connections.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
+use driftsync_engine::chat::ChatGuard;
 use driftsync_engine::doc::load_document;
 use driftsync_engine::store::{Append, Appended, Origin, Store};
 use driftsync_engine::sync::{apply_remote, Applied, Limits};
+use driftsync_protocol::yjs::AwarenessEntry;
 use driftsync_protocol::{Cursor, DocId, ErrorCode, CLOSE_RESYNC};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use yrs::Doc;
 
 use crate::commit::Committer;
+use crate::presence::{now_ms, InvalidState, Presence};
 
 /// The server's documents never edit; any valid client id will do for them.
 const SERVER_CLIENT_ID: u64 = 1;
+
+/// A session id no connection has (they start at 1): broadcasting "to everyone but it" reaches
+/// every subscriber.
+const NO_SESSION: u64 = 0;
 
 /// The registry of rooms.
 #[derive(Default)]
@@ -31,10 +39,32 @@ impl Rooms {
     /// The room for `id`, created (not yet loaded) on first use.
     pub(crate) fn get(&self, id: &DocId) -> Arc<Room> {
         let mut map = self.map.lock().unwrap_or_else(PoisonError::into_inner);
-        Arc::clone(
-            map.entry(id.as_str().to_string())
-                .or_insert_with(|| Arc::new(Room { id: id.clone(), state: Default::default() })),
-        )
+        Arc::clone(map.entry(id.as_str().to_string()).or_insert_with(|| {
+            Arc::new(Room {
+                id: id.clone(),
+                state: Default::default(),
+            })
+        }))
+    }
+
+    /// Removes and announces the presence states of every loaded room not refreshed in time.
+    /// A room busy right now (a commit in flight) is left for the next sweep.
+    pub(crate) async fn expire_presence(&self, now_ms: u64) {
+        let rooms: Vec<Arc<Room>> = self
+            .map
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+            .cloned()
+            .collect();
+        for room in rooms {
+            let Ok(mut guard) = room.state.try_lock() else { continue };
+            if let Some(state) = guard.as_mut() {
+                for event in state.presence.expire(&room.id, now_ms) {
+                    state.broadcast(NO_SESSION, Arc::new(event));
+                }
+            }
+        }
     }
 }
 
@@ -50,11 +80,14 @@ pub(crate) struct RoomState {
     /// Cursor of the last update stored for this document.
     pub(crate) head: Cursor,
     pub(crate) subscribers: HashMap<u64, Subscriber>,
+    /// Presence and awareness states of both protocols' connections.
+    pub(crate) presence: Presence,
+    /// In a chat room ([`crate::CHAT_PREFIX`]), the guard watching `doc` for the chat rules.
+    pub(crate) chat: Option<ChatGuard>,
 }
 
 /// A connection subscribed to a room.
 pub(crate) struct Subscriber {
-    pub(crate) user: String,
     pub(crate) out: Outbound,
 }
 
@@ -62,11 +95,28 @@ pub(crate) struct Subscriber {
 #[derive(Debug)]
 pub(crate) enum RoomEvent {
     /// An update stored at `cursor`.
-    Update { doc: DocId, cursor: Cursor, update: Vec<u8> },
-    /// A connection's presence changed (`None`: it left).
-    Presence { doc: DocId, peer: u64, user: String, state: Option<String> },
+    Update {
+        doc: DocId,
+        cursor: Cursor,
+        update: Vec<u8>,
+    },
+    /// An awareness client's presence changed (`None`: it left or expired). `peer` is the
+    /// awareness client id: a native connection's session id, or a Yjs client id; `clock` is its
+    /// awareness clock.
+    Presence {
+        doc: DocId,
+        peer: u64,
+        user: String,
+        clock: u64,
+        state: Option<String>,
+    },
     /// A connection started or stopped typing.
-    Typing { doc: DocId, peer: u64, user: String, typing: bool },
+    Typing {
+        doc: DocId,
+        peer: u64,
+        user: String,
+        typing: bool,
+    },
 }
 
 /// What goes into a connection's queue.
@@ -76,6 +126,8 @@ pub(crate) enum Outgoing {
     Frame(Vec<u8>),
     /// A room event, shared by every subscriber.
     Event(Arc<RoomEvent>),
+    /// A WebSocket ping frame: Yjs clients answer those, not protocol pings.
+    Ping,
 }
 
 /// Why a push was refused.
@@ -94,14 +146,31 @@ impl Room {
     ) -> driftsync_engine::Result<&'a mut RoomState> {
         if state.is_none() {
             let (doc, head) = self.load(store).await?;
-            *state = Some(RoomState { doc, head, subscribers: HashMap::new() });
+            let chat = self.chat_guard(&doc);
+            *state = Some(RoomState {
+                doc,
+                head,
+                subscribers: HashMap::new(),
+                presence: Presence::default(),
+                chat,
+            });
         }
-        state.as_mut().ok_or_else(|| driftsync_engine::Error::Invalid("room state vanished".into()))
+        state
+            .as_mut()
+            .ok_or_else(|| driftsync_engine::Error::Invalid("room state vanished".into()))
     }
 
     async fn load<S: Store>(&self, store: &S) -> driftsync_engine::Result<(Doc, Cursor)> {
         let stored = store.load(self.id.as_str()).await?.unwrap_or_default();
         Ok((load_document(self.id.as_str(), &stored, SERVER_CLIENT_ID)?, stored.head))
+    }
+
+    /// The guard of a chat room's live document; `None` for other documents.
+    fn chat_guard(&self, doc: &Doc) -> Option<ChatGuard> {
+        self.id
+            .as_str()
+            .starts_with(crate::CHAT_PREFIX)
+            .then(|| ChatGuard::attach(doc))
     }
 
     /// Replaces the live document with what the store holds, keeping the subscribers. Used when
@@ -110,6 +179,7 @@ impl Room {
     pub(crate) async fn reload<S: Store>(&self, state: &mut Option<RoomState>, store: &S) {
         match (self.load(store).await, state.as_mut()) {
             (Ok((doc, head)), Some(live)) => {
+                live.chat = self.chat_guard(&doc);
                 live.doc = doc;
                 live.head = head;
             }
@@ -125,17 +195,22 @@ impl Room {
         }
     }
 
-    /// Validates, durably stores and broadcasts one update from connection `session`. Returns
-    /// the cursor it is stored at (for a re-sent batch, the original's or a later one).
+    /// Validates, durably stores and broadcasts one update from connection `session`, written
+    /// by `user` (`None`: not authenticated, on an open server). Returns the cursor it is stored
+    /// at (for a re-sent batch, the original's or a later one).
     ///
-    /// Nothing is stored unless yrs integrates the update completely; nothing is acknowledged or
-    /// broadcast before the group commit that stores it has finished.
+    /// Nothing is stored unless yrs integrates the update completely and, in a chat room, the
+    /// update follows the chat rules for `user` (else it is refused whole with
+    /// [`ErrorCode::SchemaViolation`]); nothing is acknowledged or broadcast before the group
+    /// commit that stores it has finished.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) async fn push<S: Store>(
         &self,
         store: &S,
         committer: &Committer,
         limits: &Limits,
         session: u64,
+        user: Option<&str>,
         origin: Option<Origin>,
         update: Vec<u8>,
     ) -> Result<Cursor, Refused> {
@@ -144,9 +219,14 @@ impl Room {
             Ok(state) => state,
             Err(e) => {
                 tracing::error!(doc = %self.id, error = %e, "document failed to load");
-                return Err(Refused { code: ErrorCode::LoadFailed });
+                return Err(Refused {
+                    code: ErrorCode::LoadFailed,
+                });
             }
         };
+        if let Some(chat) = &state.chat {
+            chat.reset();
+        }
         match apply_remote(&state.doc, &update, limits) {
             Ok(Applied::Integrated) => {}
             Ok(Applied::Pending { missing, .. }) => {
@@ -154,7 +234,9 @@ impl Room {
                 // refuse it and reload the live document, which now holds it, from the store.
                 tracing::info!(doc = %self.id, ?missing, "refusing an update with missing dependencies");
                 self.reload(&mut guard, store).await;
-                return Err(Refused { code: ErrorCode::MissingDependencies });
+                return Err(Refused {
+                    code: ErrorCode::MissingDependencies,
+                });
             }
             Err(e) => {
                 tracing::info!(doc = %self.id, error = %e, "refusing an update");
@@ -165,11 +247,27 @@ impl Room {
                 return Err(Refused { code });
             }
         }
-        let append = Append { doc: self.id.as_str().to_string(), origin, update };
+        if let Some(Err(violation)) = state.chat.as_ref().map(|chat| chat.check(user)) {
+            // The live document holds the refused update: reload it from the store.
+            tracing::info!(doc = %self.id, ?user, %violation, "refusing an update that breaks the chat rules");
+            self.reload(&mut guard, store).await;
+            return Err(Refused {
+                code: ErrorCode::SchemaViolation,
+            });
+        }
+        let append = Append {
+            doc: self.id.as_str().to_string(),
+            origin,
+            update,
+        };
         match committer.append(append.clone()).await {
             Ok(Appended::Stored(cursor)) => {
                 state.head = cursor;
-                let event = Arc::new(RoomEvent::Update { doc: self.id.clone(), cursor, update: append.update });
+                let event = Arc::new(RoomEvent::Update {
+                    doc: self.id.clone(),
+                    cursor,
+                    update: append.update,
+                });
                 state.broadcast(session, event);
                 Ok(cursor)
             }
@@ -179,7 +277,9 @@ impl Room {
                 // store, so that nothing unacknowledged is ever served as stored.
                 tracing::error!(doc = %self.id, error = %e, "store failed; update not acknowledged");
                 self.reload(&mut guard, store).await;
-                Err(Refused { code: ErrorCode::StoreUnavailable })
+                Err(Refused {
+                    code: ErrorCode::StoreUnavailable,
+                })
             }
         }
     }
@@ -192,13 +292,61 @@ impl Room {
         }
     }
 
-    /// Removes a subscriber and announces its departure, so no ghost presence remains.
+    /// Removes a subscriber, and removes and announces every presence state it set, so no ghost
+    /// remains for either protocol.
     pub(crate) async fn leave(&self, session: u64) {
         let mut guard = self.state.lock().await;
         if let Some(state) = guard.as_mut() {
-            if let Some(sub) = state.subscribers.remove(&session) {
-                let event = RoomEvent::Presence { doc: self.id.clone(), peer: session, user: sub.user, state: None };
+            state.subscribers.remove(&session);
+            // Also when the subscriber is gone already (dropped as a slow consumer): its states
+            // must not outlive it.
+            for event in state.presence.leave(&self.id, session, now_ms()) {
                 state.broadcast(session, Arc::new(event));
+            }
+        }
+    }
+
+    /// Applies awareness entries from Yjs connection `session` and sends the applied ones to
+    /// every subscriber, the sender included: the reference server echoes them too, and the
+    /// echo of its own 15 s renewal is what keeps a y-websocket client's 30 s watchdog quiet.
+    pub(crate) async fn awareness(&self, session: u64, user: &str, entries: &[AwarenessEntry]) {
+        let mut guard = self.state.lock().await;
+        if let Some(state) = guard.as_mut() {
+            for event in state.presence.apply(&self.id, session, user, entries, now_ms()) {
+                state.broadcast(NO_SESSION, Arc::new(event));
+            }
+        }
+    }
+
+    /// Sets (or with `None`, clears) native connection `session`'s presence and sends it to the
+    /// other subscribers. A state that is not JSON is refused.
+    pub(crate) async fn presence(&self, session: u64, user: &str, presence: Option<String>) -> Result<(), Refused> {
+        let mut guard = self.state.lock().await;
+        if let Some(state) = guard.as_mut() {
+            let events = state
+                .presence
+                .set_native(&self.id, session, user, presence, now_ms())
+                .map_err(|InvalidState| Refused {
+                    code: ErrorCode::Malformed,
+                })?;
+            for event in events {
+                state.broadcast(session, Arc::new(event));
+            }
+        }
+        Ok(())
+    }
+
+    /// Queues, for subscriber `session`, one presence event per current state of the other
+    /// connections. Done under the room lock, so no later change can be overtaken by it.
+    pub(crate) async fn send_presence(&self, session: u64) {
+        let guard = self.state.lock().await;
+        if let Some(state) = guard.as_ref() {
+            if let Some(sub) = state.subscribers.get(&session) {
+                for event in state.presence.snapshot_for(&self.id, session) {
+                    if !sub.out.send(Outgoing::Event(Arc::new(event))) {
+                        break;
+                    }
+                }
             }
         }
     }
@@ -208,7 +356,8 @@ impl RoomState {
     /// Sends `event` to every subscriber but `except`. A subscriber whose queue is full is told
     /// to resync and dropped from the room: never silently left behind.
     pub(crate) fn broadcast(&mut self, except: u64, event: Arc<RoomEvent>) {
-        self.subscribers.retain(|session, sub| *session == except || sub.out.send(Outgoing::Event(Arc::clone(&event))));
+        self.subscribers
+            .retain(|session, sub| *session == except || sub.out.send(Outgoing::Event(Arc::clone(&event))));
     }
 }
 
@@ -220,7 +369,10 @@ pub(crate) struct ConnCtl {
 
 impl ConnCtl {
     pub(crate) fn new(token: CancellationToken) -> Self {
-        ConnCtl { token, code: AtomicU16::new(driftsync_protocol::CLOSE_GOING_AWAY) }
+        ConnCtl {
+            token,
+            code: AtomicU16::new(driftsync_protocol::CLOSE_GOING_AWAY),
+        }
     }
 
     /// Asks the connection to close with `code` (the first code asked for wins).
