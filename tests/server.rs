@@ -218,3 +218,189 @@ async fn garbage_frames_and_garbage_updates_leave_the_room_healthy() {
     assert_eq!(doc::text(&replica), "still fine");
     server.stop().await;
 }
+
+/// The value of an unlabelled metric in Prometheus text.
+fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+#[tokio::test]
+async fn metrics_count_connections_updates_and_rooms_and_idle_rooms_are_unloaded() {
+    let (_dir, store) = sqlite_store().await;
+    let config = driftsync_server::Config {
+        sweep_interval: std::time::Duration::from_millis(50),
+        ..Default::default()
+    };
+    let server = TestServer::start(store, config).await;
+    let d = doc_id("notes/metrics");
+    let mut a = NativeClient::connect(&server.url(), "", 41).await;
+    subscribe(&mut a, &d).await;
+    let local = new_doc(41).unwrap();
+    let update = doc::text_insert(&local, 0, "counted").unwrap();
+    a.send(&ClientFrame::Push {
+        doc: d.clone(),
+        batch: 1,
+        update,
+    })
+    .await;
+    a.recv_until(|f| matches!(f, ServerFrame::Ack { .. }).then_some(()))
+        .await;
+    let text = driftsync_tests::http_get(server.addr, "/metrics").await;
+    assert_eq!(metric(&text, "driftsync_connections"), Some(1.0), "{text}");
+    assert_eq!(metric(&text, "driftsync_rooms"), Some(1.0), "{text}");
+    assert_eq!(metric(&text, "driftsync_updates_in_total"), Some(1.0), "{text}");
+    assert_eq!(
+        metric(&text, "driftsync_ack_latency_seconds_count"),
+        Some(1.0),
+        "{text}"
+    );
+    assert!(
+        metric(&text, "driftsync_frames_out_total").unwrap_or(0.0) >= 3.0,
+        "{text}"
+    );
+    // Once the last subscriber is gone, the room is unloaded after two sweeps.
+    drop(a);
+    let addr = server.addr;
+    assert!(
+        driftsync_tests::eventually(|| async move {
+            let text = driftsync_tests::http_get(addr, "/metrics").await;
+            metric(&text, "driftsync_rooms") == Some(0.0) && metric(&text, "driftsync_connections") == Some(0.0)
+        })
+        .await,
+        "the idle room was not unloaded"
+    );
+    // And it loads again, with its content, on next use.
+    let mut b = NativeClient::connect(&server.url(), "", 42).await;
+    b.send(&ClientFrame::Resume {
+        docs: vec![ResumeDoc {
+            doc: d.clone(),
+            cursor: 0,
+            state_vector: vec![0],
+        }],
+    })
+    .await;
+    let docs = b
+        .recv_until(|f| {
+            if let ServerFrame::Resumed { docs } = f {
+                Some(docs.clone())
+            } else {
+                None
+            }
+        })
+        .await;
+    let replica = new_doc(42).unwrap();
+    apply_remote(&replica, docs[0].update.as_ref().unwrap(), &Limits::default()).unwrap();
+    assert_eq!(doc::text(&replica), "counted");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_flood_is_rate_limited_with_an_error() {
+    let (_dir, store) = sqlite_store().await;
+    let rate_limit = driftsync_server::RateLimit {
+        frames_per_sec: 1.0,
+        frame_burst: 5.0,
+        bytes_per_sec: 1e6,
+        byte_burst: 1e6,
+    };
+    let server = TestServer::start(
+        store,
+        driftsync_server::Config {
+            rate_limit,
+            ..Default::default()
+        },
+    )
+    .await;
+    let mut a = NativeClient::connect(&server.url(), "", 51).await;
+    for nonce in 0..20 {
+        a.send(&ClientFrame::Ping { nonce }).await;
+    }
+    let mut pongs = 0;
+    let mut limited = 0;
+    while pongs + limited < 20 {
+        match a.recv().await {
+            Some(ServerFrame::Pong { .. }) => pongs += 1,
+            Some(ServerFrame::Error {
+                code: driftsync_protocol::ErrorCode::RateLimited,
+                ..
+            }) => limited += 1,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(pongs <= 6 && limited >= 14, "pongs {pongs}, limited {limited}");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn two_instances_sharing_a_store_serve_one_document_through_the_fanout() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("shared.db");
+    let fanout = std::sync::Arc::new(driftsync_server::LocalFanout::default());
+    let config = || driftsync_server::Config {
+        fanout: fanout.clone(),
+        ..Default::default()
+    };
+    let one = TestServer::start(
+        driftsync_engine::store::SqliteStore::open(&path).await.unwrap(),
+        config(),
+    )
+    .await;
+    let two = TestServer::start(
+        driftsync_engine::store::SqliteStore::open(&path).await.unwrap(),
+        config(),
+    )
+    .await;
+    let d = doc_id("notes/shared");
+    let mut a = NativeClient::connect(&one.url(), "", 61).await;
+    let mut b = NativeClient::connect(&two.url(), "", 62).await;
+    subscribe(&mut a, &d).await;
+    subscribe(&mut b, &d).await;
+    let (la, lb) = (new_doc(61).unwrap(), new_doc(62).unwrap());
+    for round in 0..5u64 {
+        let ua = doc::text_insert(&la, doc::text_len(&la), "a").unwrap();
+        a.send(&ClientFrame::Push {
+            doc: d.clone(),
+            batch: round + 1,
+            update: ua,
+        })
+        .await;
+        let (cursor, update) = b
+            .recv_until(|f| {
+                if let ServerFrame::Update { cursor, update, .. } = f {
+                    Some((*cursor, update.clone()))
+                } else {
+                    None
+                }
+            })
+            .await;
+        assert_eq!(
+            cursor,
+            2 * round + 1,
+            "instance two relays instance one's update in cursor order"
+        );
+        apply_remote(&lb, &update, &Limits::default()).unwrap();
+        let ub = doc::text_insert(&lb, doc::text_len(&lb), "b").unwrap();
+        b.send(&ClientFrame::Push {
+            doc: d.clone(),
+            batch: round + 1,
+            update: ub,
+        })
+        .await;
+        let (cursor, update) = a
+            .recv_until(|f| {
+                if let ServerFrame::Update { cursor, update, .. } = f {
+                    Some((*cursor, update.clone()))
+                } else {
+                    None
+                }
+            })
+            .await;
+        assert_eq!(cursor, 2 * round + 2);
+        apply_remote(&la, &update, &Limits::default()).unwrap();
+    }
+    assert_eq!(doc::text(&la), "ababababab");
+    assert_eq!(doc::text(&la), doc::text(&lb));
+    one.stop().await;
+    two.stop().await;
+}

@@ -178,3 +178,17 @@ pub async fn eventually<F: Future<Output = bool>>(mut check: impl FnMut() -> F) 
     }
     false
 }
+
+/// `GET path` on the server with a bare HTTP/1.1 request; returns the body.
+pub async fn http_get(addr: SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = TcpStream::connect(addr).await.expect("connect");
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.expect("write request");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.expect("read response");
+    response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_string())
+        .unwrap_or_default()
+}

@@ -12,12 +12,21 @@
 //! [`CHAT_PREFIX`]) every update is also checked against the chat rules for that user. Without a
 //! secret the server runs open, so the binary binds it to loopback only.
 //!
+//! Limits: a maximum frame size, a maximum number of documents per connection, a token-bucket
+//! rate limit per connection ([`RateLimit`]), and a bounded outbound queue per connection whose
+//! overflow closes the connection with the resync code. `GET /metrics` serves Prometheus metrics.
+//! Rooms publish their updates through a [`Fanout`] so that several instances sharing one store
+//! can serve one document; idle rooms are unloaded and logs compacted in the background.
+//!
 //! Shutdown is a parameter: [`serve`] takes a future; when it resolves, every connection is
 //! closed with "going away" and `serve` returns once the HTTP server has stopped. Every write is
 //! committed before it is acknowledged, so nothing acknowledged is pending at exit.
 
 pub mod auth;
 mod commit;
+pub mod fanout;
+mod limits;
+mod metrics;
 mod native;
 mod presence;
 mod room;
@@ -33,14 +42,17 @@ use axum::extract::{State, WebSocketUpgrade};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
-use driftsync_engine::store::Store;
+use driftsync_engine::store::{CompactionPolicy, Store};
 use driftsync_engine::sync::Limits;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 pub use crate::auth::{mint, Access, Auth, Claims, Grant};
 use crate::commit::Committer;
-use crate::room::Rooms;
+pub use crate::fanout::{Fanout, LocalFanout, NoFanout};
+pub use crate::limits::RateLimit;
+use crate::metrics::Metrics;
+use crate::room::{RoomCtx, Rooms};
 
 /// Documents whose id starts with this are chat rooms: updates to them must follow the chat
 /// rules of `driftsync_engine::chat` (ARCHITECTURE.md, "Chat and receipts schema").
@@ -65,6 +77,15 @@ pub struct Config {
     pub limits: Limits,
     /// Token verification; the default has no secret and runs open.
     pub auth: Auth,
+    /// Per-connection rate limit.
+    pub rate_limit: RateLimit,
+    /// When to fold a document's log into its snapshot.
+    pub compaction: CompactionPolicy,
+    /// How often idle rooms are unloaded (after two sweeps without subscribers) and grown logs
+    /// compacted.
+    pub sweep_interval: Duration,
+    /// How rooms reach the other instances sharing the store (none by default).
+    pub fanout: Arc<dyn Fanout>,
 }
 
 impl Default for Config {
@@ -77,6 +98,10 @@ impl Default for Config {
             max_docs_per_connection: 1024,
             limits: Limits::default(),
             auth: Auth::default(),
+            rate_limit: RateLimit::default(),
+            compaction: CompactionPolicy::default(),
+            sweep_interval: Duration::from_secs(30),
+            fanout: Arc::new(NoFanout),
         }
     }
 }
@@ -88,6 +113,8 @@ struct Shared<S> {
     committer: Committer,
     config: Config,
     rooms: Rooms,
+    /// Prometheus metrics, served at `/metrics`.
+    metrics: Arc<Metrics>,
     /// Session ids, unique per process: they name connections in presence and logs.
     next_session: AtomicU64,
     /// Cancelled at shutdown; every connection's token is a child of it.
@@ -104,18 +131,57 @@ pub async fn serve<S: Store>(
     let token = CancellationToken::new();
     let store = Arc::new(store);
     let (committer, committer_task) = Committer::start(Arc::clone(&store));
+    let metrics = Arc::new(Metrics::new());
+    let instance = fanout::instance_id();
+    let mut remote = config.fanout.join(instance);
+    let rooms = Rooms::new(RoomCtx {
+        metrics: Arc::clone(&metrics),
+        fanout: Arc::clone(&config.fanout),
+        instance,
+    });
     let shared = Arc::new(Shared {
         store,
         committer,
         config,
-        rooms: Rooms::default(),
+        rooms,
+        metrics,
         next_session: AtomicU64::new(1),
         shutdown: token.clone(),
     });
     // Expires silent presence until shutdown; it ends with the shutdown token.
     tokio::spawn(presence::run_sweeper(Arc::clone(&shared)));
+    // Updates stored by other instances, for the rooms loaded here.
+    let fan_in = Arc::clone(&shared);
+    tokio::spawn(async move {
+        loop {
+            let next = tokio::select! {
+                () = fan_in.shutdown.cancelled() => break,
+                next = remote.recv() => next,
+            };
+            match next {
+                Some((doc, fanout::FanoutEvent::Update { cursor, update })) => {
+                    fan_in.rooms.remote_update(&*fan_in.store, &doc, cursor, &update).await;
+                }
+                Some((_, fanout::FanoutEvent::Presence { .. })) => {}
+                None => break,
+            }
+        }
+    });
+    // Unloads idle rooms and compacts grown logs.
+    let sweeper = Arc::clone(&shared);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(sweeper.config.sweep_interval);
+        tick.tick().await;
+        loop {
+            tokio::select! {
+                () = sweeper.shutdown.cancelled() => break,
+                _ = tick.tick() => sweeper.rooms.sweep(&*sweeper.store, &sweeper.config.compaction).await,
+            }
+        }
+    });
     let app = Router::new()
         .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics_text::<S>))
         .route("/v1/sync", get(sync::<S>))
         .route("/yjs/{*doc}", get(yjs::upgrade::<S>))
         .with_state(shared);
@@ -141,6 +207,16 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 async fn healthz() -> &'static str {
     "ok"
+}
+
+async fn metrics_text<S: Store>(State(shared): State<Arc<Shared<S>>>) -> impl IntoResponse {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        shared.metrics.render(),
+    )
 }
 
 async fn sync<S: Store>(State(shared): State<Arc<Shared<S>>>, ws: WebSocketUpgrade) -> impl IntoResponse {

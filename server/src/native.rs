@@ -18,6 +18,7 @@ use futures_util::StreamExt;
 use tokio::sync::mpsc;
 
 use crate::auth::{Access, Grant};
+use crate::limits::Limiter;
 use crate::room::{ConnCtl, Outbound, RoomEvent, Subscriber};
 use crate::socket::{next_binary, spawn_writer};
 use crate::Shared;
@@ -89,7 +90,7 @@ fn error(code: ErrorCode, doc: Option<DocId>, batch: Option<u64>) -> Vec<u8> {
 pub(crate) async fn run<S: Store>(shared: Arc<Shared<S>>, socket: WebSocket) {
     let (sink, mut stream) = socket.split();
     let (tx, rx) = mpsc::channel(shared.config.outbound_queue);
-    let ctl = Arc::new(ConnCtl::new(shared.shutdown.child_token()));
+    let ctl = Arc::new(ConnCtl::new(shared.shutdown.child_token(), Arc::clone(&shared.metrics)));
     let out = Outbound {
         tx,
         ctl: Arc::clone(&ctl),
@@ -170,6 +171,7 @@ async fn read_loop<S: Store>(shared: &Shared<S>, stream: &mut SplitStream<WebSoc
     let mut ticker = tokio::time::interval(heartbeat);
     ticker.tick().await;
     let mut last_heard = Instant::now();
+    let mut limiter = Limiter::new(&shared.config.rate_limit, last_heard);
     let mut nonce = 0u64;
     loop {
         let bytes = tokio::select! {
@@ -189,6 +191,12 @@ async fn read_loop<S: Store>(shared: &Shared<S>, stream: &mut SplitStream<WebSoc
             },
         };
         last_heard = Instant::now();
+        if !limiter.allow(bytes.len(), last_heard) {
+            // Refused, not silently dropped: a refused push is retried from the client's outbox.
+            tracing::debug!(session = peer.session, "rate limited");
+            out.frame(error(ErrorCode::RateLimited, None, None));
+            continue;
+        }
         let frame = match ClientFrame::decode(&bytes, shared.config.max_frame_size) {
             Ok(frame) => frame,
             Err(e) => {

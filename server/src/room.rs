@@ -8,10 +8,11 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Instant;
 
 use driftsync_engine::chat::ChatGuard;
 use driftsync_engine::doc::load_document;
-use driftsync_engine::store::{Append, Appended, Origin, Store};
+use driftsync_engine::store::{Append, Appended, CompactionPolicy, LogEntry, LogTail, Origin, Store};
 use driftsync_engine::sync::{apply_remote, Applied, Limits};
 use driftsync_protocol::yjs::AwarenessEntry;
 use driftsync_protocol::{Cursor, DocId, ErrorCode, CLOSE_RESYNC};
@@ -20,6 +21,8 @@ use tokio_util::sync::CancellationToken;
 use yrs::Doc;
 
 use crate::commit::Committer;
+use crate::fanout::{Fanout, FanoutEvent};
+use crate::metrics::Metrics;
 use crate::presence::{now_ms, InvalidState, Presence};
 
 /// The server's documents never edit; any valid client id will do for them.
@@ -30,12 +33,28 @@ const SERVER_CLIENT_ID: u64 = 1;
 const NO_SESSION: u64 = 0;
 
 /// The registry of rooms.
-#[derive(Default)]
 pub(crate) struct Rooms {
     map: Mutex<HashMap<String, Arc<Room>>>,
+    /// What every room shares with the rest of the server.
+    ctx: Arc<RoomCtx>,
+}
+
+/// What rooms share: metrics, and the fan-out to other instances.
+pub(crate) struct RoomCtx {
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) fanout: Arc<dyn Fanout>,
+    /// This instance's id on the fan-out.
+    pub(crate) instance: u64,
 }
 
 impl Rooms {
+    pub(crate) fn new(ctx: RoomCtx) -> Self {
+        Rooms {
+            map: Mutex::default(),
+            ctx: Arc::new(ctx),
+        }
+    }
+
     /// The room for `id`, created (not yet loaded) on first use.
     pub(crate) fn get(&self, id: &DocId) -> Arc<Room> {
         let mut map = self.map.lock().unwrap_or_else(PoisonError::into_inner);
@@ -43,8 +62,127 @@ impl Rooms {
             Arc::new(Room {
                 id: id.clone(),
                 state: Default::default(),
+                ctx: Arc::clone(&self.ctx),
             })
         }))
+    }
+
+    /// The room for `id` if it exists.
+    fn existing(&self, id: &DocId) -> Option<Arc<Room>> {
+        self.map
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(id.as_str())
+            .cloned()
+    }
+
+    /// Takes in an update another instance stored (see [`crate::fanout`]). Only a loaded room
+    /// cares: an unloaded one will read it from the store when it loads.
+    pub(crate) async fn remote_update<S: Store>(&self, store: &S, doc: &DocId, cursor: Cursor, update: &[u8]) {
+        let Some(room) = self.existing(doc) else { return };
+        let mut guard = room.state.lock().await;
+        let Some(state) = guard.as_mut() else { return };
+        if cursor <= state.head {
+            return;
+        }
+        // Updates between our head and this one were missed (or are still on their way): read
+        // them from the shared store, so subscribers get every update in cursor order.
+        let entries = if cursor == state.head + 1 {
+            vec![LogEntry {
+                cursor,
+                update: update.to_vec(),
+            }]
+        } else {
+            match store.log_after(doc.as_str(), state.head).await {
+                Ok(LogTail::Entries(entries)) => entries,
+                Ok(LogTail::Pruned) | Err(_) => {
+                    tracing::warn!(doc = %doc, "fan-out gap not in the log: reloading the room");
+                    room.reload(&mut guard, store).await;
+                    if let Some(state) = guard.as_mut() {
+                        for sub in state.subscribers.values() {
+                            sub.out.ctl.close(CLOSE_RESYNC);
+                        }
+                    }
+                    return;
+                }
+            }
+        };
+        for entry in entries {
+            if entry.cursor <= state.head {
+                continue;
+            }
+            if let Err(e) = apply_remote(
+                &state.doc,
+                &entry.update,
+                &Limits {
+                    max_pending_bytes: usize::MAX,
+                },
+            ) {
+                tracing::error!(doc = %doc, error = %e, "an update from the shared store did not apply");
+            }
+            state.head = entry.cursor;
+            let event = RoomEvent::Update {
+                doc: doc.clone(),
+                cursor: entry.cursor,
+                update: entry.update,
+            };
+            state.broadcast(NO_SESSION, Arc::new(event));
+        }
+    }
+
+    /// Compacts the logs of loaded rooms that grew, and unloads rooms nobody has been subscribed
+    /// to for two sweeps in a row. Only a room nothing else holds is removed (checked under the
+    /// map lock), so a document never has two live rooms. Every acknowledged write is already
+    /// committed, so unloading flushes nothing.
+    pub(crate) async fn sweep<S: Store>(&self, store: &S, policy: &CompactionPolicy) {
+        let rooms: Vec<Arc<Room>> = self
+            .map
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+            .cloned()
+            .collect();
+        for room in rooms {
+            let grown = {
+                let Ok(mut guard) = room.state.try_lock() else { continue };
+                match guard.as_mut() {
+                    Some(state) if state.head > state.checked_head => {
+                        state.checked_head = state.head;
+                        true
+                    }
+                    _ => false,
+                }
+            };
+            if grown {
+                compact_if_due(store, room.id.as_str(), policy, &self.ctx.metrics).await;
+            }
+        }
+        let mut map = self.map.lock().unwrap_or_else(PoisonError::into_inner);
+        map.retain(|_, room| {
+            if Arc::strong_count(room) > 1 {
+                return true;
+            }
+            let Ok(mut guard) = room.state.try_lock() else {
+                return true;
+            };
+            match guard.as_mut() {
+                None => false,
+                Some(state) if state.subscribers.is_empty() => {
+                    state.idle_sweeps += 1;
+                    if state.idle_sweeps >= 2 {
+                        *guard = None;
+                        self.ctx.metrics.rooms.dec();
+                        false
+                    } else {
+                        true
+                    }
+                }
+                Some(state) => {
+                    state.idle_sweeps = 0;
+                    true
+                }
+            }
+        });
     }
 
     /// Removes and announces the presence states of every loaded room not refreshed in time.
@@ -72,6 +210,7 @@ impl Rooms {
 pub(crate) struct Room {
     pub(crate) id: DocId,
     pub(crate) state: tokio::sync::Mutex<Option<RoomState>>,
+    ctx: Arc<RoomCtx>,
 }
 
 /// A loaded room.
@@ -84,6 +223,10 @@ pub(crate) struct RoomState {
     pub(crate) presence: Presence,
     /// In a chat room ([`crate::CHAT_PREFIX`]), the guard watching `doc` for the chat rules.
     pub(crate) chat: Option<ChatGuard>,
+    /// The head when the sweeper last considered compacting the log.
+    pub(crate) checked_head: Cursor,
+    /// Consecutive sweeps that found the room without subscribers.
+    pub(crate) idle_sweeps: u8,
 }
 
 /// A connection subscribed to a room.
@@ -153,7 +296,10 @@ impl Room {
                 subscribers: HashMap::new(),
                 presence: Presence::default(),
                 chat,
+                checked_head: head,
+                idle_sweeps: 0,
             });
+            self.ctx.metrics.rooms.inc();
         }
         state
             .as_mut()
@@ -214,11 +360,38 @@ impl Room {
         origin: Option<Origin>,
         update: Vec<u8>,
     ) -> Result<Cursor, Refused> {
+        let received = Instant::now();
+        self.ctx.metrics.updates_in.inc();
+        self.ctx.metrics.bytes_in.inc_by(update.len() as u64);
+        let result = self
+            .push_inner(store, committer, limits, session, user, origin, update)
+            .await;
+        match &result {
+            Ok(_) => self.ctx.metrics.ack_latency.observe(received.elapsed().as_secs_f64()),
+            Err(_) => {
+                self.ctx.metrics.refused.inc();
+            }
+        }
+        result
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn push_inner<S: Store>(
+        &self,
+        store: &S,
+        committer: &Committer,
+        limits: &Limits,
+        session: u64,
+        user: Option<&str>,
+        origin: Option<Origin>,
+        update: Vec<u8>,
+    ) -> Result<Cursor, Refused> {
         let mut guard = self.state.lock().await;
         let state = match self.ensure_loaded(&mut guard, store).await {
             Ok(state) => state,
             Err(e) => {
                 tracing::error!(doc = %self.id, error = %e, "document failed to load");
+                self.ctx.metrics.store_errors.inc();
                 return Err(Refused {
                     code: ErrorCode::LoadFailed,
                 });
@@ -242,7 +415,11 @@ impl Room {
                 tracing::info!(doc = %self.id, error = %e, "refusing an update");
                 let code = match e {
                     driftsync_engine::Error::TooManyPending { .. } => ErrorCode::TooManyPending,
-                    _ => ErrorCode::InvalidUpdate,
+                    // yrs may have applied part of it before failing: reload what is stored.
+                    _ => {
+                        self.reload(&mut guard, store).await;
+                        ErrorCode::InvalidUpdate
+                    }
                 };
                 return Err(Refused { code });
             }
@@ -263,6 +440,11 @@ impl Room {
         match committer.append(append.clone()).await {
             Ok(Appended::Stored(cursor)) => {
                 state.head = cursor;
+                let shared = FanoutEvent::Update {
+                    cursor,
+                    update: Arc::from(append.update.as_slice()),
+                };
+                self.ctx.fanout.publish(self.ctx.instance, &self.id, shared);
                 let event = Arc::new(RoomEvent::Update {
                     doc: self.id.clone(),
                     cursor,
@@ -276,6 +458,7 @@ impl Room {
                 // The live document now holds an update the store does not: reload it from the
                 // store, so that nothing unacknowledged is ever served as stored.
                 tracing::error!(doc = %self.id, error = %e, "store failed; update not acknowledged");
+                self.ctx.metrics.store_errors.inc();
                 self.reload(&mut guard, store).await;
                 Err(Refused {
                     code: ErrorCode::StoreUnavailable,
@@ -365,13 +548,17 @@ impl RoomState {
 pub(crate) struct ConnCtl {
     pub(crate) token: CancellationToken,
     code: AtomicU16,
+    /// The server's metrics (frames and bytes out, slow consumers).
+    pub(crate) metrics: Arc<Metrics>,
 }
 
 impl ConnCtl {
-    pub(crate) fn new(token: CancellationToken) -> Self {
+    pub(crate) fn new(token: CancellationToken, metrics: Arc<Metrics>) -> Self {
+        metrics.connections.inc();
         ConnCtl {
             token,
             code: AtomicU16::new(driftsync_protocol::CLOSE_GOING_AWAY),
+            metrics,
         }
     }
 
@@ -403,6 +590,7 @@ impl Outbound {
             Ok(()) => true,
             Err(mpsc::error::TrySendError::Full(_)) => {
                 tracing::warn!("slow consumer: outbound queue full, closing with resync");
+                self.ctl.metrics.slow_consumers.inc();
                 self.ctl.close(CLOSE_RESYNC);
                 false
             }
@@ -413,5 +601,31 @@ impl Outbound {
     /// Queues an encoded frame.
     pub(crate) fn frame(&self, bytes: Vec<u8>) -> bool {
         self.send(Outgoing::Frame(bytes))
+    }
+}
+
+impl Drop for ConnCtl {
+    fn drop(&mut self) {
+        self.metrics.connections.dec();
+    }
+}
+
+/// Compacts a document's log when the policy says it is due. Failures are logged and counted:
+/// compaction is an optimisation, the log stays correct without it.
+async fn compact_if_due<S: Store>(store: &S, doc: &str, policy: &CompactionPolicy, metrics: &Metrics) {
+    match store.meta(doc).await {
+        Ok(Some(meta)) if policy.due(&meta) => match store.compact(doc, policy).await {
+            Ok(Some(done)) => tracing::debug!(doc, ?done, "compacted"),
+            Ok(None) => {}
+            Err(e) => {
+                metrics.store_errors.inc();
+                tracing::warn!(doc, error = %e, "compaction failed");
+            }
+        },
+        Ok(_) => {}
+        Err(e) => {
+            metrics.store_errors.inc();
+            tracing::warn!(doc, error = %e, "reading document metadata failed");
+        }
     }
 }

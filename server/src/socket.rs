@@ -43,6 +43,10 @@ pub(crate) fn spawn_writer(
                 },
             };
             let Some(message) = message_of(item) else { continue };
+            ctl.metrics.frames_out.inc();
+            if let Message::Binary(bytes) = &message {
+                ctl.metrics.bytes_out.inc_by(bytes.len() as u64);
+            }
             tokio::select! {
                 sent = sink.send(message) => if sent.is_err() {
                     ctl.close(driftsync_protocol::CLOSE_GOING_AWAY);

@@ -44,6 +44,7 @@ use tokio::sync::mpsc;
 use yrs::{Doc, ReadTxn, Transact};
 
 use crate::auth::{Access, Grant};
+use crate::limits::Limiter;
 use crate::room::{ConnCtl, Outbound, Outgoing, Room, RoomEvent, Subscriber};
 use crate::socket::{next_incoming, spawn_writer, Incoming};
 use crate::Shared;
@@ -91,7 +92,7 @@ fn authorize<S: Store>(shared: &Shared<S>, token: Option<&str>, doc: &DocId) -> 
 async fn run<S: Store>(shared: Arc<Shared<S>>, socket: WebSocket, raw_doc: String, token: Option<String>) {
     let (sink, mut stream) = socket.split();
     let (tx, rx) = mpsc::channel(shared.config.outbound_queue);
-    let ctl = Arc::new(ConnCtl::new(shared.shutdown.child_token()));
+    let ctl = Arc::new(ConnCtl::new(shared.shutdown.child_token(), Arc::clone(&shared.metrics)));
     let out = Outbound {
         tx,
         ctl: Arc::clone(&ctl),
@@ -164,6 +165,7 @@ async fn read_loop<S: Store>(
     let mut ticker = tokio::time::interval(heartbeat);
     ticker.tick().await;
     let mut last_heard = Instant::now();
+    let mut limiter = Limiter::new(&shared.config.rate_limit, last_heard);
     loop {
         let incoming = tokio::select! {
             () = out.ctl.token.cancelled() => return,
@@ -184,6 +186,13 @@ async fn read_loop<S: Store>(
         // Any message, a pong included, shows the peer is alive.
         last_heard = Instant::now();
         let Incoming::Binary(bytes) = incoming else { continue };
+        if !limiter.allow(bytes.len(), last_heard) {
+            // y-protocols has no "slow down" message: close with the resync code; the client
+            // reconnects (with its own backoff) and syncs again. Nothing it sent is lost.
+            tracing::info!(session = conn.session, doc = %room.id, "rate limit exceeded: closing");
+            out.ctl.close(driftsync_protocol::CLOSE_RESYNC);
+            return;
+        }
         let message = match YMessage::decode(&bytes, shared.config.max_frame_size) {
             Ok(message) => message,
             Err(e) => {
