@@ -401,6 +401,34 @@ async fn two_instances_sharing_a_store_serve_one_document_through_the_fanout() {
     }
     assert_eq!(doc::text(&la), "ababababab");
     assert_eq!(doc::text(&la), doc::text(&lb));
+
+    // Presence crosses instances too, and so does its removal when the connection closes.
+    a.send(&ClientFrame::Presence {
+        doc: d.clone(),
+        state: Some(r#"{"name":"ada"}"#.into()),
+    })
+    .await;
+    let state = b
+        .recv_until(|f| {
+            if let ServerFrame::Presence { state, .. } = f {
+                Some(state.clone())
+            } else {
+                None
+            }
+        })
+        .await;
+    assert_eq!(state.as_deref(), Some(r#"{"name":"ada"}"#));
+    drop(a);
+    let state = b
+        .recv_until(|f| {
+            if let ServerFrame::Presence { state, .. } = f {
+                Some(state.clone())
+            } else {
+                None
+            }
+        })
+        .await;
+    assert_eq!(state, None, "no ghost on the other instance");
     one.stop().await;
     two.stop().await;
 }

@@ -162,7 +162,17 @@ pub async fn serve<S: Store>(
                 Some((doc, fanout::FanoutEvent::Update { cursor, update })) => {
                     fan_in.rooms.remote_update(&*fan_in.store, &doc, cursor, &update).await;
                 }
-                Some((_, fanout::FanoutEvent::Presence { .. })) => {}
+                Some((
+                    doc,
+                    fanout::FanoutEvent::Presence {
+                        peer,
+                        user,
+                        clock,
+                        state,
+                    },
+                )) => {
+                    fan_in.rooms.remote_presence(&doc, peer, user, clock, state).await;
+                }
                 None => break,
             }
         }

@@ -32,6 +32,10 @@ const SERVER_CLIENT_ID: u64 = 1;
 /// every subscriber.
 const NO_SESSION: u64 = 0;
 
+/// The "session" of events that came from another instance: broadcasting them reaches every
+/// local subscriber and never publishes them again (no loops between instances).
+const REMOTE_SESSION: u64 = u64::MAX;
+
 /// The registry of rooms.
 pub(crate) struct Rooms {
     map: Mutex<HashMap<String, Arc<Room>>>,
@@ -130,6 +134,29 @@ impl Rooms {
         }
     }
 
+    /// Passes presence from another instance to the local subscribers of a loaded room.
+    pub(crate) async fn remote_presence(
+        &self,
+        doc: &DocId,
+        peer: u64,
+        user: String,
+        clock: u64,
+        state: Option<String>,
+    ) {
+        let Some(room) = self.existing(doc) else { return };
+        let mut guard = room.state.lock().await;
+        if let Some(local) = guard.as_mut() {
+            let event = RoomEvent::Presence {
+                doc: doc.clone(),
+                peer,
+                user,
+                clock,
+                state,
+            };
+            local.broadcast(REMOTE_SESSION, Arc::new(event));
+        }
+    }
+
     /// Compacts the logs of loaded rooms that grew, and unloads rooms nobody has been subscribed
     /// to for two sweeps in a row. Only a room nothing else holds is removed (checked under the
     /// map lock), so a document never has two live rooms. Every acknowledged write is already
@@ -223,6 +250,8 @@ pub(crate) struct RoomState {
     pub(crate) presence: Presence,
     /// In a chat room ([`crate::CHAT_PREFIX`]), the guard watching `doc` for the chat rules.
     pub(crate) chat: Option<ChatGuard>,
+    /// What the room shares with the server (fan-out, metrics).
+    pub(crate) ctx: Arc<RoomCtx>,
     /// The head when the sweeper last considered compacting the log.
     pub(crate) checked_head: Cursor,
     /// Consecutive sweeps that found the room without subscribers.
@@ -298,6 +327,7 @@ impl Room {
                 chat,
                 checked_head: head,
                 idle_sweeps: 0,
+                ctx: Arc::clone(&self.ctx),
             });
             self.ctx.metrics.rooms.inc();
         }
@@ -539,6 +569,27 @@ impl RoomState {
     /// Sends `event` to every subscriber but `except`. A subscriber whose queue is full is told
     /// to resync and dropped from the room: never silently left behind.
     pub(crate) fn broadcast(&mut self, except: u64, event: Arc<RoomEvent>) {
+        // Presence is shared with the other instances here, where every presence change of the
+        // room passes; updates are published by `Room::push` after their commit.
+        if let (
+            RoomEvent::Presence {
+                doc,
+                peer,
+                user,
+                clock,
+                state,
+            },
+            true,
+        ) = (&*event, except != REMOTE_SESSION)
+        {
+            let shared = FanoutEvent::Presence {
+                peer: *peer,
+                user: user.clone(),
+                clock: *clock,
+                state: state.clone(),
+            };
+            self.ctx.fanout.publish(self.ctx.instance, doc, shared);
+        }
         self.subscribers
             .retain(|session, sub| *session == except || sub.out.send(Outgoing::Event(Arc::clone(&event))));
     }
