@@ -3,8 +3,10 @@
 //! `driftsync serve` runs the sync server with the embedded SQLite store in `./driftsync-data`
 //! by default (`--database-url postgres://…` for PostgreSQL). With `--secret` (or
 //! `DRIFTSYNC_SECRET`) every connection needs a token; without one the server runs open and only
-//! listens on a loopback address. `driftsync token` mints a token signed with the secret. Errors
-//! are one line on stderr and a non-zero exit.
+//! listens on a loopback address. `driftsync token` mints a token signed with the secret.
+//! `driftsync client --store FILE --user USER …` works on a local client store: `chat send|list|read`,
+//! `text append|insert|show`, and `sync --server URL --once`. Errors are one line on stderr and a
+//! non-zero exit.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -27,6 +29,73 @@ enum Command {
     Serve(ServeArgs),
     /// Mint an access token (HS256, signed with the server's secret) and print it.
     Token(TokenArgs),
+    /// Work on a local client store: chat, text and sync.
+    Client(ClientArgs),
+}
+
+#[derive(clap::Args)]
+struct ClientArgs {
+    /// The client's SQLite store file (created if missing).
+    #[arg(long, env = "DRIFTSYNC_STORE")]
+    store: PathBuf,
+    /// The user this client acts for.
+    #[arg(long, env = "DRIFTSYNC_USER")]
+    user: String,
+    #[command(subcommand)]
+    command: ClientCommand,
+}
+
+#[derive(Subcommand)]
+enum ClientCommand {
+    /// Chat rooms (documents named `chat/…`).
+    #[command(subcommand)]
+    Chat(ChatCommand),
+    /// The root text of a document.
+    #[command(subcommand)]
+    Text(TextCommand),
+    /// Synchronise every known document with a server.
+    Sync(SyncArgs),
+}
+
+#[derive(Subcommand)]
+enum ChatCommand {
+    /// Send a message and print its id.
+    Send { room: String, text: String },
+    /// List the messages: id, author, time, delivery state, readers and text.
+    List {
+        room: String,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Mark the room read up to a message (by default the latest).
+    Read { room: String, message: Option<String> },
+}
+
+#[derive(Subcommand)]
+enum TextCommand {
+    /// Append text.
+    Append { doc: String, text: String },
+    /// Insert text at a position (UTF-16 code units).
+    Insert { doc: String, pos: u32, text: String },
+    /// Print the text.
+    Show { doc: String },
+}
+
+#[derive(clap::Args)]
+struct SyncArgs {
+    /// The server's base URL (`ws://host:port`).
+    #[arg(long, env = "DRIFTSYNC_SERVER")]
+    server: String,
+    /// The access token (empty for an open server).
+    #[arg(long, env = "DRIFTSYNC_TOKEN", default_value = "", hide_env_values = true)]
+    token: String,
+    /// Sync once and exit (the only mode so far).
+    #[arg(long)]
+    once: bool,
+    /// Also subscribe to these documents (comma-separated), e.g. ones this store never saw.
+    #[arg(long = "doc", value_delimiter = ',')]
+    docs: Vec<String>,
 }
 
 #[derive(clap::Args)]
@@ -84,6 +153,7 @@ fn main() {
         match cli.command {
             Command::Serve(args) => serve(args).await,
             Command::Token(args) => token(args),
+            Command::Client(args) => client(args).await,
         }
     });
     if let Err(e) = result {
@@ -180,6 +250,55 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     tracing::info!(listen = %local, store = %target, auth, "driftsync serving");
     driftsync_server::serve(listener, store, config, shutdown_signal()).await?;
     tracing::info!("driftsync stopped");
+    Ok(())
+}
+
+async fn client(args: ClientArgs) -> anyhow::Result<()> {
+    let mut client = driftsync_client::Client::open(&args.store, &args.user)
+        .await
+        .with_context(|| format!("cannot open the client store {}", args.store.display()))?;
+    match args.command {
+        ClientCommand::Chat(ChatCommand::Send { room, text }) => {
+            println!("{}", client.chat_send(&room, &text).await?);
+        }
+        ClientCommand::Chat(ChatCommand::List { room, json }) => {
+            for entry in client.chat_list(&room).await? {
+                if json {
+                    println!("{}", entry.to_json());
+                } else {
+                    let m = &entry.message;
+                    let text = if m.deleted { "(deleted)" } else { m.text.as_str() };
+                    println!(
+                        "{}\t{}\t{}\t{}\tread_by={}\t{}",
+                        m.id,
+                        m.author,
+                        m.created_ms,
+                        entry.delivery(),
+                        entry.read_by.join(","),
+                        text
+                    );
+                }
+            }
+        }
+        ClientCommand::Chat(ChatCommand::Read { room, message }) => {
+            if client.chat_mark_read(&room, message.as_deref()).await?.is_none() {
+                bail!("room {room} has no messages");
+            }
+        }
+        ClientCommand::Text(TextCommand::Append { doc, text }) => client.text_append(&doc, &text).await?,
+        ClientCommand::Text(TextCommand::Insert { doc, pos, text }) => client.text_insert(&doc, pos, &text).await?,
+        ClientCommand::Text(TextCommand::Show { doc }) => println!("{}", client.text(&doc).await?),
+        ClientCommand::Sync(sync) => {
+            if !sync.once {
+                bail!("only `sync --once` is supported so far");
+            }
+            for doc in sync.docs.iter().map(|d| d.trim()).filter(|d| !d.is_empty()) {
+                client.document(doc).await?;
+            }
+            let report = client.sync_once(&sync.server, &sync.token).await?;
+            println!("{}", report.to_json());
+        }
+    }
     Ok(())
 }
 

@@ -1,1 +1,315 @@
-//! driftsync client
+//! The driftsync client library: an offline-first replica of documents on a local SQLite store.
+//!
+//! Every local change is applied to its in-memory yrs document and written to the store (its log
+//! and its outbox) before the call returns, so nothing the application saw is lost if the process
+//! dies. [`Client::sync_once`] connects to a server, resumes every known document in one round
+//! trip, applies what the server sends, pushes the outbox and waits until every push is
+//! acknowledged.
+//!
+//! Documents are loaded lazily from the store on first use and cached; a document counts as
+//! known (and is resumed by a sync) once it is stored or has been opened by any call.
+
+mod backoff;
+mod error;
+mod sync;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use driftsync_engine::chat::{Author, ChatRoom, Message, Receipt, MESSAGES_ROOT};
+use driftsync_engine::doc::{self, decode_update, is_empty_update, load_document};
+use driftsync_engine::store::{DeviceIdentity, SqliteStore, Store};
+use driftsync_protocol::DocId;
+use yrs::branch::BranchID;
+use yrs::{ClientID, Doc, Map, Out, Transact};
+
+pub use backoff::{retry, Backoff};
+pub use error::{Error, Result};
+pub use sync::{SyncReport, SYNC_TIMEOUT};
+
+/// A replica of documents on one local store, acting for one user.
+pub struct Client {
+    store: SqliteStore,
+    identity: DeviceIdentity,
+    author: Author,
+    docs: HashMap<String, Doc>,
+    rooms: HashMap<String, ChatRoom>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("identity", &self.identity)
+            .field("user", &self.author.user)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Wall-clock milliseconds since the Unix epoch (0 if the clock is before it).
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl Client {
+    /// Opens (or creates) the store at `path` and acts as `user` on this device.
+    pub async fn open(path: impl AsRef<Path>, user: &str) -> Result<Client> {
+        if user.is_empty() {
+            return Err(Error::Invalid("the user id is empty".into()));
+        }
+        let store = SqliteStore::open(path).await?;
+        let identity = store.device().await?;
+        let author = Author {
+            user: user.to_string(),
+            device: identity.device_id.clone(),
+        };
+        Ok(Client {
+            store,
+            identity,
+            author,
+            docs: HashMap::new(),
+            rooms: HashMap::new(),
+        })
+    }
+
+    /// This device's identity (its yrs client id and device id).
+    pub fn identity(&self) -> &DeviceIdentity {
+        &self.identity
+    }
+
+    /// The user this client acts for.
+    pub fn user(&self) -> &str {
+        &self.author.user
+    }
+
+    /// The underlying store.
+    pub fn store(&self) -> &SqliteStore {
+        &self.store
+    }
+
+    /// The document `id`, loaded from the store on first use and cached afterwards.
+    pub async fn document(&mut self, id: &str) -> Result<Doc> {
+        if let Some(doc) = self.docs.get(id) {
+            return Ok(doc.clone());
+        }
+        DocId::new(id).map_err(Error::DocId)?;
+        let stored = self.store.load(id).await?.unwrap_or_default();
+        let doc = load_document(id, &stored, self.identity.client_id)?;
+        self.docs.insert(id.to_string(), doc.clone());
+        Ok(doc)
+    }
+
+    /// Ids of every known document: the stored ones and the ones opened in this session.
+    pub async fn documents(&self) -> Result<Vec<String>> {
+        let mut all = self.store.documents().await?;
+        all.extend(self.docs.keys().cloned());
+        all.sort();
+        all.dedup();
+        Ok(all)
+    }
+
+    /// Writes a local change to the store (log and outbox). Empty updates are skipped.
+    async fn record(&self, doc: &str, update: &[u8]) -> Result<Option<u64>> {
+        if is_empty_update(update) {
+            return Ok(None);
+        }
+        Ok(Some(self.store.record_local(doc, update).await?))
+    }
+
+    // ----- text -----
+
+    /// Inserts `text` at `pos` (UTF-16 code units) into the document's root text.
+    pub async fn text_insert(&mut self, doc: &str, pos: u32, text: &str) -> Result<()> {
+        let d = self.document(doc).await?;
+        let update = doc::text_insert(&d, pos, text)?;
+        self.record(doc, &update).await?;
+        Ok(())
+    }
+
+    /// Appends `text` to the document's root text.
+    pub async fn text_append(&mut self, doc: &str, text: &str) -> Result<()> {
+        let d = self.document(doc).await?;
+        let end = doc::text_len(&d);
+        let update = doc::text_insert(&d, end, text)?;
+        self.record(doc, &update).await?;
+        Ok(())
+    }
+
+    /// Deletes `len` code units at `pos` from the document's root text.
+    pub async fn text_delete(&mut self, doc: &str, pos: u32, len: u32) -> Result<()> {
+        let d = self.document(doc).await?;
+        let update = doc::text_delete(&d, pos, len)?;
+        self.record(doc, &update).await?;
+        Ok(())
+    }
+
+    /// The document's root text.
+    pub async fn text(&mut self, doc: &str) -> Result<String> {
+        let d = self.document(doc).await?;
+        Ok(doc::text(&d))
+    }
+
+    // ----- chat -----
+
+    /// The chat room over document `room`, created on first use.
+    async fn room(&mut self, room: &str) -> Result<&ChatRoom> {
+        if !self.rooms.contains_key(room) {
+            let doc = self.document(room).await?;
+            self.rooms.insert(room.to_string(), ChatRoom::new(doc));
+        }
+        self.rooms
+            .get(room)
+            .ok_or_else(|| Error::Invalid(format!("chat room {room} is not open")))
+    }
+
+    /// Sends a message; returns its id.
+    pub async fn chat_send(&mut self, room: &str, text: &str) -> Result<String> {
+        let author = self.author.clone();
+        let (id, update) = self.room(room).await?.send(&author, text, now_ms());
+        self.record(room, &update).await?;
+        Ok(id)
+    }
+
+    /// Replaces the text of one of this user's messages.
+    pub async fn chat_edit(&mut self, room: &str, id: &str, text: &str) -> Result<()> {
+        let author = self.author.clone();
+        let update = self.room(room).await?.edit(&author, id, text, now_ms())?;
+        self.record(room, &update).await?;
+        Ok(())
+    }
+
+    /// Deletes one of this user's messages (it stays as a tombstone).
+    pub async fn chat_delete(&mut self, room: &str, id: &str) -> Result<()> {
+        let author = self.author.clone();
+        let update = self.room(room).await?.delete(&author, id, now_ms())?;
+        self.record(room, &update).await?;
+        Ok(())
+    }
+
+    /// Marks the room read up to `id` (by default its latest message). Returns the message
+    /// marked, or `None` when the room has no messages.
+    pub async fn chat_mark_read(&mut self, room: &str, id: Option<&str>) -> Result<Option<String>> {
+        let author = self.author.clone();
+        let chat = self.room(room).await?;
+        let target = match id {
+            Some(id) => id.to_string(),
+            None => match chat.messages().last() {
+                Some(m) => m.id.clone(),
+                None => return Ok(None),
+            },
+        };
+        let update = chat.mark_read(&author, &target, now_ms())?;
+        if let Some(update) = update {
+            self.record(room, &update).await?;
+        }
+        Ok(Some(target))
+    }
+
+    /// Every message in order (tombstones included), each with whether the server has it: a
+    /// message is delivered when no outbox entry holding its creation is left.
+    pub async fn chat_messages(&mut self, room: &str) -> Result<Vec<(Message, bool)>> {
+        let me = ClientID::new(self.identity.client_id);
+        // The items created by this device's changes still waiting for an acknowledgement.
+        let mut pending = Vec::new();
+        for entry in self.store.outbox(Some(room)).await? {
+            pending.push(decode_update(&entry.update)?.insertions(true));
+        }
+        let chat = self.room(room).await?;
+        let messages = chat.messages();
+        let doc = chat.doc();
+        let map = doc.get_or_insert_map(MESSAGES_ROOT);
+        let txn = doc.transact();
+        Ok(messages
+            .into_iter()
+            .map(|m| {
+                let created = match map.get(&txn, &m.id) {
+                    Some(Out::YMap(fields)) => match fields.as_ref().id() {
+                        BranchID::Nested(id) => Some(id),
+                        BranchID::Root(_) => None,
+                    },
+                    _ => None,
+                };
+                let delivered = match created {
+                    Some(id) if id.client == me => !pending.iter().any(|set| set.contains(&id)),
+                    _ => true,
+                };
+                (m, delivered)
+            })
+            .collect())
+    }
+
+    /// Every user's effective read receipt in the room.
+    pub async fn chat_receipts(&mut self, room: &str) -> Result<BTreeMap<String, Receipt>> {
+        Ok(self.room(room).await?.receipts())
+    }
+
+    /// The users whose receipt covers the message with this sort key.
+    pub async fn chat_read_by(&mut self, room: &str, sort: &str) -> Result<Vec<String>> {
+        Ok(self.room(room).await?.read_by(sort))
+    }
+
+    /// How many messages of others this user has not read.
+    pub async fn chat_unread_count(&mut self, room: &str) -> Result<usize> {
+        let user = self.author.user.clone();
+        Ok(self.room(room).await?.unread_count(&user))
+    }
+}
+
+/// One message as a listing shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChatEntry {
+    /// The message.
+    pub message: Message,
+    /// Whether the server acknowledged it.
+    pub delivered: bool,
+    /// The users whose receipt covers it.
+    pub read_by: Vec<String>,
+}
+
+impl ChatEntry {
+    /// `"acknowledged"` or `"local"`.
+    pub fn delivery(&self) -> &'static str {
+        if self.delivered {
+            "acknowledged"
+        } else {
+            "local"
+        }
+    }
+
+    /// The entry as one line of JSON: id, author, text, time (ms), edited, deleted, delivery
+    /// and read_by.
+    pub fn to_json(&self) -> String {
+        serde_json::json!({
+            "id": self.message.id,
+            "author": self.message.author,
+            "text": self.message.text,
+            "time": self.message.created_ms,
+            "edited": self.message.edited_ms,
+            "deleted": self.message.deleted,
+            "delivery": self.delivery(),
+            "read_by": self.read_by,
+        })
+        .to_string()
+    }
+}
+
+impl Client {
+    /// Every message in order with its delivery state and readers.
+    pub async fn chat_list(&mut self, room: &str) -> Result<Vec<ChatEntry>> {
+        let messages = self.chat_messages(room).await?;
+        let chat = self.room(room).await?;
+        Ok(messages
+            .into_iter()
+            .map(|(message, delivered)| {
+                let read_by = chat.read_by(&message.sort);
+                ChatEntry {
+                    message,
+                    delivered,
+                    read_by,
+                }
+            })
+            .collect())
+    }
+}

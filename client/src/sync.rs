@@ -1,0 +1,229 @@
+//! One sync pass over the native protocol: hello, one resume of every known document, pushes of
+//! the outbox, and acknowledgements.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use driftsync_engine::doc::state_vector;
+use driftsync_engine::store::Store;
+use driftsync_engine::sync::{apply_remote, plan_pushes, Limits, PlannedPush};
+use driftsync_protocol::{ClientFrame, DocId, ResumeDoc, ServerFrame, DEFAULT_MAX_FRAME_SIZE, PROTOCOL_VERSION};
+use futures_util::{SinkExt, StreamExt};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message as WsMessage;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+use crate::{Client, Error, Result};
+
+/// How long one sync pass may take before it gives up.
+pub const SYNC_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What one sync pass did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SyncReport {
+    /// Documents resumed.
+    pub documents: usize,
+    /// Bytes of frames sent (frame payloads, without WebSocket framing).
+    pub bytes_sent: u64,
+    /// Bytes of frames received.
+    pub bytes_received: u64,
+    /// Round trips waited for: one for the resume (pushes are pipelined).
+    pub round_trips: u32,
+}
+
+impl SyncReport {
+    /// The report as one line of JSON.
+    pub fn to_json(&self) -> String {
+        serde_json::json!({
+            "documents": self.documents,
+            "bytes_sent": self.bytes_sent,
+            "bytes_received": self.bytes_received,
+            "round_trips": self.round_trips,
+        })
+        .to_string()
+    }
+}
+
+/// A WebSocket that counts the bytes of the frames it carries.
+struct Connection {
+    ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    report: SyncReport,
+}
+
+impl Connection {
+    async fn send(&mut self, frame: &ClientFrame) -> Result<()> {
+        let bytes = frame.encode();
+        self.report.bytes_sent += bytes.len() as u64;
+        self.ws.send(WsMessage::Binary(bytes.into())).await?;
+        Ok(())
+    }
+
+    /// The next frame, answering pings; `Error::Closed` when the connection ends.
+    async fn recv(&mut self) -> Result<ServerFrame> {
+        loop {
+            match self.ws.next().await {
+                Some(Ok(WsMessage::Binary(bytes))) => {
+                    self.report.bytes_received += bytes.len() as u64;
+                    let frame = ServerFrame::decode(&bytes, DEFAULT_MAX_FRAME_SIZE)
+                        .map_err(|e| Error::Protocol(format!("undecodable frame: {e}")))?;
+                    match frame {
+                        ServerFrame::Ping { nonce } => self.send(&ClientFrame::Pong { nonce }).await?,
+                        ServerFrame::Error { code, doc, batch } => return Err(Error::Server { code, doc, batch }),
+                        other => return Ok(other),
+                    }
+                }
+                Some(Ok(WsMessage::Close(_))) | None => return Err(Error::Closed),
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => return Err(e.into()),
+            }
+        }
+    }
+}
+
+impl Client {
+    /// Connects to `url` (`ws://host:port`), resumes every known document, pushes the outbox and
+    /// returns once every pushed batch is acknowledged. Gives up after [`SYNC_TIMEOUT`].
+    pub async fn sync_once(&mut self, url: &str, token: &str) -> Result<SyncReport> {
+        match tokio::time::timeout(SYNC_TIMEOUT, self.sync_pass(url, token)).await {
+            Ok(result) => result,
+            Err(_) => Err(Error::Timeout(SYNC_TIMEOUT)),
+        }
+    }
+
+    async fn sync_pass(&mut self, url: &str, token: &str) -> Result<SyncReport> {
+        let endpoint = format!("{}/v1/sync", url.trim_end_matches('/'));
+        let (ws, _) = tokio_tungstenite::connect_async(endpoint).await?;
+        let mut conn = Connection {
+            ws,
+            report: SyncReport::default(),
+        };
+        conn.send(&ClientFrame::Hello {
+            version: PROTOCOL_VERSION,
+            token: token.to_string(),
+            client_id: self.identity.client_id,
+        })
+        .await?;
+        match conn.recv().await? {
+            ServerFrame::Welcome { .. } => {}
+            other => return Err(Error::Protocol(format!("expected a welcome, got {other:?}"))),
+        }
+
+        let ids = self.documents().await?;
+        let mut resume = Vec::with_capacity(ids.len());
+        for id in &ids {
+            let doc = self.document(id).await?;
+            resume.push(ResumeDoc {
+                doc: DocId::new(id.as_str()).map_err(Error::DocId)?,
+                cursor: self.store.server_cursor(id).await?,
+                state_vector: state_vector(&doc),
+            });
+        }
+        conn.report.documents = resume.len();
+        if resume.is_empty() {
+            let _ = conn.ws.close(None).await;
+            return Ok(conn.report);
+        }
+        conn.send(&ClientFrame::Resume { docs: resume }).await?;
+        conn.report.round_trips = 1;
+
+        let limits = Limits::default();
+        let mut resumed = false;
+        let mut resumed_docs: HashSet<String> = HashSet::new();
+        // Pushed batches not acknowledged yet, per document.
+        let mut unacked: HashMap<String, HashSet<u64>> = HashMap::new();
+        loop {
+            if resumed && unacked.values().all(HashSet::is_empty) {
+                break;
+            }
+            match conn.recv().await? {
+                ServerFrame::Resumed { docs } => {
+                    for answer in docs {
+                        let id = answer.doc.as_str().to_string();
+                        let doc = self.document(&id).await?;
+                        match answer.update {
+                            Some(update) => {
+                                apply_remote(&doc, &update, &limits)?;
+                                self.store.record_remote(&id, answer.cursor, &[update]).await?;
+                            }
+                            None => self.store.record_remote(&id, answer.cursor, &[]).await?,
+                        }
+                        let outbox = self.store.outbox(Some(&id)).await?;
+                        for push in plan_pushes(&doc, outbox, answer.state_vector.as_deref())? {
+                            let (batch, update) = match push {
+                                PlannedPush::Outbox(entry) => (entry.batch, entry.update),
+                                PlannedPush::Recovery(update) => (self.store.record_local(&id, &update).await?, update),
+                            };
+                            unacked.entry(id.clone()).or_default().insert(batch);
+                            conn.send(&ClientFrame::Push {
+                                doc: answer.doc.clone(),
+                                batch,
+                                update,
+                            })
+                            .await?;
+                        }
+                        resumed_docs.insert(id);
+                    }
+                    resumed = true;
+                }
+                ServerFrame::Update {
+                    doc: id,
+                    cursor,
+                    update,
+                } => {
+                    let id = id.as_str().to_string();
+                    let doc = self.document(&id).await?;
+                    apply_remote(&doc, &update, &limits)?;
+                    // Before the document's resume answer the cursor must not move: the answer
+                    // may still carry older entries. The update itself is kept either way.
+                    let cursor = if resumed_docs.contains(&id) { cursor } else { 0 };
+                    self.store.record_remote(&id, cursor, &[update]).await?;
+                }
+                ServerFrame::Ack { doc: id, batch, cursor } => {
+                    let id = id.as_str().to_string();
+                    self.store.acknowledge(&id, batch).await?;
+                    if resumed_docs.contains(&id) {
+                        self.store.record_remote(&id, cursor, &[]).await?;
+                    }
+                    if let Some(pending) = unacked.get_mut(&id) {
+                        // An acknowledgement covers the batch and every older one.
+                        pending.retain(|&b| b > batch);
+                    }
+                }
+                // Presence, typing and pongs do not concern a one-shot sync.
+                _ => {}
+            }
+        }
+        let _ = conn.ws.close(None).await;
+        Ok(conn.report)
+    }
+}
+
+impl Client {
+    /// Like [`sync_once`](Self::sync_once), retried with `backoff` while the failure is
+    /// retryable, at most `max_attempts` times.
+    pub async fn sync_with_retry(
+        &mut self,
+        url: &str,
+        token: &str,
+        backoff: &mut crate::Backoff,
+        max_attempts: u32,
+    ) -> Result<SyncReport> {
+        let mut tries = 0u32;
+        loop {
+            match self.sync_once(url, token).await {
+                Ok(report) => {
+                    backoff.reset();
+                    return Ok(report);
+                }
+                Err(e) => {
+                    tries += 1;
+                    if !e.is_retryable() || tries >= max_attempts {
+                        return Err(e);
+                    }
+                    tracing::debug!(error = %e, tries, "sync failed; retrying");
+                    tokio::time::sleep(backoff.next_delay()).await;
+                }
+            }
+        }
+    }
+}

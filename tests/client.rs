@@ -1,0 +1,123 @@
+//! The client library against a real server: offline edits on two devices converge after each
+//! syncs, a fresh device catches up, and an unchanged resume is cheap.
+
+use driftsync_client::Client;
+use driftsync_engine::store::Store;
+use driftsync_tests::{sqlite_store, TestServer};
+
+const ROOM: &str = "chat/general";
+const NOTES: &str = "notes/1";
+
+/// Messages as (id, author, text, deleted), in display order.
+async fn messages(c: &mut Client) -> Vec<(String, String, String, bool)> {
+    c.chat_messages(ROOM)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(m, _)| (m.id, m.author, m.text, m.deleted))
+        .collect()
+}
+
+#[tokio::test]
+async fn offline_edits_converge_after_sync() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut ada = Client::open(dir.path().join("ada.db"), "ada").await.unwrap();
+    let mut bob = Client::open(dir.path().join("bob.db"), "bob").await.unwrap();
+
+    // Offline: no server is running yet.
+    let a1 = ada.chat_send(ROOM, "hello from ada").await.unwrap();
+    let b1 = bob.chat_send(ROOM, "hello from bob").await.unwrap();
+    let a2 = ada.chat_send(ROOM, "typo here").await.unwrap();
+    ada.chat_edit(ROOM, &a2, "fixed").await.unwrap();
+    let b2 = bob.chat_send(ROOM, "to be deleted").await.unwrap();
+    bob.chat_delete(ROOM, &b2).await.unwrap();
+    assert_eq!(
+        ada.chat_mark_read(ROOM, None).await.unwrap().as_deref(),
+        Some(a2.as_str())
+    );
+    bob.chat_mark_read(ROOM, Some(&b1)).await.unwrap();
+    ada.text_append(NOTES, "world").await.unwrap();
+    ada.text_insert(NOTES, 0, "hello ").await.unwrap();
+    bob.text_append(NOTES, "!").await.unwrap();
+    assert_eq!(ada.text(NOTES).await.unwrap(), "hello world");
+    // Nothing has reached a server: every own message is still local.
+    assert!(ada
+        .chat_messages(ROOM)
+        .await
+        .unwrap()
+        .iter()
+        .all(|(_, delivered)| !delivered));
+    assert!(ada.chat_edit(ROOM, &b1, "not mine").await.is_err());
+
+    let (_server_dir, store) = sqlite_store().await;
+    let server = TestServer::start(store, Default::default()).await;
+    let url = server.url();
+    for _ in 0..2 {
+        let ra = ada.sync_once(&url, "").await.unwrap();
+        assert_eq!(ra.documents, 2);
+        assert_eq!(ra.round_trips, 1);
+        bob.sync_once(&url, "").await.unwrap();
+    }
+
+    let ma = messages(&mut ada).await;
+    let mb = messages(&mut bob).await;
+    assert_eq!(ma, mb);
+    assert_eq!(ma.len(), 4);
+    let ids: Vec<&str> = ma.iter().map(|m| m.0.as_str()).collect();
+    for id in [&a1, &a2, &b1, &b2] {
+        assert!(ids.contains(&id.as_str()));
+    }
+    assert!(ma.iter().any(|m| m.2 == "fixed"));
+    assert!(ma.iter().any(|m| m.0 == b2 && m.3 && m.2.is_empty()));
+    // Every message is acknowledged now.
+    assert!(ada.chat_messages(ROOM).await.unwrap().iter().all(|(_, d)| *d));
+    assert!(bob.chat_messages(ROOM).await.unwrap().iter().all(|(_, d)| *d));
+
+    let ra = ada.chat_receipts(ROOM).await.unwrap();
+    assert_eq!(ra, bob.chat_receipts(ROOM).await.unwrap());
+    assert_eq!(ra.len(), 2);
+    assert_eq!(ra["ada"].message, a2);
+    assert_eq!(ra["bob"].message, b1);
+
+    let ta = ada.text(NOTES).await.unwrap();
+    assert_eq!(ta, bob.text(NOTES).await.unwrap());
+    assert!(ta.contains("hello world") && ta.contains('!'), "{ta}");
+
+    // A third, empty device opens the documents and catches up in one sync.
+    let mut cy = Client::open(dir.path().join("cy.db"), "cy").await.unwrap();
+    assert!(cy.text(NOTES).await.unwrap().is_empty());
+    assert!(cy.chat_messages(ROOM).await.unwrap().is_empty());
+    cy.sync_once(&url, "").await.unwrap();
+    assert_eq!(messages(&mut cy).await, ma);
+    assert_eq!(cy.chat_receipts(ROOM).await.unwrap(), ra);
+    assert_eq!(cy.text(NOTES).await.unwrap(), ta);
+    assert_eq!(cy.chat_unread_count(ROOM).await.unwrap(), 3);
+
+    // Reopened from disk, the third device still holds everything.
+    drop(cy);
+    let mut cy = Client::open(dir.path().join("cy.db"), "cy").await.unwrap();
+    assert_eq!(messages(&mut cy).await, ma);
+
+    // A resume with nothing changed costs a handful of bytes.
+    let quiet = ada.sync_once(&url, "").await.unwrap();
+    assert_eq!(quiet.documents, 2);
+    assert!(
+        quiet.bytes_sent + quiet.bytes_received < 256,
+        "an unchanged resume cost {quiet:?}"
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn unreachable_server_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = Client::open(dir.path().join("c.db"), "c").await.unwrap();
+    c.text_append(NOTES, "x").await.unwrap();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    drop(listener);
+    assert!(c.sync_once(&format!("ws://{addr}"), "").await.is_err());
+    // The edit is still there and still waiting to be pushed.
+    assert_eq!(c.text(NOTES).await.unwrap(), "x");
+    assert_eq!(c.store().outbox(None).await.unwrap().len(), 1);
+}
