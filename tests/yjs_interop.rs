@@ -38,6 +38,10 @@ const PACKAGES: [(&str, &str); 3] = [("yjs", "13.6.27"), ("y-websocket", "3.1.0"
 
 /// `target/node-yjs`, with the pinned packages installed; `None` when node or npm is missing.
 fn node_modules_dir() -> Option<PathBuf> {
+    // The tests of this file run on parallel threads of one process: install once, the others
+    // wait for it.
+    static INSTALL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _installing = INSTALL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     let works = |program: &str| {
         Command::new(program)
             .arg("--version")
