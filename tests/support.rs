@@ -27,9 +27,12 @@ pub struct TestServer {
 impl TestServer {
     /// Starts a server on `store` with `config`.
     pub async fn start<S: Store>(store: S, config: driftsync_server::Config) -> TestServer {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind 127.0.0.1:0");
+        TestServer::start_at(store, config, "127.0.0.1:0".parse().expect("address")).await
+    }
+
+    /// Starts a server on `store` with `config` at `addr` (to restart one where it was).
+    pub async fn start_at<S: Store>(store: S, config: driftsync_server::Config, addr: SocketAddr) -> TestServer {
+        let listener = tokio::net::TcpListener::bind(addr).await.expect("bind the test server");
         let addr = listener.local_addr().expect("local addr");
         let (stop, stopped) = oneshot::channel::<()>();
         let shutdown = async move {

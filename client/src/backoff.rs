@@ -54,12 +54,12 @@ impl Error {
     pub fn is_retryable(&self) -> bool {
         use driftsync_protocol::ErrorCode as C;
         match self {
-            Error::Connection(_) | Error::Closed | Error::Timeout(_) => true,
+            Error::Connection(_) | Error::Closed | Error::Timeout(_) | Error::Silent(_) => true,
             Error::Server { code, .. } => matches!(
                 code,
                 C::StoreUnavailable | C::Unavailable | C::RateLimited | C::Internal | C::MissingDependencies
             ),
-            Error::Engine(_) | Error::DocId(_) | Error::Protocol(_) | Error::Invalid(_) => false,
+            Error::Engine(_) | Error::DocId(_) | Error::Protocol(_) | Error::Invalid(_) | Error::Stopped => false,
         }
     }
 }

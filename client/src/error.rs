@@ -34,6 +34,12 @@ pub enum Error {
     /// The sync did not finish in time.
     #[error("the sync did not finish within {0:?}")]
     Timeout(std::time::Duration),
+    /// The server sent nothing (not even a pong) for this long: the connection is dead.
+    #[error("the server was silent for {0:?}")]
+    Silent(std::time::Duration),
+    /// The live session has stopped.
+    #[error("the session has stopped")]
+    Stopped,
     /// A caller's argument is not valid.
     #[error("{0}")]
     Invalid(String),

@@ -11,6 +11,7 @@
 
 mod backoff;
 mod error;
+mod live;
 mod sync;
 
 use std::collections::{BTreeMap, HashMap};
@@ -25,6 +26,7 @@ use yrs::{ClientID, Doc, Map, Out, Transact};
 
 pub use backoff::{retry, Backoff};
 pub use error::{Error, Result};
+pub use live::{ConnectionState, Event, Events, Options, Session, TokenFuture, TYPING_THROTTLE, TYPING_TIMEOUT};
 pub use sync::{SyncReport, SYNC_TIMEOUT};
 
 /// A replica of documents on one local store, acting for one user.

@@ -4,10 +4,12 @@
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use driftsync_engine::doc::state_vector;
+use driftsync_engine::doc::{is_empty_update, state_vector};
 use driftsync_engine::store::Store;
 use driftsync_engine::sync::{apply_remote, plan_pushes, Limits, PlannedPush};
-use driftsync_protocol::{ClientFrame, DocId, ResumeDoc, ServerFrame, DEFAULT_MAX_FRAME_SIZE, PROTOCOL_VERSION};
+use driftsync_protocol::{
+    ClientFrame, DocId, DocResumed, ResumeDoc, ServerFrame, DEFAULT_MAX_FRAME_SIZE, PROTOCOL_VERSION,
+};
 use futures_util::{SinkExt, StreamExt};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
@@ -109,15 +111,7 @@ impl Client {
         }
 
         let ids = self.documents().await?;
-        let mut resume = Vec::with_capacity(ids.len());
-        for id in &ids {
-            let doc = self.document(id).await?;
-            resume.push(ResumeDoc {
-                doc: DocId::new(id.as_str()).map_err(Error::DocId)?,
-                cursor: self.store.server_cursor(id).await?,
-                state_vector: state_vector(&doc),
-            });
-        }
+        let resume = self.resume_request(&ids).await?;
         conn.report.documents = resume.len();
         if resume.is_empty() {
             let _ = conn.ws.close(None).await;
@@ -139,23 +133,12 @@ impl Client {
                 ServerFrame::Resumed { docs } => {
                     for answer in docs {
                         let id = answer.doc.as_str().to_string();
-                        let doc = self.document(&id).await?;
-                        match answer.update {
-                            Some(update) => {
-                                apply_remote(&doc, &update, &limits)?;
-                                self.store.record_remote(&id, answer.cursor, &[update]).await?;
-                            }
-                            None => self.store.record_remote(&id, answer.cursor, &[]).await?,
-                        }
-                        let outbox = self.store.outbox(Some(&id)).await?;
-                        for push in plan_pushes(&doc, outbox, answer.state_vector.as_deref())? {
-                            let (batch, update) = match push {
-                                PlannedPush::Outbox(entry) => (entry.batch, entry.update),
-                                PlannedPush::Recovery(update) => (self.store.record_local(&id, &update).await?, update),
-                            };
+                        let doc = answer.doc.clone();
+                        let (_, pushes) = self.take_resumed(answer, &limits).await?;
+                        for (batch, update) in pushes {
                             unacked.entry(id.clone()).or_default().insert(batch);
                             conn.send(&ClientFrame::Push {
-                                doc: answer.doc.clone(),
+                                doc: doc.clone(),
                                 batch,
                                 update,
                             })
@@ -171,19 +154,12 @@ impl Client {
                     update,
                 } => {
                     let id = id.as_str().to_string();
-                    let doc = self.document(&id).await?;
-                    apply_remote(&doc, &update, &limits)?;
-                    // Before the document's resume answer the cursor must not move: the answer
-                    // may still carry older entries. The update itself is kept either way.
-                    let cursor = if resumed_docs.contains(&id) { cursor } else { 0 };
-                    self.store.record_remote(&id, cursor, &[update]).await?;
+                    let answered = resumed_docs.contains(&id);
+                    self.take_update(&id, cursor, update, answered, &limits).await?;
                 }
                 ServerFrame::Ack { doc: id, batch, cursor } => {
                     let id = id.as_str().to_string();
-                    self.store.acknowledge(&id, batch).await?;
-                    if resumed_docs.contains(&id) {
-                        self.store.record_remote(&id, cursor, &[]).await?;
-                    }
+                    self.take_ack(&id, batch, cursor, resumed_docs.contains(&id)).await?;
                     if let Some(pending) = unacked.get_mut(&id) {
                         // An acknowledgement covers the batch and every older one.
                         pending.retain(|&b| b > batch);
@@ -225,5 +201,82 @@ impl Client {
                 }
             }
         }
+    }
+}
+
+/// The steps both the one-shot sync and the live session take on the client's documents and
+/// store; they do no network I/O.
+impl Client {
+    /// One resume entry (server cursor and state vector) per document in `ids`.
+    pub(crate) async fn resume_request(&mut self, ids: &[String]) -> Result<Vec<ResumeDoc>> {
+        let mut resume = Vec::with_capacity(ids.len());
+        for id in ids {
+            let doc = self.document(id).await?;
+            resume.push(ResumeDoc {
+                doc: DocId::new(id.as_str()).map_err(Error::DocId)?,
+                cursor: self.store.server_cursor(id).await?,
+                state_vector: state_vector(&doc),
+            });
+        }
+        Ok(resume)
+    }
+
+    /// Applies the server's resume answer for one document and returns whether it changed the
+    /// document, and the pushes to send next (batch, update), oldest first.
+    pub(crate) async fn take_resumed(
+        &mut self,
+        answer: DocResumed,
+        limits: &Limits,
+    ) -> Result<(bool, Vec<(u64, Vec<u8>)>)> {
+        let id = answer.doc.as_str().to_string();
+        let doc = self.document(&id).await?;
+        let changed = match answer.update {
+            Some(update) => {
+                let changed = !is_empty_update(&update);
+                apply_remote(&doc, &update, limits)?;
+                self.store.record_remote(&id, answer.cursor, &[update]).await?;
+                changed
+            }
+            None => {
+                self.store.record_remote(&id, answer.cursor, &[]).await?;
+                false
+            }
+        };
+        let outbox = self.store.outbox(Some(&id)).await?;
+        let mut pushes = Vec::new();
+        for push in plan_pushes(&doc, outbox, answer.state_vector.as_deref())? {
+            pushes.push(match push {
+                PlannedPush::Outbox(entry) => (entry.batch, entry.update),
+                PlannedPush::Recovery(update) => (self.store.record_local(&id, &update).await?, update),
+            });
+        }
+        Ok((changed, pushes))
+    }
+
+    /// Applies an update the server broadcast. Before the document's resume answer (`answered`
+    /// false) the cursor must not move: the answer may still carry older entries. The update is
+    /// kept either way.
+    pub(crate) async fn take_update(
+        &mut self,
+        id: &str,
+        cursor: u64,
+        update: Vec<u8>,
+        answered: bool,
+        limits: &Limits,
+    ) -> Result<()> {
+        let doc = self.document(id).await?;
+        apply_remote(&doc, &update, limits)?;
+        let cursor = if answered { cursor } else { 0 };
+        self.store.record_remote(id, cursor, &[update]).await?;
+        Ok(())
+    }
+
+    /// Records the server's acknowledgement of `batch` (and every older batch of the document).
+    pub(crate) async fn take_ack(&mut self, id: &str, batch: u64, cursor: u64, answered: bool) -> Result<()> {
+        self.store.acknowledge(id, batch).await?;
+        if answered {
+            self.store.record_remote(id, cursor, &[]).await?;
+        }
+        Ok(())
     }
 }
