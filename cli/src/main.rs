@@ -16,6 +16,8 @@ use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use driftsync_engine::store::AnyStore;
 
+mod chat;
+
 #[derive(Parser)]
 #[command(name = "driftsync", version, about = "Offline-first sync engine: server and client")]
 struct Cli {
@@ -31,6 +33,9 @@ enum Command {
     Token(TokenArgs),
     /// Work on a local client store: chat, text and sync.
     Client(ClientArgs),
+    /// An interactive terminal chat in ROOM: live messages, typing, presence and read receipts;
+    /// keeps working offline and catches up on reconnect.
+    Chat(chat::ChatArgs),
 }
 
 #[derive(clap::Args)]
@@ -64,7 +69,7 @@ enum ChatCommand {
     /// List the messages: id, author, time, delivery state, readers and text.
     List {
         room: String,
-        /// One JSON object per line.
+        /// One JSON array of objects (id, author, text, time, edited, deleted, delivery, read_by).
         #[arg(long)]
         json: bool,
     },
@@ -78,6 +83,8 @@ enum TextCommand {
     Append { doc: String, text: String },
     /// Insert text at a position (UTF-16 code units).
     Insert { doc: String, pos: u32, text: String },
+    /// Delete LEN code units at a position (UTF-16 code units).
+    Delete { doc: String, pos: u32, len: u32 },
     /// Print the text.
     Show { doc: String },
 }
@@ -90,7 +97,9 @@ struct SyncArgs {
     /// The access token (empty for an open server).
     #[arg(long, env = "DRIFTSYNC_TOKEN", default_value = "", hide_env_values = true)]
     token: String,
-    /// Sync once and exit (the only mode so far).
+    /// Exit once every local change is acknowledged and every remote change received, after
+    /// printing one JSON line (documents, bytes_sent, bytes_received, round_trips). Without it,
+    /// keep syncing until interrupted, printing one JSON line per event.
     #[arg(long)]
     once: bool,
     /// Also subscribe to these documents (comma-separated), e.g. ones this store never saw.
@@ -154,6 +163,7 @@ fn main() {
             Command::Serve(args) => serve(args).await,
             Command::Token(args) => token(args),
             Command::Client(args) => client(args).await,
+            Command::Chat(args) => chat::run(args, shutdown_signal()).await,
         }
     });
     if let Err(e) = result {
@@ -262,22 +272,23 @@ async fn client(args: ClientArgs) -> anyhow::Result<()> {
             println!("{}", client.chat_send(&room, &text).await?);
         }
         ClientCommand::Chat(ChatCommand::List { room, json }) => {
-            for entry in client.chat_list(&room).await? {
-                if json {
-                    println!("{}", entry.to_json());
-                } else {
-                    let m = &entry.message;
-                    let text = if m.deleted { "(deleted)" } else { m.text.as_str() };
-                    println!(
-                        "{}\t{}\t{}\t{}\tread_by={}\t{}",
-                        m.id,
-                        m.author,
-                        m.created_ms,
-                        entry.delivery(),
-                        entry.read_by.join(","),
-                        text
-                    );
-                }
+            let entries = client.chat_list(&room).await?;
+            if json {
+                let array: Vec<_> = entries.iter().map(|e| e.to_json()).collect();
+                println!("{}", serde_json::Value::Array(array));
+            }
+            for entry in entries.iter().filter(|_| !json) {
+                let m = &entry.message;
+                let text = if m.deleted { "(deleted)" } else { m.text.as_str() };
+                println!(
+                    "{}\t{}\t{}\t{}\tread_by={}\t{}",
+                    m.id,
+                    m.author,
+                    m.created_ms,
+                    entry.delivery(),
+                    entry.read_by.join(","),
+                    text
+                );
             }
         }
         ClientCommand::Chat(ChatCommand::Read { room, message }) => {
@@ -287,18 +298,40 @@ async fn client(args: ClientArgs) -> anyhow::Result<()> {
         }
         ClientCommand::Text(TextCommand::Append { doc, text }) => client.text_append(&doc, &text).await?,
         ClientCommand::Text(TextCommand::Insert { doc, pos, text }) => client.text_insert(&doc, pos, &text).await?,
+        ClientCommand::Text(TextCommand::Delete { doc, pos, len }) => client.text_delete(&doc, pos, len).await?,
         ClientCommand::Text(TextCommand::Show { doc }) => println!("{}", client.text(&doc).await?),
         ClientCommand::Sync(sync) => {
-            if !sync.once {
-                bail!("only `sync --once` is supported so far");
-            }
             for doc in sync.docs.iter().map(|d| d.trim()).filter(|d| !d.is_empty()) {
                 client.document(doc).await?;
             }
-            let report = client.sync_once(&sync.server, &sync.token).await?;
-            println!("{}", report.to_json());
+            if sync.once {
+                let report = client.sync_once(&sync.server, &sync.token).await?;
+                println!("{}", report.to_json());
+            } else {
+                sync_live(client, &sync).await?;
+            }
         }
     }
+    Ok(())
+}
+
+/// Keeps syncing until interrupted, one JSON line per event on stdout.
+async fn sync_live(client: driftsync_client::Client, args: &SyncArgs) -> anyhow::Result<()> {
+    use driftsync_client::{Options, Session};
+    let session = Session::start(client, Options::new(&args.server).token(&args.token));
+    let mut events = session.events();
+    let stop = shutdown_signal();
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            () = &mut stop => break,
+            event = events.recv() => match event {
+                Some(event) => println!("{}", chat::event_json(&event)),
+                None => bail!("the session stopped"),
+            },
+        }
+    }
+    session.shutdown().await?;
     Ok(())
 }
 

@@ -280,9 +280,9 @@ impl ChatEntry {
         }
     }
 
-    /// The entry as one line of JSON: id, author, text, time (ms), edited, deleted, delivery
-    /// and read_by.
-    pub fn to_json(&self) -> String {
+    /// The entry as a JSON object: id, author, text, time (ms), edited, deleted, delivery and
+    /// read_by.
+    pub fn to_json(&self) -> serde_json::Value {
         serde_json::json!({
             "id": self.message.id,
             "author": self.message.author,
@@ -293,7 +293,6 @@ impl ChatEntry {
             "delivery": self.delivery(),
             "read_by": self.read_by,
         })
-        .to_string()
     }
 }
 

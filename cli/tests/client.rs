@@ -1,0 +1,333 @@
+//! The client commands of the `driftsync` binary, run as processes against a server in this
+//! process: the offline-first story of the README, a client killed in the middle of a sync,
+//! and the interactive chat.
+
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+use driftsync_engine::store::Store;
+use driftsync_tests::{sqlite_store, TestServer, TIMEOUT};
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::process::{Child, ChildStdin, Command};
+
+const ROOM: &str = "chat/team";
+
+/// Runs `driftsync client --store STORE --user USER ARGS…`; returns stdout, failing on a non-zero exit.
+async fn run(store: &Path, user: &str, args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_driftsync"))
+        .arg("client")
+        .arg("--store")
+        .arg(store)
+        .args(["--user", user])
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .await
+        .expect("run driftsync");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "driftsync {args:?} failed: {stderr}");
+    String::from_utf8(out.stdout).expect("utf-8 output")
+}
+
+async fn list(store: &Path, user: &str) -> Vec<Value> {
+    let out = run(store, user, &["chat", "list", ROOM, "--json"]).await;
+    match serde_json::from_str(out.trim()) {
+        Ok(Value::Array(items)) => items,
+        other => panic!("chat list --json is not one JSON array: {other:?} from {out:?}"),
+    }
+}
+
+#[tokio::test]
+async fn offline_story_two_stores_write_offline_sync_and_list() {
+    let dir = tempfile::tempdir().unwrap();
+    let ada = dir.path().join("ada.db");
+    let bob = dir.path().join("bob.db");
+
+    // Offline: no server yet.
+    let a1 = run(&ada, "ada", &["chat", "send", ROOM, "hi from ada"])
+        .await
+        .trim()
+        .to_string();
+    let b1 = run(&bob, "bob", &["chat", "send", ROOM, "hi from bob"])
+        .await
+        .trim()
+        .to_string();
+    assert_eq!(a1.len(), 36, "a UUID: {a1}");
+    run(&ada, "ada", &["text", "append", "notes/plan", "hello world"]).await;
+    run(&ada, "ada", &["text", "insert", "notes/plan", "0", ">> "]).await;
+    run(&ada, "ada", &["text", "delete", "notes/plan", "8", "6"]).await;
+    assert_eq!(
+        run(&ada, "ada", &["text", "show", "notes/plan"]).await.trim(),
+        ">> hello"
+    );
+    let before = list(&ada, "ada").await;
+    assert_eq!(before.len(), 1);
+    for key in ["id", "author", "text", "time", "delivery", "read_by"] {
+        assert!(before[0].get(key).is_some(), "{key} missing in {}", before[0]);
+    }
+    assert_eq!(before[0]["delivery"], "local");
+
+    let (_server_dir, store) = sqlite_store().await;
+    let server = TestServer::start(store, Default::default()).await;
+    let url = server.url();
+    let sync = |store: &'static str| {
+        let path = dir.path().join(store);
+        let url = url.clone();
+        async move {
+            let out = run(&path, "x", &["sync", "--server", &url, "--once"]).await;
+            let report: Value = serde_json::from_str(out.trim()).expect("one JSON line");
+            for key in ["documents", "bytes_sent", "bytes_received", "round_trips"] {
+                assert!(report.get(key).is_some(), "{key} missing in {report}");
+            }
+            report
+        }
+    };
+    let report = sync("ada.db").await;
+    assert_eq!(report["documents"], 2);
+    assert_eq!(report["round_trips"], 1);
+    sync("bob.db").await;
+    sync("ada.db").await;
+
+    // Bob reads Ada's message; Ada sees the receipt after a sync.
+    run(&bob, "bob", &["chat", "read", ROOM]).await;
+    sync("bob.db").await;
+    sync("ada.db").await;
+    let on_ada = list(&ada, "ada").await;
+    let on_bob = list(&bob, "bob").await;
+    let ids = |l: &[Value]| {
+        l.iter()
+            .map(|m| m["id"].as_str().unwrap().to_string())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(ids(&on_ada), ids(&on_bob), "the same messages in the same order");
+    assert_eq!(on_ada.len(), 2);
+    let mut expected = vec![a1.clone(), b1.clone()];
+    expected.sort_by_key(|id| ids(&on_ada).iter().position(|x| x == id));
+    assert_eq!(ids(&on_ada), expected);
+    assert!(on_ada.iter().all(|m| m["delivery"] == "acknowledged"), "{on_ada:?}");
+    let read_by = |l: &[Value], id: &str| l.iter().find(|m| m["id"] == id).unwrap()["read_by"].clone();
+    assert!(read_by(&on_ada, &a1).as_array().unwrap().contains(&Value::from("bob")));
+    assert_eq!(read_by(&on_ada, &a1), read_by(&on_bob, &a1));
+
+    // Errors are one line on stderr and a non-zero exit.
+    let out = Command::new(env!("CARGO_BIN_EXE_driftsync"))
+        .args(["client", "--store"])
+        .arg(&ada)
+        .args(["--user", "ada", "chat", "read", ROOM, "no-such-message"])
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_client_killed_mid_sync_resumes_from_its_store() {
+    const PER_ROUND: usize = 300;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("phone.db");
+    let (_server_dir, store) = sqlite_store().await;
+    let server = TestServer::start(store.clone(), Default::default()).await;
+    let url = server.url();
+    let mut written = Vec::new();
+    let mut mid_sync_kills = 0;
+    for round in 0..8 {
+        // The app writes a batch of messages offline…
+        let mut client = driftsync_client::Client::open(&path, "phone").await.unwrap();
+        for i in 0..PER_ROUND {
+            written.push(
+                client
+                    .chat_send(ROOM, &format!("round {round} message {i}"))
+                    .await
+                    .unwrap(),
+            );
+        }
+        drop(client);
+        let head = |s: driftsync_engine::store::SqliteStore| async move {
+            s.meta(ROOM).await.unwrap().map(|m| m.head).unwrap_or(0)
+        };
+        let start = head(store.clone()).await;
+        // …and is killed while the sync is under way: once the server has stored some of this
+        // round's pushes, but (if we are quick enough) not all of them.
+        let mut child = Command::new(env!("CARGO_BIN_EXE_driftsync"))
+            .arg("client")
+            .arg("--store")
+            .arg(&path)
+            .args(["--user", "phone", "sync", "--server", &url, "--once"])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let deadline = tokio::time::Instant::now() + TIMEOUT;
+        let at_kill = loop {
+            let now = head(store.clone()).await;
+            if now > start || tokio::time::Instant::now() > deadline {
+                break now;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        };
+        child.start_kill().unwrap();
+        let _ = child.wait().await;
+        let stored = head(store.clone()).await;
+        let mid = (stored - start) < PER_ROUND as u64;
+        println!(
+            "round {round}: killed with {} of {PER_ROUND} pushes stored ({} at the kill)",
+            stored - start,
+            at_kill - start
+        );
+        if mid {
+            mid_sync_kills += 1;
+        }
+        if mid_sync_kills >= 3 {
+            break;
+        }
+    }
+    assert!(mid_sync_kills > 0, "no kill landed in the middle of a sync");
+
+    // Restarted: the sync completes from the store, and nothing is lost or doubled.
+    let out = run(&path, "phone", &["sync", "--server", &url, "--once"]).await;
+    assert!(out.contains("\"round_trips\":1"), "{out}");
+    let phone = list(&path, "phone").await;
+    assert!(phone.iter().all(|m| m["delivery"] == "acknowledged"));
+    let fresh = dir.path().join("fresh.db");
+    run(&fresh, "fresh", &["sync", "--server", &url, "--once", "--doc", ROOM]).await;
+    let seen: Vec<String> = list(&fresh, "fresh")
+        .await
+        .iter()
+        .map(|m| m["id"].as_str().unwrap().to_string())
+        .collect();
+    let mut expected = written.clone();
+    expected.sort();
+    let mut got = seen.clone();
+    got.sort();
+    assert_eq!(
+        got.len(),
+        written.len(),
+        "every message written reached the server exactly once"
+    );
+    assert_eq!(got, expected);
+    server.stop().await;
+}
+
+const SECRET: &str = "chat-test-secret";
+
+/// An interactive `driftsync chat` process reading stdin line by line.
+struct Chat {
+    child: Child,
+    stdin: ChildStdin,
+    lines: tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
+}
+
+impl Chat {
+    fn start(url: &str, store: &Path, user: &str) -> Chat {
+        let token = driftsync_server::mint(SECRET, user, &["chat/*".into()], true, Duration::from_secs(600)).unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_driftsync"))
+            .args([
+                "chat", ROOM, "--server", url, "--user", user, "--token", &token, "--store",
+            ])
+            .arg(store)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start driftsync chat");
+        let stdin = child.stdin.take().unwrap();
+        let lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        Chat { child, stdin, lines }
+    }
+
+    async fn say(&mut self, line: &str) {
+        self.stdin.write_all(format!("{line}\n").as_bytes()).await.unwrap();
+        self.stdin.flush().await.unwrap();
+    }
+
+    /// Reads output until a line contains `needle`; returns it.
+    async fn expect(&mut self, needle: &str) -> String {
+        let mut seen = Vec::new();
+        let found = tokio::time::timeout(TIMEOUT, async {
+            while let Ok(Some(line)) = self.lines.next_line().await {
+                if line.contains(needle) {
+                    return Some(line);
+                }
+                seen.push(line);
+            }
+            None
+        })
+        .await;
+        match found {
+            Ok(Some(line)) => line,
+            _ => panic!("no line with {needle:?}; saw {seen:#?}"),
+        }
+    }
+
+    /// Reads output until every needle has appeared in some line, in any order.
+    async fn expect_all(&mut self, needles: &[&str]) {
+        let mut missing: Vec<&str> = needles.to_vec();
+        let mut seen = Vec::new();
+        let done = tokio::time::timeout(TIMEOUT, async {
+            while !missing.is_empty() {
+                match self.lines.next_line().await {
+                    Ok(Some(line)) => {
+                        missing.retain(|n| !line.contains(n));
+                        seen.push(line);
+                    }
+                    _ => return false,
+                }
+            }
+            true
+        })
+        .await;
+        assert!(matches!(done, Ok(true)), "missing {missing:?}; saw {seen:#?}");
+    }
+
+    async fn quit(mut self) {
+        self.say("/quit").await;
+        let status = tokio::time::timeout(TIMEOUT, self.child.wait()).await.unwrap().unwrap();
+        assert!(status.success());
+    }
+}
+
+#[tokio::test]
+async fn interactive_chat_live_offline_and_catch_up() {
+    let dir = tempfile::tempdir().unwrap();
+    // Where the server will listen, once it runs.
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let url = format!("ws://{addr}");
+
+    // Ada starts while the server is down: she can still write.
+    let mut ada = Chat::start(&url, &dir.path().join("ada.db"), "ada");
+    ada.expect("driftsync chat").await;
+    ada.expect("offline").await;
+    ada.say("written while offline").await;
+    ada.expect("written while offline").await;
+
+    let (_server_dir, store) = sqlite_store().await;
+    let config = driftsync_server::Config {
+        auth: driftsync_server::Auth::new(Some(SECRET)),
+        ..Default::default()
+    };
+    let server = TestServer::start_at(store, config, addr).await;
+    ada.expect("saved on the server").await;
+
+    // Bob joins: he gets the history, then live messages both ways, typing-free line mode.
+    let mut bob = Chat::start(&url, &dir.path().join("bob.db"), "bob");
+    bob.expect("written while offline").await;
+    bob.say("hello ada").await;
+    ada.expect_all(&["bob is here", "hello ada", "read by bob"]).await;
+    ada.say("hello bob").await;
+    let line = bob.expect("hello bob").await;
+    assert!(line.contains("ada:"), "{line}");
+    bob.quit().await;
+    ada.expect("bob left").await;
+    ada.quit().await;
+    server.stop().await;
+}
