@@ -121,3 +121,70 @@ async fn unreachable_server_is_an_error() {
     assert_eq!(c.text(NOTES).await.unwrap(), "x");
     assert_eq!(c.store().outbox(None).await.unwrap().len(), 1);
 }
+
+/// A phone holding 100 documents is offline while 3 of them change on the server: its resume
+/// takes one round trip, and what it receives is a small constant per unchanged document plus
+/// the changes themselves.
+#[tokio::test]
+async fn resume_of_100_documents_with_3_changed() {
+    const DOCS: usize = 100;
+    const CHANGED: usize = 3;
+    /// Bytes the answer may spend on a document that did not change.
+    const PER_UNCHANGED: u64 = 24;
+    /// Bytes the answer may spend per changed document beyond the changes themselves.
+    const PER_CHANGED: u64 = 64;
+
+    let dir = tempfile::tempdir().unwrap();
+    let (_server_dir, store) = sqlite_store().await;
+    let server = TestServer::start(store, Default::default()).await;
+    let url = server.url();
+    let ids: Vec<String> = (0..DOCS).map(|i| format!("docs/{i:03}")).collect();
+
+    let mut phone = Client::open(dir.path().join("phone.db"), "phone").await.unwrap();
+    for (i, id) in ids.iter().enumerate() {
+        phone
+            .text_append(id, &format!("Document {i}: some notes written on the phone. "))
+            .await
+            .unwrap();
+    }
+    phone.sync_once(&url, "").await.unwrap();
+    // Nothing changed: the resume costs a small constant per document.
+    let idle = phone.sync_once(&url, "").await.unwrap();
+    assert_eq!((idle.documents, idle.round_trips), (DOCS, 1));
+    assert!(idle.bytes_received <= DOCS as u64 * PER_UNCHANGED, "{idle:?}");
+
+    // Meanwhile, a laptop edits three of the documents.
+    let mut laptop = Client::open(dir.path().join("laptop.db"), "laptop").await.unwrap();
+    for id in &ids[..CHANGED] {
+        laptop.document(id).await.unwrap();
+    }
+    laptop.sync_once(&url, "").await.unwrap();
+    for id in &ids[..CHANGED] {
+        laptop.text_append(id, "Edited on the laptop while the phone slept.").await.unwrap();
+        laptop.text_insert(id, 0, "[laptop] ").await.unwrap();
+    }
+    let changes: u64 = laptop
+        .store()
+        .outbox(None)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.update.len() as u64)
+        .sum();
+    laptop.sync_once(&url, "").await.unwrap();
+
+    let report = phone.sync_once(&url, "").await.unwrap();
+    let bound = (DOCS - CHANGED) as u64 * PER_UNCHANGED + CHANGED as u64 * PER_CHANGED + changes;
+    println!(
+        "resume of {DOCS} documents, {CHANGED} changed ({changes} bytes of changes): {} bytes received \
+         (bound {bound}), {} bytes sent, {} round trip(s); unchanged resume: {} received, {} sent",
+        report.bytes_received, report.bytes_sent, report.round_trips, idle.bytes_received, idle.bytes_sent
+    );
+    assert_eq!(report.round_trips, 1);
+    assert_eq!(report.documents, DOCS);
+    assert!(report.bytes_received <= bound, "{report:?} > {bound}");
+    for id in &ids[..CHANGED] {
+        assert!(phone.text(id).await.unwrap().starts_with("[laptop] Document"));
+    }
+    server.stop().await;
+}
