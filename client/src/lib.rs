@@ -9,6 +9,11 @@
 //! Documents are loaded lazily from the store on first use and cached; a document counts as
 //! known (and is resumed by a sync) once it is stored or has been opened by any call.
 
+/// The README's examples, compiled as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+pub struct ReadmeDoctests;
+
 mod backoff;
 mod error;
 mod live;
