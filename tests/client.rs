@@ -40,6 +40,13 @@ async fn offline_edits_converge_after_sync() {
     ada.text_insert(NOTES, 0, "hello ").await.unwrap();
     bob.text_append(NOTES, "!").await.unwrap();
     assert_eq!(ada.text(NOTES).await.unwrap(), "hello world");
+    ada.map_set(NOTES, "title", serde_json::json!("Plan")).await.unwrap();
+    ada.map_set(NOTES, "draft", serde_json::json!(true)).await.unwrap();
+    bob.map_set(NOTES, "owner", serde_json::json!({"name": "bob", "since": 2026}))
+        .await
+        .unwrap();
+    bob.map_set(NOTES, "draft", serde_json::json!(false)).await.unwrap();
+    ada.map_remove(NOTES, "draft").await.unwrap();
     // Nothing has reached a server: every own message is still local.
     assert!(ada
         .chat_messages(ROOM)
@@ -82,6 +89,10 @@ async fn offline_edits_converge_after_sync() {
     let ta = ada.text(NOTES).await.unwrap();
     assert_eq!(ta, bob.text(NOTES).await.unwrap());
     assert!(ta.contains("hello world") && ta.contains('!'), "{ta}");
+    let map = ada.map(NOTES).await.unwrap();
+    assert_eq!(map, bob.map(NOTES).await.unwrap());
+    assert_eq!(map["title"], serde_json::json!("Plan"));
+    assert_eq!(map["owner"]["name"], serde_json::json!("bob"));
 
     // A third, empty device opens the documents and catches up in one sync.
     let mut cy = Client::open(dir.path().join("cy.db"), "cy").await.unwrap();
@@ -160,7 +171,10 @@ async fn resume_of_100_documents_with_3_changed() {
     }
     laptop.sync_once(&url, "").await.unwrap();
     for id in &ids[..CHANGED] {
-        laptop.text_append(id, "Edited on the laptop while the phone slept.").await.unwrap();
+        laptop
+            .text_append(id, "Edited on the laptop while the phone slept.")
+            .await
+            .unwrap();
         laptop.text_insert(id, 0, "[laptop] ").await.unwrap();
     }
     let changes: u64 = laptop

@@ -325,3 +325,68 @@ async fn a_silent_server_is_detected_by_heartbeats() {
     session.shutdown().await.unwrap();
     silent.abort();
 }
+
+#[tokio::test]
+async fn a_resync_close_is_answered_by_resuming_at_once() {
+    use driftsync_protocol::{ClientFrame, ServerFrame, CLOSE_RESYNC, DEFAULT_MAX_FRAME_SIZE, PROTOCOL_VERSION};
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::protocol::{frame::coding::CloseCode, CloseFrame};
+    use tokio_tungstenite::tungstenite::Message;
+
+    // A server that welcomes, waits for the resume, then closes with 4000 "resync"; it reports
+    // each resume it receives.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (resumes_tx, mut resumes) = tokio::sync::mpsc::channel::<usize>(16);
+    let server = tokio::spawn(async move {
+        loop {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let mut ws = tokio_tungstenite::accept_async(tcp).await.unwrap();
+            let _hello = ws.next().await;
+            let welcome = ServerFrame::Welcome {
+                version: PROTOCOL_VERSION,
+                max_frame_size: DEFAULT_MAX_FRAME_SIZE as u32,
+                session: 1,
+                heartbeat_ms: 15_000,
+            };
+            ws.send(Message::Binary(welcome.encode().into())).await.unwrap();
+            while let Some(Ok(msg)) = ws.next().await {
+                if let Message::Binary(bytes) = msg {
+                    if let Ok(ClientFrame::Resume { docs }) = ClientFrame::decode(&bytes, DEFAULT_MAX_FRAME_SIZE) {
+                        let _ = resumes_tx.send(docs.len()).await;
+                        let close = CloseFrame {
+                            code: CloseCode::from(CLOSE_RESYNC),
+                            reason: "resync".into(),
+                        };
+                        let _ = ws.send(Message::Close(Some(close))).await;
+                        break;
+                    }
+                }
+            }
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let mut client = Client::open(dir.path().join("c.db"), "c").await.unwrap();
+    client.text_append("notes/a", "x").await.unwrap();
+    // A slow backoff: only a resync may reconnect quickly.
+    let options =
+        Options::new(format!("ws://{addr}")).backoff(Backoff::new(Duration::from_secs(30), Duration::from_secs(60)));
+    let session = Session::start(client, options);
+    let mut events = session.events();
+    for _ in 0..3 {
+        let docs = tokio::time::timeout(TIMEOUT, resumes.recv()).await.unwrap().unwrap();
+        assert_eq!(docs, 1, "every connection resumes every known document");
+        let (reason, retry_in) = until(&mut events, |e| match e {
+            Event::Disconnected { reason, retry_in } => Some((reason.clone(), *retry_in)),
+            _ => None,
+        })
+        .await;
+        assert!(reason.contains("resync"), "{reason}");
+        assert!(
+            retry_in.unwrap() <= Duration::from_millis(250),
+            "a resync reconnects at once, not after the backoff: {retry_in:?}"
+        );
+    }
+    session.shutdown().await.unwrap();
+    server.abort();
+}

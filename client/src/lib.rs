@@ -158,6 +158,40 @@ impl Client {
         Ok(doc::text(&d))
     }
 
+    // ----- map -----
+
+    /// Sets `key` in the document's root map (the `Y.Map` named `map`) to a JSON value.
+    pub async fn map_set(&mut self, doc: &str, key: &str, value: serde_json::Value) -> Result<()> {
+        let d = self.document(doc).await?;
+        let value: yrs::Any =
+            serde_json::from_value(value).map_err(|e| Error::Invalid(format!("value for {key}: {e}")))?;
+        let update = doc::map_set(&d, key, value);
+        self.record(doc, &update).await?;
+        Ok(())
+    }
+
+    /// Removes `key` from the document's root map.
+    pub async fn map_remove(&mut self, doc: &str, key: &str) -> Result<()> {
+        let d = self.document(doc).await?;
+        let update = doc::map_remove(&d, key);
+        self.record(doc, &update).await?;
+        Ok(())
+    }
+
+    /// Every plain value in the document's root map, as JSON (nested shared types are skipped).
+    pub async fn map(&mut self, doc: &str) -> Result<BTreeMap<String, serde_json::Value>> {
+        let d = self.document(doc).await?;
+        let map = d.get_or_insert_map(doc::MAP_ROOT);
+        let txn = d.transact();
+        Ok(map
+            .iter(&txn)
+            .filter_map(|(key, value)| match value {
+                Out::Any(any) => serde_json::to_value(&any).ok().map(|v| (key.to_string(), v)),
+                _ => None,
+            })
+            .collect())
+    }
+
     // ----- chat -----
 
     /// The chat room over document `room`, created on first use.

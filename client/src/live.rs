@@ -49,6 +49,8 @@ const EVENT_CAPACITY: usize = 1024;
 pub const TYPING_THROTTLE: Duration = Duration::from_secs(2);
 /// Typing is cleared after this long without a keystroke.
 pub const TYPING_TIMEOUT: Duration = Duration::from_secs(4);
+/// The longest wait before reconnecting after a resync close.
+const RESYNC_JITTER: Duration = Duration::from_millis(250);
 /// How soon a push the server refused for a passing reason is tried again (through a new resume
 /// of its document).
 const RETRY_REFUSED: Duration = Duration::from_secs(1);
@@ -484,6 +486,20 @@ impl Session {
         Ok(())
     }
 
+    /// Sets a key of the document's root map (see [`Client::map_set`]).
+    pub async fn map_set(&self, doc: &str, key: &str, value: serde_json::Value) -> Result<()> {
+        self.client().await.map_set(doc, key, value).await?;
+        self.changed(doc);
+        Ok(())
+    }
+
+    /// Removes a key of the document's root map (see [`Client::map_remove`]).
+    pub async fn map_remove(&self, doc: &str, key: &str) -> Result<()> {
+        self.client().await.map_remove(doc, key).await?;
+        self.changed(doc);
+        Ok(())
+    }
+
     /// Sends a chat message and returns its id at once (see [`Client::chat_send`]); typing in the
     /// room ends.
     pub async fn chat_send(&self, room: &str, text: &str) -> Result<String> {
@@ -600,8 +616,10 @@ impl Task {
                     continue;
                 }
                 Ended::Resync => {
+                    // Not a failure: reconnect almost at once (a little jitter spreads the
+                    // clients of a server that shed many at the same moment).
                     self.backoff.reset();
-                    let delay = self.backoff.next_delay();
+                    let delay = Backoff::new(RESYNC_JITTER, RESYNC_JITTER).next_delay();
                     self.emit(Event::Disconnected {
                         reason: "the server asked for a resync".into(),
                         retry_in: Some(delay),
