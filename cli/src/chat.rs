@@ -395,7 +395,18 @@ async fn on_event(
         Event::RemoteChange { doc } | Event::Acknowledged { doc, .. } if doc == room => {
             refresh(session, room, me, view, screen, 0).await?;
         }
-        Event::Typing { doc, user, typing, .. } if doc == room && user != me => {
+        Event::Typing {
+            doc,
+            peer,
+            user,
+            typing,
+            ..
+        } if doc == room && user != me => {
+            // On an open server, the name the peer announced with its presence.
+            let user = match view.present.get(&peer) {
+                Some(name) if user == driftsync_server::auth::OPEN_USER => name.clone(),
+                _ => user,
+            };
             let was = view.typing.insert(user.clone(), typing).unwrap_or(false);
             if typing && !was {
                 screen.line(&format!("* {user} is typing…"));
