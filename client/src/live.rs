@@ -539,7 +539,7 @@ enum Ended {
     Paused,
     /// The server asked for a resync (close 4000): reconnect at once.
     Resync,
-    /// Failed; `connected` says whether the hello had been accepted.
+    /// Failed; `connected` says whether the connection got as far as synced.
     Failed { error: Error, connected: bool },
     /// Refused in a way a retry cannot fix.
     Fatal(Error),
@@ -763,6 +763,7 @@ impl Task {
             pushed: HashMap::new(),
             unacked: HashMap::new(),
             synced: false,
+            was_synced: false,
             retry: BTreeSet::new(),
             retry_at: None,
             limits: Limits::default(),
@@ -770,13 +771,18 @@ impl Task {
         match self.serve(&mut live, heartbeat).await {
             Ok(ended) => ended,
             Err(error) => {
-                let _ = live.ws.close(None).await;
+                close(&mut live.ws).await;
                 match &error {
                     Error::Server {
                         code: ErrorCode::UnsupportedVersion,
                         ..
                     } => Ended::Fatal(error),
-                    _ => Ended::Failed { error, connected: true },
+                    // Only a connection that got as far as synced resets the backoff, so a
+                    // server that accepts and then drops every connection is not hammered.
+                    _ => Ended::Failed {
+                        error,
+                        connected: live.was_synced,
+                    },
                 }
             }
         }
@@ -890,6 +896,7 @@ impl Task {
             self.state.send_replace(ConnectionState::Connected);
         }
         live.synced = synced;
+        live.was_synced |= synced;
     }
 
     /// Sends one resume for `ids`.
@@ -1039,7 +1046,7 @@ impl Task {
             Ok(Err(error)) => tracing::info!(%error, "flush failed; the outbox is kept for the next connection"),
             Err(_) => tracing::info!(?timeout, "flush timed out; the outbox is kept for the next connection"),
         }
-        let _ = live.ws.close(None).await;
+        close(&mut live.ws).await;
     }
 }
 
@@ -1055,6 +1062,8 @@ struct Live {
     /// Pushed batches not acknowledged yet, per document.
     unacked: HashMap<String, BTreeSet<u64>>,
     synced: bool,
+    /// Whether this connection was ever synced.
+    was_synced: bool,
     /// Documents to resume again at `retry_at`, after a refusal for a passing reason.
     retry: BTreeSet<String>,
     retry_at: Option<Instant>,
@@ -1100,6 +1109,11 @@ async fn next_frame(ws: &mut Ws) -> Result<Incoming> {
         Some(Ok(_)) => Ok(Incoming::Other),
         Some(Err(e)) => Err(e.into()),
     }
+}
+
+/// Closes the WebSocket cleanly, without waiting long on a dead peer.
+async fn close(ws: &mut Ws) {
+    let _ = tokio::time::timeout(Duration::from_secs(1), ws.close(None)).await;
 }
 
 fn closed_error(code: Option<u16>) -> Error {
