@@ -5,11 +5,12 @@
 //! stored and broadcast in cursor order. The room also holds the document's presence (see
 //! [`crate::presence`]), shared by native and Yjs connections.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU16, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Instant;
 
+use axum::body::Bytes;
 use driftsync_engine::chat::ChatGuard;
 use driftsync_engine::doc::load_document;
 use driftsync_engine::store::{Append, Appended, CompactionPolicy, LogEntry, LogTail, Origin, Store};
@@ -115,22 +116,26 @@ impl Rooms {
             if entry.cursor <= state.head {
                 continue;
             }
-            if let Err(e) = apply_remote(
-                &state.doc,
-                &entry.update,
-                &Limits {
-                    max_pending_bytes: usize::MAX,
-                },
-            ) {
-                tracing::error!(doc = %doc, error = %e, "an update from the shared store did not apply");
+            // An evicted document is not applied to: it reloads from the store, which has this.
+            if let Some(live) = state.live.as_ref() {
+                if let Err(e) = apply_remote(
+                    live,
+                    &entry.update,
+                    &Limits {
+                        max_pending_bytes: usize::MAX,
+                    },
+                ) {
+                    tracing::error!(doc = %doc, error = %e, "an update from the shared store did not apply");
+                }
             }
             state.head = entry.cursor;
+            state.remember(entry.cursor, &entry.update);
             let event = RoomEvent::Update {
                 doc: doc.clone(),
                 cursor: entry.cursor,
                 update: entry.update,
             };
-            state.broadcast(NO_SESSION, Arc::new(event));
+            state.broadcast(NO_SESSION, event);
         }
     }
 
@@ -153,12 +158,13 @@ impl Rooms {
                 clock,
                 state,
             };
-            local.broadcast(REMOTE_SESSION, Arc::new(event));
+            local.broadcast(REMOTE_SESSION, event);
         }
     }
 
-    /// Compacts the logs of loaded rooms that grew, and unloads rooms nobody has been subscribed
-    /// to for two sweeps in a row. Only a room nothing else holds is removed (checked under the
+    /// Compacts the logs of loaded rooms that grew, evicts the live documents of subscribed rooms
+    /// unused since the previous sweep, and unloads rooms nobody has been subscribed to for two
+    /// sweeps in a row. Only a room nothing else holds is removed (checked under the
     /// map lock), so a document never has two live rooms. Every acknowledged write is already
     /// committed, so unloading flushes nothing.
     pub(crate) async fn sweep<S: Store>(&self, store: &S, policy: &CompactionPolicy) {
@@ -172,44 +178,79 @@ impl Rooms {
         for room in rooms {
             let grown = {
                 let Ok(mut guard) = room.state.try_lock() else { continue };
-                match guard.as_mut() {
-                    Some(state) if state.head > state.checked_head => {
-                        state.checked_head = state.head;
-                        true
+                let Some(state) = guard.as_mut() else { continue };
+                if !state.subscribers.is_empty() {
+                    if state.active {
+                        state.active = false;
+                    } else if state.live.is_some() {
+                        // Subscribed, but nobody wrote to it or resumed it for a whole sweep
+                        // interval. (A room without subscribers is unloaded below instead.)
+                        state.evict();
+                        tracing::debug!(doc = %room.id, "evicted the live document of an idle room");
                     }
-                    _ => false,
+                }
+                if state.head > state.checked_head {
+                    state.checked_head = state.head;
+                    true
+                } else {
+                    false
                 }
             };
             if grown {
                 compact_if_due(store, room.id.as_str(), policy, &self.ctx.metrics).await;
             }
         }
-        let mut map = self.map.lock().unwrap_or_else(PoisonError::into_inner);
-        map.retain(|_, room| {
-            if Arc::strong_count(room) > 1 {
-                return true;
-            }
-            let Ok(mut guard) = room.state.try_lock() else {
-                return true;
-            };
-            match guard.as_mut() {
-                None => false,
-                Some(state) if state.subscribers.is_empty() => {
-                    state.idle_sweeps += 1;
-                    if state.idle_sweeps >= 2 {
-                        *guard = None;
-                        self.ctx.metrics.rooms.dec();
-                        false
-                    } else {
+        let mut unloaded = Vec::new();
+        self.map
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .retain(|_, room| {
+                if Arc::strong_count(room) > 1 {
+                    return true;
+                }
+                let Ok(mut guard) = room.state.try_lock() else {
+                    return true;
+                };
+                match guard.as_mut() {
+                    None => false,
+                    Some(state) if state.subscribers.is_empty() => {
+                        state.idle_sweeps += 1;
+                        if state.idle_sweeps >= 2 {
+                            *guard = None;
+                            self.ctx.metrics.rooms.dec();
+                            unloaded.push(room.id.clone());
+                            false
+                        } else {
+                            true
+                        }
+                    }
+                    Some(state) => {
+                        state.idle_sweeps = 0;
                         true
                     }
                 }
-                Some(state) => {
-                    state.idle_sweeps = 0;
-                    true
-                }
-            }
-        });
+            });
+        // A room going idle is the moment to fold its log: the next load reads the snapshot.
+        for id in unloaded {
+            compact_grown(store, &id, policy).await;
+        }
+    }
+
+    /// At shutdown: folds into its snapshot the log of every room in memory that grew by at
+    /// least `policy.min_log_bytes` since its snapshot (whether or not the log outgrew the
+    /// snapshot, which is when the sweeps compact), so that the next start loads snapshots
+    /// instead of replaying logs. Rooms unloaded by a sweep were compacted the same way.
+    pub(crate) async fn compact_at_shutdown<S: Store>(&self, store: &S, policy: &CompactionPolicy) {
+        let ids: Vec<DocId> = self
+            .map
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+            .map(|room| room.id.clone())
+            .collect();
+        for id in ids {
+            compact_grown(store, &id, policy).await;
+        }
     }
 
     /// Removes and announces the presence states of every loaded room not refreshed in time.
@@ -226,7 +267,7 @@ impl Rooms {
             let Ok(mut guard) = room.state.try_lock() else { continue };
             if let Some(state) = guard.as_mut() {
                 for event in state.presence.expire(&room.id, now_ms) {
-                    state.broadcast(NO_SESSION, Arc::new(event));
+                    state.broadcast(NO_SESSION, event);
                 }
             }
         }
@@ -242,7 +283,17 @@ pub(crate) struct Room {
 
 /// A loaded room.
 pub(crate) struct RoomState {
-    pub(crate) doc: Doc,
+    /// The live document; `None` while evicted: a subscribed room nobody wrote to or resumed
+    /// for a whole sweep interval keeps its subscribers and presence but not its yrs document
+    /// (whose heap is 10-15 times its encoded size), and reloads it from the store on next use.
+    live: Option<Doc>,
+    /// The newest stored updates, oldest first, contiguous and ending at `head`: resumes of
+    /// clients slightly behind are answered from here instead of reading the log.
+    recent: VecDeque<LogEntry>,
+    /// Bytes of update in `recent`.
+    recent_bytes: usize,
+    /// Whether the room was used since the last sweep.
+    active: bool,
     /// Cursor of the last update stored for this document.
     pub(crate) head: Cursor,
     pub(crate) subscribers: HashMap<u64, Subscriber>,
@@ -291,13 +342,46 @@ pub(crate) enum RoomEvent {
     },
 }
 
+/// The protocols a room event is encoded for; indexes [`SharedEvent`]'s cache.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Protocol {
+    Native = 0,
+    Yjs = 1,
+}
+
+/// A room event as every subscriber shares it, with its encoding cached per protocol: a
+/// broadcast to N connections encodes the frame once per protocol, not N times, and every
+/// connection's writer sends the same bytes.
+#[derive(Debug)]
+pub(crate) struct SharedEvent {
+    pub(crate) event: RoomEvent,
+    encoded: [OnceLock<Option<Bytes>>; 2],
+}
+
+impl SharedEvent {
+    pub(crate) fn new(event: RoomEvent) -> Arc<Self> {
+        Arc::new(SharedEvent {
+            event,
+            encoded: [OnceLock::new(), OnceLock::new()],
+        })
+    }
+
+    /// The event encoded by `encode` for `protocol` (`None`: not sent in that protocol),
+    /// encoded on first use.
+    pub(crate) fn encoded(&self, protocol: Protocol, encode: fn(&RoomEvent) -> Option<Vec<u8>>) -> Option<Bytes> {
+        self.encoded[protocol as usize]
+            .get_or_init(|| encode(&self.event).map(Bytes::from))
+            .clone()
+    }
+}
+
 /// What goes into a connection's queue.
 #[derive(Debug)]
 pub(crate) enum Outgoing {
     /// Bytes already encoded for this connection's protocol.
     Frame(Vec<u8>),
     /// A room event, shared by every subscriber.
-    Event(Arc<RoomEvent>),
+    Event(Arc<SharedEvent>),
     /// A WebSocket ping frame: Yjs clients answer those, not protocol pings.
     Ping,
 }
@@ -320,7 +404,10 @@ impl Room {
             let (doc, head) = self.load(store).await?;
             let chat = self.chat_guard(&doc);
             *state = Some(RoomState {
-                doc,
+                live: Some(doc),
+                recent: VecDeque::new(),
+                recent_bytes: 0,
+                active: true,
                 head,
                 subscribers: HashMap::new(),
                 presence: Presence::default(),
@@ -331,9 +418,22 @@ impl Room {
             });
             self.ctx.metrics.rooms.inc();
         }
-        state
+        let loaded = state
             .as_mut()
-            .ok_or_else(|| driftsync_engine::Error::Invalid("room state vanished".into()))
+            .ok_or_else(|| driftsync_engine::Error::Invalid("room state vanished".into()))?;
+        loaded.active = true;
+        if loaded.live.is_none() {
+            // Evicted while idle: every update is stored, so the store has exactly the document.
+            let (doc, head) = self.load(store).await?;
+            loaded.chat = self.chat_guard(&doc);
+            loaded.live = Some(doc);
+            if head != loaded.head {
+                loaded.recent.clear();
+                loaded.recent_bytes = 0;
+                loaded.head = head;
+            }
+        }
+        Ok(loaded)
     }
 
     async fn load<S: Store>(&self, store: &S) -> driftsync_engine::Result<(Doc, Cursor)> {
@@ -356,7 +456,11 @@ impl Room {
         match (self.load(store).await, state.as_mut()) {
             (Ok((doc, head)), Some(live)) => {
                 live.chat = self.chat_guard(&doc);
-                live.doc = doc;
+                live.live = Some(doc);
+                if head != live.head {
+                    live.recent.clear();
+                    live.recent_bytes = 0;
+                }
                 live.head = head;
             }
             (Ok(_), None) => {}
@@ -430,7 +534,12 @@ impl Room {
         if let Some(chat) = &state.chat {
             chat.reset();
         }
-        match apply_remote(&state.doc, &update, limits) {
+        let Some(doc) = state.live.as_ref() else {
+            return Err(Refused {
+                code: ErrorCode::LoadFailed,
+            });
+        };
+        match apply_remote(doc, &update, limits) {
             Ok(Applied::Integrated) => {}
             Ok(Applied::Pending { missing, .. }) => {
                 // The server never holds updates with missing dependencies (see engine::sync):
@@ -470,16 +579,17 @@ impl Room {
         match committer.append(append.clone()).await {
             Ok(Appended::Stored(cursor)) => {
                 state.head = cursor;
+                state.remember(cursor, &append.update);
                 let shared = FanoutEvent::Update {
                     cursor,
                     update: Arc::from(append.update.as_slice()),
                 };
                 self.ctx.fanout.publish(self.ctx.instance, &self.id, shared);
-                let event = Arc::new(RoomEvent::Update {
+                let event = RoomEvent::Update {
                     doc: self.id.clone(),
                     cursor,
                     update: append.update,
-                });
+                };
                 state.broadcast(session, event);
                 Ok(cursor)
             }
@@ -501,7 +611,7 @@ impl Room {
     pub(crate) async fn relay(&self, session: u64, event: RoomEvent) {
         let mut guard = self.state.lock().await;
         if let Some(state) = guard.as_mut() {
-            state.broadcast(session, Arc::new(event));
+            state.broadcast(session, event);
         }
     }
 
@@ -514,7 +624,7 @@ impl Room {
             // Also when the subscriber is gone already (dropped as a slow consumer): its states
             // must not outlive it.
             for event in state.presence.leave(&self.id, session, now_ms()) {
-                state.broadcast(session, Arc::new(event));
+                state.broadcast(session, event);
             }
         }
     }
@@ -526,7 +636,7 @@ impl Room {
         let mut guard = self.state.lock().await;
         if let Some(state) = guard.as_mut() {
             for event in state.presence.apply(&self.id, session, user, entries, now_ms()) {
-                state.broadcast(NO_SESSION, Arc::new(event));
+                state.broadcast(NO_SESSION, event);
             }
         }
     }
@@ -543,7 +653,7 @@ impl Room {
                     code: ErrorCode::Malformed,
                 })?;
             for event in events {
-                state.broadcast(session, Arc::new(event));
+                state.broadcast(session, event);
             }
         }
         Ok(())
@@ -556,7 +666,7 @@ impl Room {
         if let Some(state) = guard.as_ref() {
             if let Some(sub) = state.subscribers.get(&session) {
                 for event in state.presence.snapshot_for(&self.id, session) {
-                    if !sub.out.send(Outgoing::Event(Arc::new(event))) {
+                    if !sub.out.send(Outgoing::Event(SharedEvent::new(event))) {
                         break;
                     }
                 }
@@ -565,10 +675,57 @@ impl Room {
     }
 }
 
+/// The most updates kept in a room's `recent` (as many as compaction keeps in the log).
+const RECENT_ENTRIES: usize = 1024;
+/// The most bytes of updates kept in a room's `recent`.
+const RECENT_BYTES: usize = 256 * 1024;
+
 impl RoomState {
+    /// The live document, loaded by [`Room::ensure_loaded`]; `None` only while evicted.
+    pub(crate) fn doc(&self) -> Option<&Doc> {
+        self.live.as_ref()
+    }
+
+    /// Drops the live document and the recent updates of an idle room.
+    fn evict(&mut self) {
+        self.live = None;
+        self.chat = None;
+        self.recent = VecDeque::new();
+        self.recent_bytes = 0;
+    }
+
+    /// Keeps a stored update for resumes, dropping the oldest beyond the bounds.
+    fn remember(&mut self, cursor: Cursor, update: &[u8]) {
+        if self.recent.back().is_some_and(|last| last.cursor + 1 != cursor) {
+            self.recent.clear();
+            self.recent_bytes = 0;
+        }
+        self.recent.push_back(LogEntry {
+            cursor,
+            update: update.to_vec(),
+        });
+        self.recent_bytes += update.len();
+        while self.recent.len() > RECENT_ENTRIES || self.recent_bytes > RECENT_BYTES {
+            match self.recent.pop_front() {
+                Some(old) => self.recent_bytes -= old.update.len(),
+                None => break,
+            }
+        }
+    }
+
+    /// The stored updates after `cursor` up to the head, if `recent` holds all of them.
+    pub(crate) fn recent_after(&self, cursor: Cursor) -> Option<Vec<LogEntry>> {
+        let first = self.recent.front()?;
+        let last = self.recent.back()?;
+        if last.cursor != self.head || first.cursor > cursor + 1 {
+            return None;
+        }
+        Some(self.recent.iter().filter(|e| e.cursor > cursor).cloned().collect())
+    }
+
     /// Sends `event` to every subscriber but `except`. A subscriber whose queue is full is told
     /// to resync and dropped from the room: never silently left behind.
-    pub(crate) fn broadcast(&mut self, except: u64, event: Arc<RoomEvent>) {
+    pub(crate) fn broadcast(&mut self, except: u64, event: RoomEvent) {
         // Presence is shared with the other instances here, where every presence change of the
         // room passes; updates are published by `Room::push` after their commit.
         if let (
@@ -580,7 +737,7 @@ impl RoomState {
                 state,
             },
             true,
-        ) = (&*event, except != REMOTE_SESSION)
+        ) = (&event, except != REMOTE_SESSION)
         {
             let shared = FanoutEvent::Presence {
                 peer: *peer,
@@ -590,6 +747,7 @@ impl RoomState {
             };
             self.ctx.fanout.publish(self.ctx.instance, doc, shared);
         }
+        let event = SharedEvent::new(event);
         self.subscribers
             .retain(|session, sub| *session == except || sub.out.send(Outgoing::Event(Arc::clone(&event))));
     }
@@ -661,6 +819,20 @@ impl Drop for ConnCtl {
     }
 }
 
+/// Compacts a document whose log grew by at least `policy.min_log_bytes` since its snapshot,
+/// whether or not the log outgrew the snapshot (used when a room unloads and at shutdown).
+async fn compact_grown<S: Store>(store: &S, doc: &DocId, policy: &CompactionPolicy) {
+    match store.meta(doc.as_str()).await {
+        Ok(Some(meta)) if meta.log_bytes >= policy.min_log_bytes => {
+            if let Err(e) = store.compact(doc.as_str(), policy).await {
+                tracing::warn!(doc = %doc, error = %e, "compaction failed");
+            }
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(doc = %doc, error = %e, "reading document metadata failed"),
+    }
+}
+
 /// Compacts a document's log when the policy says it is due. Failures are logged and counted:
 /// compaction is an optimisation, the log stays correct without it.
 async fn compact_if_due<S: Store>(store: &S, doc: &str, policy: &CompactionPolicy, metrics: &Metrics) {
@@ -678,5 +850,81 @@ async fn compact_if_due<S: Store>(store: &S, doc: &str, policy: &CompactionPolic
             metrics.store_errors.inc();
             tracing::warn!(doc, error = %e, "reading document metadata failed");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use driftsync_engine::doc::{new_doc, text, text_insert};
+    use driftsync_engine::store::SqliteStore;
+
+    use super::*;
+    use crate::fanout::NoFanout;
+
+    fn rooms() -> Rooms {
+        Rooms::new(RoomCtx {
+            metrics: Arc::new(Metrics::new()),
+            fanout: Arc::new(NoFanout),
+            instance: 1,
+        })
+    }
+
+    /// A subscriber so that sweeps keep the room (and evict its document instead of unloading it).
+    fn subscribe(state: &mut RoomState, metrics: &Arc<Metrics>) -> mpsc::Receiver<Outgoing> {
+        let (tx, rx) = mpsc::channel(16);
+        let ctl = Arc::new(ConnCtl::new(CancellationToken::new(), Arc::clone(metrics)));
+        state.subscribers.insert(
+            7,
+            Subscriber {
+                out: Outbound { tx, ctl },
+            },
+        );
+        rx
+    }
+
+    #[tokio::test]
+    async fn an_idle_room_evicts_its_document_and_reloads_it_on_the_next_push() {
+        let store = Arc::new(SqliteStore::open_in_memory().await.unwrap());
+        let (committer, _task) = Committer::start(Arc::clone(&store));
+        let rooms = rooms();
+        let id = DocId::new("notes").unwrap();
+        let room = rooms.get(&id);
+        let writer = new_doc(5).unwrap();
+        let a = text_insert(&writer, 0, "hello").unwrap();
+        let b = text_insert(&writer, 5, " world").unwrap();
+        let limits = Limits::default();
+        assert_eq!(
+            room.push(&*store, &committer, &limits, 1, None, None, a).await.unwrap(),
+            1
+        );
+        let _rx = {
+            let mut guard = room.state.lock().await;
+            let state = guard.as_mut().unwrap();
+            subscribe(state, &rooms.ctx.metrics)
+        };
+        // The first sweep sees the push, the second finds the room unused and evicts.
+        let policy = CompactionPolicy::default();
+        rooms.sweep(&*store, &policy).await;
+        assert!(room.state.lock().await.as_ref().unwrap().doc().is_some());
+        rooms.sweep(&*store, &policy).await;
+        {
+            let guard = room.state.lock().await;
+            let state = guard.as_ref().unwrap();
+            assert!(state.doc().is_none(), "evicted");
+            assert_eq!(state.head, 1);
+            assert_eq!(state.subscribers.len(), 1, "subscribers stay");
+        }
+        // The next push reloads the document from the store and applies on top of it.
+        assert_eq!(
+            room.push(&*store, &committer, &limits, 1, None, None, b).await.unwrap(),
+            2
+        );
+        let guard = room.state.lock().await;
+        let state = guard.as_ref().unwrap();
+        assert_eq!(text(state.doc().unwrap()), "hello world");
+        // Recent updates restart after an eviction: only what they hold is answered from them.
+        assert_eq!(state.recent_after(1).map(|e| e.len()), Some(1));
+        assert!(state.recent_after(0).is_none());
+        assert_eq!(state.recent_after(2).map(|e| e.len()), Some(0));
     }
 }

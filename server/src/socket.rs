@@ -9,7 +9,7 @@ use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use tokio::sync::mpsc;
 
-use crate::room::{ConnCtl, Outgoing, RoomEvent};
+use crate::room::{ConnCtl, Outgoing, Protocol, RoomEvent};
 
 /// How long a closing connection may take to flush what is queued and send its close frame.
 /// A peer that does not read (dead or slow) is cut off after this.
@@ -25,12 +25,13 @@ pub(crate) fn spawn_writer(
     mut sink: SplitSink<WebSocket, Message>,
     mut rx: mpsc::Receiver<Outgoing>,
     ctl: Arc<ConnCtl>,
+    protocol: Protocol,
     encode: fn(&RoomEvent) -> Option<Vec<u8>>,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let message_of = |item: Outgoing| match item {
             Outgoing::Frame(bytes) => Some(Message::Binary(bytes.into())),
-            Outgoing::Event(event) => encode(&event).map(|bytes| Message::Binary(bytes.into())),
+            Outgoing::Event(event) => event.encoded(protocol, encode).map(Message::Binary),
             Outgoing::Ping => Some(Message::Ping(Default::default())),
         };
         loop {

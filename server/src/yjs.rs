@@ -45,9 +45,9 @@ use yrs::{Doc, ReadTxn, Transact};
 
 use crate::auth::{Access, Grant};
 use crate::limits::Limiter;
-use crate::room::{ConnCtl, Outbound, Outgoing, Room, RoomEvent, Subscriber};
+use crate::room::{ConnCtl, Outbound, Outgoing, Protocol, Room, RoomEvent, Subscriber};
 use crate::socket::{next_incoming, spawn_writer, Incoming};
-use crate::Shared;
+use crate::{Shared, READ_BUFFER};
 
 /// The path the route is mounted at; the document id follows it.
 const ROUTE_PREFIX: &str = "/yjs/";
@@ -76,8 +76,11 @@ pub(crate) async fn upgrade<S: Store>(
     let max = shared.config.max_frame_size;
     ws.max_message_size(max)
         .max_frame_size(max)
-        // A small write buffer: a connection must not cost a large fixed buffer.
-        .write_buffer_size(4 * 1024)
+        // Small buffers: a connection must not cost a large fixed buffer. tungstenite zeroes
+        // its whole read buffer (128 KiB by default) before reading into it, which made every
+        // connection cost 128 KiB of RSS and every read a 128 KiB memset.
+        .read_buffer_size(READ_BUFFER)
+        .write_buffer_size(0)
         .on_upgrade(move |socket| run(shared, socket, raw_doc, token))
 }
 
@@ -97,10 +100,11 @@ async fn run<S: Store>(shared: Arc<Shared<S>>, socket: WebSocket, raw_doc: Strin
         tx,
         ctl: Arc::clone(&ctl),
     };
-    let writer = spawn_writer(sink, rx, Arc::clone(&ctl), encode);
+    let writer = spawn_writer(sink, rx, Arc::clone(&ctl), Protocol::Yjs, encode);
 
     let session = shared.next_session.fetch_add(1, Ordering::Relaxed);
-    match open(&shared, &out, session, raw_doc, token.as_deref()).await {
+    // Boxed: store queries make large futures, which the idle connection must not keep.
+    match Box::pin(open(&shared, &out, session, raw_doc, token.as_deref())).await {
         Ok((room, conn)) => {
             read_loop(&shared, &mut stream, &out, &room, &conn).await;
             room.leave(conn.session).await;
@@ -145,7 +149,8 @@ async fn open<S: Store>(
         })?;
         state.subscribers.insert(session, Subscriber { out: out.clone() });
         // Queued under the room lock: no broadcast can overtake the greeting.
-        out.frame(YMessage::SyncStep1(state_vector(&state.doc)).encode());
+        let sv = state.doc().map(state_vector).ok_or(CLOSE_RESYNC)?;
+        out.frame(YMessage::SyncStep1(sv).encode());
         let states = state.presence.snapshot();
         if !states.is_empty() {
             out.frame(YMessage::Awareness(states).encode());
@@ -162,8 +167,10 @@ async fn read_loop<S: Store>(
     conn: &Conn,
 ) {
     let heartbeat = shared.config.heartbeat;
-    let mut ticker = tokio::time::interval(heartbeat);
-    ticker.tick().await;
+    // The first tick one interval from now. (`interval` + a first `tick().await` cost every
+    // new connection up to a millisecond: an elapsed deadline still waits for the timer wheel's
+    // next tick, and the first message was read only after it.)
+    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + heartbeat, heartbeat);
     let mut last_heard = Instant::now();
     let mut limiter = Limiter::new(&shared.config.rate_limit, last_heard);
     loop {
@@ -202,15 +209,15 @@ async fn read_loop<S: Store>(
             }
         };
         match message {
-            YMessage::SyncStep1(sv) => sync_step2(room, out, &sv).await,
+            YMessage::SyncStep1(sv) => Box::pin(sync_step2(shared, room, out, &sv)).await,
             YMessage::SyncStep2(update) => {
-                if !adds_nothing(room, &update).await {
-                    write(shared, room, out, conn, update).await;
+                if !Box::pin(adds_nothing(shared, room, &update)).await {
+                    Box::pin(write(shared, room, out, conn, update)).await;
                 }
             }
             YMessage::Update(update) => {
                 if !is_empty_update(&update) {
-                    write(shared, room, out, conn, update).await;
+                    Box::pin(write(shared, room, out, conn, update)).await;
                 }
             }
             YMessage::Awareness(entries) => room.awareness(conn.session, &conn.user, &entries).await,
@@ -231,7 +238,7 @@ async fn read_loop<S: Store>(
 }
 
 /// Answers the client's SyncStep1 with what it lacks.
-async fn sync_step2(room: &Room, out: &Outbound, sv: &[u8]) {
+async fn sync_step2<S: Store>(shared: &Shared<S>, room: &Room, out: &Outbound, sv: &[u8]) {
     let sv = match decode_state_vector(sv) {
         Ok(sv) => sv,
         Err(e) => {
@@ -239,10 +246,21 @@ async fn sync_step2(room: &Room, out: &Outbound, sv: &[u8]) {
             return;
         }
     };
-    let guard = room.state.lock().await;
+    let mut guard = room.state.lock().await;
     // Not loaded: a reload failed and the connection has been told to resync.
-    if let Some(state) = guard.as_ref() {
-        out.frame(YMessage::SyncStep2(missing_for(&state.doc, &sv)).encode());
+    if guard.is_none() {
+        return;
+    }
+    match room.ensure_loaded(&mut guard, &*shared.store).await {
+        Ok(state) => {
+            if let Some(doc) = state.doc() {
+                out.frame(YMessage::SyncStep2(missing_for(doc, &sv)).encode());
+            }
+        }
+        Err(e) => {
+            tracing::error!(doc = %room.id, error = %e, "reloading an evicted document failed");
+            out.ctl.close(CLOSE_RESYNC);
+        }
     }
 }
 
@@ -295,14 +313,19 @@ async fn write<S: Store>(shared: &Shared<S>, room: &Room, out: &Outbound, conn: 
 }
 
 /// Whether storing `update` would change nothing in the room's document.
-async fn adds_nothing(room: &Room, update: &[u8]) -> bool {
+async fn adds_nothing<S: Store>(shared: &Shared<S>, room: &Room, update: &[u8]) -> bool {
     if is_empty_update(update) {
         return true;
     }
-    let guard = room.state.lock().await;
-    guard
-        .as_ref()
-        .is_some_and(|state| already_integrated(&state.doc, update))
+    let mut guard = room.state.lock().await;
+    if guard.is_none() {
+        return false;
+    }
+    match room.ensure_loaded(&mut guard, &*shared.store).await {
+        Ok(state) => state.doc().is_some_and(|doc| already_integrated(doc, update)),
+        // The push that follows reports the failure.
+        Err(_) => false,
+    }
 }
 
 /// Whether every block `update` inserts is integrated in `doc` and every deletion it carries is

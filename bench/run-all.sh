@@ -1,0 +1,171 @@
+#!/usr/bin/env bash
+# Runs every workload of driftsync-bench against driftsync (native /v1/sync and /yjs/{doc}) and the
+# anchors (y-websocket server, Hocuspocus, y-sweet) in one run, then writes the report.
+#
+#   bash bench/run-all.sh            # the full, publishable run (about 30 minutes)
+#   QUICK=1 bash bench/run-all.sh    # a short run to check that everything works
+#
+# Environment: SYSTEMS (default: native ds-yjs y-websocket hocuspocus y-sweet), WORKLOADS
+# (default: fanout idle resync throughput; resync includes the cold load), ANCHORS (where
+# /work/shared/bench/install-anchors.sh installed them; default ~/.cache/driftsync-anchors),
+# OUT (default bench/results), DRIFTSYNC_BIN, BENCH_BIN.
+# Every server is started here, pinned to core 0 (taskset -c 0), with a fresh data directory,
+# and stopped on exit; the generator runs on core 1. Build first:
+#   cargo build --release -p driftsync -p driftsync-bench
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+ANCHORS=${ANCHORS:-$HOME/.cache/driftsync-anchors}
+DS_BIN=${DRIFTSYNC_BIN:-$ROOT/target/release/driftsync}
+BENCH=${BENCH_BIN:-$ROOT/target/release/driftsync-bench}
+OUT=${OUT:-$ROOT/bench/results}
+SYSTEMS=${SYSTEMS:-"native ds-yjs y-websocket hocuspocus y-sweet"}
+WORKLOADS=${WORKLOADS:-"fanout idle resync throughput"}
+QUICK=${QUICK:-0}
+SERVER_CORE=${SERVER_CORE:-0}
+GEN_CORE=${GEN_CORE:-1}
+PORT=${PORT:-18787}
+# Idle means idle: connections stay open this long before the RSS is read (driftsync evicts the
+# live document of a room unused for a whole sweep interval, 10-20 s, and jemalloc returns the
+# pages about 10 s later).
+IDLE_SETTLE=${IDLE_SETTLE:-35}
+
+if [[ $QUICK == 1 ]]; then
+  FANOUT_ARGS=(--readers 10,100 --secs 2)
+  IDLE_CONNS=(1000)
+  TP_ARGS=(--rooms 20 --step-secs 2 --rates 500,2000,8000)
+  RESYNC_ARGS=(--runs 1)
+else
+  FANOUT_ARGS=(--readers 10,100,500 --secs 10)
+  IDLE_CONNS=(1000 5000 10000)
+  TP_ARGS=(--rooms 100 --step-secs 5)
+  RESYNC_ARGS=(--runs 5)
+fi
+
+for f in "$DS_BIN" "$BENCH"; do
+  [[ -x $f ]] || { echo "missing $f: cargo build --release -p driftsync -p driftsync-bench" >&2; exit 1; }
+done
+for d in y-websocket/node_modules/@y/websocket-server hocuspocus/node_modules/@hocuspocus/server; do
+  [[ -d $ANCHORS/$d ]] || { echo "missing $ANCHORS/$d: bash /work/shared/bench/install-anchors.sh --with-y-sweet" >&2; exit 1; }
+done
+[[ -x $ANCHORS/y-sweet/bin/y-sweet ]] || { echo "missing y-sweet: bash /work/shared/bench/install-anchors.sh --with-y-sweet" >&2; exit 1; }
+cp "$ROOT/bench/anchors/hocuspocus-server.mjs" "$ANCHORS/hocuspocus/bench-server.mjs"
+
+# 10k connections need as many descriptors in the server and in the generator.
+ulimit -n "$(ulimit -Hn)" || true
+
+mkdir -p "$OUT"
+STAMP=$(date -u +%Y%m%dT%H%M%SZ)
+RESULTS=$OUT/results-$STAMP.jsonl
+LOGS=$(mktemp -d /tmp/driftsync-bench.XXXXXX)
+SERVER_PID=
+TAG=$STAMP
+
+cleanup() {
+  stop_server
+  rm -rf "$LOGS/data"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+wait_port() {
+  for _ in $(seq 1 200); do
+    if (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null; then return 0; fi
+    sleep 0.05
+  done
+  echo "server on port $PORT did not start; see $LOGS" >&2
+  return 1
+}
+
+# start_server SYSTEM DATA_DIR: starts the server for SYSTEM on $PORT, pinned to $SERVER_CORE.
+start_server() {
+  local system=$1 data=$2 log=$LOGS/$1.log
+  mkdir -p "$data"
+  case $system in
+    native|ds-yjs)
+      RUST_LOG=warn taskset -c "$SERVER_CORE" "$DS_BIN" serve --listen "127.0.0.1:$PORT" --data-dir "$data" >>"$log" 2>&1 &
+      ;;
+    y-websocket)
+      (cd "$ANCHORS/y-websocket" && HOST=127.0.0.1 PORT=$PORT YPERSISTENCE=$data \
+        exec taskset -c "$SERVER_CORE" node node_modules/@y/websocket-server/src/server.js) >>"$log" 2>&1 &
+      ;;
+    hocuspocus)
+      (cd "$ANCHORS/hocuspocus" && PORT=$PORT DATA_DIR=$data exec taskset -c "$SERVER_CORE" node bench-server.mjs) >>"$log" 2>&1 &
+      ;;
+    y-sweet)
+      taskset -c "$SERVER_CORE" "$ANCHORS/y-sweet/bin/y-sweet" serve "$data" --host 127.0.0.1 --port "$PORT" >>"$log" 2>&1 &
+      ;;
+  esac
+  SERVER_PID=$!
+  wait_port
+  sleep 0.5
+}
+
+stop_server() {
+  if [[ -n $SERVER_PID ]]; then
+    kill "$SERVER_PID" 2>/dev/null || true
+    wait "$SERVER_PID" 2>/dev/null || true
+    SERVER_PID=
+  fi
+}
+
+bench() {
+  taskset -c "$GEN_CORE" "$BENCH" "$@" --addr "127.0.0.1:$PORT" --pid "$SERVER_PID" --out "$RESULTS" --tag "$TAG"
+}
+
+run_for() {
+  local system=$1 data=$LOGS/data/$1
+  for w in $WORKLOADS; do
+    rm -rf "$data"
+    case $w in
+      fanout)
+        start_server "$system" "$data"; bench fanout --system "$system" "${FANOUT_ARGS[@]}"; stop_server ;;
+      idle)
+        for c in "${IDLE_CONNS[@]}"; do
+          for per in 1 10; do
+            rm -rf "$data"
+            start_server "$system" "$data"
+            bench idle --system "$system" --conns "$c" --per-room "$per" --source-ips 16 --settle "$IDLE_SETTLE"
+            stop_server
+          done
+        done ;;
+      resync)
+        start_server "$system" "$data"
+        bench resync --system "$system" "${RESYNC_ARGS[@]}"
+        # Let debounced and periodic persistence (Hocuspocus 2-10 s, y-sweet 10 s) write it.
+        sleep 12
+        stop_server
+        start_server "$system" "$data"
+        bench cold --system "$system"
+        stop_server ;;
+      throughput)
+        start_server "$system" "$data"; bench throughput --system "$system" "${TP_ARGS[@]}"; stop_server ;;
+    esac
+  done
+}
+
+{
+  echo "date: $(date -u '+%Y-%m-%d %H:%M UTC')"
+  echo "cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), nproc $(nproc)"
+  echo "kernel: $(uname -sr)"
+  echo "memory: $(free -g | awk '/Mem:/ {print $2}') GiB"
+  echo "node: $(node --version)"
+  echo "driftsync: $(cd "$ROOT" && git rev-parse --short HEAD 2>/dev/null || echo unknown)$(cd "$ROOT" && git diff --quiet 2>/dev/null || echo ' (with uncommitted changes)')"
+  echo "load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"
+  echo "command: $([[ $QUICK == 1 ]] && echo 'QUICK=1 ')bash bench/run-all.sh"
+} > "$OUT/machine-$STAMP.txt"
+cat "$OUT/machine-$STAMP.txt"
+
+# The B4 replay is cached once, outside any measurement.
+if [[ " $WORKLOADS " == *" resync "* ]]; then taskset -c "$GEN_CORE" "$BENCH" prepare-b4; fi
+
+for s in $SYSTEMS; do
+  echo "=== $s"
+  run_for "$s"
+done
+echo "load average at end: $(cut -d' ' -f1-3 /proc/loadavg)" >> "$OUT/machine-$STAMP.txt"
+
+"$BENCH" report --results "$RESULTS" --md "$OUT/report-$STAMP.md" --chart "$OUT/fanout.png"
+cp "$RESULTS" "$OUT/latest.jsonl"
+cp "$OUT/report-$STAMP.md" "$OUT/latest.md"
+echo "results: $RESULTS; report: $OUT/report-$STAMP.md; chart: $OUT/fanout.png; logs: $LOGS"

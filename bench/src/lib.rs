@@ -1,0 +1,9 @@
+//! The library behind `driftsync-bench`: clients of the five systems, the workloads, `/proc`
+//! sampling, statistics and the report. See the binary's documentation and `bench/run-all.sh`.
+
+pub mod b4;
+pub mod clients;
+pub mod load;
+pub mod procfs;
+pub mod report;
+pub mod stats;

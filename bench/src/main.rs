@@ -1,0 +1,340 @@
+//! `driftsync-bench`: a load generator that measures driftsync and the sync servers Yjs users run
+//! (the y-websocket reference server, Hocuspocus, y-sweet) on the same workloads.
+//!
+//! It is built to stay out of the way on a small machine: one single-threaded tokio runtime
+//! (pin it to its own core with `taskset`), real yrs updates built by the writers only, and
+//! readers that find a marker in the bytes they receive instead of applying updates. Every
+//! subcommand prints its parameters with its results and can append them, as one JSON object
+//! per line, to a results file; `report` turns that file into the tables of BENCHMARKS.md and
+//! the fan-out chart. `bench/run-all.sh` starts every server and runs every workload.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use serde_json::json;
+
+use driftsync_bench::clients::{Endpoint, System};
+use driftsync_bench::{b4, load, report};
+
+#[derive(Parser)]
+#[command(
+    name = "driftsync-bench",
+    about = "Side-by-side benchmarks of driftsync and the Yjs sync servers"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// One writer, N readers in one room: latency from send to the last reader, server CPU.
+    Fanout {
+        #[command(flatten)]
+        target: Target,
+        /// Reader counts, one run each.
+        #[arg(long, value_delimiter = ',', default_value = "10,100,500")]
+        readers: Vec<usize>,
+        /// Updates per second from the writer.
+        #[arg(long, default_value_t = 100.0)]
+        rate: f64,
+        /// Seconds measured per run (after a one-second warm-up).
+        #[arg(long, default_value_t = 10.0)]
+        secs: f64,
+    },
+    /// Idle connections: server RSS per connection and per room.
+    Idle {
+        #[command(flatten)]
+        target: Target,
+        /// Open connections.
+        #[arg(long, default_value_t = 1000)]
+        conns: usize,
+        /// Connections per room.
+        #[arg(long, default_value_t = 1)]
+        per_room: usize,
+        /// Seconds to wait with everything open before reading the RSS.
+        #[arg(long, default_value_t = 5.0)]
+        settle: f64,
+    },
+    /// Many rooms with a few clients each, ramped until p99 passes 50 ms.
+    Throughput {
+        #[command(flatten)]
+        target: Target,
+        /// Rooms.
+        #[arg(long, default_value_t = 100)]
+        rooms: usize,
+        /// Clients per room: one writer, the rest read.
+        #[arg(long, default_value_t = 3)]
+        per_room: usize,
+        /// Total update rates (per second) to go through.
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "250,500,1000,1500,2000,3000,4000,6000,8000,12000,16000,24000,32000"
+        )]
+        rates: Vec<f64>,
+        /// Seconds per step.
+        #[arg(long, default_value_t = 5.0)]
+        step_secs: f64,
+    },
+    /// A client holding the B4 document misses K operations: bytes each way and time to sync.
+    Resync {
+        #[command(flatten)]
+        target: Target,
+        #[command(flatten)]
+        b4: B4Args,
+        /// Operations missed (at most 10,000).
+        #[arg(long, value_delimiter = ',', default_value = "0,10,100,1000,10000")]
+        ks: Vec<usize>,
+        /// Runs per K (times are the median).
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+        /// The document to write B4 into.
+        #[arg(long, default_value = "b4")]
+        doc: String,
+    },
+    /// The stored B4 document (written by `resync`) after a server restart: connect to content.
+    Cold {
+        #[command(flatten)]
+        target: Target,
+        #[command(flatten)]
+        b4: B4Args,
+        /// The document `resync` wrote.
+        #[arg(long, default_value = "b4")]
+        doc: String,
+    },
+    /// Replays the B4 trace once and caches it for `resync` and `cold`.
+    PrepareB4 {
+        #[command(flatten)]
+        b4: B4Args,
+    },
+    /// Turns a results file into markdown tables and the fan-out chart.
+    Report {
+        /// The results file (JSON lines).
+        #[arg(long)]
+        results: PathBuf,
+        /// Where to write the markdown.
+        #[arg(long)]
+        md: PathBuf,
+        /// Where to write the fan-out chart (PNG).
+        #[arg(long)]
+        chart: PathBuf,
+        /// How the chart is linked from the markdown.
+        #[arg(long, default_value = "bench/results/fanout.png")]
+        chart_link: String,
+    },
+}
+
+/// Which server, where, and where the results go.
+#[derive(Args, Clone)]
+struct Target {
+    /// The system's protocol.
+    #[arg(long, value_enum)]
+    system: System,
+    /// The server's address.
+    #[arg(long)]
+    addr: SocketAddr,
+    /// The server's process id, for CPU time and RSS from /proc.
+    #[arg(long)]
+    pid: Option<u32>,
+    /// Append results here, one JSON object per line.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// A tag making document names unique to this run.
+    #[arg(long, default_value = "run")]
+    tag: String,
+    /// Spread connections over source addresses 127.0.0.1 ..= 127.0.0.N.
+    #[arg(long, default_value_t = 1)]
+    source_ips: u8,
+}
+
+#[derive(Args, Clone)]
+struct B4Args {
+    /// The automerge-paper trace.
+    #[arg(long, env = "DRIFTSYNC_TRACE")]
+    trace: Option<PathBuf>,
+    /// The replay cache.
+    #[arg(long)]
+    cache: Option<PathBuf>,
+}
+
+impl B4Args {
+    fn load(&self) -> anyhow::Result<b4::B4> {
+        let trace = self
+            .trace
+            .clone()
+            .unwrap_or_else(driftsync_engine::trace::default_trace_path);
+        let cache = self.cache.clone().unwrap_or_else(b4::default_cache);
+        b4::B4::load_or_build(&trace, &cache)
+    }
+}
+
+impl Target {
+    fn endpoint(&self) -> Endpoint {
+        Endpoint {
+            system: self.system,
+            addr: self.addr,
+            source_ips: self.source_ips.max(1),
+        }
+    }
+
+    /// Prints a result and appends it to the results file.
+    fn emit(&self, workload: &str, params: serde_json::Value, result: impl serde::Serialize) -> anyhow::Result<()> {
+        let line = json!({
+            "workload": workload,
+            "system": self.system,
+            "params": params,
+            "result": result,
+        });
+        println!("{}", serde_json::to_string_pretty(&line)?);
+        if let Some(out) = &self.out {
+            let mut f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(out)
+                .with_context(|| format!("opening {}", out.display()))?;
+            writeln!(f, "{}", serde_json::to_string(&line)?)?;
+        }
+        Ok(())
+    }
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build();
+    let result = runtime
+        .map_err(anyhow::Error::from)
+        .and_then(|rt| rt.block_on(run(cli.command)));
+    if let Err(e) = result {
+        eprintln!("driftsync-bench: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Fanout {
+            target,
+            readers,
+            rate,
+            secs,
+        } => {
+            let ep = target.endpoint();
+            for n in readers {
+                eprintln!("fanout {} N={n} rate={rate}/s for {secs} s", ep.system.name());
+                let r = load::fanout(&ep, target.pid, n, rate, secs, &target.tag).await?;
+                eprintln!(
+                    "  p50 {:.0} us  p99 {:.0} us  max {:.0} us  cpu/msg {:.2} us  delivered {}/{}",
+                    r.latency.p50_us,
+                    r.latency.p99_us,
+                    r.latency.max_us,
+                    r.cpu_per_delivery_us,
+                    r.deliveries,
+                    u64::from(r.updates) * n as u64
+                );
+                target.emit("fanout", json!({"readers": n, "rate": rate, "secs": secs}), &r)?;
+            }
+        }
+        Command::Idle {
+            target,
+            conns,
+            per_room,
+            settle,
+        } => {
+            let ep = target.endpoint();
+            eprintln!("idle {} conns={conns} per_room={per_room}", ep.system.name());
+            let r = load::idle(&ep, target.pid, conns, per_room, settle, &target.tag).await?;
+            let delta = r.rss_after.saturating_sub(r.rss_before) as f64;
+            eprintln!(
+                "  RSS +{:.1} MB: {:.0} B per connection, {:.0} B per room (document {} B)",
+                delta / 1e6,
+                delta / r.connections as f64,
+                delta / r.rooms as f64,
+                r.doc_bytes
+            );
+            target.emit(
+                "idle",
+                json!({"conns": conns, "per_room": per_room, "settle": settle}),
+                &r,
+            )?;
+        }
+        Command::Throughput {
+            target,
+            rooms,
+            per_room,
+            rates,
+            step_secs,
+        } => {
+            let ep = target.endpoint();
+            eprintln!("throughput {} rooms={rooms} per_room={per_room}", ep.system.name());
+            let r = load::throughput(&ep, target.pid, rooms, per_room, &rates, step_secs, &target.tag).await?;
+            eprintln!("  knee: {} updates/s", r.knee_rate);
+            target.emit(
+                "throughput",
+                json!({"rooms": rooms, "per_room": per_room, "step_secs": step_secs}),
+                &r,
+            )?;
+        }
+        Command::Resync {
+            target,
+            b4,
+            ks,
+            runs,
+            doc,
+        } => {
+            let b4 = b4.load()?;
+            let ep = target.endpoint();
+            let doc = format!("{doc}-{}", target.tag);
+            eprintln!("resync {} doc={doc}", ep.system.name());
+            let r = b4::resync(&ep, &b4, &doc, &ks, runs).await?;
+            for row in &r.rows {
+                eprintln!(
+                    "  K={:>6}: up {:>7} B  down {:>7} B  synced {:>9.0} us  (floor {} B)",
+                    row.missing.map_or("full".to_string(), |k| k.to_string()),
+                    row.stats.bytes_up,
+                    row.stats.bytes_down,
+                    row.stats.synced_us,
+                    row.floor
+                );
+            }
+            target.emit("resync", json!({"doc": doc, "ks": ks, "runs": runs}), &r)?;
+        }
+        Command::Cold { target, b4, doc } => {
+            let b4 = b4.load()?;
+            let ep = target.endpoint();
+            let doc = format!("{doc}-{}", target.tag);
+            let size = b4.encoded_size()?;
+            let r = b4::cold(&ep, &doc, size).await?;
+            eprintln!(
+                "cold {}: first content {:.1} ms, complete {:.1} ms (warm: {:.1} / {:.1} ms)",
+                ep.system.name(),
+                r.cold.first_content_us / 1e3,
+                r.cold.synced_us / 1e3,
+                r.warm.first_content_us / 1e3,
+                r.warm.synced_us / 1e3
+            );
+            target.emit("cold", json!({"doc": doc, "doc_bytes": size}), &r)?;
+        }
+        Command::PrepareB4 { b4 } => {
+            let b4 = b4.load()?;
+            eprintln!(
+                "B4: {} operations, base {} B, tail {} updates ({} B), document {} B",
+                b4.ops,
+                b4.base.len(),
+                b4.tail.len(),
+                b4.floor(b4::TAIL),
+                b4.encoded_size()?
+            );
+        }
+        Command::Report {
+            results,
+            md,
+            chart,
+            chart_link,
+        } => report::report(&results, &md, &chart, &chart_link)?,
+    }
+    Ok(())
+}

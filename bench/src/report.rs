@@ -1,0 +1,515 @@
+//! The report: markdown tables of every workload (each system from the same results file, with
+//! ratios to the best anchor) and the fan-out chart (PNG, drawn with plotters; text uses a TTF
+//! font found on the machine through ab_glyph, and is left out if none is found).
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::Path;
+
+use anyhow::Context;
+use serde_json::Value;
+
+use crate::b4::ResyncResult;
+use crate::clients::System;
+use crate::load::{FanoutResult, IdleResult, ThroughputResult};
+
+/// The systems in table order.
+const ORDER: [System; 5] = [
+    System::Native,
+    System::DsYjs,
+    System::YWebsocket,
+    System::Hocuspocus,
+    System::YSweet,
+];
+
+/// How a system is named in tables.
+pub fn label(system: System) -> &'static str {
+    match system {
+        System::Native => "driftsync native",
+        System::DsYjs => "driftsync /yjs",
+        System::YWebsocket => "y-websocket server 0.1.1",
+        System::Hocuspocus => "Hocuspocus 3.4.4",
+        System::YSweet => "y-sweet 0.9.1",
+    }
+}
+
+/// One line of a results file.
+struct Line {
+    workload: String,
+    system: System,
+    params: Value,
+    result: Value,
+}
+
+fn read_lines(path: &Path) -> anyhow::Result<Vec<Line>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut lines = Vec::new();
+    for l in text.lines().filter(|l| !l.trim().is_empty()) {
+        let v: Value = serde_json::from_str(l)?;
+        lines.push(Line {
+            workload: v["workload"].as_str().unwrap_or_default().to_string(),
+            system: serde_json::from_value(v["system"].clone())?,
+            params: v["params"].clone(),
+            result: v["result"].clone(),
+        });
+    }
+    Ok(lines)
+}
+
+/// The best (lowest, or with `higher` the highest) value among the anchors.
+fn best_anchor(values: &BTreeMap<usize, f64>, higher: bool) -> Option<f64> {
+    let anchors = values
+        .iter()
+        .filter(|(i, _)| !ORDER[**i].is_driftsync())
+        .map(|(_, v)| *v)
+        .filter(|v| *v > 0.0);
+    if higher {
+        anchors.reduce(f64::max)
+    } else {
+        anchors.reduce(f64::min)
+    }
+}
+
+fn ratio(value: f64, best: Option<f64>) -> String {
+    match best {
+        Some(b) if b > 0.0 => format!("{:.2}", value / b),
+        _ => "—".into(),
+    }
+}
+
+fn idx(system: System) -> usize {
+    ORDER.iter().position(|s| *s == system).unwrap_or(0)
+}
+
+fn ms(us: f64) -> String {
+    format!("{:.2}", us / 1000.0)
+}
+
+fn thousands(n: u64) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// Writes the markdown report and the chart.
+pub fn report(results: &Path, md: &Path, chart: &Path, chart_link: &str) -> anyhow::Result<()> {
+    let lines = read_lines(results)?;
+    let mut out = String::new();
+    let fanout: Vec<(System, FanoutResult)> = lines
+        .iter()
+        .filter(|l| l.workload == "fanout")
+        .filter_map(|l| Some((l.system, serde_json::from_value(l.result.clone()).ok()?)))
+        .collect();
+    if !fanout.is_empty() {
+        fanout_section(&mut out, &fanout, chart_link)?;
+        if let Err(e) = draw_fanout(&fanout, chart) {
+            eprintln!("chart not drawn: {e:#}");
+        }
+    }
+    let idle: Vec<(System, IdleResult)> = lines
+        .iter()
+        .filter(|l| l.workload == "idle")
+        .filter_map(|l| Some((l.system, serde_json::from_value(l.result.clone()).ok()?)))
+        .collect();
+    if !idle.is_empty() {
+        idle_section(&mut out, &idle)?;
+    }
+    let resync: Vec<(System, ResyncResult)> = lines
+        .iter()
+        .filter(|l| l.workload == "resync")
+        .filter_map(|l| Some((l.system, serde_json::from_value(l.result.clone()).ok()?)))
+        .collect();
+    if !resync.is_empty() {
+        resync_section(&mut out, &resync)?;
+    }
+    let cold: Vec<&Line> = lines.iter().filter(|l| l.workload == "cold").collect();
+    if !cold.is_empty() {
+        cold_section(&mut out, &cold)?;
+    }
+    let tp: Vec<(System, ThroughputResult)> = lines
+        .iter()
+        .filter(|l| l.workload == "throughput")
+        .filter_map(|l| Some((l.system, serde_json::from_value(l.result.clone()).ok()?)))
+        .collect();
+    if !tp.is_empty() {
+        throughput_section(&mut out, &tp)?;
+    }
+    std::fs::write(md, out)?;
+    Ok(())
+}
+
+fn fanout_section(out: &mut String, rows: &[(System, FanoutResult)], chart_link: &str) -> anyhow::Result<()> {
+    let rate = rows.first().map_or(0.0, |r| r.1.rate);
+    writeln!(
+        out,
+        "### Fan-out: one writer, N readers in one room, {rate:.0} updates/s\n"
+    )?;
+    writeln!(
+        out,
+        "Latency from the writer's send to the last reader's receipt; server CPU = utime + stime of the server process during the measured phase, divided by the messages delivered. Ratios: to the best anchor at the same N (below 1 is better).\n"
+    )?;
+    writeln!(
+        out,
+        "| N | system | p50 ms | p99 ms | max ms | server CPU µs/msg | delivered | server RSS MB | p99 / best anchor | CPU / best anchor |"
+    )?;
+    writeln!(out, "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")?;
+    let mut ns: Vec<usize> = rows.iter().map(|r| r.1.readers).collect();
+    ns.sort_unstable();
+    ns.dedup();
+    for n in ns {
+        let at: Vec<&(System, FanoutResult)> = rows.iter().filter(|r| r.1.readers == n).collect();
+        let p99: BTreeMap<usize, f64> = at.iter().map(|r| (idx(r.0), r.1.latency.p99_us)).collect();
+        let cpu: BTreeMap<usize, f64> = at.iter().map(|r| (idx(r.0), r.1.cpu_per_delivery_us)).collect();
+        let (bp, bc) = (best_anchor(&p99, false), best_anchor(&cpu, false));
+        for s in ORDER {
+            let Some((_, r)) = at.iter().find(|r| r.0 == s) else {
+                continue;
+            };
+            let expected = u64::from(r.updates) * r.readers as u64;
+            writeln!(
+                out,
+                "| {n} | {} | {} | {} | {} | {:.1} | {:.1} % | {:.0} | {} | {} |",
+                label(s),
+                ms(r.latency.p50_us),
+                ms(r.latency.p99_us),
+                ms(r.latency.max_us),
+                r.cpu_per_delivery_us,
+                100.0 * r.deliveries as f64 / expected.max(1) as f64,
+                r.server_rss as f64 / 1e6,
+                ratio(r.latency.p99_us, bp),
+                ratio(r.cpu_per_delivery_us, bc),
+            )?;
+        }
+    }
+    writeln!(out, "\n![fan-out latency against N]({chart_link})\n")?;
+    Ok(())
+}
+
+fn idle_section(out: &mut String, rows: &[(System, IdleResult)]) -> anyhow::Result<()> {
+    writeln!(out, "### Idle connections\n")?;
+    let doc = rows.first().map_or(0, |r| r.1.doc_bytes);
+    writeln!(
+        out,
+        "Every room holds the same small document ({doc} B encoded: 100 words typed at scattered places). Server VmRSS with every connection open and idle, minus the RSS before the first connection (each configuration on a freshly started server). Per connection and per room are separated by solving the two configurations (one and ten connections per room) for the same number of connections: RSS(1/room) = C·(conn + room), RSS(10/room) = C·conn + C/10·room.\n"
+    )?;
+    writeln!(
+        out,
+        "| connections | system | +RSS 1/room MB | +RSS 10/room MB | per connection B | per room B | room / document | per conn / best anchor | per room / best anchor |"
+    )?;
+    writeln!(out, "|---:|---|---:|---:|---:|---:|---:|---:|---:|")?;
+    let mut cs: Vec<usize> = rows.iter().map(|r| r.1.connections).collect();
+    cs.sort_unstable();
+    cs.dedup();
+    for c in cs {
+        let mut conn_cost = BTreeMap::new();
+        let mut room_cost = BTreeMap::new();
+        let mut deltas = BTreeMap::new();
+        for s in ORDER {
+            let find = |per: usize| {
+                rows.iter()
+                    .find(|r| r.0 == s && r.1.connections == c && r.1.per_room == per)
+                    .map(|r| r.1.rss_after.saturating_sub(r.1.rss_before) as f64)
+            };
+            let (Some(r1), Some(r10)) = (find(1), find(10)) else {
+                continue;
+            };
+            let c = c as f64;
+            let room = ((r1 - r10) / (0.9 * c)).max(0.0);
+            let conn = (r1 / c - room).max(0.0);
+            conn_cost.insert(idx(s), conn);
+            room_cost.insert(idx(s), room);
+            deltas.insert(idx(s), (r1, r10));
+        }
+        let (bc, br) = (best_anchor(&conn_cost, false), best_anchor(&room_cost, false));
+        for (i, (r1, r10)) in &deltas {
+            writeln!(
+                out,
+                "| {} | {} | {:.1} | {:.1} | {:.0} | {:.0} | {:.2} | {} | {} |",
+                thousands(c as u64),
+                label(ORDER[*i]),
+                r1 / 1e6,
+                r10 / 1e6,
+                conn_cost[i],
+                room_cost[i],
+                room_cost[i] / doc.max(1) as f64,
+                ratio(conn_cost[i], bc),
+                ratio(room_cost[i], br),
+            )?;
+        }
+    }
+    writeln!(out)?;
+    Ok(())
+}
+
+fn resync_section(out: &mut String, rows: &[(System, ResyncResult)]) -> anyhow::Result<()> {
+    let first = &rows[0].1;
+    writeln!(out, "### Resync of the B4 document\n")?;
+    writeln!(
+        out,
+        "The server holds the whole B4 document ({} operations, {} B encoded): written as one update with the first {} operations, then the last 10,000 operations one update each. A client holding all but the last K operations connects and syncs; bytes are WebSocket message payloads each way, from the first message to synced (native: hello + resume; y-protocols: sync steps 1 and 2 both ways, Hocuspocus's auth message included); time from the start of the TCP connect until the answer is in (median of {} runs). \"full\" is a client holding nothing. Floor = the encoded size of the K missed operations' own updates.\n",
+        thousands(first.ops as u64),
+        thousands(first.doc_bytes as u64),
+        thousands((first.ops - crate::b4::TAIL) as u64),
+        first.runs
+    )?;
+    writeln!(
+        out,
+        "| K missed | system | client → server B | server → client B | total B | time ms | floor B | total / floor | total / best anchor |"
+    )?;
+    writeln!(out, "|---:|---|---:|---:|---:|---:|---:|---:|---:|")?;
+    let ks: Vec<Option<usize>> = first.rows.iter().map(|r| r.missing).collect();
+    for k in ks {
+        let at: Vec<(System, &crate::b4::ResyncRow)> = rows
+            .iter()
+            .filter_map(|(s, r)| r.rows.iter().find(|row| row.missing == k).map(|row| (*s, row)))
+            .collect();
+        let totals: BTreeMap<usize, f64> = at
+            .iter()
+            .map(|(s, r)| (idx(*s), (r.stats.bytes_up + r.stats.bytes_down) as f64))
+            .collect();
+        let best = best_anchor(&totals, false);
+        for s in ORDER {
+            let Some((_, r)) = at.iter().find(|(x, _)| *x == s) else {
+                continue;
+            };
+            let total = r.stats.bytes_up + r.stats.bytes_down;
+            let native = if s == System::Native {
+                format!(
+                    " (resume frames {} + {})",
+                    thousands(r.stats.resume_up),
+                    thousands(r.stats.resume_down)
+                )
+            } else {
+                String::new()
+            };
+            writeln!(
+                out,
+                "| {} | {} | {} | {} | {}{} | {} | {} | {} | {} |",
+                k.map_or("full".into(), |k| thousands(k as u64)),
+                label(s),
+                thousands(r.stats.bytes_up),
+                thousands(r.stats.bytes_down),
+                thousands(total),
+                native,
+                ms(r.stats.synced_us),
+                thousands(r.floor as u64),
+                if r.floor > 0 {
+                    format!("{:.2}", total as f64 / r.floor as f64)
+                } else {
+                    "—".into()
+                },
+                ratio(total as f64, best),
+            )?;
+        }
+    }
+    writeln!(out)?;
+    Ok(())
+}
+
+fn cold_section(out: &mut String, rows: &[&Line]) -> anyhow::Result<()> {
+    writeln!(out, "### Cold load of the stored B4 document\n")?;
+    writeln!(
+        out,
+        "The server is restarted on the data written by the resync workload; a client holding nothing connects. First content = from the start of the TCP connect to the first message carrying document content (the sync answer); complete = until 90 % of the document's encoded size has arrived (native: the `Resumed` frame). Warm = the same join right after, the document loaded.\n"
+    )?;
+    writeln!(
+        out,
+        "| system | cold: first content ms | cold: complete ms | warm: complete ms | cold first content / best anchor |"
+    )?;
+    writeln!(out, "|---|---:|---:|---:|---:|")?;
+    let parsed: Vec<(System, crate::b4::ColdResult)> = rows
+        .iter()
+        .filter_map(|l| Some((l.system, serde_json::from_value(l.result.clone()).ok()?)))
+        .collect();
+    let firsts: BTreeMap<usize, f64> = parsed.iter().map(|(s, r)| (idx(*s), r.cold.first_content_us)).collect();
+    let best = best_anchor(&firsts, false);
+    for s in ORDER {
+        let Some((_, r)) = parsed.iter().find(|(x, _)| *x == s) else {
+            continue;
+        };
+        writeln!(
+            out,
+            "| {} | {} | {} | {} | {} |",
+            label(s),
+            ms(r.cold.first_content_us),
+            ms(r.cold.synced_us),
+            ms(r.warm.synced_us),
+            ratio(r.cold.first_content_us, best)
+        )?;
+    }
+    let _ = rows.first().map(|l| &l.params);
+    writeln!(out)?;
+    Ok(())
+}
+
+fn throughput_section(out: &mut String, rows: &[(System, ThroughputResult)]) -> anyhow::Result<()> {
+    let first = &rows[0].1;
+    writeln!(out, "### Throughput: many rooms, ramped until p99 passes 50 ms\n")?;
+    writeln!(
+        out,
+        "{} rooms with {} clients each (one writer, {} readers); the total update rate goes up in steps of {:.0} s; latency from send to the last reader of the room. Knee = the highest rate whose p99 stayed at or below 50 ms with at least 99 % of the messages delivered. Persistence on for every system.\n",
+        first.rooms,
+        first.clients_per_room,
+        first.clients_per_room.saturating_sub(1),
+        first.step_secs
+    )?;
+    writeln!(
+        out,
+        "| system | knee updates/s | deliveries/s at the knee | p99 ms at the knee | first failing step | knee / best anchor |"
+    )?;
+    writeln!(out, "|---|---:|---:|---:|---|---:|")?;
+    let knees: BTreeMap<usize, f64> = rows.iter().map(|(s, r)| (idx(*s), r.knee_rate)).collect();
+    let best = best_anchor(&knees, true);
+    for s in ORDER {
+        let Some((_, r)) = rows.iter().find(|(x, _)| *x == s) else {
+            continue;
+        };
+        let at = r.steps.iter().find(|st| st.rate == r.knee_rate);
+        let fail = r
+            .steps
+            .iter()
+            .find(|st| st.latency.p99_us > 50_000.0 || st.delivered < 0.99)
+            .map_or("none (top of the ramp)".to_string(), |st| {
+                format!(
+                    "{:.0}/s: p99 {} ms, {:.1} % delivered, server CPU {:.0} %",
+                    st.rate,
+                    ms(st.latency.p99_us),
+                    st.delivered * 100.0,
+                    st.server_cpu * 100.0
+                )
+            });
+        writeln!(
+            out,
+            "| {} | {} | {} | {} | {} | {} |",
+            label(s),
+            thousands(r.knee_rate as u64),
+            thousands((r.knee_rate * r.clients_per_room.saturating_sub(1) as f64) as u64),
+            at.map_or("—".into(), |st| ms(st.latency.p99_us)),
+            fail,
+            ratio(r.knee_rate, best),
+        )?;
+    }
+    writeln!(out)?;
+    Ok(())
+}
+
+/// A TTF font on this machine, if any (DejaVu Sans, Liberation Sans, …).
+fn find_font() -> Option<Vec<u8>> {
+    let candidates = [
+        "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+        "/usr/share/fonts/truetype/liberation/LiberationSans-Regular.ttf",
+        "/usr/share/fonts/TTF/DejaVuSans.ttf",
+        "/usr/share/fonts/dejavu/DejaVuSans.ttf",
+    ];
+    candidates.iter().find_map(|p| std::fs::read(p).ok())
+}
+
+/// Draws p99 (solid) and p50 (thin) fan-out latency against N, one colour per system.
+fn draw_fanout(rows: &[(System, FanoutResult)], path: &Path) -> anyhow::Result<()> {
+    use plotters::prelude::*;
+    let font = find_font().and_then(|bytes| {
+        let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
+        plotters::style::register_font("sans-serif", FontStyle::Normal, bytes).ok()
+    });
+    let text = font.is_some();
+    let max_n = rows.iter().map(|r| r.1.readers).max().unwrap_or(10) as f64;
+    let max_ms = rows.iter().map(|r| r.1.latency.p99_us / 1000.0).fold(1.0, f64::max) * 1.15;
+    let root = BitMapBackend::new(path, (900, 560)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let mut builder = ChartBuilder::on(&root);
+    builder.margin(20);
+    if text {
+        builder
+            .caption("Fan-out: send → last reader latency against N", ("sans-serif", 22))
+            .x_label_area_size(45)
+            .y_label_area_size(60);
+    } else {
+        builder.x_label_area_size(0).y_label_area_size(0);
+    }
+    let mut chart = builder.build_cartesian_2d((5.0..max_n * 1.3).log_scale(), 0.0..max_ms)?;
+    let mut mesh = chart.configure_mesh();
+    if text {
+        mesh.x_desc("readers (N, log scale)")
+            .y_desc("latency, ms (thick: p99, thin: p50)")
+            .label_style(("sans-serif", 14));
+    } else {
+        mesh.disable_x_axis().disable_y_axis();
+    }
+    mesh.draw()?;
+    let colours = [
+        RGBColor(0xd6, 0x27, 0x28),
+        RGBColor(0xff, 0x7f, 0x0e),
+        RGBColor(0x1f, 0x77, 0xb4),
+        RGBColor(0x2c, 0xa0, 0x2c),
+        RGBColor(0x94, 0x67, 0xbd),
+    ];
+    for (i, s) in ORDER.iter().enumerate() {
+        let mut pts: Vec<(f64, f64, f64)> = rows
+            .iter()
+            .filter(|r| r.0 == *s)
+            .map(|r| {
+                (
+                    r.1.readers as f64,
+                    r.1.latency.p99_us / 1000.0,
+                    r.1.latency.p50_us / 1000.0,
+                )
+            })
+            .collect();
+        if pts.is_empty() {
+            continue;
+        }
+        pts.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let c = colours[i];
+        let series = chart.draw_series(LineSeries::new(pts.iter().map(|p| (p.0, p.1)), c.stroke_width(3)))?;
+        if text {
+            series
+                .label(label(*s))
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(3)));
+        }
+        chart.draw_series(pts.iter().map(|p| Circle::new((p.0, p.1), 4, c.filled())))?;
+        chart.draw_series(LineSeries::new(pts.iter().map(|p| (p.0, p.2)), c.stroke_width(1)))?;
+    }
+    if text {
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperLeft)
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .label_font(("sans-serif", 15))
+            .draw()?;
+    }
+    root.present()?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn best_anchor_ignores_driftsync_and_zeros() {
+        let mut v = BTreeMap::new();
+        v.insert(idx(System::Native), 1.0);
+        v.insert(idx(System::YWebsocket), 5.0);
+        v.insert(idx(System::YSweet), 3.0);
+        v.insert(idx(System::Hocuspocus), 0.0);
+        assert_eq!(best_anchor(&v, false), Some(3.0));
+        assert_eq!(best_anchor(&v, true), Some(5.0));
+        assert_eq!(ratio(1.5, Some(3.0)), "0.50");
+        assert_eq!(ratio(1.5, None), "—");
+    }
+
+    #[test]
+    fn thousands_separators() {
+        assert_eq!(thousands(0), "0");
+        assert_eq!(thousands(999), "999");
+        assert_eq!(thousands(1000), "1,000");
+        assert_eq!(thousands(259_778), "259,778");
+    }
+}
