@@ -209,10 +209,16 @@ async fn pause_flushes_and_resume_catches_up() {
     // In the background: others write, and so does the app (stored, not sent).
     let mut bob_events = bob.events();
     while texts(&bob).await.is_empty() {
-        until(&mut bob_events, |e| matches!(e, Event::RemoteChange { .. }).then_some(())).await;
+        until(&mut bob_events, |e| {
+            matches!(e, Event::RemoteChange { .. }).then_some(())
+        })
+        .await;
     }
     bob.chat_send(ROOM, "while ada was away").await.unwrap();
-    until(&mut bob_events, |e| matches!(e, Event::Acknowledged { .. }).then_some(())).await;
+    until(&mut bob_events, |e| {
+        matches!(e, Event::Acknowledged { .. }).then_some(())
+    })
+    .await;
     ada.chat_send(ROOM, "queued in background").await.unwrap();
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(ada.state(), ConnectionState::Paused, "paused sessions stay offline");
