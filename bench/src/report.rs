@@ -436,6 +436,7 @@ fn draw_fanout(rows: &[(System, FanoutResult)], path: &Path) -> anyhow::Result<(
     let mut mesh = chart.configure_mesh();
     if text {
         mesh.x_desc("readers (N, log scale)")
+            .x_label_formatter(&|x| format!("{x:.0}"))
             .y_desc("latency, ms (thick: p99, thin: p50)")
             .label_style(("sans-serif", 14));
     } else {
