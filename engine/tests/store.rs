@@ -215,6 +215,7 @@ cases!(
     append_assigns_cursors_per_document,
     append_batch_across_documents_is_atomic,
     duplicate_batches_are_not_stored,
+    large_groups_span_several_statements,
     concurrent_writers_get_gap_free_cursors,
     compaction_keeps_the_text,
     compaction_prunes_old_entries,
@@ -463,6 +464,76 @@ async fn duplicate_batches_are_not_stored<F: Fixture>(fixture: &F) {
         [&b"x1"[..], b"local", b"x2", b"y1", b"x3"]
     );
     assert_eq!(store.meta("a").await.unwrap().unwrap().log_bytes, 2 + 5 + 2 + 2 + 2);
+}
+
+/// A group commit larger than one multi-row statement carries (256 rows): 1,500 appends over
+/// 300 documents from 3 clients, each batch sent twice in the same call and some re-sent from an
+/// earlier call, get gap-free cursors per document in call order, and only the first copy of a
+/// batch is stored.
+async fn large_groups_span_several_statements<F: Fixture>(fixture: &F) {
+    let store = &fixture.open().await;
+    let docs = 300;
+    // Call 1: batch 1 of client 0 on every document.
+    let first: Vec<Append> = (0..docs)
+        .map(|d| pushed(&format!("doc-{d:03}"), 100, 1, format!("c0b1-{d}").as_bytes()))
+        .collect();
+    let stored = store.append(&first).await.unwrap();
+    assert!(stored.iter().all(|a| *a == Appended::Stored(1)), "{stored:?}");
+
+    // Call 2: batch 1 of client 0 again (duplicates), then batches 2 of clients 0..3, each
+    // twice, and an update without origin, on every document.
+    let mut second = Vec::new();
+    for d in 0..docs {
+        let doc = format!("doc-{d:03}");
+        second.push(pushed(&doc, 100, 1, b"again"));
+        for client in 0..3 {
+            let update = format!("c{client}b2-{d}");
+            second.push(pushed(&doc, 100 + client, 2, update.as_bytes()));
+            second.push(pushed(&doc, 100 + client, 2, update.as_bytes()));
+        }
+        second.push(append(&doc, b"local"));
+    }
+    let result = store.append(&second).await.unwrap();
+    assert_eq!(result.len(), docs * 8);
+    for (d, per_doc) in result.chunks(8).enumerate() {
+        assert_eq!(
+            per_doc,
+            [
+                Appended::Duplicate(1),
+                Appended::Stored(2),
+                Appended::Duplicate(2),
+                Appended::Stored(3),
+                Appended::Duplicate(3),
+                Appended::Stored(4),
+                Appended::Duplicate(4),
+                Appended::Stored(5),
+            ],
+            "document {d}"
+        );
+    }
+    for d in [0, 151, 299] {
+        let doc = format!("doc-{d:03}");
+        let log = entries(store.log_after(&doc, 0).await.unwrap());
+        assert_eq!(cursors(&log), [1, 2, 3, 4, 5]);
+        let texts: Vec<String> = log
+            .iter()
+            .map(|e| String::from_utf8_lossy(&e.update).into_owned())
+            .collect();
+        assert_eq!(
+            texts,
+            [
+                format!("c0b1-{d}"),
+                format!("c0b2-{d}"),
+                format!("c1b2-{d}"),
+                format!("c2b2-{d}"),
+                "local".to_string()
+            ]
+        );
+        let meta = store.meta(&doc).await.unwrap().unwrap();
+        assert_eq!(meta.head, 5);
+        assert_eq!(meta.log_bytes, texts.iter().map(|t| t.len() as u64).sum::<u64>());
+    }
+    assert_eq!(store.documents().await.unwrap().len(), docs);
 }
 
 /// Two stores on one database (two server instances, or two processes on one SQLite file) append

@@ -1,8 +1,8 @@
 //! The server store on PostgreSQL, which several server instances may share.
 //!
 //! Appends from different instances to one document are serialised by the document's row lock:
-//! a write transaction locks the rows of the documents it appends to (`SELECT … FOR UPDATE`)
-//! before it reads a client's last batch or assigns a cursor, so two instances can neither hand
+//! a write transaction locks the rows of the documents it appends to (its first statement upserts
+//! them, in sorted order, and `ON CONFLICT … DO UPDATE` locks each existing row) before it reads a client's last batch or assigns a cursor, so two instances can neither hand
 //! out the same cursor nor both store a re-sent batch. Read transactions run at REPEATABLE READ
 //! so that a document's row and its log are read from one snapshot. The SQL itself is shared
 //! with SQLite; see `store::sql`.
@@ -54,6 +54,14 @@ impl PgStore {
         Self::migrate(pool).await
     }
 
+    /// The pool write transactions run on: any connection.
+    fn writer(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Called after each committed append: nothing to do on PostgreSQL.
+    fn after_write(&self) {}
+
     /// Runs the migrations (creating `_sqlx_migrations` in the first schema of the search path).
     async fn migrate(pool: PgPool) -> Result<Self> {
         sqlx::migrate!("./migrations/postgres").run(&pool).await?;
@@ -66,5 +74,6 @@ sql_store! {
     database: ::sqlx::Postgres,
     begin_write: "BEGIN",
     begin_read: "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY",
-    lock_document: Some("SELECT head FROM documents WHERE doc = $1 FOR UPDATE"),
+    numbered_placeholders: true,
+    joined_statements: false,
 }

@@ -1,12 +1,17 @@
 //! The store logic both backends share, written once as the `sql_store!` macro.
 //!
-//!
 //! SQLite and PostgreSQL run the very same SQL: sqlx's SQLite driver binds `$1`-style
 //! placeholders by number just as PostgreSQL does, both databases support
-//! `INSERT … ON CONFLICT`, `UPDATE … RETURNING` and `excluded`, and every integer is read back as
-//! a 64-bit value. Only two things differ — how a transaction begins and how a document row is
-//! locked — so the implementation of [`Store`] is written once, as the `sql_store!` macro below,
-//! and expanded in `sqlite.rs` and `postgres.rs` with those differences as arguments.
+//! `INSERT … ON CONFLICT … RETURNING`, `UPDATE … FROM (VALUES …)`, row values and `excluded`,
+//! and every integer is read back as a 64-bit value. Only how a transaction begins and the
+//! placeholders of the multi-row statements differ, so the implementation of [`Store`] is
+//! written once, as the `sql_store!` macro below, and expanded in `sqlite.rs` and `postgres.rs`
+//! with those differences as arguments.
+//!
+//! An append costs a fixed number of statements whatever the number of updates in it (multi-row
+//! statements), because each statement is a round trip to the connection — to sqlx's worker
+//! thread for SQLite, to the server for PostgreSQL — and under load a group commit carries
+//! hundreds of updates.
 //!
 //! A macro rather than code generic over `sqlx::Database`: the bounds sqlx needs for that
 //! (executors for every lifetime, encoders for every parameter type, `Send` futures through all
@@ -18,10 +23,11 @@
 //! * A write transaction serialises appends to a document. SQLite begins it with
 //!   `BEGIN IMMEDIATE`, taking the database's write lock up front (a deferred transaction that
 //!   reads first and writes later can fail with `SQLITE_BUSY` instead of waiting). PostgreSQL
-//!   runs at READ COMMITTED and locks each document row (`SELECT … FOR UPDATE`, in sorted order
-//!   so that two batches touching the same documents cannot deadlock) before reading anything the
-//!   append depends on, such as a client's last batch; each later statement then sees every
-//!   append committed before the lock was granted.
+//!   runs at READ COMMITTED and locks each document row — the append's first statement is an
+//!   upsert of the document rows, in sorted order so that two batches touching the same documents
+//!   cannot deadlock, whose `DO UPDATE` takes the row lock — before reading anything the append
+//!   depends on, such as a client's last batch; each later statement then sees every append
+//!   committed before the lock was granted.
 //! * A read transaction must see one snapshot across its statements, or a compaction committing
 //!   between reading a document's row and reading its log would make the log look like it has a
 //!   hole. SQLite's deferred transaction does that in WAL mode; PostgreSQL needs REPEATABLE READ
@@ -156,13 +162,96 @@ pub(super) fn lock_order<'a>(docs: impl IntoIterator<Item = &'a str>) -> BTreeSe
     docs.into_iter().collect()
 }
 
-/// Implements [`Store`] (and a few hidden test hooks) for a store struct with a `pool` field.
+/// The most rows one multi-row statement of an append carries (three or four parameters each,
+/// far below SQLite's and PostgreSQL's limits on parameters per statement).
+pub(super) const ROWS_PER_STATEMENT: usize = 256;
+
+/// Multi-row statements with at most this many rows stay in sqlx's per-connection cache of
+/// prepared statements; larger ones, whose text varies with the group, are prepared once and
+/// dropped, so they do not evict the common small shapes.
+pub(super) const CACHED_ROWS: usize = 4;
+
+/// `($1, $2), ($3, $4), …` (`numbered`) or `(?, ?), (?, ?), …`: the placeholders of `rows` rows
+/// of `columns` parameters each.
+///
+/// SQLite gets anonymous ones: sqlx looks up the name of every parameter it binds, and SQLite
+/// finds a parameter's name by walking the list of all named parameters, so binding the
+/// hundreds of `$n` of a multi-row statement took time quadratic in their number (most of an
+/// append's CPU time). Anonymous parameters have no name to look up.
+pub(super) fn values(rows: usize, columns: usize, numbered: bool) -> String {
+    let mut sql = String::with_capacity(rows * columns * 5);
+    for row in 0..rows {
+        if row > 0 {
+            sql.push_str(", ");
+        }
+        sql.push('(');
+        for column in 0..columns {
+            if column > 0 {
+                sql.push_str(", ");
+            }
+            if numbered {
+                sql.push('$');
+                sql.push_str(&(row * columns + column + 1).to_string());
+            } else {
+                sql.push('?');
+            }
+        }
+        sql.push(')');
+    }
+    sql
+}
+
+/// A value bound to a placeholder of a [`Statement`].
+#[derive(Clone, Copy)]
+pub(super) enum Value<'a> {
+    Text(&'a str),
+    Int(i64),
+    Blob(&'a [u8]),
+}
+
+/// One statement of an append, with its parameters.
+pub(super) struct Statement<'a> {
+    /// A document it concerns, named in errors.
+    pub(super) doc: &'a str,
+    pub(super) sql: String,
+    /// Whether sqlx should keep it prepared (see [`CACHED_ROWS`]).
+    pub(super) cached: bool,
+    pub(super) values: Vec<Value<'a>>,
+}
+
+impl<'a> Statement<'a> {
+    pub(super) fn new(doc: &'a str, sql: String, rows: usize, values: Vec<Value<'a>>) -> Self {
+        Statement {
+            doc,
+            sql,
+            cached: rows <= CACHED_ROWS,
+            values,
+        }
+    }
+}
+
+/// One update to append inside a write transaction (the borrowed form of an
+/// [`Append`](super::Append)).
+#[derive(Clone, Copy)]
+pub(super) struct Row<'a> {
+    pub(super) doc: &'a str,
+    pub(super) origin: Option<super::Origin>,
+    pub(super) update: &'a [u8],
+}
+
+/// Implements [`Store`] (and a few hidden test hooks) for a store struct with a `pool` field, a
+/// `writer(&self)` method giving the pool write transactions run on (SQLite: one connection that
+/// stays warm) and an `after_write(&self)` method, called after each committed append (SQLite
+/// checkpoints its WAL from there).
 ///
 /// * `store`: the struct;
 /// * `database`: its sqlx database type;
 /// * `begin_write`, `begin_read`: the statements that begin a write and a read transaction;
-/// * `lock_document`: `Some(sql)` locking the document row `$1` for the rest of a write
-///   transaction, or `None` where a write transaction already excludes every other writer.
+/// * `numbered_placeholders`: whether the multi-row statements of an append use `$n`
+///   placeholders (PostgreSQL's only kind) or anonymous `?` ones (see [`values`]);
+/// * `joined_statements`: whether the statements of one step of an append go to the database as
+///   one query (SQLite: sqlx runs them one after another on its worker thread, one round trip to
+///   that thread instead of one each; PostgreSQL takes one statement per prepared query).
 ///
 /// See the module docs for what these statements must guarantee.
 macro_rules! sql_store {
@@ -171,110 +260,265 @@ macro_rules! sql_store {
         database: $db:ty,
         begin_write: $begin_write:literal,
         begin_read: $begin_read:literal,
-        lock_document: $lock_document:expr $(,)?
+        numbered_placeholders: $numbered:literal,
+        joined_statements: $joined:literal $(,)?
     ) => {
         /// The implementation of [`Store`](crate::store::Store) that both backends share (see the docs
         /// of `store::sql`).
         mod shared {
+            use std::collections::BTreeMap;
             use std::future::Future;
 
             use super::$store;
             use driftsync_protocol::Cursor;
             use $crate::store::sql::{
                 check_counters, corrupt, device_identity, fold, from_sql, len_to_sql, lock_order, log_entries,
-                read_error, to_sql, DEVICE_ROW,
+                read_error, to_sql, values, Row, Statement, Value, DEVICE_ROW, ROWS_PER_STATEMENT,
             };
             use $crate::store::{
-                Append, Appended, Compacted, CompactionPolicy, DeviceIdentity, DocMeta, LogTail, Origin, OutboxEntry,
-                Store, StoredDoc,
+                Append, Appended, Compacted, CompactionPolicy, DeviceIdentity, DocMeta, LogTail, OutboxEntry, Store,
+                StoredDoc,
             };
             use $crate::Result;
+
+            /// Whether multi-row statements use `$n` placeholders (see `values`).
+            const NUMBERED: bool = $numbered;
+            /// Whether the statements of one step of an append run as one query.
+            const JOINED: bool = $joined;
 
             /// The connection a transaction runs on.
             type Connection = <$db as ::sqlx::Database>::Connection;
 
-            /// Ensures every document of `docs` has its row and, where the backend needs it, locks
-            /// the rows (in sorted order, so concurrent batches cannot deadlock).
-            async fn lock_documents<'a>(conn: &mut Connection, docs: impl IntoIterator<Item = &'a str>) -> Result<()> {
-                let lock: Option<&'static str> = $lock_document;
-                for doc in lock_order(docs) {
-                    ::sqlx::query("INSERT INTO documents (doc) VALUES ($1) ON CONFLICT (doc) DO NOTHING")
-                        .bind(doc)
-                        .execute(&mut *conn)
-                        .await?;
-                    if let Some(lock) = lock {
-                        ::sqlx::query(lock).bind(doc).execute(&mut *conn).await?;
+            /// Runs `statements` — all of them as one query where the backend takes several
+            /// statements in one (`JOINED`), else one by one — and returns the rows they yield.
+            async fn run(
+                conn: &mut Connection,
+                statements: Vec<Statement<'_>>,
+            ) -> Result<Vec<<$db as ::sqlx::Database>::Row>> {
+                let groups: Vec<Vec<Statement<'_>>> = if JOINED {
+                    vec![statements]
+                } else {
+                    statements.into_iter().map(|statement| vec![statement]).collect()
+                };
+                let mut rows = Vec::new();
+                for group in groups {
+                    let Some(first) = group.first() else { continue };
+                    let (doc, cached) = (first.doc, group.iter().all(|statement| statement.cached));
+                    let sql = group
+                        .iter()
+                        .map(|statement| statement.sql.as_str())
+                        .collect::<Vec<_>>()
+                        .join("; ");
+                    let mut query = ::sqlx::query(&sql).persistent(cached);
+                    for value in group.iter().flat_map(|statement| &statement.values) {
+                        query = match *value {
+                            Value::Text(text) => query.bind(text),
+                            Value::Int(int) => query.bind(int),
+                            Value::Blob(blob) => query.bind(blob),
+                        };
                     }
+                    rows.extend(query.fetch_all(&mut *conn).await.map_err(read_error(doc))?);
                 }
-                Ok(())
+                Ok(rows)
             }
 
-            /// Appends one update to a document whose row `lock_documents` has prepared in this
-            /// transaction, unless `origin` marks it as a batch the client already pushed.
-            async fn append_locked(
-                conn: &mut Connection,
-                doc: &str,
-                origin: Option<Origin>,
-                update: &[u8],
-            ) -> Result<Appended> {
-                let len = len_to_sql(update)?;
-                let origin = match origin {
-                    Some(origin) => {
-                        let client_id = to_sql(origin.client_id, "client id")?;
-                        let batch = to_sql(origin.batch, "batch id")?;
-                        let last: Option<(i64, i64)> = ::sqlx::query_as(
-                            "SELECT last_batch, last_seq FROM client_batches \
-                             WHERE doc = $1 AND client_id = $2",
-                        )
-                        .bind(doc)
-                        .bind(client_id)
-                        .fetch_optional(&mut *conn)
-                        .await
-                        .map_err(read_error(doc))?;
-                        if let Some((last_batch, last_seq)) = last {
-                            if origin.batch <= from_sql(last_batch, doc, "client's last batch")? {
-                                let cursor = from_sql(last_seq, doc, "client's last cursor")?;
-                                return Ok(Appended::Duplicate(cursor));
-                            }
-                        }
-                        Some((client_id, batch))
+            /// Appends `rows` inside a write transaction in a fixed number of statements,
+            /// whatever their number (each multi-row statement carries up to
+            /// `ROWS_PER_STATEMENT` rows), and on SQLite in two round trips to its worker:
+            ///
+            /// 1. every document's row is created if missing and its `head` read, by one upsert
+            ///    in sorted document order — on PostgreSQL the upsert's row lock is what
+            ///    serialises appends to a document (sorted, so two groups cannot deadlock), and
+            ///    every later statement sees each append committed before it was granted — and
+            ///    the pushing clients' last batches are read, to drop re-sent batches;
+            /// 2. cursors are assigned in memory, `head + 1, head + 2, …` per document in the
+            ///    order of `rows`;
+            /// 3. the log rows, the new heads and the clients' last batches are written.
+            async fn append_rows(conn: &mut Connection, rows: &[Row<'_>]) -> Result<Vec<Appended>> {
+                use ::sqlx::Row as _;
+                use std::collections::HashMap;
+
+                let docs: Vec<&str> = lock_order(rows.iter().map(|row| row.doc)).into_iter().collect();
+                let mut pushers: Vec<(&str, i64)> = Vec::new();
+                for row in rows {
+                    if let Some(origin) = row.origin {
+                        pushers.push((row.doc, to_sql(origin.client_id, "client id")?));
                     }
-                    None => None,
-                };
-                // The row lock this takes is what serialises appends to one document.
-                let head: Option<i64> = ::sqlx::query_scalar(
-                    "UPDATE documents SET head = head + 1, log_bytes = log_bytes + $2 \
-                     WHERE doc = $1 RETURNING head",
-                )
-                .bind(doc)
-                .bind(len)
-                .fetch_optional(&mut *conn)
-                .await
-                .map_err(read_error(doc))?;
-                let Some(head) = head else {
-                    return Err(corrupt(doc, "the document row vanished inside its transaction"));
-                };
-                let cursor = from_sql(head, doc, "head")?;
-                ::sqlx::query("INSERT INTO updates (doc, seq, data) VALUES ($1, $2, $3)")
-                    .bind(doc)
-                    .bind(head)
-                    .bind(update)
-                    .execute(&mut *conn)
-                    .await?;
-                if let Some((client_id, batch)) = origin {
-                    ::sqlx::query(
-                        "INSERT INTO client_batches (doc, client_id, last_batch, last_seq) \
-                         VALUES ($1, $2, $3, $4) ON CONFLICT (doc, client_id) \
-                         DO UPDATE SET last_batch = excluded.last_batch, last_seq = excluded.last_seq",
-                    )
-                    .bind(doc)
-                    .bind(client_id)
-                    .bind(batch)
-                    .bind(head)
-                    .execute(&mut *conn)
-                    .await?;
                 }
-                Ok(Appended::Stored(cursor))
+                pushers.sort_unstable();
+                pushers.dedup();
+
+                let mut reads = Vec::new();
+                for chunk in docs.chunks(ROWS_PER_STATEMENT) {
+                    reads.push(Statement::new(
+                        chunk[0],
+                        format!(
+                            "INSERT INTO documents (doc) VALUES {} ON CONFLICT (doc) \
+                             DO UPDATE SET head = documents.head RETURNING doc, head",
+                            values(chunk.len(), 1, NUMBERED)
+                        ),
+                        chunk.len(),
+                        chunk.iter().map(|doc| Value::Text(doc)).collect(),
+                    ));
+                }
+                for chunk in pushers.chunks(ROWS_PER_STATEMENT) {
+                    reads.push(Statement::new(
+                        chunk[0].0,
+                        format!(
+                            "SELECT doc, client_id, last_batch, last_seq FROM client_batches \
+                             WHERE (doc, client_id) IN (VALUES {})",
+                            values(chunk.len(), 2, NUMBERED)
+                        ),
+                        chunk.len(),
+                        chunk
+                            .iter()
+                            .flat_map(|&(doc, client)| [Value::Text(doc), Value::Int(client)])
+                            .collect(),
+                    ));
+                }
+                // Per document: the head read, the head after this append, the bytes appended.
+                let mut heads: HashMap<String, (i64, i64, i64)> = HashMap::with_capacity(docs.len());
+                // The latest stored batch of each pushing client, per document.
+                let mut last: HashMap<(&str, i64), (u64, Cursor)> = HashMap::with_capacity(pushers.len());
+                for row in run(conn, reads).await? {
+                    // The two statements' rows are told apart by their width.
+                    let doc: String = row.try_get(0).map_err(|e| corrupt("(append)", e.to_string()))?;
+                    let read = |i: usize, what: &str| -> Result<i64> {
+                        row.try_get(i).map_err(|e| corrupt(&doc, format!("{what}: {e}")))
+                    };
+                    if row.len() == 2 {
+                        let head = read(1, "head")?;
+                        from_sql(head, &doc, "head")?;
+                        heads.insert(doc, (head, head, 0));
+                    } else {
+                        let client_id = read(1, "client id")?;
+                        let batch = from_sql(read(2, "client's last batch")?, &doc, "client's last batch")?;
+                        let seq = from_sql(read(3, "client's last cursor")?, &doc, "client's last cursor")?;
+                        let Ok(at) = pushers.binary_search_by(|probe| probe.cmp(&(doc.as_str(), client_id))) else {
+                            return Err(corrupt(
+                                &doc,
+                                "a client's last batch came back for a client not asked for",
+                            ));
+                        };
+                        last.insert(pushers[at], (batch, seq));
+                    }
+                }
+
+                // Cursors, in memory; re-sent batches are answered with the client's last cursor.
+                let mut appended = Vec::with_capacity(rows.len());
+                let mut stored: Vec<(&str, i64, &[u8])> = Vec::with_capacity(rows.len());
+                let mut pushed: BTreeMap<(&str, i64), (u64, Cursor)> = BTreeMap::new();
+                for row in rows {
+                    let len = len_to_sql(row.update)?;
+                    let key = match row.origin {
+                        Some(origin) => {
+                            let key = (row.doc, to_sql(origin.client_id, "client id")?);
+                            if let Some(&(batch, cursor)) = last.get(&key) {
+                                if origin.batch <= batch {
+                                    appended.push(Appended::Duplicate(cursor));
+                                    continue;
+                                }
+                            }
+                            Some((key, origin.batch))
+                        }
+                        None => None,
+                    };
+                    let Some((_, head, bytes)) = heads.get_mut(row.doc) else {
+                        return Err(corrupt(
+                            row.doc,
+                            "the document row vanished inside its transaction",
+                        ));
+                    };
+                    *head = head
+                        .checked_add(1)
+                        .ok_or_else(|| corrupt(row.doc, "the head cursor overflowed"))?;
+                    *bytes = bytes.saturating_add(len);
+                    let cursor = from_sql(*head, row.doc, "head")?;
+                    stored.push((row.doc, *head, row.update));
+                    if let Some((key, batch)) = key {
+                        last.insert(key, (batch, cursor));
+                        pushed.insert(key, (batch, cursor));
+                    }
+                    appended.push(Appended::Stored(cursor));
+                }
+                if stored.is_empty() {
+                    return Ok(appended);
+                }
+
+                let mut writes = Vec::new();
+                for chunk in stored.chunks(ROWS_PER_STATEMENT) {
+                    writes.push(Statement::new(
+                        chunk[0].0,
+                        format!(
+                            "INSERT INTO updates (doc, seq, data) VALUES {}",
+                            values(chunk.len(), 3, NUMBERED)
+                        ),
+                        chunk.len(),
+                        chunk
+                            .iter()
+                            .flat_map(|&(doc, seq, update)| [Value::Text(doc), Value::Int(seq), Value::Blob(update)])
+                            .collect(),
+                    ));
+                }
+                let moved: Vec<(&str, i64, i64)> = docs
+                    .iter()
+                    .filter_map(|doc| {
+                        heads
+                            .get(*doc)
+                            .map(|&(read, head, bytes)| (*doc, read, head, bytes))
+                    })
+                    .filter(|&(_, read, head, _)| head != read)
+                    .map(|(doc, _, head, bytes)| (doc, head, bytes))
+                    .collect();
+                for chunk in moved.chunks(ROWS_PER_STATEMENT) {
+                    writes.push(Statement::new(
+                        chunk[0].0,
+                        format!(
+                            "UPDATE documents SET head = v.column2, log_bytes = log_bytes + v.column3 \
+                             FROM (VALUES {}) AS v WHERE documents.doc = v.column1",
+                            values(chunk.len(), 3, NUMBERED)
+                        ),
+                        chunk.len(),
+                        chunk
+                            .iter()
+                            .flat_map(|&(doc, head, bytes)| [Value::Text(doc), Value::Int(head), Value::Int(bytes)])
+                            .collect(),
+                    ));
+                }
+                let mut batches = Vec::with_capacity(pushed.len());
+                for ((doc, client_id), (batch, cursor)) in pushed {
+                    batches.push((
+                        doc,
+                        client_id,
+                        to_sql(batch, "batch id")?,
+                        to_sql(cursor, "cursor")?,
+                    ));
+                }
+                for chunk in batches.chunks(ROWS_PER_STATEMENT) {
+                    writes.push(Statement::new(
+                        chunk[0].0,
+                        format!(
+                            "INSERT INTO client_batches (doc, client_id, last_batch, last_seq) VALUES {} \
+                             ON CONFLICT (doc, client_id) \
+                             DO UPDATE SET last_batch = excluded.last_batch, last_seq = excluded.last_seq",
+                            values(chunk.len(), 4, NUMBERED)
+                        ),
+                        chunk.len(),
+                        chunk
+                            .iter()
+                            .flat_map(|&(doc, client, batch, seq)| {
+                                [
+                                    Value::Text(doc),
+                                    Value::Int(client),
+                                    Value::Int(batch),
+                                    Value::Int(seq),
+                                ]
+                            })
+                            .collect(),
+                    ));
+                }
+                run(conn, writes).await?;
+                Ok(appended)
             }
 
             /// Reads a document's snapshot and log tail (inside a read transaction).
@@ -316,7 +560,7 @@ macro_rules! sql_store {
             impl $store {
                 /// Begins a transaction that writes (see the module docs of `store::sql`).
                 async fn begin_write(&self) -> Result<::sqlx::Transaction<'static, $db>> {
-                    Ok(self.pool.begin_with($begin_write).await?)
+                    Ok(self.writer().begin_with($begin_write).await?)
                 }
 
                 /// Begins a transaction that only reads, over one consistent snapshot.
@@ -442,13 +686,18 @@ macro_rules! sql_store {
                     if batch.is_empty() {
                         return Ok(Vec::new());
                     }
+                    let rows: Vec<Row<'_>> = batch
+                        .iter()
+                        .map(|append| Row {
+                            doc: &append.doc,
+                            origin: append.origin,
+                            update: &append.update,
+                        })
+                        .collect();
                     let mut tx = self.begin_write().await?;
-                    lock_documents(&mut tx, batch.iter().map(|append| append.doc.as_str())).await?;
-                    let mut appended = Vec::with_capacity(batch.len());
-                    for append in batch {
-                        appended.push(append_locked(&mut tx, &append.doc, append.origin, &append.update).await?);
-                    }
+                    let appended = append_rows(&mut tx, &rows).await?;
                     tx.commit().await?;
+                    self.after_write();
                     Ok(appended)
                 }
 
@@ -567,8 +816,15 @@ macro_rules! sql_store {
 
                 async fn record_local(&self, doc: &str, update: &[u8]) -> Result<u64> {
                     let mut tx = self.begin_write().await?;
-                    lock_documents(&mut tx, [doc]).await?;
-                    append_locked(&mut tx, doc, None, update).await?;
+                    append_rows(
+                        &mut tx,
+                        &[Row {
+                            doc,
+                            origin: None,
+                            update,
+                        }],
+                    )
+                    .await?;
                     let batch: i64 =
                         ::sqlx::query_scalar("INSERT INTO outbox (doc, data) VALUES ($1, $2) RETURNING batch")
                             .bind(doc)
@@ -578,6 +834,7 @@ macro_rules! sql_store {
                             .map_err(read_error(doc))?;
                     let batch = from_sql(batch, doc, "outbox batch")?;
                     tx.commit().await?;
+                    self.after_write();
                     Ok(batch)
                 }
 
@@ -625,10 +882,15 @@ macro_rules! sql_store {
                     let cursor = to_sql(cursor, "server cursor")?;
                     let mut tx = self.begin_write().await?;
                     if !updates.is_empty() {
-                        lock_documents(&mut tx, [doc]).await?;
-                        for update in updates {
-                            append_locked(&mut tx, doc, None, update).await?;
-                        }
+                        let rows: Vec<Row<'_>> = updates
+                            .iter()
+                            .map(|update| Row {
+                                doc,
+                                origin: None,
+                                update,
+                            })
+                            .collect();
+                        append_rows(&mut tx, &rows).await?;
                     }
                     ::sqlx::query(
                         "INSERT INTO sync_state (doc, cursor) VALUES ($1, $2) ON CONFLICT (doc) \
@@ -640,6 +902,7 @@ macro_rules! sql_store {
                     .execute(&mut *tx)
                     .await?;
                     tx.commit().await?;
+                    self.after_write();
                     Ok(())
                 }
             }

@@ -9,6 +9,14 @@
 //!   last commits on power loss, after the server told clients they were stored.
 //! * A busy timeout of five seconds, so that another process (a CLI next to a running client)
 //!   holding the write lock makes a writer wait instead of fail.
+//! * No automatic WAL checkpoints (`wal_autocheckpoint = 0`): SQLite would run them inside the
+//!   commit that crosses the threshold, and that commit — which a server acknowledges and
+//!   broadcasts only after it returns — would wait for the checkpoint to copy pages and sync the
+//!   database file. Instead, every [`CHECKPOINT_EVERY`] commits a passive checkpoint runs on
+//!   another connection of the pool, next to the writer rather than in front of it.
+//! * Write transactions run on one connection of their own (SQLite allows one writer at a time
+//!   anyway): its page cache and prepared statements stay warm, where taking turns with the
+//!   readers' connections would make each write re-read the pages another connection changed.
 //! * Write transactions begin with `BEGIN IMMEDIATE`, taking the write lock before their first
 //!   read; see the docs of `store::sql`, which holds the SQL both backends share.
 //!
@@ -17,6 +25,8 @@
 
 use std::path::Path;
 use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
@@ -27,10 +37,24 @@ use crate::Result;
 /// How long a writer waits for another connection's write lock before failing.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Commits between two WAL checkpoints (see the module docs).
+const CHECKPOINT_EVERY: u32 = 256;
+
 /// The SQLite store. Cloning shares the connection pool.
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
     pool: SqlitePool,
+    /// The write transactions' connection (the same pool as `pool` in memory).
+    writer: SqlitePool,
+    /// Checkpoint bookkeeping; `None` for an in-memory database, which has no WAL.
+    wal: Option<Arc<Wal>>,
+}
+
+/// When the WAL was last checkpointed, and whether a checkpoint is running.
+#[derive(Debug, Default)]
+struct Wal {
+    commits: AtomicU32,
+    running: AtomicBool,
 }
 
 impl SqliteStore {
@@ -40,14 +64,14 @@ impl SqliteStore {
         let path = path.as_ref();
         create_parent_dir(path).await?;
         let options = SqliteConnectOptions::new().filename(path).create_if_missing(true);
-        Self::with_options(options, SqlitePoolOptions::new()).await
+        Self::with_options(options, SqlitePoolOptions::new(), false).await
     }
 
     /// Opens a fresh, empty database that lives in memory until the store is dropped (for
     /// tests).
     pub async fn open_in_memory() -> Result<Self> {
         let options = SqliteConnectOptions::new().filename(":memory:").in_memory(true);
-        Self::with_options(options, single_connection()).await
+        Self::with_options(options, single_connection(), true).await
     }
 
     /// Opens the database a sqlx SQLite URL names, such as `sqlite:data/app.db` or
@@ -55,26 +79,71 @@ impl SqliteStore {
     pub async fn connect(url: &str) -> Result<Self> {
         let mut options = SqliteConnectOptions::from_str(url)?;
         if url.contains(":memory:") || url.contains("mode=memory") {
-            return Self::with_options(options, single_connection()).await;
+            return Self::with_options(options, single_connection(), true).await;
         }
         if !url.contains("mode=") {
             options = options.create_if_missing(true);
             create_parent_dir(options.get_filename()).await?;
         }
-        Self::with_options(options, SqlitePoolOptions::new()).await
+        Self::with_options(options, SqlitePoolOptions::new(), false).await
     }
 
     /// Applies the settings every connection needs (see the module docs), connects and
     /// migrates.
-    async fn with_options(options: SqliteConnectOptions, pool: SqlitePoolOptions) -> Result<Self> {
+    async fn with_options(options: SqliteConnectOptions, pool: SqlitePoolOptions, in_memory: bool) -> Result<Self> {
         let options = options
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Full)
+            .pragma("wal_autocheckpoint", "0")
             .busy_timeout(BUSY_TIMEOUT)
             .foreign_keys(true);
-        let pool = pool.connect_with(options).await?;
+        // A connection to a local file does not go stale: no ping (a round trip to the
+        // connection's worker thread) before every use.
+        let pool = pool.test_before_acquire(false).connect_with(options.clone()).await?;
         sqlx::migrate!("./migrations/sqlite").run(&pool).await?;
-        Ok(SqliteStore { pool })
+        if in_memory {
+            return Ok(SqliteStore {
+                writer: pool.clone(),
+                pool,
+                wal: None,
+            });
+        }
+        let writer = SqlitePoolOptions::new()
+            .max_connections(1)
+            .test_before_acquire(false)
+            .connect_with(options)
+            .await?;
+        Ok(SqliteStore {
+            pool,
+            writer,
+            wal: Some(Arc::new(Wal::default())),
+        })
+    }
+
+    /// The pool write transactions run on.
+    fn writer(&self) -> &SqlitePool {
+        &self.writer
+    }
+
+    /// Called after each committed append: every [`CHECKPOINT_EVERY`] commits, starts a passive
+    /// checkpoint of the WAL on another connection, unless one is still running.
+    fn after_write(&self) {
+        let Some(wal) = &self.wal else { return };
+        if wal.commits.fetch_add(1, Ordering::Relaxed) + 1 < CHECKPOINT_EVERY {
+            return;
+        }
+        if wal.running.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        wal.commits.store(0, Ordering::Relaxed);
+        let (pool, wal) = (self.pool.clone(), Arc::clone(wal));
+        tokio::spawn(async move {
+            // PASSIVE copies what it can without waiting for readers or the writer.
+            if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)").execute(&pool).await {
+                tracing::warn!(error = %e, "WAL checkpoint failed; the next one will retry");
+            }
+            wal.running.store(false, Ordering::Release);
+        });
     }
 }
 
@@ -103,6 +172,6 @@ sql_store! {
     database: ::sqlx::Sqlite,
     begin_write: "BEGIN IMMEDIATE",
     begin_read: "BEGIN",
-    // BEGIN IMMEDIATE already excludes every other writer, in this process and any other.
-    lock_document: None,
+    numbered_placeholders: false,
+    joined_statements: true,
 }
