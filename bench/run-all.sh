@@ -144,6 +144,11 @@ run_for() {
   done
 }
 
+# CPU time the hypervisor gave to other guests ("steal", /proc/stat) during the run: on a shared
+# host it shows when the machine was not quiet, whatever this guest did.
+cpu_ticks() { awk '/^cpu / {t=0; for (i=2; i<=NF; i++) t+=$i; print $9, t}' /proc/stat; }
+read -r STEAL0 TOTAL0 < <(cpu_ticks)
+
 {
   echo "date: $(date -u '+%Y-%m-%d %H:%M UTC')"
   echo "cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), nproc $(nproc)"
@@ -164,6 +169,8 @@ for s in $SYSTEMS; do
   run_for "$s"
 done
 echo "load average at end: $(cut -d' ' -f1-3 /proc/loadavg)" >> "$OUT/machine-$STAMP.txt"
+read -r STEAL1 TOTAL1 < <(cpu_ticks)
+echo "steal during the run: $(( (STEAL1 - STEAL0) * 100 / (TOTAL1 - TOTAL0 + 1) )) % of CPU time (the hypervisor running other guests)" >> "$OUT/machine-$STAMP.txt"
 
 "$BENCH" report --results "$RESULTS" --md "$OUT/report-$STAMP.md" --chart "$OUT/fanout.png"
 cp "$RESULTS" "$OUT/latest.jsonl"
