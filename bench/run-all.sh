@@ -31,7 +31,7 @@ PORT=${PORT:-18787}
 IDLE_SETTLE=${IDLE_SETTLE:-35}
 
 if [[ $QUICK == 1 ]]; then
-  FANOUT_ARGS=(--readers 10,100 --secs 2)
+  FANOUT_ARGS=(--readers ${FANOUT_READERS:-10,100} --secs 2)
   IDLE_CONNS=(1000)
   TP_ARGS=(--rooms 20 --step-secs 2 --rates 500,2000,8000)
   RESYNC_ARGS=(--runs 1)

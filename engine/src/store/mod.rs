@@ -10,9 +10,10 @@
 //! [`load_document`](crate::doc::load_document), where an undecodable row becomes [`Error::Corrupt`] naming the document —
 //! never a panic and never a silently empty document.
 //!
-//! Architecture invariant: a cursor is assigned inside the transaction that stores the update, by
-//! incrementing the document's `head` row (which also serialises appends to one document across
-//! server instances), so cursors of one document are gap-free and increase in commit order.
+//! Architecture invariant: a cursor is assigned inside the transaction that stores the update,
+//! from the document's `head` row read under a lock that serialises appends to one document
+//! across server instances (and written back in the same transaction), so cursors of one
+//! document are gap-free and increase in commit order.
 
 mod any;
 mod postgres;
