@@ -8,7 +8,7 @@
 # Environment: SYSTEMS (default: native ds-yjs y-websocket hocuspocus y-sweet), WORKLOADS
 # (default: fanout idle resync throughput; resync includes the cold load), ANCHORS (where
 # /work/shared/bench/install-anchors.sh installed them; default ~/.cache/driftsync-anchors),
-# OUT (default bench/results), DRIFTSYNC_BIN, BENCH_BIN.
+# OUT (default bench/results), DRIFTSYNC_BIN, BENCH_BIN, FANOUT_READERS (quick runs; default 10,100).
 # Every server is started here, pinned to core 0 (taskset -c 0), with a fresh data directory,
 # and stopped on exit; the generator runs on core 1. Build first:
 #   cargo build --release -p driftsync -p driftsync-bench
