@@ -13,7 +13,8 @@
 //!   commit that crosses the threshold, and that commit — which a server acknowledges and
 //!   broadcasts only after it returns — would wait for the checkpoint to copy pages and sync the
 //!   database file. Instead, every [`CHECKPOINT_EVERY`] commits a passive checkpoint runs on
-//!   another connection of the pool, next to the writer rather than in front of it.
+//!   another connection of the pool, next to the writer rather than in front of it, and one runs
+//!   when the store is opened (for what short-lived processes left behind).
 //! * Write transactions run on one connection of their own (SQLite allows one writer at a time
 //!   anyway): its page cache and prepared statements stay warm, where taking turns with the
 //!   readers' connections would make each write re-read the pages another connection changed.
@@ -108,6 +109,10 @@ impl SqliteStore {
                 wal: None,
             });
         }
+        // What earlier processes left in the WAL (a short-lived CLI may exit before 256 commits
+        // or before its connections close, which would checkpoint) is checkpointed once at open,
+        // so the WAL stays bounded however the store is used.
+        sqlx::query("PRAGMA wal_checkpoint(PASSIVE)").execute(&pool).await?;
         let writer = SqlitePoolOptions::new()
             .max_connections(1)
             .test_before_acquire(false)
