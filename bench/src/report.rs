@@ -97,34 +97,31 @@ fn thousands(n: u64) -> String {
     out
 }
 
+/// The results of `workload`, with their systems (lines that do not parse are skipped).
+fn results_of<T: serde::de::DeserializeOwned>(lines: &[Line], workload: &str) -> Vec<(System, T)> {
+    lines
+        .iter()
+        .filter(|l| l.workload == workload)
+        .filter_map(|l| Some((l.system, serde_json::from_value(l.result.clone()).ok()?)))
+        .collect()
+}
+
 /// Writes the markdown report and the chart.
 pub fn report(results: &Path, md: &Path, chart: &Path, chart_link: &str) -> anyhow::Result<()> {
     let lines = read_lines(results)?;
     let mut out = String::new();
-    let fanout: Vec<(System, FanoutResult)> = lines
-        .iter()
-        .filter(|l| l.workload == "fanout")
-        .filter_map(|l| Some((l.system, serde_json::from_value(l.result.clone()).ok()?)))
-        .collect();
+    let fanout: Vec<(System, FanoutResult)> = results_of(&lines, "fanout");
     if !fanout.is_empty() {
         fanout_section(&mut out, &fanout, chart_link)?;
         if let Err(e) = draw_fanout(&fanout, chart) {
             eprintln!("chart not drawn: {e:#}");
         }
     }
-    let idle: Vec<(System, IdleResult)> = lines
-        .iter()
-        .filter(|l| l.workload == "idle")
-        .filter_map(|l| Some((l.system, serde_json::from_value(l.result.clone()).ok()?)))
-        .collect();
+    let idle: Vec<(System, IdleResult)> = results_of(&lines, "idle");
     if !idle.is_empty() {
         idle_section(&mut out, &idle)?;
     }
-    let resync: Vec<(System, ResyncResult)> = lines
-        .iter()
-        .filter(|l| l.workload == "resync")
-        .filter_map(|l| Some((l.system, serde_json::from_value(l.result.clone()).ok()?)))
-        .collect();
+    let resync: Vec<(System, ResyncResult)> = results_of(&lines, "resync");
     if !resync.is_empty() {
         resync_section(&mut out, &resync)?;
     }
@@ -132,11 +129,7 @@ pub fn report(results: &Path, md: &Path, chart: &Path, chart_link: &str) -> anyh
     if !cold.is_empty() {
         cold_section(&mut out, &cold)?;
     }
-    let tp: Vec<(System, ThroughputResult)> = lines
-        .iter()
-        .filter(|l| l.workload == "throughput")
-        .filter_map(|l| Some((l.system, serde_json::from_value(l.result.clone()).ok()?)))
-        .collect();
+    let tp: Vec<(System, ThroughputResult)> = results_of(&lines, "throughput");
     if !tp.is_empty() {
         throughput_section(&mut out, &tp)?;
     }

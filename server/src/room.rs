@@ -425,13 +425,7 @@ impl Room {
         if loaded.live.is_none() {
             // Evicted while idle: every update is stored, so the store has exactly the document.
             let (doc, head) = self.load(store).await?;
-            loaded.chat = self.chat_guard(&doc);
-            loaded.live = Some(doc);
-            if head != loaded.head {
-                loaded.recent.clear();
-                loaded.recent_bytes = 0;
-                loaded.head = head;
-            }
+            self.install(loaded, doc, head);
         }
         Ok(loaded)
     }
@@ -439,6 +433,18 @@ impl Room {
     async fn load<S: Store>(&self, store: &S) -> driftsync_engine::Result<(Doc, Cursor)> {
         let stored = store.load(self.id.as_str()).await?.unwrap_or_default();
         Ok((load_document(self.id.as_str(), &stored, SERVER_CLIENT_ID)?, stored.head))
+    }
+
+    /// Makes `doc`, loaded from the store at `head`, the room's live document. The window of
+    /// recent updates stays only if the store holds nothing newer than it.
+    fn install(&self, state: &mut RoomState, doc: Doc, head: Cursor) {
+        state.chat = self.chat_guard(&doc);
+        state.live = Some(doc);
+        if head != state.head {
+            state.recent.clear();
+            state.recent_bytes = 0;
+            state.head = head;
+        }
     }
 
     /// The guard of a chat room's live document; `None` for other documents.
@@ -454,15 +460,7 @@ impl Room {
     /// commit). If the reload fails, every subscriber is told to resync and the room is unloaded.
     pub(crate) async fn reload<S: Store>(&self, state: &mut Option<RoomState>, store: &S) {
         match (self.load(store).await, state.as_mut()) {
-            (Ok((doc, head)), Some(live)) => {
-                live.chat = self.chat_guard(&doc);
-                live.live = Some(doc);
-                if head != live.head {
-                    live.recent.clear();
-                    live.recent_bytes = 0;
-                }
-                live.head = head;
-            }
+            (Ok((doc, head)), Some(live)) => self.install(live, doc, head),
             (Ok(_), None) => {}
             (Err(e), _) => {
                 tracing::error!(doc = %self.id, error = %e, "reload failed; unloading the room");
