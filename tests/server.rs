@@ -85,6 +85,68 @@ async fn push_is_acknowledged_stored_and_broadcast() {
     server.stop().await;
 }
 
+/// The WebSocket layer (our own upgrade and writer): refuses plain HTTP, answers pings, and
+/// carries messages of every header length (7-, 16- and 64-bit) intact, live and in a resume.
+#[tokio::test]
+async fn the_websocket_layer_answers_pings_and_carries_messages_of_every_size() {
+    let (_dir, store) = sqlite_store().await;
+    let server = TestServer::start(store, Default::default()).await;
+    for path in ["/v1/sync", "/yjs/notes"] {
+        let status = driftsync_tests::http_status(server.addr, path).await;
+        assert!(status.starts_with("HTTP/1.1 426"), "{path}: {status}");
+    }
+    let d = doc_id("notes/sizes");
+    let mut a = NativeClient::connect(&server.url(), "", 21).await;
+    let mut b = NativeClient::connect(&server.url(), "", 22).await;
+    for payload in [vec![], vec![7u8; 3], vec![9u8; 125]] {
+        assert_eq!(b.ws_ping(payload.clone()).await, Some(payload));
+    }
+    subscribe(&mut a, &d).await;
+    subscribe(&mut b, &d).await;
+    let local = new_doc(21).unwrap();
+    let mut len = 0u32;
+    for (batch, size) in [(1u64, 10usize), (2, 300), (3, 70_000), (4, 200_000)] {
+        let text = "abcdefghij".repeat(size / 10);
+        let update = doc::text_insert(&local, len, &text).unwrap();
+        len += text.len() as u32;
+        a.send(&ClientFrame::Push {
+            doc: d.clone(),
+            batch,
+            update: update.clone(),
+        })
+        .await;
+        let got = b
+            .recv_until(|f| match f {
+                ServerFrame::Update { update, .. } => Some(update.clone()),
+                _ => None,
+            })
+            .await;
+        assert_eq!(got, update, "an update of {size} characters arrives intact");
+    }
+    // A fresh connection gets the whole (large) document in its resume answer.
+    let mut c = NativeClient::connect(&server.url(), "", 23).await;
+    c.send(&ClientFrame::Resume {
+        docs: vec![ResumeDoc {
+            doc: d.clone(),
+            cursor: 0,
+            state_vector: vec![0],
+        }],
+    })
+    .await;
+    let update = c
+        .recv_until(|f| match f {
+            ServerFrame::Resumed { docs } => Some(docs[0].update.clone()),
+            _ => None,
+        })
+        .await
+        .expect("the document");
+    let remote = new_doc(23).unwrap();
+    apply_remote(&remote, &update, &Limits::default()).unwrap();
+    assert_eq!(doc::text(&remote), doc::text(&local));
+    assert_eq!(c.ws_ping(vec![1, 2, 3]).await, Some(vec![1, 2, 3]));
+    server.stop().await;
+}
+
 async fn subscribe(c: &mut NativeClient, d: &DocId) {
     c.send(&ClientFrame::Resume {
         docs: vec![ResumeDoc {

@@ -148,6 +148,23 @@ impl NativeClient {
         }
     }
 
+    /// Sends a WebSocket ping with `payload` and returns the payload of the pong that answers
+    /// it (skipping other messages), or `None` if the connection closed first.
+    pub async fn ws_ping(&mut self, payload: Vec<u8>) -> Option<Vec<u8>> {
+        self.ws.send(Message::Ping(payload.into())).await.expect("send ping");
+        let deadline = tokio::time::Instant::now() + TIMEOUT;
+        loop {
+            match tokio::time::timeout_at(deadline, self.ws.next())
+                .await
+                .expect("timed out waiting for a pong")
+            {
+                Some(Ok(Message::Pong(payload))) => return Some(payload.to_vec()),
+                None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return None,
+                Some(Ok(_)) => continue,
+            }
+        }
+    }
+
     /// The close code the server sent, waiting for the close (skipping other frames).
     pub async fn close_code(&mut self) -> Option<u16> {
         let deadline = tokio::time::Instant::now() + TIMEOUT;
@@ -182,8 +199,14 @@ pub async fn eventually<F: Future<Output = bool>>(mut check: impl FnMut() -> F) 
     false
 }
 
-/// `GET path` on the server with a bare HTTP/1.1 request; returns the body.
-pub async fn http_get(addr: SocketAddr, path: &str) -> String {
+/// The status line of the answer to a plain `GET path` (no upgrade).
+pub async fn http_status(addr: SocketAddr, path: &str) -> String {
+    let response = http_raw(addr, path).await;
+    response.lines().next().unwrap_or_default().to_string()
+}
+
+/// The whole answer to a bare HTTP/1.1 `GET path`.
+async fn http_raw(addr: SocketAddr, path: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = TcpStream::connect(addr).await.expect("connect");
     let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
@@ -191,6 +214,12 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> String {
     let mut response = String::new();
     stream.read_to_string(&mut response).await.expect("read response");
     response
+}
+
+/// `GET path` on the server with a bare HTTP/1.1 request; returns the body.
+pub async fn http_get(addr: SocketAddr, path: &str) -> String {
+    http_raw(addr, path)
+        .await
         .split_once("\r\n\r\n")
         .map(|(_, body)| body.to_string())
         .unwrap_or_default()

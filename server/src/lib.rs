@@ -38,7 +38,7 @@ use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{State, WebSocketUpgrade};
+use axum::extract::State;
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::serve::ListenerExt;
@@ -228,9 +228,6 @@ pub async fn serve<S: Store>(
     result
 }
 
-/// The WebSocket read buffer of a connection; larger frames grow it as they arrive.
-pub(crate) const READ_BUFFER: usize = 1024;
-
 /// How long shutdown may spend compacting logs.
 const SHUTDOWN_COMPACTION: Duration = Duration::from_secs(5);
 
@@ -251,14 +248,7 @@ async fn metrics_text<S: Store>(State(shared): State<Arc<Shared<S>>>) -> impl In
     )
 }
 
-async fn sync<S: Store>(State(shared): State<Arc<Shared<S>>>, ws: WebSocketUpgrade) -> impl IntoResponse {
+async fn sync<S: Store>(State(shared): State<Arc<Shared<S>>>, ws: socket::Upgrade) -> impl IntoResponse {
     let max = shared.config.max_frame_size;
-    ws.max_message_size(max)
-        .max_frame_size(max)
-        // Small buffers: a connection must not cost a large fixed buffer. tungstenite zeroes
-        // its whole read buffer (128 KiB by default) before reading into it, which made every
-        // connection cost 128 KiB of RSS and every read a 128 KiB memset.
-        .read_buffer_size(READ_BUFFER)
-        .write_buffer_size(0)
-        .on_upgrade(move |socket| native::run(shared, socket))
+    ws.on_upgrade(max, move |socket| native::run(shared, socket))
 }

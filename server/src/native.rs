@@ -6,21 +6,17 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
-use axum::extract::ws::WebSocket;
 use driftsync_engine::store::{LogTail, Origin, Store};
 use driftsync_engine::sync::answer_resume;
 use driftsync_protocol::{
     ClientFrame, DocId, DocResumed, ErrorCode, ResumeDoc, ServerFrame, CLOSE_PROTOCOL_ERROR, CLOSE_UNAUTHORIZED,
     CLOSE_UNSUPPORTED_VERSION, PROTOCOL_VERSION,
 };
-use futures_util::stream::SplitStream;
-use futures_util::StreamExt;
-use tokio::sync::mpsc;
 
 use crate::auth::{Access, Grant};
 use crate::limits::Limiter;
 use crate::room::{ConnCtl, Outbound, Protocol, RoomEvent, Subscriber};
-use crate::socket::{next_binary, spawn_writer};
+use crate::socket::{next_binary, Reader, Socket};
 use crate::Shared;
 
 /// The most log entries a resume reads; a client further behind gets a state-vector diff (the
@@ -91,15 +87,9 @@ fn error(code: ErrorCode, doc: Option<DocId>, batch: Option<u64>) -> Vec<u8> {
     ServerFrame::Error { code, doc, batch }.encode()
 }
 
-pub(crate) async fn run<S: Store>(shared: Arc<Shared<S>>, socket: WebSocket) {
-    let (sink, mut stream) = socket.split();
-    let (tx, rx) = mpsc::channel(shared.config.outbound_queue);
+pub(crate) async fn run<S: Store>(shared: Arc<Shared<S>>, socket: Socket) {
     let ctl = Arc::new(ConnCtl::new(shared.shutdown.child_token(), Arc::clone(&shared.metrics)));
-    let out = Outbound {
-        tx,
-        ctl: Arc::clone(&ctl),
-    };
-    let writer = spawn_writer(sink, rx, Arc::clone(&ctl), Protocol::Native, encode);
+    let (mut stream, out, writer) = socket.start(shared.config.outbound_queue, ctl, Protocol::Native, encode);
 
     let session = shared.next_session.fetch_add(1, Ordering::Relaxed);
     match Box::pin(hello(&shared, &mut stream, &out, session)).await {
@@ -108,20 +98,16 @@ pub(crate) async fn run<S: Store>(shared: Arc<Shared<S>>, socket: WebSocket) {
             for doc in &peer.docs {
                 shared.rooms.get(doc).leave(peer.session).await;
             }
-            ctl.close(driftsync_protocol::CLOSE_GOING_AWAY);
+            out.ctl.close(driftsync_protocol::CLOSE_GOING_AWAY);
         }
-        Err(code) => ctl.close(code),
+        Err(code) => out.ctl.close(code),
     }
-    drop(out);
+    // The reader holds a handle to the queue too (for pongs).
+    drop((stream, out));
     let _ = writer.await;
 }
 
-async fn hello<S: Store>(
-    shared: &Shared<S>,
-    stream: &mut SplitStream<WebSocket>,
-    out: &Outbound,
-    session: u64,
-) -> Result<Peer, u16> {
+async fn hello<S: Store>(shared: &Shared<S>, stream: &mut Reader, out: &Outbound, session: u64) -> Result<Peer, u16> {
     let first = tokio::time::timeout(shared.config.hello_timeout, next_binary(stream)).await;
     let Ok(Some(bytes)) = first else {
         return Err(CLOSE_PROTOCOL_ERROR);
@@ -170,7 +156,7 @@ async fn hello<S: Store>(
     }
 }
 
-async fn read_loop<S: Store>(shared: &Shared<S>, stream: &mut SplitStream<WebSocket>, out: &Outbound, peer: &mut Peer) {
+async fn read_loop<S: Store>(shared: &Shared<S>, stream: &mut Reader, out: &Outbound, peer: &mut Peer) {
     let heartbeat = shared.config.heartbeat;
     // The first tick one interval from now. (`interval` + a first `tick().await` cost every
     // new connection up to a millisecond: an elapsed deadline still waits for the timer wheel's

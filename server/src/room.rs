@@ -384,6 +384,8 @@ pub(crate) enum Outgoing {
     Event(Arc<SharedEvent>),
     /// A WebSocket ping frame: Yjs clients answer those, not protocol pings.
     Ping,
+    /// A WebSocket pong frame answering the peer's ping, with its payload.
+    Pong(Vec<u8>),
 }
 
 /// Why a push was refused.

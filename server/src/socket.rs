@@ -1,39 +1,411 @@
-//! What every WebSocket connection shares, whatever its protocol: a writer task draining the
-//! connection's bounded queue, and reading the next binary message (or, for heartbeats, the
-//! next sign of life).
+//! What every WebSocket connection shares, whatever its protocol: the upgrade, a writer task
+//! draining the connection's bounded queue, and reading the next binary message (or, for
+//! heartbeats, the next sign of life).
+//!
+//! The connection's two directions are separate halves of the upgraded TCP stream. tungstenite
+//! parses what arrives (masking, fragments, control frames, size limits); the writer frames what
+//! leaves itself, with one vectored write per message straight from the shared encoded bytes.
+//! Sending through tungstenite copied every message into a per-connection buffer that kept the
+//! capacity of the largest message ever sent — a 2.8 KB document synced once cost every idle
+//! connection 2.5 KB for the rest of its life, a 1 MB one 1 MB.
 
+use std::io::{self, IoSlice};
 use std::sync::Arc;
 
-use axum::extract::ws::{CloseFrame, Message, WebSocket};
-use futures_util::stream::{SplitSink, SplitStream};
-use futures_util::{SinkExt, StreamExt};
+use axum::body::{Body, Bytes};
+use axum::extract::FromRequestParts;
+use axum::http::request::Parts;
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use bytes::BufMut;
+use hyper::upgrade::{OnUpgrade, Upgraded};
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 
-use crate::room::{ConnCtl, Outgoing, Protocol, RoomEvent};
+use crate::room::{ConnCtl, Outbound, Outgoing, Protocol, RoomEvent};
 
 /// How long a closing connection may take to flush what is queued and send its close frame.
 /// A peer that does not read (dead or slow) is cut off after this.
 const CLOSE_FLUSH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// The WebSocket read buffer of a connection. It never grows: a larger frame is read straight
+/// into its own payload.
+const READ_BUFFER: usize = 1024;
+
+/// The most payload bytes reserved ahead of their arrival: a peer announcing a large frame gets
+/// memory as its bytes come, not as promised.
+const RESERVE_AHEAD: usize = 64 * 1024;
+
+/// RFC 6455 close codes for violations of WebSocket itself.
+const CLOSE_WS_PROTOCOL_ERROR: u16 = 1002;
+const CLOSE_TOO_BIG: u16 = 1009;
+
+const OP_CONTINUATION: u8 = 0x0;
+const OP_TEXT: u8 = 0x1;
+const OP_BINARY: u8 = 0x2;
+const OP_CLOSE: u8 = 0x8;
+const OP_PING: u8 = 0x9;
+const OP_PONG: u8 = 0xA;
+
+type Io = TokioIo<Upgraded>;
+
+/// A WebSocket upgrade request (HTTP/1.1, RFC 6455 §4.2.1), checked as axum's own extractor
+/// checks it; what it upgrades to is ours (see the module documentation).
+pub(crate) struct Upgrade {
+    key: HeaderValue,
+    on_upgrade: OnUpgrade,
+}
+
+/// Why a request is not a WebSocket upgrade.
+fn refuse(status: StatusCode, why: &'static str) -> Response {
+    (status, why).into_response()
+}
+
+/// Whether the comma-separated header `key` lists `token` (case-insensitive).
+fn header_lists(headers: &HeaderMap, key: header::HeaderName, token: &str) -> bool {
+    headers
+        .get_all(key)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .any(|item| item.trim().eq_ignore_ascii_case(token))
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Upgrade {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        if parts.method != Method::GET {
+            return Err(refuse(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "a WebSocket upgrade is a GET request",
+            ));
+        }
+        if !header_lists(&parts.headers, header::CONNECTION, "upgrade")
+            || !header_lists(&parts.headers, header::UPGRADE, "websocket")
+        {
+            return Err(refuse(
+                StatusCode::UPGRADE_REQUIRED,
+                "this endpoint speaks WebSocket only",
+            ));
+        }
+        if parts
+            .headers
+            .get(header::SEC_WEBSOCKET_VERSION)
+            .map(HeaderValue::as_bytes)
+            != Some(b"13")
+        {
+            return Err(refuse(StatusCode::BAD_REQUEST, "Sec-WebSocket-Version must be 13"));
+        }
+        let Some(key) = parts.headers.get(header::SEC_WEBSOCKET_KEY).cloned() else {
+            return Err(refuse(StatusCode::BAD_REQUEST, "Sec-WebSocket-Key is missing"));
+        };
+        let Some(on_upgrade) = parts.extensions.remove::<OnUpgrade>() else {
+            return Err(refuse(
+                StatusCode::UPGRADE_REQUIRED,
+                "this connection cannot be upgraded",
+            ));
+        };
+        Ok(Upgrade { key, on_upgrade })
+    }
+}
+
+impl Upgrade {
+    /// Answers `101 Switching Protocols` and, once the connection is upgraded, runs `callback`
+    /// on it in a task of its own. Incoming frames and messages are limited to `max_size` bytes.
+    pub(crate) fn on_upgrade<F, Fut>(self, max_size: usize, callback: F) -> Response
+    where
+        F: FnOnce(Socket) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let accept = derive_accept_key(self.key.as_bytes());
+        let on_upgrade = self.on_upgrade;
+        tokio::spawn(async move {
+            let upgraded = match on_upgrade.await {
+                Ok(upgraded) => upgraded,
+                Err(e) => {
+                    tracing::debug!(error = %e, "WebSocket upgrade failed");
+                    return;
+                }
+            };
+            callback(Socket::new(TokioIo::new(upgraded), max_size)).await;
+        });
+        let Ok(accept) = HeaderValue::from_str(&accept) else {
+            return refuse(StatusCode::INTERNAL_SERVER_ERROR, "bad accept key");
+        };
+        let mut response = Response::new(Body::empty());
+        *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+        let headers = response.headers_mut();
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        headers.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
+        response
+    }
+}
+
+/// An upgraded connection, before its writer starts.
+pub(crate) struct Socket {
+    reader: Reader,
+    writer: WriteHalf<Io>,
+}
+
+impl Socket {
+    fn new(io: Io, max_size: usize) -> Socket {
+        let (read, writer) = tokio::io::split(io);
+        Socket {
+            reader: Reader::new(read, max_size),
+            writer,
+        }
+    }
+
+    /// Starts the connection's writer on a queue of `queue` items, sending room events encoded
+    /// by `encode` (`None` skips an event). Returns the reader and the queue.
+    pub(crate) fn start(
+        self,
+        queue: usize,
+        ctl: Arc<ConnCtl>,
+        protocol: Protocol,
+        encode: fn(&RoomEvent) -> Option<Vec<u8>>,
+    ) -> (Reader, Outbound, tokio::task::JoinHandle<()>) {
+        let Socket { mut reader, writer } = self;
+        let (tx, rx) = mpsc::channel(queue);
+        let out = Outbound { tx, ctl };
+        reader.out = Some(out.clone());
+        let writer = spawn_writer(writer, rx, Arc::clone(&out.ctl), protocol, encode);
+        (reader, out, writer)
+    }
+}
+
+/// A frame header as a client sends it (RFC 6455 §5.2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Header {
+    fin: bool,
+    opcode: u8,
+    mask: [u8; 4],
+    len: usize,
+}
+
+/// Parses a client frame header from the start of `bytes`: `Ok(None)` if incomplete, else the
+/// header and its length. Refuses (with the close code) what a client must not send (RFC 6455
+/// §5.1–5.5): reserved bits (no extension is negotiated), unmasked frames, unknown opcodes,
+/// fragmented or long control frames; and payloads over `max_size` (1009).
+fn parse_header(bytes: &[u8], max_size: usize) -> Result<Option<(Header, usize)>, u16> {
+    let [first, second, ..] = *bytes else { return Ok(None) };
+    let fin = first & 0x80 != 0;
+    let opcode = first & 0x0F;
+    if first & 0x70 != 0 || second & 0x80 == 0 {
+        return Err(CLOSE_WS_PROTOCOL_ERROR);
+    }
+    let (len, at) = match second & 0x7F {
+        126 => match bytes.get(2..4).and_then(|b| <[u8; 2]>::try_from(b).ok()) {
+            Some(b) => (u64::from(u16::from_be_bytes(b)), 4),
+            None => return Ok(None),
+        },
+        127 => match bytes.get(2..10).and_then(|b| <[u8; 8]>::try_from(b).ok()) {
+            Some(b) => (u64::from_be_bytes(b), 10),
+            None => return Ok(None),
+        },
+        len => (u64::from(len), 2),
+    };
+    let Some(mask) = bytes.get(at..at + 4).and_then(|b| <[u8; 4]>::try_from(b).ok()) else {
+        return Ok(None);
+    };
+    match opcode {
+        OP_CONTINUATION | OP_TEXT | OP_BINARY => {}
+        OP_CLOSE | OP_PING | OP_PONG if fin && len <= 125 => {}
+        _ => return Err(CLOSE_WS_PROTOCOL_ERROR),
+    }
+    let len = usize::try_from(len)
+        .ok()
+        .filter(|len| *len <= max_size)
+        .ok_or(CLOSE_TOO_BIG)?;
+    Ok(Some((Header { fin, opcode, mask, len }, at + 4)))
+}
+
+/// The receiving side of a connection: WebSocket frames read through a fixed buffer, data
+/// frames assembled into messages. Nothing it keeps grows with what it has read: a frame larger
+/// than the buffer is read straight into its own payload, which is handed on. Cancel-safe: a
+/// read interrupted by a timer or a close keeps what it has read.
+pub(crate) struct Reader<R = ReadHalf<Io>> {
+    io: R,
+    buf: Box<[u8]>,
+    /// Unparsed bytes are `buf[start..end]`.
+    start: usize,
+    end: usize,
+    /// The header of the frame being read, once complete.
+    header: Option<Header>,
+    /// The payload of the frame being read, so far.
+    payload: Vec<u8>,
+    /// A fragmented message being assembled: its opcode and its payload so far.
+    message: Option<(u8, Vec<u8>)>,
+    /// The largest frame or message accepted.
+    max_size: usize,
+    /// The connection's queue (for pongs and close codes), once it exists.
+    out: Option<Outbound>,
+}
+
+impl<R: AsyncRead + Unpin> Reader<R> {
+    /// A reader of `io`, for frames and messages of at most `max_size` bytes.
+    fn new(io: R, max_size: usize) -> Self {
+        Reader {
+            io,
+            buf: vec![0; READ_BUFFER].into_boxed_slice(),
+            start: 0,
+            end: 0,
+            header: None,
+            payload: Vec::new(),
+            message: None,
+            max_size,
+            out: None,
+        }
+    }
+
+    /// The next complete frame (header and unmasked payload); `Ok(None)` at the end of the
+    /// stream, `Err(close code)` for a frame that breaks the protocol.
+    async fn next_frame(&mut self) -> Result<Option<(Header, Vec<u8>)>, u16> {
+        loop {
+            let Some(header) = self.header else {
+                if let Some((header, used)) = parse_header(&self.buf[self.start..self.end], self.max_size)? {
+                    self.start += used;
+                    self.header = Some(header);
+                    continue;
+                }
+                // An incomplete header: move it to the front and read more after it.
+                self.buf.copy_within(self.start..self.end, 0);
+                self.end -= self.start;
+                self.start = 0;
+                match self.io.read(&mut self.buf[self.end..]).await {
+                    Ok(0) | Err(_) => return Ok(None),
+                    Ok(n) => self.end += n,
+                }
+                continue;
+            };
+            let need = header.len - self.payload.len();
+            let buffered = need.min(self.end - self.start);
+            self.payload
+                .extend_from_slice(&self.buf[self.start..self.start + buffered]);
+            self.start += buffered;
+            if buffered == need {
+                self.header = None;
+                let mut payload = std::mem::take(&mut self.payload);
+                for (byte, mask) in payload.iter_mut().zip(header.mask.iter().cycle()) {
+                    *byte ^= mask;
+                }
+                return Ok(Some((header, payload)));
+            }
+            // The buffer is empty: read the rest of the payload straight into the payload,
+            // reserving memory as the bytes arrive, not as the header promised.
+            let need = need - buffered;
+            self.payload.reserve(need.min(RESERVE_AHEAD));
+            match self.io.read_buf(&mut (&mut self.payload).limit(need)).await {
+                Ok(0) | Err(_) => return Ok(None),
+                Ok(_) => {}
+            }
+        }
+    }
+
+    /// Closes the connection with `code` (a WebSocket violation), saying why in the log.
+    fn refuse(&self, code: u16, why: &str) {
+        tracing::info!(code, why, "closing a connection that broke the WebSocket protocol");
+        if let Some(out) = &self.out {
+            out.ctl.close(code);
+        }
+    }
+}
+
+/// One frame on its way out: the header and the payload, and how much of them is written, so
+/// that a write interrupted by a close can be finished before the close frame.
+struct PendingFrame {
+    header: [u8; 10],
+    header_len: usize,
+    payload: Bytes,
+    written: usize,
+}
+
+impl PendingFrame {
+    fn idle() -> Self {
+        PendingFrame {
+            header: [0; 10],
+            header_len: 0,
+            payload: Bytes::new(),
+            written: 0,
+        }
+    }
+
+    /// Starts a final (unfragmented) frame of `opcode` carrying `payload`.
+    fn start(&mut self, opcode: u8, payload: Bytes) {
+        self.header_len = encode_header(&mut self.header, opcode, payload.len());
+        self.payload = payload;
+        self.written = 0;
+    }
+
+    /// Writes what is left of the frame. Cancel-safe: progress is kept between calls.
+    async fn finish(&mut self, io: &mut WriteHalf<Io>) -> io::Result<()> {
+        let total = self.header_len + self.payload.len();
+        while self.written < total {
+            let n = if self.written < self.header_len {
+                let parts = [
+                    IoSlice::new(&self.header[self.written..self.header_len]),
+                    IoSlice::new(&self.payload),
+                ];
+                io.write_vectored(&parts).await?
+            } else {
+                io.write(&self.payload[self.written - self.header_len..]).await?
+            };
+            if n == 0 {
+                return Err(io::ErrorKind::WriteZero.into());
+            }
+            self.written += n;
+        }
+        self.payload = Bytes::new();
+        Ok(())
+    }
+}
+
+/// Writes the header of a final, unmasked frame into `header`; returns its length.
+fn encode_header(header: &mut [u8; 10], opcode: u8, len: usize) -> usize {
+    header[0] = 0x80 | opcode;
+    match len {
+        0..=125 => {
+            header[1] = len as u8;
+            2
+        }
+        126..=0xFFFF => {
+            header[1] = 126;
+            header[2..4].copy_from_slice(&(len as u16).to_be_bytes());
+            4
+        }
+        _ => {
+            header[1] = 127;
+            header[2..10].copy_from_slice(&(len as u64).to_be_bytes());
+            10
+        }
+    }
+}
+
 /// Spawns the writer: it sends queued items (room events encoded by `encode`; `None` skips an
 /// event) until the queue closes or the connection is told to close, then — within
-/// [`CLOSE_FLUSH_TIMEOUT`] — flushes what is still queued (acknowledgements matter) and sends a
-/// close frame with the connection's close code. A slow consumer told to resync gets no flush,
-/// only the close frame: it will resume anyway. A blocked send never keeps the writer from
-/// noticing the close.
-pub(crate) fn spawn_writer(
-    mut sink: SplitSink<WebSocket, Message>,
+/// [`CLOSE_FLUSH_TIMEOUT`] — finishes the frame it was writing, flushes what is still queued
+/// (acknowledgements matter) and sends a close frame with the connection's close code. A slow
+/// consumer told to resync gets no flush, only the close frame: it will resume anyway. A blocked
+/// write never keeps the writer from noticing the close.
+fn spawn_writer(
+    mut io: WriteHalf<Io>,
     mut rx: mpsc::Receiver<Outgoing>,
     ctl: Arc<ConnCtl>,
     protocol: Protocol,
     encode: fn(&RoomEvent) -> Option<Vec<u8>>,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
-        let message_of = |item: Outgoing| match item {
-            Outgoing::Frame(bytes) => Some(Message::Binary(bytes.into())),
-            Outgoing::Event(event) => event.encoded(protocol, encode).map(Message::Binary),
-            Outgoing::Ping => Some(Message::Ping(Default::default())),
+        let frame_of = |item: Outgoing| match item {
+            Outgoing::Frame(bytes) => Some((OP_BINARY, Bytes::from(bytes))),
+            Outgoing::Event(event) => event.encoded(protocol, encode).map(|bytes| (OP_BINARY, bytes)),
+            Outgoing::Ping => Some((OP_PING, Bytes::new())),
+            Outgoing::Pong(payload) => Some((OP_PONG, Bytes::from(payload))),
         };
+        let mut frame = PendingFrame::idle();
         loop {
             let item = tokio::select! {
                 biased;
@@ -43,13 +415,16 @@ pub(crate) fn spawn_writer(
                     None => break,
                 },
             };
-            let Some(message) = message_of(item) else { continue };
+            let Some((opcode, payload)) = frame_of(item) else {
+                continue;
+            };
             ctl.metrics.frames_out.inc();
-            if let Message::Binary(bytes) = &message {
-                ctl.metrics.bytes_out.inc_by(bytes.len() as u64);
+            if opcode == OP_BINARY {
+                ctl.metrics.bytes_out.inc_by(payload.len() as u64);
             }
+            frame.start(opcode, payload);
             tokio::select! {
-                sent = sink.send(message) => if sent.is_err() {
+                sent = frame.finish(&mut io) => if sent.is_err() {
                     ctl.close(driftsync_protocol::CLOSE_GOING_AWAY);
                     return;
                 },
@@ -58,17 +433,17 @@ pub(crate) fn spawn_writer(
         }
         let flush = ctl.code() != driftsync_protocol::CLOSE_RESYNC;
         let close = async {
+            frame.finish(&mut io).await?;
             while let Some(item) = if flush { rx.try_recv().ok() } else { None } {
-                let Some(message) = message_of(item) else { continue };
-                if sink.send(message).await.is_err() {
-                    return;
-                }
+                let Some((opcode, payload)) = frame_of(item) else {
+                    continue;
+                };
+                frame.start(opcode, payload);
+                frame.finish(&mut io).await?;
             }
-            let frame = CloseFrame {
-                code: ctl.code(),
-                reason: "".into(),
-            };
-            let _ = sink.send(Message::Close(Some(frame))).await;
+            frame.start(OP_CLOSE, Bytes::copy_from_slice(&ctl.code().to_be_bytes()));
+            frame.finish(&mut io).await?;
+            io.flush().await
         };
         let _ = tokio::time::timeout(CLOSE_FLUSH_TIMEOUT, close).await;
     })
@@ -83,22 +458,242 @@ pub(crate) enum Incoming {
     Control,
 }
 
-/// The next message; `None` at close or error. Text messages are not part of either protocol:
-/// they end the connection.
-pub(crate) async fn next_incoming(stream: &mut SplitStream<WebSocket>) -> Option<Incoming> {
-    match stream.next().await? {
-        Ok(Message::Binary(bytes)) => Some(Incoming::Binary(bytes.to_vec())),
-        Ok(Message::Ping(_) | Message::Pong(_)) => Some(Incoming::Control),
-        Ok(Message::Text(_) | Message::Close(_)) | Err(_) => None,
+/// The next message; `None` at close, at error, or when the peer breaks the protocol (the
+/// connection is then closed with the RFC 6455 code). Text messages are not part of either
+/// protocol: they end the connection. Pings are answered with a pong. Cancel-safe.
+pub(crate) async fn next_incoming<R: AsyncRead + Unpin>(reader: &mut Reader<R>) -> Option<Incoming> {
+    loop {
+        let (header, payload) = match reader.next_frame().await {
+            Ok(Some(frame)) => frame,
+            Ok(None) => return None,
+            Err(code) => {
+                reader.refuse(code, "bad frame header");
+                return None;
+            }
+        };
+        let (opcode, message) = match (header.opcode, reader.message.take()) {
+            (OP_PING, message) => {
+                reader.message = message;
+                if let Some(out) = &reader.out {
+                    out.send(Outgoing::Pong(payload));
+                }
+                return Some(Incoming::Control);
+            }
+            (OP_PONG, message) => {
+                reader.message = message;
+                return Some(Incoming::Control);
+            }
+            (OP_CLOSE, _) => return None,
+            (OP_TEXT | OP_BINARY, None) => (header.opcode, payload),
+            (OP_CONTINUATION, Some((opcode, mut message))) => {
+                if message.len() + payload.len() > reader.max_size {
+                    reader.refuse(CLOSE_TOO_BIG, "message over the size limit");
+                    return None;
+                }
+                message.extend_from_slice(&payload);
+                (opcode, message)
+            }
+            _ => {
+                reader.refuse(CLOSE_WS_PROTOCOL_ERROR, "continuation frame out of place");
+                return None;
+            }
+        };
+        if !header.fin {
+            reader.message = Some((opcode, message));
+            continue;
+        }
+        return match opcode {
+            OP_BINARY => Some(Incoming::Binary(message)),
+            _ => None,
+        };
     }
 }
 
 /// The next binary message, skipping WebSocket pings and pongs; `None` at close or error.
-pub(crate) async fn next_binary(stream: &mut SplitStream<WebSocket>) -> Option<Vec<u8>> {
+pub(crate) async fn next_binary(reader: &mut Reader) -> Option<Vec<u8>> {
     loop {
-        match next_incoming(stream).await? {
+        match next_incoming(reader).await? {
             Incoming::Binary(bytes) => return Some(bytes),
             Incoming::Control => continue,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn headers_use_the_shortest_length_encoding() {
+        let mut header = [0; 10];
+        for (len, expect) in [
+            (0usize, vec![0x82, 0]),
+            (125, vec![0x82, 125]),
+            (126, vec![0x82, 126, 0, 126]),
+            (65_535, vec![0x82, 126, 0xFF, 0xFF]),
+            (65_536, vec![0x82, 127, 0, 0, 0, 0, 0, 1, 0, 0]),
+        ] {
+            let n = encode_header(&mut header, OP_BINARY, len);
+            assert_eq!(&header[..n], &expect[..], "length {len}");
+        }
+    }
+
+    /// A client frame: masked with a fixed key.
+    fn client_frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
+        let mask = [0x37, 0xFA, 0x21, 0x3D];
+        let mut header = [0; 10];
+        let n = encode_header(&mut header, opcode, payload.len());
+        header[0] = if fin { header[0] } else { header[0] & 0x7F };
+        header[1] |= 0x80;
+        let mut frame = header[..n].to_vec();
+        frame.extend_from_slice(&mask);
+        frame.extend(payload.iter().zip(mask.iter().cycle()).map(|(b, m)| b ^ m));
+        frame
+    }
+
+    /// Reads every message of `bytes`, delivered in pieces of the given sizes (cycled).
+    async fn read_all(bytes: &[u8], pieces: &[usize], max_size: usize) -> Vec<Option<Incoming>> {
+        let (mut tx, rx) = tokio::io::duplex(1 << 20);
+        let mut at = 0;
+        for size in pieces.iter().cycle() {
+            if at >= bytes.len() {
+                break;
+            }
+            let end = (at + size.max(&1)).min(bytes.len());
+            tx.write_all(&bytes[at..end]).await.unwrap();
+            at = end;
+        }
+        drop(tx);
+        let mut reader = Reader::new(rx, max_size);
+        let mut got = Vec::new();
+        loop {
+            let next = next_incoming(&mut reader).await;
+            let done = next.is_none();
+            got.push(next);
+            if done {
+                return got;
+            }
+        }
+    }
+
+    fn binary(got: &Option<Incoming>) -> Option<&[u8]> {
+        match got {
+            Some(Incoming::Binary(bytes)) => Some(bytes),
+            _ => None,
+        }
+    }
+
+    #[tokio::test]
+    async fn messages_of_every_size_arrive_whole_however_the_bytes_are_cut() {
+        let sizes = [0usize, 1, 125, 126, 1_000, 1_024, 65_535, 65_536, 200_000];
+        let payloads: Vec<Vec<u8>> = sizes
+            .iter()
+            .map(|n| (0..*n).map(|i| (i % 251) as u8).collect())
+            .collect();
+        let bytes: Vec<u8> = payloads.iter().flat_map(|p| client_frame(true, OP_BINARY, p)).collect();
+        for pieces in [&[1usize][..], &[3, 7, 1_500], &[1 << 20]] {
+            let got = read_all(&bytes, pieces, 1 << 20).await;
+            assert_eq!(got.len(), payloads.len() + 1, "pieces {pieces:?}");
+            for (got, want) in got.iter().zip(&payloads) {
+                assert_eq!(binary(got), Some(&want[..]), "pieces {pieces:?}");
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn fragments_are_assembled_around_control_frames() {
+        let mut bytes = client_frame(false, OP_BINARY, b"frag");
+        bytes.extend(client_frame(true, OP_PING, b"p"));
+        bytes.extend(client_frame(false, OP_CONTINUATION, &[b'x'; 2_000]));
+        bytes.extend(client_frame(true, OP_PONG, b""));
+        bytes.extend(client_frame(true, OP_CONTINUATION, b"end"));
+        bytes.extend(client_frame(true, OP_BINARY, b"next"));
+        let got = read_all(&bytes, &[5], 1 << 20).await;
+        assert!(matches!(got[0], Some(Incoming::Control)));
+        assert!(matches!(got[1], Some(Incoming::Control)));
+        let mut want = b"frag".to_vec();
+        want.extend([b'x'; 2_000]);
+        want.extend(b"end");
+        assert_eq!(binary(&got[2]), Some(&want[..]));
+        assert_eq!(binary(&got[3]), Some(&b"next"[..]));
+        assert!(got[4].is_none());
+    }
+
+    #[tokio::test]
+    async fn violations_end_the_connection() {
+        let unmasked = {
+            let mut header = [0; 10];
+            let n = encode_header(&mut header, OP_BINARY, 3);
+            let mut frame = header[..n].to_vec();
+            frame.extend(b"abc");
+            frame
+        };
+        let mut reserved = client_frame(true, OP_BINARY, b"abc");
+        reserved[0] |= 0x40;
+        let cases: Vec<(&str, Vec<u8>)> = vec![
+            ("unmasked", unmasked),
+            ("reserved bits", reserved),
+            ("unknown opcode", client_frame(true, 0x3, b"abc")),
+            ("fragmented ping", client_frame(false, OP_PING, b"")),
+            ("long ping", client_frame(true, OP_PING, &[0; 126])),
+            ("lone continuation", client_frame(true, OP_CONTINUATION, b"abc")),
+            ("text", client_frame(true, OP_TEXT, b"hello")),
+            ("too big", client_frame(true, OP_BINARY, &[0; 101])),
+            ("assembled too big", {
+                let mut b = client_frame(false, OP_BINARY, &[0; 60]);
+                b.extend(client_frame(true, OP_CONTINUATION, &[0; 60]));
+                b
+            }),
+            ("data frame inside a fragmented message", {
+                let mut b = client_frame(false, OP_BINARY, b"a");
+                b.extend(client_frame(true, OP_BINARY, b"b"));
+                b
+            }),
+        ];
+        for (name, mut bytes) in cases {
+            // A good message after the bad one is never read.
+            bytes.extend(client_frame(true, OP_BINARY, b"after"));
+            let got = read_all(&bytes, &[4], 100).await;
+            assert!(got.iter().all(|g| binary(g).is_none()), "{name}: {got:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_read_loses_nothing() {
+        let (mut tx, rx) = tokio::io::duplex(1 << 20);
+        let mut reader = Reader::new(rx, 1 << 20);
+        let payload: Vec<u8> = (0..5_000u32).map(|i| i as u8).collect();
+        let frame = client_frame(true, OP_BINARY, &payload);
+        for cut in [1, 5, 9, 1_030, 4_000] {
+            tx.write_all(&frame[..cut]).await.unwrap();
+            let early = tokio::time::timeout(std::time::Duration::from_millis(5), next_incoming(&mut reader)).await;
+            assert!(early.is_err(), "cut {cut}: nothing complete yet");
+            tx.write_all(&frame[cut..]).await.unwrap();
+            let got = next_incoming(&mut reader).await;
+            assert_eq!(binary(&got), Some(&payload[..]), "cut {cut}");
+        }
+    }
+
+    #[tokio::test]
+    async fn random_bytes_never_panic() {
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for _ in 0..300 {
+            let len = (next() % 2_000) as usize;
+            let mut bytes: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+            // Half the cases start with a plausible header, to get past the first checks.
+            if next() % 2 == 0 && bytes.len() > 2 {
+                bytes[0] = 0x80 | (bytes[0] & 0x0F);
+                bytes[1] |= 0x80;
+            }
+            let pieces = [(next() % 300) as usize + 1];
+            let got = read_all(&bytes, &pieces, 1_000).await;
+            assert!(got.last().is_some_and(Option::is_none));
         }
     }
 }

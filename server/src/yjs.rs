@@ -29,8 +29,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::extract::rejection::QueryRejection;
-use axum::extract::ws::WebSocket;
-use axum::extract::{Query, State, WebSocketUpgrade};
+use axum::extract::{Query, State};
 use axum::http::Uri;
 use axum::response::IntoResponse;
 use driftsync_engine::doc::{decode_state_vector, decode_update, is_empty_update, state_vector};
@@ -38,16 +37,13 @@ use driftsync_engine::store::Store;
 use driftsync_engine::sync::missing_for;
 use driftsync_protocol::yjs::{AuthMessage, AwarenessEntry, YMessage};
 use driftsync_protocol::{DocId, ErrorCode, CLOSE_GOING_AWAY, CLOSE_PROTOCOL_ERROR, CLOSE_RESYNC, CLOSE_UNAUTHORIZED};
-use futures_util::stream::SplitStream;
-use futures_util::StreamExt;
-use tokio::sync::mpsc;
 use yrs::{Doc, ReadTxn, Transact};
 
 use crate::auth::{Access, Grant};
 use crate::limits::Limiter;
 use crate::room::{ConnCtl, Outbound, Outgoing, Protocol, Room, RoomEvent, Subscriber};
-use crate::socket::{next_incoming, spawn_writer, Incoming};
-use crate::{Shared, READ_BUFFER};
+use crate::socket::{next_incoming, Incoming, Reader, Socket, Upgrade};
+use crate::Shared;
 
 /// The path the route is mounted at; the document id follows it.
 const ROUTE_PREFIX: &str = "/yjs/";
@@ -67,21 +63,14 @@ pub(crate) async fn upgrade<S: Store>(
     State(shared): State<Arc<Shared<S>>>,
     uri: Uri,
     query: Result<Query<HashMap<String, String>>, QueryRejection>,
-    ws: WebSocketUpgrade,
+    ws: Upgrade,
 ) -> impl IntoResponse {
     // The raw path, not axum's percent-decoded capture: the reference server names the room by
     // the raw path too, so both servers agree on which document a client opens.
     let raw_doc = uri.path().strip_prefix(ROUTE_PREFIX).unwrap_or_default().to_owned();
     let token = query.ok().and_then(|Query(mut params)| params.remove("token"));
     let max = shared.config.max_frame_size;
-    ws.max_message_size(max)
-        .max_frame_size(max)
-        // Small buffers: a connection must not cost a large fixed buffer. tungstenite zeroes
-        // its whole read buffer (128 KiB by default) before reading into it, which made every
-        // connection cost 128 KiB of RSS and every read a 128 KiB memset.
-        .read_buffer_size(READ_BUFFER)
-        .write_buffer_size(0)
-        .on_upgrade(move |socket| run(shared, socket, raw_doc, token))
+    ws.on_upgrade(max, move |socket| run(shared, socket, raw_doc, token))
 }
 
 /// What a connection presenting `token` may do with `doc`: the token's grant and its access to
@@ -92,15 +81,9 @@ fn authorize<S: Store>(shared: &Shared<S>, token: Option<&str>, doc: &DocId) -> 
     Ok((grant, access))
 }
 
-async fn run<S: Store>(shared: Arc<Shared<S>>, socket: WebSocket, raw_doc: String, token: Option<String>) {
-    let (sink, mut stream) = socket.split();
-    let (tx, rx) = mpsc::channel(shared.config.outbound_queue);
+async fn run<S: Store>(shared: Arc<Shared<S>>, socket: Socket, raw_doc: String, token: Option<String>) {
     let ctl = Arc::new(ConnCtl::new(shared.shutdown.child_token(), Arc::clone(&shared.metrics)));
-    let out = Outbound {
-        tx,
-        ctl: Arc::clone(&ctl),
-    };
-    let writer = spawn_writer(sink, rx, Arc::clone(&ctl), Protocol::Yjs, encode);
+    let (mut stream, out, writer) = socket.start(shared.config.outbound_queue, ctl, Protocol::Yjs, encode);
 
     let session = shared.next_session.fetch_add(1, Ordering::Relaxed);
     // Boxed: store queries make large futures, which the idle connection must not keep.
@@ -108,11 +91,12 @@ async fn run<S: Store>(shared: Arc<Shared<S>>, socket: WebSocket, raw_doc: Strin
         Ok((room, conn)) => {
             read_loop(&shared, &mut stream, &out, &room, &conn).await;
             room.leave(conn.session).await;
-            ctl.close(CLOSE_GOING_AWAY);
+            out.ctl.close(CLOSE_GOING_AWAY);
         }
-        Err(code) => ctl.close(code),
+        Err(code) => out.ctl.close(code),
     }
-    drop(out);
+    // The reader holds a handle to the queue too (for pongs).
+    drop((stream, out));
     let _ = writer.await;
 }
 
@@ -159,13 +143,7 @@ async fn open<S: Store>(
     Ok((room, conn))
 }
 
-async fn read_loop<S: Store>(
-    shared: &Shared<S>,
-    stream: &mut SplitStream<WebSocket>,
-    out: &Outbound,
-    room: &Room,
-    conn: &Conn,
-) {
+async fn read_loop<S: Store>(shared: &Shared<S>, stream: &mut Reader, out: &Outbound, room: &Room, conn: &Conn) {
     let heartbeat = shared.config.heartbeat;
     // The first tick one interval from now. (`interval` + a first `tick().await` cost every
     // new connection up to a millisecond: an elapsed deadline still waits for the timer wheel's
