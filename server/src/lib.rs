@@ -29,6 +29,7 @@ mod limits;
 mod metrics;
 mod native;
 mod presence;
+mod queue;
 mod room;
 mod socket;
 mod yjs;

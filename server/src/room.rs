@@ -17,7 +17,6 @@ use driftsync_engine::store::{Append, Appended, CompactionPolicy, LogEntry, LogT
 use driftsync_engine::sync::{apply_remote, Applied, Limits};
 use driftsync_protocol::yjs::AwarenessEntry;
 use driftsync_protocol::{Cursor, DocId, ErrorCode, CLOSE_RESYNC};
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use yrs::Doc;
 
@@ -25,6 +24,7 @@ use crate::commit::Committer;
 use crate::fanout::{Fanout, FanoutEvent};
 use crate::metrics::Metrics;
 use crate::presence::{now_ms, InvalidState, Presence};
+use crate::queue;
 
 /// The server's documents never edit; any valid client id will do for them.
 const SERVER_CLIENT_ID: u64 = 1;
@@ -787,7 +787,7 @@ impl ConnCtl {
 /// A connection's bounded outbound queue.
 #[derive(Clone)]
 pub(crate) struct Outbound {
-    pub(crate) tx: mpsc::Sender<Outgoing>,
+    pub(crate) tx: queue::Sender<Outgoing>,
     pub(crate) ctl: Arc<ConnCtl>,
 }
 
@@ -797,13 +797,13 @@ impl Outbound {
     pub(crate) fn send(&self, item: Outgoing) -> bool {
         match self.tx.try_send(item) {
             Ok(()) => true,
-            Err(mpsc::error::TrySendError::Full(_)) => {
+            Err(queue::TrySendError::Full) => {
                 tracing::warn!("slow consumer: outbound queue full, closing with resync");
                 self.ctl.metrics.slow_consumers.inc();
                 self.ctl.close(CLOSE_RESYNC);
                 false
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
+            Err(queue::TrySendError::Closed) => false,
         }
     }
 
@@ -870,8 +870,8 @@ mod tests {
     }
 
     /// A subscriber so that sweeps keep the room (and evict its document instead of unloading it).
-    fn subscribe(state: &mut RoomState, metrics: &Arc<Metrics>) -> mpsc::Receiver<Outgoing> {
-        let (tx, rx) = mpsc::channel(16);
+    fn subscribe(state: &mut RoomState, metrics: &Arc<Metrics>) -> queue::Receiver<Outgoing> {
+        let (tx, rx) = queue::channel(16);
         let ctl = Arc::new(ConnCtl::new(CancellationToken::new(), Arc::clone(metrics)));
         state.subscribers.insert(
             7,

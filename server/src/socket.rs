@@ -21,9 +21,9 @@ use bytes::BufMut;
 use hyper::upgrade::{OnUpgrade, Upgraded};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
-use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 
+use crate::queue;
 use crate::room::{ConnCtl, Outbound, Outgoing, Protocol, RoomEvent};
 
 /// How long a closing connection may take to flush what is queued and send its close frame.
@@ -170,7 +170,7 @@ impl Socket {
         encode: fn(&RoomEvent) -> Option<Vec<u8>>,
     ) -> (Reader, Outbound, tokio::task::JoinHandle<()>) {
         let Socket { mut reader, writer } = self;
-        let (tx, rx) = mpsc::channel(queue);
+        let (tx, rx) = queue::channel(queue);
         let out = Outbound { tx, ctl };
         reader.out = Some(out.clone());
         let writer = spawn_writer(writer, rx, Arc::clone(&out.ctl), protocol, encode);
@@ -393,7 +393,7 @@ fn encode_header(header: &mut [u8; 10], opcode: u8, len: usize) -> usize {
 /// write never keeps the writer from noticing the close.
 fn spawn_writer(
     mut io: WriteHalf<Io>,
-    mut rx: mpsc::Receiver<Outgoing>,
+    mut rx: queue::Receiver<Outgoing>,
     ctl: Arc<ConnCtl>,
     protocol: Protocol,
     encode: fn(&RoomEvent) -> Option<Vec<u8>>,
@@ -434,7 +434,7 @@ fn spawn_writer(
         let flush = ctl.code() != driftsync_protocol::CLOSE_RESYNC;
         let close = async {
             frame.finish(&mut io).await?;
-            while let Some(item) = if flush { rx.try_recv().ok() } else { None } {
+            while let Some(item) = if flush { rx.try_recv() } else { None } {
                 let Some((opcode, payload)) = frame_of(item) else {
                     continue;
                 };
