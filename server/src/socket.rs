@@ -2,12 +2,14 @@
 //! draining the connection's bounded queue, and reading the next binary message (or, for
 //! heartbeats, the next sign of life).
 //!
-//! The connection's two directions are separate halves of the upgraded TCP stream. tungstenite
-//! parses what arrives (masking, fragments, control frames, size limits); the writer frames what
-//! leaves itself, with one vectored write per message straight from the shared encoded bytes.
-//! Sending through tungstenite copied every message into a per-connection buffer that kept the
-//! capacity of the largest message ever sent — a 2.8 KB document synced once cost every idle
-//! connection 2.5 KB for the rest of its life, a 1 MB one 1 MB.
+//! The WebSocket framing (RFC 6455) is ours; only the accept key comes from tungstenite. The
+//! connection's two directions are separate halves of the upgraded TCP stream: the reader
+//! parses frames through a fixed 1 KiB buffer (a larger frame goes straight into its own
+//! payload), the writer frames each message with one vectored write straight from the shared
+//! encoded bytes. tungstenite kept, per connection, a send buffer as large as the largest
+//! message ever sent and a receive buffer as large as the largest frame ever received: a 2.8 KB
+//! document synced once cost every idle connection 2.5 KB for the rest of its life, a 1 MB one
+//! 1 MB.
 
 use std::io::{self, IoSlice};
 use std::sync::Arc;
