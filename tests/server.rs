@@ -125,21 +125,8 @@ async fn the_websocket_layer_answers_pings_and_carries_messages_of_every_size() 
     }
     // A fresh connection gets the whole (large) document in its resume answer.
     let mut c = NativeClient::connect(&server.url(), "", 23).await;
-    c.send(&ClientFrame::Resume {
-        docs: vec![ResumeDoc {
-            doc: d.clone(),
-            cursor: 0,
-            state_vector: vec![0],
-        }],
-    })
-    .await;
-    let update = c
-        .recv_until(|f| match f {
-            ServerFrame::Resumed { docs } => Some(docs[0].update.clone()),
-            _ => None,
-        })
-        .await
-        .expect("the document");
+    let docs = c.resume_from_scratch(&d).await;
+    let update = docs[0].update.clone().expect("the document");
     let remote = new_doc(23).unwrap();
     apply_remote(&remote, &update, &Limits::default()).unwrap();
     assert_eq!(doc::text(&remote), doc::text(&local));
@@ -148,16 +135,7 @@ async fn the_websocket_layer_answers_pings_and_carries_messages_of_every_size() 
 }
 
 async fn subscribe(c: &mut NativeClient, d: &DocId) {
-    c.send(&ClientFrame::Resume {
-        docs: vec![ResumeDoc {
-            doc: d.clone(),
-            cursor: 0,
-            state_vector: vec![0],
-        }],
-    })
-    .await;
-    c.recv_until(|f| matches!(f, ServerFrame::Resumed { .. }).then_some(()))
-        .await;
+    c.resume_from_scratch(d).await;
 }
 
 #[tokio::test]
@@ -334,23 +312,7 @@ async fn metrics_count_connections_updates_and_rooms_and_idle_rooms_are_unloaded
     );
     // And it loads again, with its content, on next use.
     let mut b = NativeClient::connect(&server.url(), "", 42).await;
-    b.send(&ClientFrame::Resume {
-        docs: vec![ResumeDoc {
-            doc: d.clone(),
-            cursor: 0,
-            state_vector: vec![0],
-        }],
-    })
-    .await;
-    let docs = b
-        .recv_until(|f| {
-            if let ServerFrame::Resumed { docs } = f {
-                Some(docs.clone())
-            } else {
-                None
-            }
-        })
-        .await;
+    let docs = b.resume_from_scratch(&d).await;
     let replica = new_doc(42).unwrap();
     apply_remote(&replica, docs[0].update.as_ref().unwrap(), &Limits::default()).unwrap();
     assert_eq!(doc::text(&replica), "counted");

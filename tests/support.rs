@@ -6,7 +6,9 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use driftsync_engine::store::Store;
-use driftsync_protocol::{ClientFrame, ServerFrame, DEFAULT_MAX_FRAME_SIZE, PROTOCOL_VERSION};
+use driftsync_protocol::{
+    ClientFrame, DocId, DocResumed, ResumeDoc, ServerFrame, DEFAULT_MAX_FRAME_SIZE, PROTOCOL_VERSION,
+};
 use futures_util::{SinkExt, StreamExt};
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
@@ -146,6 +148,24 @@ impl NativeClient {
                 None => panic!("connection closed while waiting"),
             }
         }
+    }
+
+    /// Opens `doc` as a client holding nothing of it (cursor 0, empty state vector) and
+    /// returns the `Resumed` answer's entries.
+    pub async fn resume_from_scratch(&mut self, doc: &DocId) -> Vec<DocResumed> {
+        self.send(&ClientFrame::Resume {
+            docs: vec![ResumeDoc {
+                doc: doc.clone(),
+                cursor: 0,
+                state_vector: vec![0],
+            }],
+        })
+        .await;
+        self.recv_until(|f| match f {
+            ServerFrame::Resumed { docs } => Some(docs.clone()),
+            _ => None,
+        })
+        .await
     }
 
     /// Sends a WebSocket ping with `payload` and returns the payload of the pong that answers
