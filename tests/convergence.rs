@@ -213,3 +213,13 @@ fn replicas_converge_under_random_schedules() {
         }
     }
 }
+
+/// Schedules that once failed, run every time. 3747168694096838674: two waiting updates, one
+/// depending on the other, merged by yrs into a pending update that was never retried (fixed in
+/// `driftsync_engine::doc::apply`).
+#[test]
+fn schedules_that_once_failed_converge() {
+    for seed in [3_747_168_694_096_838_674u64] {
+        run_schedule(seed);
+    }
+}

@@ -12,7 +12,9 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use yrs::updates::decoder::Decode;
 use yrs::updates::encoder::Encode;
-use yrs::{Any, ClientID, Doc, GetString, Map, OffsetKind, Options, ReadTxn, StateVector, Text, Transact, Update};
+use yrs::{
+    Any, ClientID, Doc, GetString, Map, OffsetKind, Options, ReadTxn, StateVector, Text, Transact, Update, WriteTxn,
+};
 
 use crate::store::StoredDoc;
 use crate::{Error, Result};
@@ -69,10 +71,26 @@ pub fn decode_state_vector(bytes: &[u8]) -> Result<StateVector> {
 ///
 /// After an `Err` the document may hold part of the update; callers that must stay exact (the
 /// server) validate updates on a scratch copy or reload the document from the store.
+///
+/// What waits for predecessors is retried as one update until it stops making progress: yrs
+/// merges every update that has to wait into one pending update, and records what it misses per
+/// update, not for the merge. When a waiting update depends on another that is waiting too, the
+/// merge can end up "missing" blocks it holds itself — and yrs then never retries it, though
+/// nothing else is missing (the seeded convergence test found a replica stuck like that, seed
+/// 3747168694096838674). Applied as one update, the pending blocks integrate in dependency order.
 pub fn apply(doc: &Doc, update: Update) -> Result<()> {
     let result = catch_unwind(AssertUnwindSafe(|| {
         let mut txn = doc.transact_mut();
-        txn.apply_update(update)
+        txn.apply_update(update)?;
+        while txn.has_missing_updates() {
+            let before = txn.state_vector();
+            let Some(pending) = txn.prune_pending() else { break };
+            txn.apply_update(pending)?;
+            if txn.state_vector() == before {
+                break;
+            }
+        }
+        Ok::<(), yrs::error::UpdateError>(())
     }));
     match result {
         Ok(Ok(())) => Ok(()),
