@@ -2,7 +2,7 @@
 
 use driftsync_engine::doc::{self, new_doc};
 use driftsync_engine::sync::{apply_remote, Limits};
-use driftsync_protocol::{ClientFrame, DocId, ResumeDoc, ServerFrame};
+use driftsync_protocol::{ClientFrame, DocId, ServerFrame};
 use driftsync_tests::{sqlite_store, NativeClient, TestServer};
 
 fn doc_id(s: &str) -> DocId {
@@ -17,17 +17,7 @@ async fn push_is_acknowledged_stored_and_broadcast() {
     let mut a = NativeClient::connect(&server.url(), "", 11).await;
     let mut b = NativeClient::connect(&server.url(), "", 12).await;
     for c in [&mut a, &mut b] {
-        c.send(&ClientFrame::Resume {
-            docs: vec![ResumeDoc {
-                doc: d.clone(),
-                cursor: 0,
-                state_vector: vec![0],
-            }],
-        })
-        .await;
-        let ServerFrame::Resumed { docs } = c.recv().await.unwrap() else {
-            panic!()
-        };
+        let docs = c.resume_from_scratch(&d).await;
         assert_eq!(docs.len(), 1);
         assert_eq!(docs[0].cursor, 0);
     }

@@ -112,27 +112,34 @@ impl<T> Drop for Sender<T> {
 impl<T> Receiver<T> {
     /// The next item without waiting.
     pub(crate) fn try_recv(&mut self) -> Option<T> {
-        let mut state = self.shared.lock();
-        let item = state.items.pop_front();
-        if state.items.is_empty() && state.items.capacity() > KEEP_SLOTS {
-            state.items.shrink_to(KEEP_SLOTS);
-        }
-        item
+        Self::pop(&mut self.shared.lock())
     }
 
     /// The next item, waiting for one; `None` once every sender is gone and the queue is
     /// drained. Cancel-safe: an item is taken only when it is returned.
     pub(crate) async fn recv(&mut self) -> Option<T> {
         loop {
+            {
+                let mut state = self.shared.lock();
+                if let Some(item) = Self::pop(&mut state) {
+                    return Some(item);
+                }
+                if state.senders == 0 {
+                    return None;
+                }
+            }
             // A wake-up sent between the check and the wait is kept by `Notify` as a permit.
-            if let Some(item) = self.try_recv() {
-                return Some(item);
-            }
-            if self.shared.lock().senders == 0 {
-                return None;
-            }
             self.shared.ready.notified().await;
         }
+    }
+
+    /// Takes the first item; a drained queue keeps at most [`KEEP_SLOTS`] slots.
+    fn pop(state: &mut State<T>) -> Option<T> {
+        let item = state.items.pop_front();
+        if state.items.is_empty() && state.items.capacity() > KEEP_SLOTS {
+            state.items.shrink_to(KEEP_SLOTS);
+        }
+        item
     }
 }
 
