@@ -15,6 +15,9 @@ pub enum Error {
     /// The database failed.
     #[error("store: {0}")]
     Store(#[from] sqlx::Error),
+    /// The database failed, on the SQLite store's write thread (see `store::write_thread`).
+    #[error("store: {0}")]
+    Sqlite(#[from] rusqlite::Error),
     /// A schema migration failed.
     #[error("store migration: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),

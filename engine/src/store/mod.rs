@@ -19,6 +19,7 @@ mod any;
 mod postgres;
 mod sql;
 mod sqlite;
+mod write_thread;
 
 use std::future::Future;
 

@@ -33,9 +33,9 @@
 //!   hole. SQLite's deferred transaction does that in WAL mode; PostgreSQL needs REPEATABLE READ
 //!   (which, being read only, never fails with a serialization error).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use super::{DeviceIdentity, LogEntry, StoredDoc};
+use super::{Appended, DeviceIdentity, LogEntry, StoredDoc};
 use crate::doc::MAX_CLIENT_ID;
 use crate::{Error, Result};
 use driftsync_protocol::Cursor;
@@ -239,6 +239,231 @@ pub(super) struct Row<'a> {
     pub(super) update: &'a [u8],
 }
 
+/// Records a local change in a client's outbox and returns its batch id: `(doc, update)`.
+pub(super) const OUTBOX_INSERT: &str = "INSERT INTO outbox (doc, data) VALUES ($1, $2) RETURNING batch";
+
+/// Advances a document's last server cursor, never backwards: `(doc, cursor)`.
+pub(super) const SYNC_STATE_ADVANCE: &str = "INSERT INTO sync_state (doc, cursor) VALUES ($1, $2) \
+     ON CONFLICT (doc) DO UPDATE SET cursor = CASE WHEN excluded.cursor > sync_state.cursor \
+     THEN excluded.cursor ELSE sync_state.cursor END";
+
+/// What the first step of an append reads back.
+pub(super) enum ReadRow {
+    /// A document's row, created if it was missing: its last assigned cursor.
+    Head { doc: String, head: i64 },
+    /// A pushing client's latest stored batch for a document and that batch's cursor.
+    Batch {
+        doc: String,
+        client_id: i64,
+        batch: i64,
+        seq: i64,
+    },
+}
+
+/// An append, planned in a fixed number of statements whatever the number of its rows (each
+/// multi-row statement carries up to [`ROWS_PER_STATEMENT`] rows), in two steps that both
+/// backends run inside one write transaction:
+///
+/// 1. [`reads`](Self::reads): every document's row is created if missing and its `head` read,
+///    by one upsert in sorted document order — on PostgreSQL the upsert's row lock is what
+///    serialises appends to a document (sorted, so two groups cannot deadlock), and every later
+///    statement sees each append committed before it was granted — and the pushing clients'
+///    last batches are read, to drop re-sent batches;
+/// 2. [`writes`](Self::writes): cursors are assigned in memory, `head + 1, head + 2, …` per
+///    document in the order of the rows, and the log rows, the new heads and the clients' last
+///    batches are written.
+pub(super) struct AppendPlan<'a> {
+    rows: &'a [Row<'a>],
+    /// The distinct documents, in lock order.
+    docs: Vec<&'a str>,
+    /// The distinct (document, pushing client) pairs, sorted.
+    pushers: Vec<(&'a str, i64)>,
+}
+
+impl<'a> AppendPlan<'a> {
+    pub(super) fn new(rows: &'a [Row<'a>]) -> Result<Self> {
+        let docs: Vec<&str> = lock_order(rows.iter().map(|row| row.doc)).into_iter().collect();
+        let mut pushers: Vec<(&str, i64)> = Vec::new();
+        for row in rows {
+            if let Some(origin) = row.origin {
+                pushers.push((row.doc, to_sql(origin.client_id, "client id")?));
+            }
+        }
+        pushers.sort_unstable();
+        pushers.dedup();
+        Ok(AppendPlan { rows, docs, pushers })
+    }
+
+    /// The statements of step 1; their rows become [`ReadRow`]s (two columns: a head; four: a
+    /// client's batch).
+    pub(super) fn reads(&self, numbered: bool) -> Vec<Statement<'a>> {
+        let mut reads = Vec::new();
+        for chunk in self.docs.chunks(ROWS_PER_STATEMENT) {
+            reads.push(Statement::new(
+                chunk[0],
+                format!(
+                    "INSERT INTO documents (doc) VALUES {} ON CONFLICT (doc) \
+                     DO UPDATE SET head = documents.head RETURNING doc, head",
+                    values(chunk.len(), 1, numbered)
+                ),
+                chunk.len(),
+                chunk.iter().map(|doc| Value::Text(doc)).collect(),
+            ));
+        }
+        for chunk in self.pushers.chunks(ROWS_PER_STATEMENT) {
+            reads.push(Statement::new(
+                chunk[0].0,
+                format!(
+                    "SELECT doc, client_id, last_batch, last_seq FROM client_batches \
+                     WHERE (doc, client_id) IN (VALUES {})",
+                    values(chunk.len(), 2, numbered)
+                ),
+                chunk.len(),
+                chunk
+                    .iter()
+                    .flat_map(|&(doc, client)| [Value::Text(doc), Value::Int(client)])
+                    .collect(),
+            ));
+        }
+        reads
+    }
+
+    /// Assigns cursors from what step 1 read and returns what became of each row, in order,
+    /// with the statements of step 2 (none when every row was a re-sent batch).
+    pub(super) fn writes(&self, read: Vec<ReadRow>, numbered: bool) -> Result<(Vec<Appended>, Vec<Statement<'a>>)> {
+        // Per document: the head read, the head after this append, the bytes appended.
+        let mut heads: HashMap<String, (i64, i64, i64)> = HashMap::with_capacity(self.docs.len());
+        // The latest stored batch of each pushing client, per document.
+        let mut last: HashMap<(&str, i64), (u64, Cursor)> = HashMap::with_capacity(self.pushers.len());
+        for row in read {
+            match row {
+                ReadRow::Head { doc, head } => {
+                    from_sql(head, &doc, "head")?;
+                    heads.insert(doc, (head, head, 0));
+                }
+                ReadRow::Batch {
+                    doc,
+                    client_id,
+                    batch,
+                    seq,
+                } => {
+                    let batch = from_sql(batch, &doc, "client's last batch")?;
+                    let seq = from_sql(seq, &doc, "client's last cursor")?;
+                    let Ok(at) = self
+                        .pushers
+                        .binary_search_by(|probe| probe.cmp(&(doc.as_str(), client_id)))
+                    else {
+                        return Err(corrupt(
+                            &doc,
+                            "a client's last batch came back for a client not asked for",
+                        ));
+                    };
+                    last.insert(self.pushers[at], (batch, seq));
+                }
+            }
+        }
+
+        // Cursors, in memory; re-sent batches are answered with the client's last cursor.
+        let mut appended = Vec::with_capacity(self.rows.len());
+        let mut stored: Vec<(&str, i64, &[u8])> = Vec::with_capacity(self.rows.len());
+        let mut pushed: BTreeMap<(&str, i64), (u64, Cursor)> = BTreeMap::new();
+        for row in self.rows {
+            let len = len_to_sql(row.update)?;
+            let key = match row.origin {
+                Some(origin) => {
+                    let key = (row.doc, to_sql(origin.client_id, "client id")?);
+                    if let Some(&(batch, cursor)) = last.get(&key) {
+                        if origin.batch <= batch {
+                            appended.push(Appended::Duplicate(cursor));
+                            continue;
+                        }
+                    }
+                    Some((key, origin.batch))
+                }
+                None => None,
+            };
+            let Some((_, head, bytes)) = heads.get_mut(row.doc) else {
+                return Err(corrupt(row.doc, "the document row vanished inside its transaction"));
+            };
+            *head = head
+                .checked_add(1)
+                .ok_or_else(|| corrupt(row.doc, "the head cursor overflowed"))?;
+            *bytes = bytes.saturating_add(len);
+            let cursor = from_sql(*head, row.doc, "head")?;
+            stored.push((row.doc, *head, row.update));
+            if let Some((key, batch)) = key {
+                last.insert(key, (batch, cursor));
+                pushed.insert(key, (batch, cursor));
+            }
+            appended.push(Appended::Stored(cursor));
+        }
+        let mut writes = Vec::new();
+        if stored.is_empty() {
+            return Ok((appended, writes));
+        }
+
+        for chunk in stored.chunks(ROWS_PER_STATEMENT) {
+            writes.push(Statement::new(
+                chunk[0].0,
+                format!(
+                    "INSERT INTO updates (doc, seq, data) VALUES {}",
+                    values(chunk.len(), 3, numbered)
+                ),
+                chunk.len(),
+                chunk
+                    .iter()
+                    .flat_map(|&(doc, seq, update)| [Value::Text(doc), Value::Int(seq), Value::Blob(update)])
+                    .collect(),
+            ));
+        }
+        let moved: Vec<(&str, i64, i64)> = self
+            .docs
+            .iter()
+            .filter_map(|doc| heads.get(*doc).map(|&(read, head, bytes)| (*doc, read, head, bytes)))
+            .filter(|&(_, read, head, _)| head != read)
+            .map(|(doc, _, head, bytes)| (doc, head, bytes))
+            .collect();
+        for chunk in moved.chunks(ROWS_PER_STATEMENT) {
+            writes.push(Statement::new(
+                chunk[0].0,
+                format!(
+                    "UPDATE documents SET head = v.column2, log_bytes = log_bytes + v.column3 \
+                     FROM (VALUES {}) AS v WHERE documents.doc = v.column1",
+                    values(chunk.len(), 3, numbered)
+                ),
+                chunk.len(),
+                chunk
+                    .iter()
+                    .flat_map(|&(doc, head, bytes)| [Value::Text(doc), Value::Int(head), Value::Int(bytes)])
+                    .collect(),
+            ));
+        }
+        let mut batches = Vec::with_capacity(pushed.len());
+        for ((doc, client_id), (batch, cursor)) in pushed {
+            batches.push((doc, client_id, to_sql(batch, "batch id")?, to_sql(cursor, "cursor")?));
+        }
+        for chunk in batches.chunks(ROWS_PER_STATEMENT) {
+            writes.push(Statement::new(
+                chunk[0].0,
+                format!(
+                    "INSERT INTO client_batches (doc, client_id, last_batch, last_seq) VALUES {} \
+                     ON CONFLICT (doc, client_id) \
+                     DO UPDATE SET last_batch = excluded.last_batch, last_seq = excluded.last_seq",
+                    values(chunk.len(), 4, numbered)
+                ),
+                chunk.len(),
+                chunk
+                    .iter()
+                    .flat_map(|&(doc, client, batch, seq)| {
+                        [Value::Text(doc), Value::Int(client), Value::Int(batch), Value::Int(seq)]
+                    })
+                    .collect(),
+            ));
+        }
+        Ok((appended, writes))
+    }
+}
+
 /// Implements [`Store`] (and a few hidden test hooks) for a store struct with a `pool` field, a
 /// `writer(&self)` method giving the pool write transactions run on (SQLite: one connection that
 /// stays warm) and an `after_write(&self)` method, called after each committed append (SQLite
@@ -251,7 +476,10 @@ pub(super) struct Row<'a> {
 ///   placeholders (PostgreSQL's only kind) or anonymous `?` ones (see [`values`]);
 /// * `joined_statements`: whether the statements of one step of an append go to the database as
 ///   one query (SQLite: sqlx runs them one after another on its worker thread, one round trip to
-///   that thread instead of one each; PostgreSQL takes one statement per prepared query).
+///   that thread instead of one each; PostgreSQL takes one statement per prepared query);
+/// * `write_thread` (optional): a method returning `Option<&WriteThread>`; when it gives one,
+///   appends and the client's recorded changes run there instead (SQLite on a file, see
+///   `store::write_thread`).
 ///
 /// See the module docs for what these statements must guarantee.
 macro_rules! sql_store {
@@ -261,19 +489,19 @@ macro_rules! sql_store {
         begin_write: $begin_write:literal,
         begin_read: $begin_read:literal,
         numbered_placeholders: $numbered:literal,
-        joined_statements: $joined:literal $(,)?
+        joined_statements: $joined:literal
+        $(, write_thread: $thread:ident)? $(,)?
     ) => {
         /// The implementation of [`Store`](crate::store::Store) that both backends share (see the docs
         /// of `store::sql`).
         mod shared {
-            use std::collections::BTreeMap;
             use std::future::Future;
 
             use super::$store;
             use driftsync_protocol::Cursor;
             use $crate::store::sql::{
-                check_counters, corrupt, device_identity, fold, from_sql, len_to_sql, lock_order, log_entries,
-                read_error, to_sql, values, Row, Statement, Value, DEVICE_ROW, ROWS_PER_STATEMENT,
+                check_counters, corrupt, device_identity, fold, from_sql, log_entries, read_error, to_sql,
+                AppendPlan, ReadRow, Row, Statement, Value, DEVICE_ROW, OUTBOX_INSERT, SYNC_STATE_ADVANCE,
             };
             use $crate::store::{
                 Append, Appended, Compacted, CompactionPolicy, DeviceIdentity, DocMeta, LogTail, OutboxEntry, Store,
@@ -322,202 +550,34 @@ macro_rules! sql_store {
                 Ok(rows)
             }
 
-            /// Appends `rows` inside a write transaction in a fixed number of statements,
-            /// whatever their number (each multi-row statement carries up to
-            /// `ROWS_PER_STATEMENT` rows), and on SQLite in two round trips to its worker:
-            ///
-            /// 1. every document's row is created if missing and its `head` read, by one upsert
-            ///    in sorted document order — on PostgreSQL the upsert's row lock is what
-            ///    serialises appends to a document (sorted, so two groups cannot deadlock), and
-            ///    every later statement sees each append committed before it was granted — and
-            ///    the pushing clients' last batches are read, to drop re-sent batches;
-            /// 2. cursors are assigned in memory, `head + 1, head + 2, …` per document in the
-            ///    order of `rows`;
-            /// 3. the log rows, the new heads and the clients' last batches are written.
+            /// Appends `rows` inside a write transaction (see [`AppendPlan`]): on SQLite in two
+            /// round trips to its worker, one per step.
             async fn append_rows(conn: &mut Connection, rows: &[Row<'_>]) -> Result<Vec<Appended>> {
                 use ::sqlx::Row as _;
-                use std::collections::HashMap;
 
-                let docs: Vec<&str> = lock_order(rows.iter().map(|row| row.doc)).into_iter().collect();
-                let mut pushers: Vec<(&str, i64)> = Vec::new();
-                for row in rows {
-                    if let Some(origin) = row.origin {
-                        pushers.push((row.doc, to_sql(origin.client_id, "client id")?));
-                    }
-                }
-                pushers.sort_unstable();
-                pushers.dedup();
-
-                let mut reads = Vec::new();
-                for chunk in docs.chunks(ROWS_PER_STATEMENT) {
-                    reads.push(Statement::new(
-                        chunk[0],
-                        format!(
-                            "INSERT INTO documents (doc) VALUES {} ON CONFLICT (doc) \
-                             DO UPDATE SET head = documents.head RETURNING doc, head",
-                            values(chunk.len(), 1, NUMBERED)
-                        ),
-                        chunk.len(),
-                        chunk.iter().map(|doc| Value::Text(doc)).collect(),
-                    ));
-                }
-                for chunk in pushers.chunks(ROWS_PER_STATEMENT) {
-                    reads.push(Statement::new(
-                        chunk[0].0,
-                        format!(
-                            "SELECT doc, client_id, last_batch, last_seq FROM client_batches \
-                             WHERE (doc, client_id) IN (VALUES {})",
-                            values(chunk.len(), 2, NUMBERED)
-                        ),
-                        chunk.len(),
-                        chunk
-                            .iter()
-                            .flat_map(|&(doc, client)| [Value::Text(doc), Value::Int(client)])
-                            .collect(),
-                    ));
-                }
-                // Per document: the head read, the head after this append, the bytes appended.
-                let mut heads: HashMap<String, (i64, i64, i64)> = HashMap::with_capacity(docs.len());
-                // The latest stored batch of each pushing client, per document.
-                let mut last: HashMap<(&str, i64), (u64, Cursor)> = HashMap::with_capacity(pushers.len());
-                for row in run(conn, reads).await? {
+                let plan = AppendPlan::new(rows)?;
+                let mut read = Vec::new();
+                for row in run(conn, plan.reads(NUMBERED)).await? {
                     // The two statements' rows are told apart by their width.
                     let doc: String = row.try_get(0).map_err(|e| corrupt("(append)", e.to_string()))?;
-                    let read = |i: usize, what: &str| -> Result<i64> {
+                    let get = |i: usize, what: &str| -> Result<i64> {
                         row.try_get(i).map_err(|e| corrupt(&doc, format!("{what}: {e}")))
                     };
-                    if row.len() == 2 {
-                        let head = read(1, "head")?;
-                        from_sql(head, &doc, "head")?;
-                        heads.insert(doc, (head, head, 0));
+                    read.push(if row.len() == 2 {
+                        ReadRow::Head { head: get(1, "head")?, doc }
                     } else {
-                        let client_id = read(1, "client id")?;
-                        let batch = from_sql(read(2, "client's last batch")?, &doc, "client's last batch")?;
-                        let seq = from_sql(read(3, "client's last cursor")?, &doc, "client's last cursor")?;
-                        let Ok(at) = pushers.binary_search_by(|probe| probe.cmp(&(doc.as_str(), client_id))) else {
-                            return Err(corrupt(
-                                &doc,
-                                "a client's last batch came back for a client not asked for",
-                            ));
-                        };
-                        last.insert(pushers[at], (batch, seq));
-                    }
-                }
-
-                // Cursors, in memory; re-sent batches are answered with the client's last cursor.
-                let mut appended = Vec::with_capacity(rows.len());
-                let mut stored: Vec<(&str, i64, &[u8])> = Vec::with_capacity(rows.len());
-                let mut pushed: BTreeMap<(&str, i64), (u64, Cursor)> = BTreeMap::new();
-                for row in rows {
-                    let len = len_to_sql(row.update)?;
-                    let key = match row.origin {
-                        Some(origin) => {
-                            let key = (row.doc, to_sql(origin.client_id, "client id")?);
-                            if let Some(&(batch, cursor)) = last.get(&key) {
-                                if origin.batch <= batch {
-                                    appended.push(Appended::Duplicate(cursor));
-                                    continue;
-                                }
-                            }
-                            Some((key, origin.batch))
+                        ReadRow::Batch {
+                            client_id: get(1, "client id")?,
+                            batch: get(2, "client's last batch")?,
+                            seq: get(3, "client's last cursor")?,
+                            doc,
                         }
-                        None => None,
-                    };
-                    let Some((_, head, bytes)) = heads.get_mut(row.doc) else {
-                        return Err(corrupt(
-                            row.doc,
-                            "the document row vanished inside its transaction",
-                        ));
-                    };
-                    *head = head
-                        .checked_add(1)
-                        .ok_or_else(|| corrupt(row.doc, "the head cursor overflowed"))?;
-                    *bytes = bytes.saturating_add(len);
-                    let cursor = from_sql(*head, row.doc, "head")?;
-                    stored.push((row.doc, *head, row.update));
-                    if let Some((key, batch)) = key {
-                        last.insert(key, (batch, cursor));
-                        pushed.insert(key, (batch, cursor));
-                    }
-                    appended.push(Appended::Stored(cursor));
+                    });
                 }
-                if stored.is_empty() {
-                    return Ok(appended);
+                let (appended, writes) = plan.writes(read, NUMBERED)?;
+                if !writes.is_empty() {
+                    run(conn, writes).await?;
                 }
-
-                let mut writes = Vec::new();
-                for chunk in stored.chunks(ROWS_PER_STATEMENT) {
-                    writes.push(Statement::new(
-                        chunk[0].0,
-                        format!(
-                            "INSERT INTO updates (doc, seq, data) VALUES {}",
-                            values(chunk.len(), 3, NUMBERED)
-                        ),
-                        chunk.len(),
-                        chunk
-                            .iter()
-                            .flat_map(|&(doc, seq, update)| [Value::Text(doc), Value::Int(seq), Value::Blob(update)])
-                            .collect(),
-                    ));
-                }
-                let moved: Vec<(&str, i64, i64)> = docs
-                    .iter()
-                    .filter_map(|doc| {
-                        heads
-                            .get(*doc)
-                            .map(|&(read, head, bytes)| (*doc, read, head, bytes))
-                    })
-                    .filter(|&(_, read, head, _)| head != read)
-                    .map(|(doc, _, head, bytes)| (doc, head, bytes))
-                    .collect();
-                for chunk in moved.chunks(ROWS_PER_STATEMENT) {
-                    writes.push(Statement::new(
-                        chunk[0].0,
-                        format!(
-                            "UPDATE documents SET head = v.column2, log_bytes = log_bytes + v.column3 \
-                             FROM (VALUES {}) AS v WHERE documents.doc = v.column1",
-                            values(chunk.len(), 3, NUMBERED)
-                        ),
-                        chunk.len(),
-                        chunk
-                            .iter()
-                            .flat_map(|&(doc, head, bytes)| [Value::Text(doc), Value::Int(head), Value::Int(bytes)])
-                            .collect(),
-                    ));
-                }
-                let mut batches = Vec::with_capacity(pushed.len());
-                for ((doc, client_id), (batch, cursor)) in pushed {
-                    batches.push((
-                        doc,
-                        client_id,
-                        to_sql(batch, "batch id")?,
-                        to_sql(cursor, "cursor")?,
-                    ));
-                }
-                for chunk in batches.chunks(ROWS_PER_STATEMENT) {
-                    writes.push(Statement::new(
-                        chunk[0].0,
-                        format!(
-                            "INSERT INTO client_batches (doc, client_id, last_batch, last_seq) VALUES {} \
-                             ON CONFLICT (doc, client_id) \
-                             DO UPDATE SET last_batch = excluded.last_batch, last_seq = excluded.last_seq",
-                            values(chunk.len(), 4, NUMBERED)
-                        ),
-                        chunk.len(),
-                        chunk
-                            .iter()
-                            .flat_map(|&(doc, client, batch, seq)| {
-                                [
-                                    Value::Text(doc),
-                                    Value::Int(client),
-                                    Value::Int(batch),
-                                    Value::Int(seq),
-                                ]
-                            })
-                            .collect(),
-                    ));
-                }
-                run(conn, writes).await?;
                 Ok(appended)
             }
 
@@ -686,6 +746,11 @@ macro_rules! sql_store {
                     if batch.is_empty() {
                         return Ok(Vec::new());
                     }
+                    $(if let Some(thread) = self.$thread() {
+                        let appended = thread.append(batch.to_vec()).await?;
+                        self.after_write();
+                        return Ok(appended);
+                    })?
                     let rows: Vec<Row<'_>> = batch
                         .iter()
                         .map(|append| Row {
@@ -815,6 +880,11 @@ macro_rules! sql_store {
                 }
 
                 async fn record_local(&self, doc: &str, update: &[u8]) -> Result<u64> {
+                    $(if let Some(thread) = self.$thread() {
+                        let batch = thread.record_local(doc, update).await?;
+                        self.after_write();
+                        return Ok(batch);
+                    })?
                     let mut tx = self.begin_write().await?;
                     append_rows(
                         &mut tx,
@@ -826,7 +896,7 @@ macro_rules! sql_store {
                     )
                     .await?;
                     let batch: i64 =
-                        ::sqlx::query_scalar("INSERT INTO outbox (doc, data) VALUES ($1, $2) RETURNING batch")
+                        ::sqlx::query_scalar(OUTBOX_INSERT)
                             .bind(doc)
                             .bind(update)
                             .fetch_one(&mut *tx)
@@ -880,6 +950,11 @@ macro_rules! sql_store {
 
                 async fn record_remote(&self, doc: &str, cursor: Cursor, updates: &[Vec<u8>]) -> Result<()> {
                     let cursor = to_sql(cursor, "server cursor")?;
+                    $(if let Some(thread) = self.$thread() {
+                        thread.record_remote(doc, cursor, updates).await?;
+                        self.after_write();
+                        return Ok(());
+                    })?
                     let mut tx = self.begin_write().await?;
                     if !updates.is_empty() {
                         let rows: Vec<Row<'_>> = updates
@@ -892,11 +967,7 @@ macro_rules! sql_store {
                             .collect();
                         append_rows(&mut tx, &rows).await?;
                     }
-                    ::sqlx::query(
-                        "INSERT INTO sync_state (doc, cursor) VALUES ($1, $2) ON CONFLICT (doc) \
-                         DO UPDATE SET cursor = CASE WHEN excluded.cursor > sync_state.cursor \
-                                                     THEN excluded.cursor ELSE sync_state.cursor END",
-                    )
+                    ::sqlx::query(SYNC_STATE_ADVANCE)
                     .bind(doc)
                     .bind(cursor)
                     .execute(&mut *tx)

@@ -18,6 +18,9 @@
 //! * Write transactions run on one connection of their own (SQLite allows one writer at a time
 //!   anyway): its page cache and prepared statements stay warm, where taking turns with the
 //!   readers' connections would make each write re-read the pages another connection changed.
+//!   Appends and a client's recorded changes — the hot path — run on a thread of their own that
+//!   owns a further connection and runs each transaction in one call (`store::write_thread`);
+//!   the rare writes (compaction, the device identity) stay on sqlx's write connection.
 //! * Write transactions begin with `BEGIN IMMEDIATE`, taking the write lock before their first
 //!   read; see the docs of `store::sql`, which holds the SQL both backends share.
 //!
@@ -33,6 +36,7 @@ use std::time::Duration;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
 
 use super::sql::sql_store;
+use super::write_thread::WriteThread;
 use crate::Result;
 
 /// How long a writer waits for another connection's write lock before failing.
@@ -49,6 +53,9 @@ pub struct SqliteStore {
     writer: SqlitePool,
     /// Checkpoint bookkeeping; `None` for an in-memory database, which has no WAL.
     wal: Option<Arc<Wal>>,
+    /// The thread appends run on; `None` in memory (an in-memory database is private to the
+    /// connection that opened it) and for a database opened read-only.
+    thread: Option<WriteThread>,
 }
 
 /// When the WAL was last checkpointed, and whether a checkpoint is running.
@@ -65,14 +72,14 @@ impl SqliteStore {
         let path = path.as_ref();
         create_parent_dir(path).await?;
         let options = SqliteConnectOptions::new().filename(path).create_if_missing(true);
-        Self::with_options(options, SqlitePoolOptions::new(), false).await
+        Self::with_options(options, SqlitePoolOptions::new(), false, true).await
     }
 
     /// Opens a fresh, empty database that lives in memory until the store is dropped (for
     /// tests).
     pub async fn open_in_memory() -> Result<Self> {
         let options = SqliteConnectOptions::new().filename(":memory:").in_memory(true);
-        Self::with_options(options, single_connection(), true).await
+        Self::with_options(options, single_connection(), true, false).await
     }
 
     /// Opens the database a sqlx SQLite URL names, such as `sqlite:data/app.db` or
@@ -80,18 +87,24 @@ impl SqliteStore {
     pub async fn connect(url: &str) -> Result<Self> {
         let mut options = SqliteConnectOptions::from_str(url)?;
         if url.contains(":memory:") || url.contains("mode=memory") {
-            return Self::with_options(options, single_connection(), true).await;
+            return Self::with_options(options, single_connection(), true, false).await;
         }
         if !url.contains("mode=") {
             options = options.create_if_missing(true);
             create_parent_dir(options.get_filename()).await?;
         }
-        Self::with_options(options, SqlitePoolOptions::new(), false).await
+        let writable = !(url.contains("mode=ro") || url.contains("immutable="));
+        Self::with_options(options, SqlitePoolOptions::new(), false, writable).await
     }
 
     /// Applies the settings every connection needs (see the module docs), connects and
     /// migrates.
-    async fn with_options(options: SqliteConnectOptions, pool: SqlitePoolOptions, in_memory: bool) -> Result<Self> {
+    async fn with_options(
+        options: SqliteConnectOptions,
+        pool: SqlitePoolOptions,
+        in_memory: bool,
+        write_thread: bool,
+    ) -> Result<Self> {
         let options = options
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Full)
@@ -107,12 +120,17 @@ impl SqliteStore {
                 writer: pool.clone(),
                 pool,
                 wal: None,
+                thread: None,
             });
         }
         // What earlier processes left in the WAL (a short-lived CLI may exit before 256 commits
         // or before its connections close, which would checkpoint) is checkpointed once at open,
         // so the WAL stays bounded however the store is used.
         sqlx::query("PRAGMA wal_checkpoint(PASSIVE)").execute(&pool).await?;
+        let thread = match write_thread {
+            true => Some(WriteThread::start(options.get_filename(), BUSY_TIMEOUT)?),
+            false => None,
+        };
         let writer = SqlitePoolOptions::new()
             .max_connections(1)
             .test_before_acquire(false)
@@ -122,12 +140,18 @@ impl SqliteStore {
             pool,
             writer,
             wal: Some(Arc::new(Wal::default())),
+            thread,
         })
     }
 
     /// The pool write transactions run on.
     fn writer(&self) -> &SqlitePool {
         &self.writer
+    }
+
+    /// The thread appends run on, if any (see the module docs).
+    fn write_thread(&self) -> Option<&WriteThread> {
+        self.thread.as_ref()
     }
 
     /// Called after each committed append: every [`CHECKPOINT_EVERY`] commits, starts a passive
@@ -179,4 +203,5 @@ sql_store! {
     begin_read: "BEGIN",
     numbered_placeholders: false,
     joined_statements: true,
+    write_thread: write_thread,
 }

@@ -1,0 +1,272 @@
+//! The SQLite store's write path: a thread of its own that owns the write connection and runs
+//! each write transaction whole, from `BEGIN IMMEDIATE` to `COMMIT`, in one call.
+//!
+//! Why a thread rather than sqlx: sqlx runs SQLite on a worker thread too, but answers each
+//! statement through channels, so a durable append cost four round trips between the async
+//! runtime and that worker (begin, the two steps of an [`AppendPlan`], commit), and on a server
+//! pinned to one core every round trip is two context switches — the largest item of the
+//! server's profile under load. Here the async side hands the whole job over once and is woken
+//! once with its answer. The SQL is the same ([`AppendPlan`] builds it for both drivers); the
+//! connection is rusqlite's, on the very SQLite library sqlx links (`libsqlite3-sys`), with the
+//! settings of every other connection of the store (see `store::sqlite`).
+//!
+//! Jobs queue in a bounded channel (the callers wait when it is full). A job whose caller went
+//! away still runs to its end — a transaction is never left half done — and its answer is
+//! dropped. The thread ends once every handle to it is gone, after the jobs already queued.
+
+use std::path::Path;
+use std::time::Duration;
+
+use rusqlite::types::{ToSqlOutput, ValueRef};
+use rusqlite::{Connection, OpenFlags, Transaction, TransactionBehavior};
+use tokio::sync::{mpsc, oneshot};
+
+use super::sql::{corrupt, from_sql, AppendPlan, ReadRow, Row, Statement, Value, OUTBOX_INSERT, SYNC_STATE_ADVANCE};
+use super::{Append, Appended};
+use crate::{Error, Result};
+
+/// Jobs that may wait for the thread.
+const QUEUE: usize = 256;
+
+/// Prepared statements the connection keeps (the append's common shapes, see
+/// `sql::CACHED_ROWS`, plus the client's statements).
+const STATEMENT_CACHE: usize = 32;
+
+/// A job and where its answer goes.
+enum Job {
+    Append(Vec<Append>, oneshot::Sender<Result<Vec<Appended>>>),
+    RecordLocal {
+        doc: String,
+        update: Vec<u8>,
+        reply: oneshot::Sender<Result<u64>>,
+    },
+    RecordRemote {
+        doc: String,
+        cursor: i64,
+        updates: Vec<Vec<u8>>,
+        reply: oneshot::Sender<Result<()>>,
+    },
+}
+
+/// A handle to the write thread. Cloning shares the thread.
+#[derive(Debug, Clone)]
+pub(super) struct WriteThread {
+    jobs: mpsc::Sender<Job>,
+}
+
+impl std::fmt::Debug for Job {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Job::Append(..) => "Append",
+            Job::RecordLocal { .. } => "RecordLocal",
+            Job::RecordRemote { .. } => "RecordRemote",
+        })
+    }
+}
+
+impl WriteThread {
+    /// Opens a write connection to the database file at `path` (which must exist, its schema
+    /// migrated) and starts the thread.
+    pub(super) fn start(path: &Path, busy_timeout: Duration) -> Result<Self> {
+        let conn = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        conn.busy_timeout(busy_timeout)?;
+        // The settings of `store::sqlite` (the journal mode is the file's, WAL already).
+        conn.execute_batch("PRAGMA synchronous = FULL; PRAGMA wal_autocheckpoint = 0; PRAGMA foreign_keys = ON;")?;
+        conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
+        let (jobs, queue) = mpsc::channel(QUEUE);
+        std::thread::Builder::new()
+            .name("driftsync-sqlite-writer".into())
+            .spawn(move || run(conn, queue))
+            .map_err(|e| Error::Store(sqlx::Error::Io(e)))?;
+        Ok(WriteThread { jobs })
+    }
+
+    /// [`Store::append`](super::Store::append) on the thread.
+    pub(super) async fn append(&self, batch: Vec<Append>) -> Result<Vec<Appended>> {
+        let (reply, answer) = oneshot::channel();
+        self.submit(Job::Append(batch, reply), answer).await
+    }
+
+    /// [`Store::record_local`](super::Store::record_local) on the thread.
+    pub(super) async fn record_local(&self, doc: &str, update: &[u8]) -> Result<u64> {
+        let (reply, answer) = oneshot::channel();
+        let job = Job::RecordLocal {
+            doc: doc.to_string(),
+            update: update.to_vec(),
+            reply,
+        };
+        self.submit(job, answer).await
+    }
+
+    /// [`Store::record_remote`](super::Store::record_remote) on the thread (`cursor` already
+    /// converted for SQL).
+    pub(super) async fn record_remote(&self, doc: &str, cursor: i64, updates: &[Vec<u8>]) -> Result<()> {
+        let (reply, answer) = oneshot::channel();
+        let job = Job::RecordRemote {
+            doc: doc.to_string(),
+            cursor,
+            updates: updates.to_vec(),
+            reply,
+        };
+        self.submit(job, answer).await
+    }
+
+    async fn submit<T>(&self, job: Job, answer: oneshot::Receiver<Result<T>>) -> Result<T> {
+        let stopped = || Error::Invalid("the SQLite write thread has stopped".into());
+        self.jobs.send(job).await.map_err(|_| stopped())?;
+        answer.await.map_err(|_| stopped())?
+    }
+}
+
+/// The thread: one job, one transaction, one answer, until every handle is gone.
+fn run(mut conn: Connection, mut queue: mpsc::Receiver<Job>) {
+    while let Some(job) = queue.blocking_recv() {
+        match job {
+            Job::Append(batch, reply) => {
+                let rows: Vec<Row<'_>> = batch
+                    .iter()
+                    .map(|append| Row {
+                        doc: &append.doc,
+                        origin: append.origin,
+                        update: &append.update,
+                    })
+                    .collect();
+                let _ = reply.send(transaction(&mut conn, |tx| append_rows(tx, &rows)));
+            }
+            Job::RecordLocal { doc, update, reply } => {
+                let _ = reply.send(transaction(&mut conn, |tx| record_local(tx, &doc, &update)));
+            }
+            Job::RecordRemote {
+                doc,
+                cursor,
+                updates,
+                reply,
+            } => {
+                let _ = reply.send(transaction(&mut conn, |tx| record_remote(tx, &doc, cursor, &updates)));
+            }
+        }
+    }
+}
+
+/// Runs `work` in a write transaction (`BEGIN IMMEDIATE`: the write lock first, so that it waits
+/// for another writer instead of failing halfway) and commits it if it succeeds; a failure rolls
+/// everything back.
+fn transaction<T>(conn: &mut Connection, work: impl FnOnce(&Transaction<'_>) -> Result<T>) -> Result<T> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let value = work(&tx)?;
+    tx.commit()?;
+    Ok(value)
+}
+
+/// The two steps of an [`AppendPlan`].
+fn append_rows(tx: &Transaction<'_>, rows: &[Row<'_>]) -> Result<Vec<Appended>> {
+    let plan = AppendPlan::new(rows)?;
+    let mut read = Vec::new();
+    for statement in plan.reads(false) {
+        query(tx, &statement, |row| {
+            let doc: String = row.get(0).map_err(|e| corrupt("(append)", e.to_string()))?;
+            let get =
+                |i: usize, what: &str| -> Result<i64> { row.get(i).map_err(|e| corrupt(&doc, format!("{what}: {e}"))) };
+            read.push(if row.as_ref().column_count() == 2 {
+                ReadRow::Head {
+                    head: get(1, "head")?,
+                    doc,
+                }
+            } else {
+                ReadRow::Batch {
+                    client_id: get(1, "client id")?,
+                    batch: get(2, "client's last batch")?,
+                    seq: get(3, "client's last cursor")?,
+                    doc,
+                }
+            });
+            Ok(())
+        })?;
+    }
+    let (appended, writes) = plan.writes(read, false)?;
+    for statement in writes {
+        query(tx, &statement, |_| Ok(()))?;
+    }
+    Ok(appended)
+}
+
+fn record_local(tx: &Transaction<'_>, doc: &str, update: &[u8]) -> Result<u64> {
+    append_rows(
+        tx,
+        &[Row {
+            doc,
+            origin: None,
+            update,
+        }],
+    )?;
+    let batch: i64 = tx
+        .prepare_cached(OUTBOX_INSERT)?
+        .query_row((doc, update), |row| row.get(0))
+        .map_err(|e| corrupt(doc, format!("outbox batch: {e}")))?;
+    from_sql(batch, doc, "outbox batch")
+}
+
+fn record_remote(tx: &Transaction<'_>, doc: &str, cursor: i64, updates: &[Vec<u8>]) -> Result<()> {
+    if !updates.is_empty() {
+        let rows: Vec<Row<'_>> = updates
+            .iter()
+            .map(|update| Row {
+                doc,
+                origin: None,
+                update,
+            })
+            .collect();
+        append_rows(tx, &rows)?;
+    }
+    tx.prepare_cached(SYNC_STATE_ADVANCE)?.execute((doc, cursor))?;
+    Ok(())
+}
+
+/// Runs one statement of a plan, handing each row it yields to `each`. Statements that should
+/// stay prepared (see `sql::CACHED_ROWS`) go through the connection's statement cache.
+fn query(
+    tx: &Transaction<'_>,
+    statement: &Statement<'_>,
+    mut each: impl FnMut(&rusqlite::Row<'_>) -> Result<()>,
+) -> Result<()> {
+    let mut cached;
+    let mut fresh;
+    let prepared: &mut rusqlite::Statement<'_> = if statement.cached {
+        cached = tx.prepare_cached(&statement.sql)?;
+        &mut cached
+    } else {
+        fresh = tx.prepare(&statement.sql)?;
+        &mut fresh
+    };
+    let mut rows = prepared
+        .query(rusqlite::params_from_iter(statement.values.iter()))
+        .map_err(|e| statement_error(statement.doc, e))?;
+    while let Some(row) = rows.next().map_err(|e| statement_error(statement.doc, e))? {
+        each(row)?;
+    }
+    Ok(())
+}
+
+/// A failed statement: a value that does not convert is corrupt data of `doc`, anything else a
+/// database failure.
+fn statement_error(doc: &str, e: rusqlite::Error) -> Error {
+    match e {
+        rusqlite::Error::FromSqlConversionFailure(..)
+        | rusqlite::Error::InvalidColumnType(..)
+        | rusqlite::Error::IntegralValueOutOfRange(..) => corrupt(doc, e.to_string()),
+        e => Error::Sqlite(e),
+    }
+}
+
+impl rusqlite::ToSql for Value<'_> {
+    fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
+        Ok(ToSqlOutput::Borrowed(match *self {
+            Value::Text(text) => ValueRef::Text(text.as_bytes()),
+            Value::Int(int) => ValueRef::Integer(int),
+            Value::Blob(blob) => ValueRef::Blob(blob),
+        }))
+    }
+}
