@@ -7,7 +7,7 @@
 //!   documents (the many-rooms case: a group commit under load).
 //!
 //! Besides the wall time per call that criterion reports, each benchmark prints the process CPU
-//! time (user + system, every thread — sqlx runs SQLite on a worker thread of its own) per
+//! time (user + system, every thread — appends run on the store's write thread) per
 //! appended update, measured over a fixed number of calls.
 //!
 //! Run with `cargo bench -p driftsync-engine --bench store` (append `-- --quick` for a shorter

@@ -1059,6 +1059,45 @@ async fn sqlite_store_connects_by_url() {
     assert_eq!(store.meta("d").await.unwrap().unwrap().head, 2);
 }
 
+/// An append whose caller goes away once it was handed to the SQLite write thread still commits
+/// whole (a transaction is never left half done), and the next append comes after it.
+#[tokio::test]
+async fn sqlite_append_abandoned_by_its_caller_still_commits() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(dir.path().join("store.db")).await.unwrap();
+    let first = [pushed("d", 7, 1, b"first")];
+    {
+        let mut append = std::pin::pin!(store.append(&first));
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        assert!(append.as_mut().poll(&mut cx).is_pending());
+    }
+    let second = store.append(&[pushed("d", 7, 2, b"second")]).await.unwrap();
+    assert_eq!(second, vec![Appended::Stored(2)]);
+    let tail = entries(store.log_after("d", 0).await.unwrap());
+    assert_eq!(
+        tail.iter().map(|entry| entry.update.as_slice()).collect::<Vec<_>>(),
+        [b"first".as_slice(), b"second".as_slice()]
+    );
+    // The abandoned batch was recorded as the client's: re-sending it is a duplicate.
+    assert_eq!(store.append(&first).await.unwrap(), vec![Appended::Duplicate(2)]);
+}
+
+/// A database opened read-only refuses appends (no write thread writes behind its back) and
+/// still serves reads.
+#[tokio::test]
+async fn sqlite_store_opened_read_only_refuses_appends() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store.db");
+    let store = SqliteStore::open(&path).await.unwrap();
+    store.append(&[append("d", b"x")]).await.unwrap();
+    drop(store);
+    let store = SqliteStore::connect(&format!("sqlite:{}?mode=ro", path.display()))
+        .await
+        .unwrap();
+    assert!(matches!(store.append(&[append("d", b"y")]).await, Err(Error::Store(_))));
+    assert_eq!(store.meta("d").await.unwrap().unwrap().head, 1);
+}
+
 #[tokio::test]
 async fn any_store_opens_by_url() {
     let dir = tempfile::tempdir().unwrap();

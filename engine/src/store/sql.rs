@@ -9,9 +9,10 @@
 //! with those differences as arguments.
 //!
 //! An append costs a fixed number of statements whatever the number of updates in it (multi-row
-//! statements), because each statement is a round trip to the connection — to sqlx's worker
-//! thread for SQLite, to the server for PostgreSQL — and under load a group commit carries
-//! hundreds of updates.
+//! statements), because each statement costs a round trip to the server on PostgreSQL (and
+//! parsing and planning everywhere), and under load a group commit carries hundreds of updates.
+//! The statements come from [`AppendPlan`], which the SQLite write thread
+//! (`store::write_thread`, rusqlite) runs too.
 //!
 //! A macro rather than code generic over `sqlx::Database`: the bounds sqlx needs for that
 //! (executors for every lifetime, encoders for every parameter type, `Send` futures through all
@@ -550,8 +551,8 @@ macro_rules! sql_store {
                 Ok(rows)
             }
 
-            /// Appends `rows` inside a write transaction (see [`AppendPlan`]): on SQLite in two
-            /// round trips to its worker, one per step.
+            /// Appends `rows` inside a write transaction (see [`AppendPlan`]), one query per step
+            /// where the backend joins statements.
             async fn append_rows(conn: &mut Connection, rows: &[Row<'_>]) -> Result<Vec<Appended>> {
                 use ::sqlx::Row as _;
 
