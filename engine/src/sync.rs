@@ -341,7 +341,7 @@ mod tests {
         assert_eq!((nothing.update, nothing.state_vector), (None, None));
 
         // Missed three operations: about their size, not the delete set.
-        let more = vec![
+        let more = [
             text_insert(&server, 0, "a").unwrap(),
             text_delete(&server, 5, 1).unwrap(),
             text_insert(&server, 2, "b").unwrap(),

@@ -248,6 +248,39 @@ pub(super) const SYNC_STATE_ADVANCE: &str = "INSERT INTO sync_state (doc, cursor
      ON CONFLICT (doc) DO UPDATE SET cursor = CASE WHEN excluded.cursor > sync_state.cursor \
      THEN excluded.cursor ELSE sync_state.cursor END";
 
+/// The last step of a compaction: the folded snapshot swapped in, in one write transaction of
+/// the three statements below, unless another compactor already moved the snapshot.
+pub(super) struct Swap<'a> {
+    pub(super) doc: &'a str,
+    pub(super) snapshot: &'a [u8],
+    pub(super) state_vector: &'a [u8],
+    /// The cursor the new snapshot covers.
+    pub(super) covered: i64,
+    /// Log entries up to this cursor are deleted (those after it kept, see
+    /// `CompactionPolicy::retain_entries`).
+    pub(super) prune_to: i64,
+    /// The snapshot cursor the fold started from: the swap happens only if it is still current.
+    pub(super) read_cursor: i64,
+}
+
+/// The snapshot swapped in: `$1` doc, `$2` snapshot, `$3` state vector, `$4` covered cursor,
+/// `$5` prune-to cursor, `$6` the snapshot cursor read; returns the new `pruned_through`, no row
+/// when another compactor got there first. (Numbered parameters bound by number: sqlx does that,
+/// rusqlite binds them by name.)
+pub(super) const SWAP_SNAPSHOT: &str = "UPDATE documents SET snapshot = $2, snapshot_sv = $3, snapshot_cursor = $4, \
+     pruned_through = CASE WHEN pruned_through > $5 THEN pruned_through ELSE $5 END \
+     WHERE doc = $1 AND snapshot_cursor = $6 RETURNING pruned_through";
+
+/// The log size recounted after a swap: `$1` doc, `$2` covered cursor. The swap holds the
+/// document's row lock, so every append to it has either committed (and is counted here) or
+/// waits for this transaction.
+pub(super) const RECOUNT_LOG_BYTES: &str = "UPDATE documents SET log_bytes = \
+     (SELECT CAST(COALESCE(SUM(length(data)), 0) AS BIGINT) FROM updates WHERE doc = $1 AND seq > $2) \
+     WHERE doc = $1";
+
+/// The folded log entries deleted: `$1` doc, `$2` pruned-through cursor.
+pub(super) const PRUNE_LOG: &str = "DELETE FROM updates WHERE doc = $1 AND seq <= $2";
+
 /// What the first step of an append reads back.
 pub(super) enum ReadRow {
     /// A document's row, created if it was missing: its last assigned cursor.
@@ -479,8 +512,8 @@ impl<'a> AppendPlan<'a> {
 ///   one query (SQLite: sqlx runs them one after another on its worker thread, one round trip to
 ///   that thread instead of one each; PostgreSQL takes one statement per prepared query);
 /// * `write_thread` (optional): a method returning `Option<&WriteThread>`; when it gives one,
-///   appends and the client's recorded changes run there instead (SQLite on a file, see
-///   `store::write_thread`).
+///   appends, the client's recorded changes and compaction's swap run there instead (SQLite on
+///   a file, see `store::write_thread`).
 ///
 /// See the module docs for what these statements must guarantee.
 macro_rules! sql_store {
@@ -502,7 +535,8 @@ macro_rules! sql_store {
             use driftsync_protocol::Cursor;
             use $crate::store::sql::{
                 check_counters, corrupt, device_identity, fold, from_sql, log_entries, read_error, to_sql,
-                AppendPlan, ReadRow, Row, Statement, Value, DEVICE_ROW, OUTBOX_INSERT, SYNC_STATE_ADVANCE,
+                AppendPlan, ReadRow, Row, Statement, Swap, Value, DEVICE_ROW, OUTBOX_INSERT, PRUNE_LOG,
+                RECOUNT_LOG_BYTES, SWAP_SNAPSHOT, SYNC_STATE_ADVANCE,
             };
             use $crate::store::{
                 Append, Appended, Compacted, CompactionPolicy, DeviceIdentity, DocMeta, LogTail, OutboxEntry, Store,
@@ -657,45 +691,48 @@ macro_rules! sql_store {
                     pause.await;
 
                     // (3) Swap the snapshot in, unless another compactor already did.
-                    let mut tx = self.begin_write().await?;
-                    let pruned: Option<i64> = ::sqlx::query_scalar(
-                        "UPDATE documents SET snapshot = $2, snapshot_sv = $3, snapshot_cursor = $4, \
-                         pruned_through = CASE WHEN pruned_through > $5 THEN pruned_through \
-                                               ELSE $5 END \
-                         WHERE doc = $1 AND snapshot_cursor = $6 RETURNING pruned_through",
-                    )
-                    .bind(doc)
-                    .bind(&snapshot)
-                    .bind(&state_vector)
-                    .bind(covered_sql)
-                    .bind(prune_to)
-                    .bind(read_cursor)
-                    .fetch_optional(&mut *tx)
-                    .await
-                    .map_err(read_error(doc))?;
-                    let Some(pruned) = pruned else {
-                        tx.rollback().await?;
-                        return Ok(None);
+                    let swap = Swap {
+                        doc,
+                        snapshot: &snapshot,
+                        state_vector: &state_vector,
+                        covered: covered_sql,
+                        prune_to,
+                        read_cursor,
                     };
-                    // The statement above holds the document's row lock, so every append to it has
-                    // either committed (and is counted here) or waits for this transaction.
-                    ::sqlx::query(
-                        "UPDATE documents SET log_bytes = \
-                         (SELECT CAST(COALESCE(SUM(length(data)), 0) AS BIGINT) FROM updates \
-                          WHERE doc = $1 AND seq > $2) \
-                         WHERE doc = $1",
-                    )
-                    .bind(doc)
-                    .bind(covered_sql)
-                    .execute(&mut *tx)
-                    .await?;
-                    let deleted = ::sqlx::query("DELETE FROM updates WHERE doc = $1 AND seq <= $2")
-                        .bind(doc)
-                        .bind(pruned)
-                        .execute(&mut *tx)
-                        .await?
-                        .rows_affected();
-                    tx.commit().await?;
+                    let deleted = 'swap: {
+                        $(if let Some(thread) = self.$thread() {
+                            break 'swap thread.swap_snapshot(&swap).await?;
+                        })?
+                        let mut tx = self.begin_write().await?;
+                        let pruned: Option<i64> = ::sqlx::query_scalar(SWAP_SNAPSHOT)
+                            .bind(swap.doc)
+                            .bind(swap.snapshot)
+                            .bind(swap.state_vector)
+                            .bind(swap.covered)
+                            .bind(swap.prune_to)
+                            .bind(swap.read_cursor)
+                            .fetch_optional(&mut *tx)
+                            .await
+                            .map_err(read_error(doc))?;
+                        let Some(pruned) = pruned else {
+                            tx.rollback().await?;
+                            break 'swap None;
+                        };
+                        ::sqlx::query(RECOUNT_LOG_BYTES)
+                            .bind(doc)
+                            .bind(covered_sql)
+                            .execute(&mut *tx)
+                            .await?;
+                        let deleted = ::sqlx::query(PRUNE_LOG)
+                            .bind(doc)
+                            .bind(pruned)
+                            .execute(&mut *tx)
+                            .await?
+                            .rows_affected();
+                        tx.commit().await?;
+                        Some(deleted)
+                    };
+                    let Some(deleted) = deleted else { return Ok(None) };
                     Ok(Some(Compacted {
                         snapshot_cursor: covered,
                         snapshot_bytes: snapshot.len() as u64,

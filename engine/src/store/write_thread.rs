@@ -13,6 +13,11 @@
 //! Jobs queue in a bounded channel (the callers wait when it is full). A job whose caller went
 //! away still runs to its end — a transaction is never left half done — and its answer is
 //! dropped. The thread ends once every handle to it is gone, after the jobs already queued.
+//!
+//! Besides appends and a client's recorded changes, compaction's last step (the snapshot swap)
+//! runs here too, so that the server's writes all go through this one connection: a second
+//! writer would make each wait for the other's lock by SQLite's busy handler, which polls with
+//! sleeps of up to 100 ms instead of being woken.
 
 use std::path::Path;
 use std::time::Duration;
@@ -21,7 +26,10 @@ use rusqlite::types::{ToSqlOutput, ValueRef};
 use rusqlite::{Connection, OpenFlags, Transaction, TransactionBehavior};
 use tokio::sync::{mpsc, oneshot};
 
-use super::sql::{corrupt, from_sql, AppendPlan, ReadRow, Row, Statement, Value, OUTBOX_INSERT, SYNC_STATE_ADVANCE};
+use super::sql::{
+    corrupt, from_sql, AppendPlan, ReadRow, Row, Statement, Swap, Value, OUTBOX_INSERT, PRUNE_LOG, RECOUNT_LOG_BYTES,
+    SWAP_SNAPSHOT, SYNC_STATE_ADVANCE,
+};
 use super::{Append, Appended};
 use crate::{Error, Result};
 
@@ -46,22 +54,21 @@ enum Job {
         updates: Vec<Vec<u8>>,
         reply: oneshot::Sender<Result<()>>,
     },
+    SwapSnapshot {
+        doc: String,
+        snapshot: Vec<u8>,
+        state_vector: Vec<u8>,
+        covered: i64,
+        prune_to: i64,
+        read_cursor: i64,
+        reply: oneshot::Sender<Result<Option<u64>>>,
+    },
 }
 
 /// A handle to the write thread. Cloning shares the thread.
 #[derive(Debug, Clone)]
 pub(super) struct WriteThread {
     jobs: mpsc::Sender<Job>,
-}
-
-impl std::fmt::Debug for Job {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Job::Append(..) => "Append",
-            Job::RecordLocal { .. } => "RecordLocal",
-            Job::RecordRemote { .. } => "RecordRemote",
-        })
-    }
 }
 
 impl WriteThread {
@@ -114,6 +121,22 @@ impl WriteThread {
         self.submit(job, answer).await
     }
 
+    /// The last step of a compaction on the thread: the number of log entries deleted, or
+    /// `None` if another compactor moved the snapshot first.
+    pub(super) async fn swap_snapshot(&self, swap: &Swap<'_>) -> Result<Option<u64>> {
+        let (reply, answer) = oneshot::channel();
+        let job = Job::SwapSnapshot {
+            doc: swap.doc.to_string(),
+            snapshot: swap.snapshot.to_vec(),
+            state_vector: swap.state_vector.to_vec(),
+            covered: swap.covered,
+            prune_to: swap.prune_to,
+            read_cursor: swap.read_cursor,
+            reply,
+        };
+        self.submit(job, answer).await
+    }
+
     async fn submit<T>(&self, job: Job, answer: oneshot::Receiver<Result<T>>) -> Result<T> {
         let stopped = || Error::Invalid("the SQLite write thread has stopped".into());
         self.jobs.send(job).await.map_err(|_| stopped())?;
@@ -146,6 +169,25 @@ fn run(mut conn: Connection, mut queue: mpsc::Receiver<Job>) {
                 reply,
             } => {
                 let _ = reply.send(transaction(&mut conn, |tx| record_remote(tx, &doc, cursor, &updates)));
+            }
+            Job::SwapSnapshot {
+                doc,
+                snapshot,
+                state_vector,
+                covered,
+                prune_to,
+                read_cursor,
+                reply,
+            } => {
+                let swap = Swap {
+                    doc: &doc,
+                    snapshot: &snapshot,
+                    state_vector: &state_vector,
+                    covered,
+                    prune_to,
+                    read_cursor,
+                };
+                let _ = reply.send(swap_snapshot(&mut conn, &swap));
             }
         }
     }
@@ -223,6 +265,40 @@ fn record_remote(tx: &Transaction<'_>, doc: &str, cursor: i64, updates: &[Vec<u8
     }
     tx.prepare_cached(SYNC_STATE_ADVANCE)?.execute((doc, cursor))?;
     Ok(())
+}
+
+/// The swap's three statements (see `sql::SWAP_SNAPSHOT`), in one write transaction; nothing is
+/// written when another compactor got there first. Their `$n` parameters are bound by name.
+fn swap_snapshot(conn: &mut Connection, swap: &Swap<'_>) -> Result<Option<u64>> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let pruned: Option<i64> = {
+        let mut statement = tx.prepare_cached(SWAP_SNAPSHOT)?;
+        let mut rows = statement
+            .query(rusqlite::named_params! {
+                "$1": swap.doc,
+                "$2": swap.snapshot,
+                "$3": swap.state_vector,
+                "$4": swap.covered,
+                "$5": swap.prune_to,
+                "$6": swap.read_cursor,
+            })
+            .map_err(|e| statement_error(swap.doc, e))?;
+        match rows.next().map_err(|e| statement_error(swap.doc, e))? {
+            Some(row) => Some(row.get(0).map_err(|e| statement_error(swap.doc, e))?),
+            None => None,
+        }
+    };
+    let Some(pruned) = pruned else {
+        // Dropping the transaction rolls it back.
+        return Ok(None);
+    };
+    tx.prepare_cached(RECOUNT_LOG_BYTES)?
+        .execute(rusqlite::named_params! { "$1": swap.doc, "$2": swap.covered })?;
+    let deleted = tx
+        .prepare_cached(PRUNE_LOG)?
+        .execute(rusqlite::named_params! { "$1": swap.doc, "$2": pruned })?;
+    tx.commit()?;
+    Ok(Some(deleted as u64))
 }
 
 /// Runs one statement of a plan, handing each row it yields to `each`. Statements that should
