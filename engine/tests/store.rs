@@ -1082,6 +1082,39 @@ async fn sqlite_append_abandoned_by_its_caller_still_commits() {
     assert_eq!(store.append(&first).await.unwrap(), vec![Appended::Duplicate(2)]);
 }
 
+/// The SQLite write thread gives its page cache back after two idle seconds and parks until the
+/// next job: appends after that pause, one alone and then twenty at once, are all woken for,
+/// stored and answered.
+#[tokio::test]
+async fn sqlite_appends_after_the_writer_went_idle_are_stored() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(dir.path().join("store.db")).await.unwrap();
+    assert_eq!(
+        store.append(&[append("d", b"0")]).await.unwrap(),
+        vec![Appended::Stored(1)]
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(2_500)).await;
+    assert_eq!(
+        store.append(&[append("d", b"1")]).await.unwrap(),
+        vec![Appended::Stored(2)]
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(2_500)).await;
+    let appends = (0..20u8).map(|i| {
+        let store = store.clone();
+        tokio::spawn(async move { store.append(&[append("e", &[i])]).await.unwrap() })
+    });
+    let mut cursors = Vec::new();
+    for task in appends {
+        match task.await.unwrap().as_slice() {
+            [Appended::Stored(cursor)] => cursors.push(*cursor),
+            other => panic!("unexpected answer {other:?}"),
+        }
+    }
+    cursors.sort_unstable();
+    assert_eq!(cursors, (1..=20).collect::<Vec<u64>>());
+    assert_eq!(store.meta("d").await.unwrap().unwrap().head, 2);
+}
+
 /// A database opened read-only refuses appends (no write thread writes behind its back) and
 /// still serves reads.
 #[tokio::test]

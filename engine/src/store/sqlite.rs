@@ -12,8 +12,11 @@
 //!   anyway, so each connection's own copy saves a `pread` of a cached page at the cost of
 //!   memory that a server with a pool of connections pays several times — at 1,000 idle rooms
 //!   `valgrind --tool=massif` found SQLite's page caches holding 2.9 MB, more than the rooms'
-//!   documents. The write thread keeps the default: appends touch the same few B-tree pages
-//!   over and over.
+//!   documents. The write thread keeps the default while it works — appends touch the same
+//!   few B-tree pages over and over — and gives its cache back once idle for two seconds
+//!   (`store::write_thread`); the pool's connections beyond the first close after
+//!   [`READER_IDLE`] unused, so a burst of loads (a thousand rooms joined at once) does not
+//!   leave ten connections' caches and lookaside behind.
 //! * A busy timeout of five seconds, so that another process (a CLI next to a running client)
 //!   holding the write lock makes a writer wait instead of fail.
 //! * No automatic WAL checkpoints (`wal_autocheckpoint = 0`): SQLite would run them inside the
@@ -53,6 +56,10 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// The page cache of each of the pool's connections, in KiB (see the module docs).
 const READ_CACHE_KIB: u32 = 256;
 
+/// How long a pooled reader connection beyond the first stays open unused (see the module
+/// docs).
+const READER_IDLE: Duration = Duration::from_secs(10);
+
 /// Commits between two WAL checkpoints (see the module docs).
 const CHECKPOINT_EVERY: u32 = 256;
 
@@ -81,7 +88,7 @@ impl SqliteStore {
         let path = path.as_ref();
         create_parent_dir(path).await?;
         let options = SqliteConnectOptions::new().filename(path).create_if_missing(true);
-        Self::with_options(options, SqlitePoolOptions::new(), false, true).await
+        Self::with_options(options, readers(), false, true).await
     }
 
     /// Opens a fresh, empty database that lives in memory until the store is dropped (for
@@ -103,7 +110,7 @@ impl SqliteStore {
             create_parent_dir(options.get_filename()).await?;
         }
         let writable = !(url.contains("mode=ro") || url.contains("immutable="));
-        Self::with_options(options, SqlitePoolOptions::new(), false, writable).await
+        Self::with_options(options, readers(), false, writable).await
     }
 
     /// Applies the settings every connection needs (see the module docs), connects and
@@ -184,6 +191,12 @@ impl SqliteStore {
 }
 
 /// Pool options for an in-memory database: one connection, kept open for the pool's lifetime.
+/// The pool of a database file: readers beyond the first close after [`READER_IDLE`] unused,
+/// their caches with them.
+fn readers() -> SqlitePoolOptions {
+    SqlitePoolOptions::new().min_connections(1).idle_timeout(READER_IDLE)
+}
+
 fn single_connection() -> SqlitePoolOptions {
     SqlitePoolOptions::new()
         .max_connections(1)

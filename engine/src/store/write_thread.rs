@@ -18,12 +18,22 @@
 //! runs here too, so that the server's writes all go through this one connection: a second
 //! writer would make each wait for the other's lock by SQLite's busy handler, which polls with
 //! sleeps of up to 100 ms instead of being woken.
+//!
+//! Once the thread has had no job for [`RELEASE_AFTER`], it gives its connection's page cache
+//! back (`PRAGMA shrink_memory`): under load the cache keeps the B-tree pages appends touch over
+//! and over, but an idle server would otherwise hold up to SQLite's default 2 MiB of copies of
+//! pages that sit in the operating system's file cache anyway. Waiting with a timeout needs a
+//! wake-up a tokio channel cannot give a plain thread, so the thread parks between jobs and every
+//! hand-off unparks it (the last handle to go away too, so that the thread sees the queue close).
 
 use std::path::Path;
-use std::time::Duration;
+use std::sync::Arc;
+use std::thread::Thread;
+use std::time::{Duration, Instant};
 
 use rusqlite::types::{ToSqlOutput, ValueRef};
 use rusqlite::{Connection, OpenFlags, Transaction, TransactionBehavior};
+use tokio::sync::mpsc::error::TryRecvError;
 use tokio::sync::{mpsc, oneshot};
 
 use super::sql::{
@@ -39,6 +49,10 @@ const QUEUE: usize = 256;
 /// Prepared statements the connection keeps (the append's common shapes, see
 /// `sql::CACHED_ROWS`, plus the client's statements).
 const STATEMENT_CACHE: usize = 32;
+
+/// How long the thread goes without a job before it gives its page cache back (see the module
+/// docs).
+const RELEASE_AFTER: Duration = Duration::from_secs(2);
 
 /// A job and where its answer goes.
 enum Job {
@@ -68,7 +82,24 @@ enum Job {
 /// A handle to the write thread. Cloning shares the thread.
 #[derive(Debug, Clone)]
 pub(super) struct WriteThread {
-    jobs: mpsc::Sender<Job>,
+    shared: Arc<Handle>,
+}
+
+/// What the handles share: the queue, and the thread to unpark after each job is queued.
+#[derive(Debug)]
+struct Handle {
+    /// `Some` until the last handle is dropped.
+    jobs: Option<mpsc::Sender<Job>>,
+    thread: Thread,
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        // The queue closes first, then the thread is woken to see it closed (after the jobs
+        // already queued).
+        self.jobs = None;
+        self.thread.unpark();
+    }
 }
 
 impl WriteThread {
@@ -84,11 +115,18 @@ impl WriteThread {
         conn.execute_batch("PRAGMA synchronous = FULL; PRAGMA wal_autocheckpoint = 0; PRAGMA foreign_keys = ON;")?;
         conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
         let (jobs, queue) = mpsc::channel(QUEUE);
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("driftsync-sqlite-writer".into())
             .spawn(move || run(conn, queue))
-            .map_err(|e| Error::Store(sqlx::Error::Io(e)))?;
-        Ok(WriteThread { jobs })
+            .map_err(|e| Error::Store(sqlx::Error::Io(e)))?
+            .thread()
+            .clone();
+        Ok(WriteThread {
+            shared: Arc::new(Handle {
+                jobs: Some(jobs),
+                thread,
+            }),
+        })
     }
 
     /// [`Store::append`](super::Store::append) on the thread.
@@ -139,56 +177,87 @@ impl WriteThread {
 
     async fn submit<T>(&self, job: Job, answer: oneshot::Receiver<Result<T>>) -> Result<T> {
         let stopped = || Error::Invalid("the SQLite write thread has stopped".into());
-        self.jobs.send(job).await.map_err(|_| stopped())?;
+        let jobs = self.shared.jobs.as_ref().ok_or_else(stopped)?;
+        jobs.send(job).await.map_err(|_| stopped())?;
+        self.shared.thread.unpark();
         answer.await.map_err(|_| stopped())?
     }
 }
 
-/// The thread: one job, one transaction, one answer, until every handle is gone.
+/// The thread: one job, one transaction, one answer, until every handle is gone; the page
+/// cache given back once no job came for [`RELEASE_AFTER`].
 fn run(mut conn: Connection, mut queue: mpsc::Receiver<Job>) {
-    while let Some(job) = queue.blocking_recv() {
-        match job {
-            Job::Append(batch, reply) => {
-                let rows: Vec<Row<'_>> = batch
-                    .iter()
-                    .map(|append| Row {
-                        doc: &append.doc,
-                        origin: append.origin,
-                        update: &append.update,
-                    })
-                    .collect();
-                let _ = reply.send(transaction(&mut conn, |tx| append_rows(tx, &rows)));
+    // When the last job ran, while the cache may hold pages.
+    let mut cached: Option<Instant> = None;
+    loop {
+        match queue.try_recv() {
+            Ok(job) => {
+                run_job(&mut conn, job);
+                cached = Some(Instant::now());
             }
-            Job::RecordLocal { doc, update, reply } => {
-                let _ = reply.send(transaction(&mut conn, |tx| record_local(tx, &doc, &update)));
-            }
-            Job::RecordRemote {
-                doc,
-                cursor,
-                updates,
-                reply,
-            } => {
-                let _ = reply.send(transaction(&mut conn, |tx| record_remote(tx, &doc, cursor, &updates)));
-            }
-            Job::SwapSnapshot {
-                doc,
-                snapshot,
-                state_vector,
+            Err(TryRecvError::Disconnected) => return,
+            // A park returns early when unparked (a job queued, or the last handle gone, since
+            // the `try_recv` above or while parked), and sometimes spuriously: either way the
+            // queue is looked at again.
+            Err(TryRecvError::Empty) => match cached {
+                None => std::thread::park(),
+                Some(since) => match RELEASE_AFTER.checked_sub(since.elapsed()) {
+                    Some(left) if !left.is_zero() => std::thread::park_timeout(left),
+                    _ => {
+                        if let Err(e) = conn.execute_batch("PRAGMA shrink_memory") {
+                            tracing::warn!(error = %e, "the SQLite write connection kept its page cache");
+                        }
+                        cached = None;
+                    }
+                },
+            },
+        }
+    }
+}
+
+/// One job: its transaction, its answer (dropped if its caller went away).
+fn run_job(conn: &mut Connection, job: Job) {
+    match job {
+        Job::Append(batch, reply) => {
+            let rows: Vec<Row<'_>> = batch
+                .iter()
+                .map(|append| Row {
+                    doc: &append.doc,
+                    origin: append.origin,
+                    update: &append.update,
+                })
+                .collect();
+            let _ = reply.send(transaction(conn, |tx| append_rows(tx, &rows)));
+        }
+        Job::RecordLocal { doc, update, reply } => {
+            let _ = reply.send(transaction(conn, |tx| record_local(tx, &doc, &update)));
+        }
+        Job::RecordRemote {
+            doc,
+            cursor,
+            updates,
+            reply,
+        } => {
+            let _ = reply.send(transaction(conn, |tx| record_remote(tx, &doc, cursor, &updates)));
+        }
+        Job::SwapSnapshot {
+            doc,
+            snapshot,
+            state_vector,
+            covered,
+            prune_to,
+            read_cursor,
+            reply,
+        } => {
+            let swap = Swap {
+                doc: &doc,
+                snapshot: &snapshot,
+                state_vector: &state_vector,
                 covered,
                 prune_to,
                 read_cursor,
-                reply,
-            } => {
-                let swap = Swap {
-                    doc: &doc,
-                    snapshot: &snapshot,
-                    state_vector: &state_vector,
-                    covered,
-                    prune_to,
-                    read_cursor,
-                };
-                let _ = reply.send(swap_snapshot(&mut conn, &swap));
-            }
+            };
+            let _ = reply.send(swap_snapshot(conn, &swap));
         }
     }
 }
