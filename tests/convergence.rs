@@ -218,6 +218,7 @@ fn replicas_converge_under_random_schedules() {
 /// depending on the other, merged by yrs into a pending update that was never retried (fixed in
 /// `driftsync_engine::doc::apply`).
 #[test]
+#[allow(clippy::single_element_loop)] // a list: seeds join it as they are found
 fn schedules_that_once_failed_converge() {
     for seed in [3_747_168_694_096_838_674u64] {
         run_schedule(seed);

@@ -8,13 +8,15 @@
 //! `text append|insert|show`, and `sync --server URL --once`. Errors are one line on stderr and a
 //! non-zero exit.
 
+use std::cell::Cell;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use driftsync_engine::store::AnyStore;
+use tikv_jemalloc_ctl::{Access, AsName};
 
 mod chat;
 
@@ -158,7 +160,11 @@ fn main() {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Runtime::new() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .on_thread_park(flush_thread_cache_now_and_then)
+        .build();
+    let runtime = match runtime {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("driftsync: cannot start the runtime: {e}");
@@ -177,6 +183,36 @@ fn main() {
         eprintln!("driftsync: {e:#}");
         std::process::exit(1);
     }
+}
+
+/// How often, at most, a runtime worker gives back what its jemalloc thread cache holds.
+const THREAD_CACHE_FLUSH_EVERY: Duration = Duration::from_millis(100);
+
+/// Called by each runtime worker before it parks: gives the thread's jemalloc cache back to the
+/// arenas, at most every [`THREAD_CACHE_FLUSH_EVERY`]. A thread cache is flushed only as the
+/// thread goes on allocating, so a worker that went idle right after freeing much (the sweep
+/// evicting a thousand rooms' documents) kept up to a few hundred freed objects per size class,
+/// and the slab pages under them, for as long as it stayed idle: 1.7 MB of the server's RSS
+/// with 1,000 idle connections, one per room (measured with `tcache:false`). Busy, a worker
+/// parks many times a second and flushes ten times a second at most, keeping the cache's speed.
+fn flush_thread_cache_now_and_then() {
+    thread_local!(static LAST: Cell<Option<Instant>> = const { Cell::new(None) });
+    LAST.with(|last| {
+        let now = Instant::now();
+        if last
+            .get()
+            .is_some_and(|at| now.duration_since(at) < THREAD_CACHE_FLUSH_EVERY)
+        {
+            return;
+        }
+        last.set(Some(now));
+        // Turning the thread's cache off flushes it into the arenas and frees it; on again, it
+        // starts empty. (`thread.tcache.flush` would do it in one call but needs `unsafe`.)
+        let enabled = b"thread.tcache.enabled\0".name();
+        if enabled.write(false).is_ok() {
+            let _ = enabled.write(true);
+        }
+    });
 }
 
 /// A token lifetime: a positive number followed by `s`, `m`, `h` or `d`.

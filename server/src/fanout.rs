@@ -77,10 +77,13 @@ impl Fanout for NoFanout {
     fn publish(&self, _instance: u64, _doc: &DocId, _event: FanoutEvent) {}
 }
 
+/// Where one instance of a [`LocalFanout`] receives: its id and its channel.
+type Inbox = (u64, mpsc::Sender<(DocId, FanoutEvent)>);
+
 /// Instances in one process, connected by bounded channels.
 #[derive(Debug, Default, Clone)]
 pub struct LocalFanout {
-    instances: Arc<Mutex<Vec<(u64, mpsc::Sender<(DocId, FanoutEvent)>)>>>,
+    instances: Arc<Mutex<Vec<Inbox>>>,
 }
 
 impl Fanout for LocalFanout {
