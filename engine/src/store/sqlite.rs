@@ -14,9 +14,9 @@
 //!   `valgrind --tool=massif` found SQLite's page caches holding 2.9 MB, more than the rooms'
 //!   documents. The write thread keeps the default while it works — appends touch the same
 //!   few B-tree pages over and over — and gives its cache back once idle for two seconds
-//!   (`store::write_thread`); the pool's connections beyond the first close after
-//!   [`READER_IDLE`] unused, so a burst of loads (a thousand rooms joined at once) does not
-//!   leave ten connections' caches and lookaside behind.
+//!   (`store::write_thread`); the pool's connections close once unused for [`READER_IDLE`]
+//!   (sqlx opens a fresh one at once to keep one open), so a burst of loads (a thousand rooms
+//!   joined at once) does not leave ten connections' caches and lookaside behind.
 //! * A busy timeout of five seconds, so that another process (a CLI next to a running client)
 //!   holding the write lock makes a writer wait instead of fail.
 //! * No automatic WAL checkpoints (`wal_autocheckpoint = 0`): SQLite would run them inside the
@@ -56,8 +56,7 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// The page cache of each of the pool's connections, in KiB (see the module docs).
 const READ_CACHE_KIB: u32 = 256;
 
-/// How long a pooled reader connection beyond the first stays open unused (see the module
-/// docs).
+/// How long a pooled reader connection stays open unused (see the module docs).
 const READER_IDLE: Duration = Duration::from_secs(10);
 
 /// Commits between two WAL checkpoints (see the module docs).
@@ -191,8 +190,8 @@ impl SqliteStore {
 }
 
 /// Pool options for an in-memory database: one connection, kept open for the pool's lifetime.
-/// The pool of a database file: readers beyond the first close after [`READER_IDLE`] unused,
-/// their caches with them.
+/// The pool of a database file: readers close after [`READER_IDLE`] unused, their caches with
+/// them, and one is kept open (reopened fresh).
 fn readers() -> SqlitePoolOptions {
     SqlitePoolOptions::new().min_connections(1).idle_timeout(READER_IDLE)
 }
