@@ -240,6 +240,16 @@ pub(super) struct Row<'a> {
     pub(super) update: &'a [u8],
 }
 
+impl<'a> From<&'a super::Append> for Row<'a> {
+    fn from(append: &'a super::Append) -> Self {
+        Row {
+            doc: &append.doc,
+            origin: append.origin,
+            update: &append.update,
+        }
+    }
+}
+
 /// Records a local change in a client's outbox and returns its batch id: `(doc, update)`.
 pub(super) const OUTBOX_INSERT: &str = "INSERT INTO outbox (doc, data) VALUES ($1, $2) RETURNING batch";
 
@@ -789,14 +799,7 @@ macro_rules! sql_store {
                         self.after_write();
                         return Ok(appended);
                     })?
-                    let rows: Vec<Row<'_>> = batch
-                        .iter()
-                        .map(|append| Row {
-                            doc: &append.doc,
-                            origin: append.origin,
-                            update: &append.update,
-                        })
-                        .collect();
+                    let rows: Vec<Row<'_>> = batch.iter().map(Row::from).collect();
                     let mut tx = self.begin_write().await?;
                     let appended = append_rows(&mut tx, &rows).await?;
                     tx.commit().await?;

@@ -219,14 +219,7 @@ fn run(mut conn: Connection, mut queue: mpsc::Receiver<Job>) {
 fn run_job(conn: &mut Connection, job: Job) {
     match job {
         Job::Append(batch, reply) => {
-            let rows: Vec<Row<'_>> = batch
-                .iter()
-                .map(|append| Row {
-                    doc: &append.doc,
-                    origin: append.origin,
-                    update: &append.update,
-                })
-                .collect();
+            let rows: Vec<Row<'_>> = batch.iter().map(Row::from).collect();
             let _ = reply.send(transaction(conn, |tx| append_rows(tx, &rows)));
         }
         Job::RecordLocal { doc, update, reply } => {
