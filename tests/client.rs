@@ -202,3 +202,62 @@ async fn resume_of_100_documents_with_3_changed() {
     }
     server.stop().await;
 }
+
+/// A device that sat offline through a long editing session: thousands of changes, each its
+/// own batch in the outbox. Its next sync sends them as a few merged pushes — one round trip,
+/// a few durable commits, fewer bytes than the batches themselves — instead of one push and
+/// one commit per keystroke (which also ran into the server's frame rate limit).
+#[tokio::test]
+async fn a_long_offline_session_goes_up_in_a_few_merged_pushes() {
+    const EDITS: usize = 3_000;
+    let dir = tempfile::tempdir().unwrap();
+    let (_server_dir, store) = sqlite_store().await;
+    let server = TestServer::start(store, Default::default()).await;
+    let url = server.url();
+
+    let mut phone = Client::open(dir.path().join("phone.db"), "phone").await.unwrap();
+    phone.text_append(NOTES, "Notes: ").await.unwrap();
+    phone.sync_once(&url, "").await.unwrap();
+    // Offline: one keystroke per change, with a deletion now and then.
+    let mut expected = String::from("Notes: ");
+    for i in 0..EDITS {
+        if i % 10 == 9 {
+            phone.text_delete(NOTES, 7, 1).await.unwrap();
+            expected.remove(7);
+        } else {
+            let c = char::from(b'a' + (i % 26) as u8);
+            phone.text_append(NOTES, &c.to_string()).await.unwrap();
+            expected.push(c);
+        }
+    }
+    let outbox = phone.store().outbox(Some(NOTES)).await.unwrap();
+    assert_eq!(outbox.len(), EDITS);
+    let outbox_bytes: u64 = outbox.iter().map(|e| e.update.len() as u64).sum();
+
+    let started = std::time::Instant::now();
+    let report = phone.sync_once(&url, "").await.unwrap();
+    let took = started.elapsed();
+    println!(
+        "offline session of {EDITS} changes ({outbox_bytes} bytes of batches): {} push(es), {} bytes sent, \
+         {} round trip(s), synced in {took:?}",
+        report.pushes, report.bytes_sent, report.round_trips
+    );
+    assert_eq!(report.round_trips, 1);
+    assert!(report.pushes <= 4, "{report:?}");
+    assert!(
+        report.bytes_sent < outbox_bytes * 3 / 4,
+        "{report:?} vs {outbox_bytes} bytes of batches"
+    );
+    assert!(
+        phone.store().outbox(Some(NOTES)).await.unwrap().is_empty(),
+        "everything acknowledged"
+    );
+    assert_eq!(phone.text(NOTES).await.unwrap(), expected);
+
+    // Another device sees every change.
+    let mut laptop = Client::open(dir.path().join("laptop.db"), "laptop").await.unwrap();
+    laptop.document(NOTES).await.unwrap();
+    laptop.sync_once(&url, "").await.unwrap();
+    assert_eq!(laptop.text(NOTES).await.unwrap(), expected);
+    server.stop().await;
+}

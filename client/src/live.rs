@@ -27,7 +27,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use driftsync_engine::store::Store;
-use driftsync_engine::sync::Limits;
+use driftsync_engine::sync::{merge_outbox, Limits};
 use driftsync_protocol::{
     ClientFrame, DocId, ErrorCode, ServerFrame, CLOSE_RESYNC, CLOSE_UNAUTHORIZED, CLOSE_UNSUPPORTED_VERSION,
     DEFAULT_MAX_FRAME_SIZE, PROTOCOL_VERSION,
@@ -39,6 +39,7 @@ use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
+use crate::sync::push_budget;
 use crate::{Backoff, Client, Error, Result};
 
 /// How long connecting and the hello may take.
@@ -701,7 +702,9 @@ impl Task {
         }
     }
 
-    async fn connect(&mut self) -> Result<(Ws, u64, Duration)> {
+    /// Connects and says hello; returns the socket, the session id, the heartbeat interval and
+    /// the most bytes of outbox batches one push may merge (see [`push_budget`]).
+    async fn connect(&mut self) -> Result<(Ws, u64, Duration, usize)> {
         let token = (self.options.token)()
             .await
             .map_err(|e| Error::Invalid(format!("no token: {e}")))?;
@@ -720,8 +723,17 @@ impl Task {
             loop {
                 match next_frame(&mut ws).await? {
                     Incoming::Frame(ServerFrame::Welcome {
-                        session, heartbeat_ms, ..
-                    }) => return Ok((session, Duration::from_millis(u64::from(heartbeat_ms).max(500)))),
+                        session,
+                        heartbeat_ms,
+                        max_frame_size,
+                        ..
+                    }) => {
+                        return Ok((
+                            session,
+                            Duration::from_millis(u64::from(heartbeat_ms).max(500)),
+                            push_budget(max_frame_size),
+                        ))
+                    }
                     Incoming::Frame(ServerFrame::Error { code, doc, batch }) => {
                         return Err(Error::Server { code, doc, batch })
                     }
@@ -735,11 +747,11 @@ impl Task {
         })
         .await
         .map_err(|_| Error::Timeout(CONNECT_TIMEOUT))??;
-        Ok((ws, welcome.0, welcome.1))
+        Ok((ws, welcome.0, welcome.1, welcome.2))
     }
 
     async fn connection(&mut self) -> Ended {
-        let (ws, session, heartbeat) = match self.connect().await {
+        let (ws, session, heartbeat, max_push_bytes) = match self.connect().await {
             Ok(connected) => connected,
             Err(error) => {
                 return match &error {
@@ -767,6 +779,7 @@ impl Task {
             retry: BTreeSet::new(),
             retry_at: None,
             limits: Limits::default(),
+            max_push_bytes,
         };
         match self.serve(&mut live, heartbeat).await {
             Ok(ended) => ended,
@@ -912,8 +925,8 @@ impl Task {
         live.send(&ClientFrame::Resume { docs: request }).await
     }
 
-    /// Pushes the outbox entries of `docs` not pushed on this connection yet; documents not
-    /// resumed on it are resumed (their answer pushes the outbox).
+    /// Pushes the outbox entries of `docs` not pushed on this connection yet (merged, when
+    /// several wait); documents not resumed on it are resumed (their answer pushes the outbox).
     async fn push_changes(&mut self, live: &mut Live, docs: BTreeSet<String>) -> Result<()> {
         let mut resume = Vec::new();
         for id in docs {
@@ -927,7 +940,8 @@ impl Task {
             let floor = live.pushed.get(&id).copied().unwrap_or(0);
             let outbox = self.client.lock().await.store().outbox(Some(&id)).await?;
             let doc = DocId::new(id.as_str()).map_err(Error::DocId)?;
-            for entry in outbox.into_iter().filter(|e| e.batch > floor) {
+            let new: Vec<_> = outbox.into_iter().filter(|e| e.batch > floor).collect();
+            for entry in merge_outbox(new, live.max_push_bytes)? {
                 live.push(&doc, entry.batch, entry.update).await?;
             }
         }
@@ -943,7 +957,12 @@ impl Task {
                 for answer in docs {
                     let id = answer.doc.as_str().to_string();
                     let doc = answer.doc.clone();
-                    let (changed, pushes) = self.client.lock().await.take_resumed(answer, &live.limits).await?;
+                    let (changed, pushes) = self
+                        .client
+                        .lock()
+                        .await
+                        .take_resumed(answer, &live.limits, live.max_push_bytes)
+                        .await?;
                     live.awaiting.remove(&id);
                     live.resumed.insert(id.clone());
                     for (batch, update) in pushes {
@@ -1068,6 +1087,8 @@ struct Live {
     retry: BTreeSet<String>,
     retry_at: Option<Instant>,
     limits: Limits,
+    /// The most bytes of outbox batches merged into one push.
+    max_push_bytes: usize,
 }
 
 impl Live {

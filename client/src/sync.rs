@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use driftsync_engine::doc::{is_empty_update, state_vector};
 use driftsync_engine::store::Store;
-use driftsync_engine::sync::{apply_remote, plan_pushes, Limits, PlannedPush};
+use driftsync_engine::sync::{apply_remote, plan_pushes, Limits, PlannedPush, MERGED_PUSH_BYTES};
 use driftsync_protocol::{
     ClientFrame, DocId, DocResumed, ResumeDoc, ServerFrame, DEFAULT_MAX_FRAME_SIZE, PROTOCOL_VERSION,
 };
@@ -31,6 +31,8 @@ pub struct SyncReport {
     pub bytes_received: u64,
     /// Round trips waited for: one for the resume (pushes are pipelined).
     pub round_trips: u32,
+    /// Pushes sent (an outbox of many batches goes up merged, see `Client::sync_once`).
+    pub pushes: usize,
 }
 
 impl SyncReport {
@@ -41,6 +43,7 @@ impl SyncReport {
             "bytes_sent": self.bytes_sent,
             "bytes_received": self.bytes_received,
             "round_trips": self.round_trips,
+            "pushes": self.pushes,
         })
         .to_string()
     }
@@ -105,10 +108,10 @@ impl Client {
             client_id: self.identity.client_id,
         })
         .await?;
-        match conn.recv().await? {
-            ServerFrame::Welcome { .. } => {}
+        let max_push_bytes = match conn.recv().await? {
+            ServerFrame::Welcome { max_frame_size, .. } => push_budget(max_frame_size),
             other => return Err(Error::Protocol(format!("expected a welcome, got {other:?}"))),
-        }
+        };
 
         let ids = self.documents().await?;
         let resume = self.resume_request(&ids).await?;
@@ -134,9 +137,10 @@ impl Client {
                     for answer in docs {
                         let id = answer.doc.as_str().to_string();
                         let doc = answer.doc.clone();
-                        let (_, pushes) = self.take_resumed(answer, &limits).await?;
+                        let (_, pushes) = self.take_resumed(answer, &limits, max_push_bytes).await?;
                         for (batch, update) in pushes {
                             unacked.entry(id.clone()).or_default().insert(batch);
+                            conn.report.pushes += 1;
                             conn.send(&ClientFrame::Push {
                                 doc: doc.clone(),
                                 batch,
@@ -222,11 +226,13 @@ impl Client {
     }
 
     /// Applies the server's resume answer for one document and returns whether it changed the
-    /// document, and the pushes to send next (batch, update), oldest first.
+    /// document, and the pushes to send next (batch, update), oldest first: the outbox merged
+    /// into pushes of at most `max_push_bytes` bytes of batches.
     pub(crate) async fn take_resumed(
         &mut self,
         answer: DocResumed,
         limits: &Limits,
+        max_push_bytes: usize,
     ) -> Result<(bool, Vec<(u64, Vec<u8>)>)> {
         let id = answer.doc.as_str().to_string();
         let doc = self.document(&id).await?;
@@ -244,7 +250,7 @@ impl Client {
         };
         let outbox = self.store.outbox(Some(&id)).await?;
         let mut pushes = Vec::new();
-        for push in plan_pushes(&doc, outbox, answer.state_vector.as_deref())? {
+        for push in plan_pushes(&doc, outbox, answer.state_vector.as_deref(), max_push_bytes)? {
             pushes.push(match push {
                 PlannedPush::Outbox(entry) => (entry.batch, entry.update),
                 PlannedPush::Recovery(update) => (self.store.record_local(&id, &update).await?, update),
@@ -279,4 +285,11 @@ impl Client {
         }
         Ok(())
     }
+}
+
+/// The most bytes of outbox batches one push may merge ([`MERGED_PUSH_BYTES`]), within half the
+/// largest frame the server accepts (its `Welcome` says which), so that a merged push always
+/// fits: merging never makes batches larger than they were together.
+pub(crate) fn push_budget(max_frame_size: u32) -> usize {
+    MERGED_PUSH_BYTES.min(usize::try_from(max_frame_size).unwrap_or(usize::MAX) / 2)
 }

@@ -125,13 +125,18 @@ pub fn missing_for(doc: &Doc, sv: &StateVector) -> Vec<u8> {
 /// Merges updates into one and drops what a peer with `sv` already has. Deletions in the
 /// updates are kept whole: they have no clock, so `sv` cannot tell whether the peer has them.
 pub fn merge_for(updates: &[&[u8]], sv: &StateVector) -> Result<Vec<u8>> {
-    let decoded = updates.iter().map(|u| decode_update(u)).collect::<Result<Vec<_>>>()?;
+    let merged = merge(updates)?;
     let sv = sv.encode_v1();
-    let merged = catch_unwind(AssertUnwindSafe(|| Update::merge_updates(decoded).encode_v1()))
-        .map_err(|_| Error::InvalidUpdate("merging updates panicked".into()))?;
     catch_unwind(AssertUnwindSafe(|| yrs::diff_updates_v1(&merged, &sv)))
         .map_err(|_| Error::InvalidUpdate("diffing updates panicked".into()))?
         .map_err(|e| Error::InvalidUpdate(e.to_string()))
+}
+
+/// Merges updates into one.
+pub fn merge(updates: &[&[u8]]) -> Result<Vec<u8>> {
+    let decoded = updates.iter().map(|u| decode_update(u)).collect::<Result<Vec<_>>>()?;
+    catch_unwind(AssertUnwindSafe(|| Update::merge_updates(decoded).encode_v1()))
+        .map_err(|_| Error::InvalidUpdate("merging updates panicked".into()))
 }
 
 /// Above this many bytes, a log-tail answer is compared with the state diff.
@@ -207,10 +212,14 @@ pub fn answer_resume(
     })
 }
 
+/// Consecutive outbox batches of a document go up merged into pushes of at most this many bytes
+/// of batches (a larger single batch goes alone); see [`merge_outbox`].
+pub const MERGED_PUSH_BYTES: usize = 256 * 1024;
+
 /// What a client pushes after a resume answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PlannedPush {
-    /// An outbox entry, pushed with its own batch id.
+    /// Outbox entries merged into one (see [`merge_outbox`]), pushed with the last one's batch id.
     Outbox(OutboxEntry),
     /// The server lacks changes the outbox does not hold (it lost data, or this client received
     /// them from elsewhere): this update restores them. The shell records it in the outbox to get
@@ -219,11 +228,19 @@ pub enum PlannedPush {
 }
 
 /// Plans what a client sends after the server's answer for one document: its outbox, oldest
-/// first, and a recovery update when the server's state vector shows a gap the outbox does not
-/// fill.
-pub fn plan_pushes(doc: &Doc, outbox: Vec<OutboxEntry>, server_sv: Option<&[u8]>) -> Result<Vec<PlannedPush>> {
+/// first, merged into pushes of at most `max_bytes` bytes of batches (see [`merge_outbox`]), and
+/// a recovery update when the server's state vector shows a gap the outbox does not fill.
+pub fn plan_pushes(
+    doc: &Doc,
+    outbox: Vec<OutboxEntry>,
+    server_sv: Option<&[u8]>,
+    max_bytes: usize,
+) -> Result<Vec<PlannedPush>> {
     let Some(server_sv) = server_sv else {
-        return Ok(outbox.into_iter().map(PlannedPush::Outbox).collect());
+        return Ok(merge_outbox(outbox, max_bytes)?
+            .into_iter()
+            .map(PlannedPush::Outbox)
+            .collect());
     };
     let server_sv = decode_state_vector(server_sv)?;
     let (local_sv, me) = {
@@ -252,11 +269,54 @@ pub fn plan_pushes(doc: &Doc, outbox: Vec<OutboxEntry>, server_sv: Option<&[u8]>
             has < clock
         }
     });
-    let mut plan: Vec<PlannedPush> = outbox.into_iter().map(PlannedPush::Outbox).collect();
+    let mut plan: Vec<PlannedPush> = merge_outbox(outbox, max_bytes)?
+        .into_iter()
+        .map(PlannedPush::Outbox)
+        .collect();
     if gap {
         plan.push(PlannedPush::Recovery(missing_for(doc, &server_sv)));
     }
     Ok(plan)
+}
+
+/// Merges consecutive outbox entries (oldest first, one document) into entries of at most
+/// `max_bytes` bytes of batches each; a larger entry stays alone. A merged entry carries the
+/// batch id of the last entry in it: the server acknowledges a batch and every older one, and
+/// takes a batch id it has stored already as a re-send, so a merged push is acknowledged,
+/// deduplicated and removed from the outbox like a single one.
+///
+/// A device that was offline for a day may hold thousands of batches, one per keystroke; sent
+/// one by one they cost one durable commit each on the server, and the frame rate limit; merged
+/// they are a few pushes, and much smaller (yrs joins consecutive insertions of a client).
+pub fn merge_outbox(outbox: Vec<OutboxEntry>, max_bytes: usize) -> Result<Vec<OutboxEntry>> {
+    let mut merged: Vec<OutboxEntry> = Vec::new();
+    let mut group: Vec<OutboxEntry> = Vec::new();
+    let mut group_bytes = 0;
+    let mut flush = |group: &mut Vec<OutboxEntry>| -> Result<()> {
+        match group.len() {
+            0 => {}
+            1 => merged.append(group),
+            _ => {
+                let updates: Vec<&[u8]> = group.iter().map(|e| e.update.as_slice()).collect();
+                let update = merge(&updates)?;
+                if let Some(last) = group.pop() {
+                    merged.push(OutboxEntry { update, ..last });
+                }
+                group.clear();
+            }
+        }
+        Ok(())
+    };
+    for entry in outbox {
+        if !group.is_empty() && group_bytes + entry.update.len() > max_bytes {
+            flush(&mut group)?;
+            group_bytes = 0;
+        }
+        group_bytes += entry.update.len();
+        group.push(entry);
+    }
+    flush(&mut group)?;
+    Ok(merged)
 }
 
 /// The client id of a document as a plain number.
@@ -418,15 +478,51 @@ mod tests {
             batch: 1,
             update: u.clone(),
         }];
-        let plan = plan_pushes(&client, outbox.clone(), Some(&sv)).unwrap();
+        let plan = plan_pushes(&client, outbox.clone(), Some(&sv), MERGED_PUSH_BYTES).unwrap();
         assert_eq!(plan, vec![PlannedPush::Outbox(outbox[0].clone())]);
         // The outbox was lost (or acknowledged by a server that later lost the data): recover.
-        let plan = plan_pushes(&client, Vec::new(), Some(&sv)).unwrap();
+        let plan = plan_pushes(&client, Vec::new(), Some(&sv), MERGED_PUSH_BYTES).unwrap();
         let [PlannedPush::Recovery(update)] = plan.as_slice() else {
             panic!("{plan:?}")
         };
         apply_remote(&server, update, &Limits::default()).unwrap();
         assert_eq!(text(&server), "offline");
+    }
+
+    #[test]
+    fn an_outbox_goes_up_merged_within_the_byte_budget() {
+        let server = new_doc(1).unwrap();
+        let client = new_doc(2).unwrap();
+        let mut outbox = Vec::new();
+        for (i, word) in ["one ", "two ", "three ", "four ", "five "].iter().enumerate() {
+            let end = text(&client).len() as u32;
+            outbox.push(OutboxEntry {
+                doc: "d".into(),
+                batch: 10 + i as u64,
+                update: text_insert(&client, end, word).unwrap(),
+            });
+        }
+        let big = OutboxEntry {
+            doc: "d".into(),
+            batch: 20,
+            update: text_insert(&client, 0, &"x".repeat(300)).unwrap(),
+        };
+        outbox.push(big.clone());
+        let sizes: Vec<usize> = outbox.iter().map(|e| e.update.len()).collect();
+        // A budget that holds the first three small batches but not a fourth.
+        let budget = sizes[..3].iter().sum::<usize>();
+        let merged = merge_outbox(outbox.clone(), budget).unwrap();
+        let batches: Vec<u64> = merged.iter().map(|e| e.batch).collect();
+        assert_eq!(batches, vec![12, 14, 20], "each push carries its last batch id");
+        assert_eq!(merged[2], big, "a batch over the budget goes alone, untouched");
+        assert!(merged[0].update.len() < sizes[..3].iter().sum::<usize>());
+        for entry in &merged {
+            apply_remote(&server, &entry.update, &Limits::default()).unwrap();
+        }
+        assert_eq!(text(&server), text(&client));
+        // Everything in one push when the budget allows; nothing to push, nothing planned.
+        assert_eq!(merge_outbox(outbox, usize::MAX).unwrap().len(), 1);
+        assert!(merge_outbox(Vec::new(), budget).unwrap().is_empty());
     }
 
     #[test]
