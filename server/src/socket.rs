@@ -12,7 +12,9 @@
 //! 1 MB.
 
 use std::io::{self, IoSlice};
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use axum::body::{Body, Bytes};
 use axum::extract::FromRequestParts;
@@ -408,21 +410,7 @@ impl PendingFrames {
     /// calls.
     async fn finish<W: AsyncWrite + Unpin>(&mut self, io: &mut W) -> io::Result<()> {
         while self.done < self.count() {
-            let mut slices = [IoSlice::new(&[]); 2 * BATCH_FRAMES];
-            let mut used = 0;
-            let mut skip = self.written;
-            for frame in self.frames().skip(self.done) {
-                for part in [&frame.header[..frame.header_len], &frame.payload[..]] {
-                    if skip >= part.len() {
-                        skip -= part.len();
-                    } else {
-                        slices[used] = IoSlice::new(&part[skip..]);
-                        skip = 0;
-                        used += 1;
-                    }
-                }
-            }
-            let n = io.write_vectored(&slices[..used]).await?;
+            let n = std::future::poll_fn(|cx| self.poll_write(Pin::new(&mut *io), cx)).await?;
             if n == 0 {
                 return Err(io::ErrorKind::WriteZero.into());
             }
@@ -434,6 +422,26 @@ impl PendingFrames {
         self.written = 0;
         self.bytes = 0;
         Ok(())
+    }
+
+    /// One vectored write of what is left. The slices live only during the call: held across an
+    /// await, they would be part of every connection's writer task (2 KiB each, idle or not).
+    fn poll_write<W: AsyncWrite + Unpin>(&self, io: Pin<&mut W>, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        let mut slices = [IoSlice::new(&[]); 2 * BATCH_FRAMES];
+        let mut used = 0;
+        let mut skip = self.written;
+        for frame in self.frames().skip(self.done) {
+            for part in [&frame.header[..frame.header_len], &frame.payload[..]] {
+                if skip >= part.len() {
+                    skip -= part.len();
+                } else {
+                    slices[used] = IoSlice::new(&part[skip..]);
+                    skip = 0;
+                    used += 1;
+                }
+            }
+        }
+        io.poll_write_vectored(cx, &slices[..used])
     }
 
     /// Marks `n` more bytes written.
