@@ -288,8 +288,8 @@ impl Client {
 }
 
 /// The most bytes of outbox batches one push may merge ([`MERGED_PUSH_BYTES`]), within half the
-/// largest frame the server accepts (its `Welcome` says which), so that a merged push always
-/// fits: merging never makes batches larger than they were together.
+/// largest frame the server accepts (its `Welcome` says which), so that a merged push fits with
+/// room to spare (merged, batches come out smaller than they were apart).
 pub(crate) fn push_budget(max_frame_size: u32) -> usize {
     MERGED_PUSH_BYTES.min(usize::try_from(max_frame_size).unwrap_or(usize::MAX) / 2)
 }

@@ -287,7 +287,9 @@ pub fn plan_pushes(
 ///
 /// A device that was offline for a day may hold thousands of batches, one per keystroke; sent
 /// one by one they cost one durable commit each on the server, and the frame rate limit; merged
-/// they are a few pushes, and much smaller (yrs joins consecutive insertions of a client).
+/// they are a few pushes, about half their size (yrs keeps an item per keystroke). The price: a
+/// push the server refuses for good (a chat rule broken, say) is refused with every batch merged
+/// into it; all of them stay in the outbox, as the refused batch alone did before.
 pub fn merge_outbox(outbox: Vec<OutboxEntry>, max_bytes: usize) -> Result<Vec<OutboxEntry>> {
     let mut merged: Vec<OutboxEntry> = Vec::new();
     let mut group: Vec<OutboxEntry> = Vec::new();
