@@ -24,7 +24,13 @@
 //!   broadcasts only after it returns — would wait for the checkpoint to copy pages and sync the
 //!   database file. Instead, every [`CHECKPOINT_EVERY`] commits a passive checkpoint runs on
 //!   another connection of the pool, next to the writer rather than in front of it, and one runs
-//!   when the store is opened (for what short-lived processes left behind).
+//!   when the store is opened (for what short-lived processes left behind). When it is done,
+//!   the write thread checkpoints the few frames appended meanwhile, between two transactions:
+//!   SQLite starts a WAL over only after a checkpoint reached its end, which one running beside
+//!   a steady stream of commits never does (the WAL grew without bound under load). The write
+//!   connection's `journal_size_limit` cuts a WAL that grew back to 16 MiB when it starts over.
+//! * Statement journals in memory (`temp_store = MEMORY` on the write connection): on disk
+//!   SQLite made, wrote, synced and deleted a temporary file in almost every append.
 //! * Write transactions run on one connection of their own (SQLite allows one writer at a time
 //!   anyway): its page cache and prepared statements stay warm, where taking turns with the
 //!   readers' connections would make each write re-read the pages another connection changed.
@@ -168,7 +174,8 @@ impl SqliteStore {
     }
 
     /// Called after each committed append: every [`CHECKPOINT_EVERY`] commits, starts a passive
-    /// checkpoint of the WAL on another connection, unless one is still running.
+    /// checkpoint of the WAL on another connection, unless one is still running, and has the
+    /// write thread finish it.
     fn after_write(&self) {
         let Some(wal) = &self.wal else { return };
         if wal.commits.fetch_add(1, Ordering::Relaxed) + 1 < CHECKPOINT_EVERY {
@@ -178,11 +185,18 @@ impl SqliteStore {
             return;
         }
         wal.commits.store(0, Ordering::Relaxed);
-        let (pool, wal) = (self.pool.clone(), Arc::clone(wal));
+        let (pool, wal, thread) = (self.pool.clone(), Arc::clone(wal), self.thread.clone());
         tokio::spawn(async move {
             // PASSIVE copies what it can without waiting for readers or the writer.
-            if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)").execute(&pool).await {
-                tracing::warn!(error = %e, "WAL checkpoint failed; the next one will retry");
+            match sqlx::query("PRAGMA wal_checkpoint(PASSIVE)").execute(&pool).await {
+                // The write thread copies what was appended meanwhile, so that the WAL starts
+                // over (see `WriteThread::finish_checkpoint`).
+                Ok(_) => {
+                    if let Some(thread) = thread {
+                        thread.finish_checkpoint();
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "WAL checkpoint failed; the next one will retry"),
             }
             wal.running.store(false, Ordering::Release);
         });
