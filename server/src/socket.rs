@@ -4,8 +4,9 @@
 //!
 //! The WebSocket framing (RFC 6455) is ours; only the accept key comes from tungstenite. The
 //! connection's two directions are separate halves of the upgraded TCP stream: the reader
-//! parses frames through a fixed 1 KiB buffer (a larger frame goes straight into its own
-//! payload), the writer frames what is queued — one message, or a backlog of up to
+//! parses frames from what each read brought — read through a per-thread 1 KiB scratch buffer,
+//! so that a connection waiting for data holds no buffer at all; a larger frame goes straight
+//! into its own payload —, the writer frames what is queued — one message, or a backlog of up to
 //! [`BATCH_FRAMES`] — with one vectored write straight from the shared encoded bytes. tungstenite kept, per connection, a send buffer as large as the largest
 //! message ever sent and a receive buffer as large as the largest frame ever received: a 2.8 KB
 //! document synced once cost every idle connection 2.5 KB for the rest of its life, a 1 MB one
@@ -34,9 +35,16 @@ use crate::room::{ConnCtl, Outbound, Outgoing, Protocol, RoomEvent};
 /// A peer that does not read (dead or slow) is cut off after this.
 const CLOSE_FLUSH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// The WebSocket read buffer of a connection. It never grows: a larger frame is read straight
-/// into its own payload.
+/// The most one read of a connection's socket takes (into the thread's scratch buffer, see
+/// [`Reader`]); a larger frame is read straight into its own payload.
 const READ_BUFFER: usize = 1024;
+
+thread_local! {
+    /// Where a connection's reads land, for the one poll that reads them: the bytes a read got
+    /// are copied out before the poll returns, so a connection keeps none of this while it
+    /// waits.
+    static SCRATCH: std::cell::RefCell<[u8; READ_BUFFER]> = const { std::cell::RefCell::new([0; READ_BUFFER]) };
+}
 
 /// The most payload bytes reserved ahead of their arrival: a peer announcing a large frame gets
 /// memory as its bytes come, not as promised.
@@ -228,16 +236,19 @@ fn parse_header(bytes: &[u8], max_size: usize) -> Result<Option<(Header, usize)>
     Ok(Some((Header { fin, opcode, mask, len }, at + 4)))
 }
 
-/// The receiving side of a connection: WebSocket frames read through a fixed buffer, data
-/// frames assembled into messages. Nothing it keeps grows with what it has read: a frame larger
-/// than the buffer is read straight into its own payload, which is handed on. Cancel-safe: a
-/// read interrupted by a timer or a close keeps what it has read.
+/// The receiving side of a connection: WebSocket frames parsed from what the reads brought,
+/// data frames assembled into messages. Nothing it keeps grows with what it has read, and a
+/// connection waiting for data keeps no buffer: a read lands in the thread's scratch buffer
+/// ([`SCRATCH`]) and only the bytes it got are kept, until they are parsed (at most
+/// [`READ_BUFFER`] plus an incomplete header); a frame larger than that is read straight into
+/// its own payload, which is handed on. Cancel-safe: a read interrupted by a timer or a close
+/// keeps what it has read.
 pub(crate) struct Reader<R = ReadHalf<Io>> {
     io: R,
-    buf: Box<[u8]>,
-    /// Unparsed bytes are `buf[start..end]`.
+    /// Bytes read and not yet parsed are `buf[start..]`; empty, without an allocation, once
+    /// everything read is parsed.
+    buf: Vec<u8>,
     start: usize,
-    end: usize,
     /// The header of the frame being read, once complete.
     header: Option<Header>,
     /// The payload of the frame being read, so far.
@@ -255,9 +266,8 @@ impl<R: AsyncRead + Unpin> Reader<R> {
     fn new(io: R, max_size: usize) -> Self {
         Reader {
             io,
-            buf: vec![0; READ_BUFFER].into_boxed_slice(),
+            buf: Vec::new(),
             start: 0,
-            end: 0,
             header: None,
             payload: Vec::new(),
             message: None,
@@ -271,26 +281,30 @@ impl<R: AsyncRead + Unpin> Reader<R> {
     async fn next_frame(&mut self) -> Result<Option<(Header, Vec<u8>)>, u16> {
         loop {
             let Some(header) = self.header else {
-                if let Some((header, used)) = parse_header(&self.buf[self.start..self.end], self.max_size)? {
+                if let Some((header, used)) = parse_header(&self.buf[self.start..], self.max_size)? {
                     self.start += used;
                     self.header = Some(header);
                     continue;
                 }
-                // An incomplete header: move it to the front and read more after it.
-                self.buf.copy_within(self.start..self.end, 0);
-                self.end -= self.start;
+                // An incomplete header, or nothing: keep only what is unparsed, read more
+                // after it.
+                self.buf.drain(..self.start);
                 self.start = 0;
-                match self.io.read(&mut self.buf[self.end..]).await {
-                    Ok(0) | Err(_) => return Ok(None),
-                    Ok(n) => self.end += n,
+                if !self.fill().await {
+                    return Ok(None);
                 }
                 continue;
             };
             let need = header.len - self.payload.len();
-            let buffered = need.min(self.end - self.start);
+            let buffered = need.min(self.buf.len() - self.start);
             self.payload
                 .extend_from_slice(&self.buf[self.start..self.start + buffered]);
             self.start += buffered;
+            if self.start == self.buf.len() {
+                // Everything read is parsed: give the buffer back.
+                self.buf = Vec::new();
+                self.start = 0;
+            }
             if buffered == need {
                 self.header = None;
                 let mut payload = std::mem::take(&mut self.payload);
@@ -308,6 +322,28 @@ impl<R: AsyncRead + Unpin> Reader<R> {
                 Ok(_) => {}
             }
         }
+    }
+
+    /// Reads what the socket has (up to [`READ_BUFFER`] bytes) after the unparsed bytes;
+    /// `false` at the end of the stream or on an error. The read lands in the thread's scratch
+    /// buffer and what it got is copied out within the same poll, so nothing is held while
+    /// waiting and a cancelled wait loses nothing.
+    async fn fill(&mut self) -> bool {
+        let (io, buf) = (&mut self.io, &mut self.buf);
+        std::future::poll_fn(|cx| {
+            SCRATCH.with_borrow_mut(|scratch| {
+                let mut read = tokio::io::ReadBuf::new(&mut scratch[..]);
+                match Pin::new(&mut *io).poll_read(cx, &mut read) {
+                    Poll::Ready(Ok(())) => {
+                        buf.extend_from_slice(read.filled());
+                        Poll::Ready(!read.filled().is_empty())
+                    }
+                    Poll::Ready(Err(_)) => Poll::Ready(false),
+                    Poll::Pending => Poll::Pending,
+                }
+            })
+        })
+        .await
     }
 
     /// Closes the connection with `code` (a WebSocket violation), saying why in the log.
@@ -908,6 +944,39 @@ mod tests {
             let got = next_incoming(&mut reader).await;
             assert_eq!(binary(&got), Some(&payload[..]), "cut {cut}");
         }
+    }
+
+    /// A connection waiting for data holds no read buffer: not before its first message, not
+    /// after one, not after a read that brought several frames, and not while the next frame's
+    /// header has yet to arrive in full (then only its bytes are kept).
+    #[tokio::test]
+    async fn a_waiting_reader_holds_no_buffer() {
+        let (mut tx, rx) = tokio::io::duplex(1 << 20);
+        let mut reader = Reader::new(rx, 1 << 20);
+        // Waits a little for a message that does not come.
+        async fn wait(reader: &mut Reader<tokio::io::DuplexStream>) -> bool {
+            tokio::time::timeout(std::time::Duration::from_millis(5), next_incoming(reader))
+                .await
+                .is_err()
+        }
+        assert!(wait(&mut reader).await);
+        assert_eq!(reader.buf.capacity(), 0);
+        let mut bytes = client_frame(true, OP_BINARY, b"one");
+        bytes.extend(client_frame(true, OP_BINARY, &[7; 300]));
+        bytes.extend(client_frame(true, OP_BINARY, b"three"));
+        let next = client_frame(true, OP_BINARY, &[9; 2_000]);
+        bytes.extend(&next[..1]);
+        tx.write_all(&bytes).await.unwrap();
+        assert_eq!(binary(&next_incoming(&mut reader).await), Some(&b"one"[..]));
+        assert!(reader.buf.capacity() > 0, "the rest of the read waits to be parsed");
+        assert_eq!(binary(&next_incoming(&mut reader).await).map(<[u8]>::len), Some(300));
+        assert_eq!(binary(&next_incoming(&mut reader).await), Some(&b"three"[..]));
+        assert!(wait(&mut reader).await);
+        assert_eq!(reader.buf.len() - reader.start, 1, "the header's first byte is kept");
+        tx.write_all(&next[1..]).await.unwrap();
+        assert_eq!(binary(&next_incoming(&mut reader).await), Some(&[9; 2_000][..]));
+        assert!(wait(&mut reader).await);
+        assert_eq!(reader.buf.capacity(), 0);
     }
 
     #[tokio::test]
