@@ -49,7 +49,9 @@ async fn push_is_acknowledged_stored_and_broadcast() {
     else {
         unreachable!()
     };
-    assert_eq!(cursor, 1);
+    // Sent before its own commit: the cursor is the one before it (the client's cursor reaches
+    // 1 with the next update or resume).
+    assert_eq!(cursor, 0);
     let remote = new_doc(12).unwrap();
     apply_remote(&remote, &bytes, &Limits::default()).unwrap();
     assert_eq!(doc::text(&remote), "hello");
@@ -70,6 +72,26 @@ async fn push_is_acknowledged_stored_and_broadcast() {
             doc: d.clone(),
             batch: 1,
             cursor: 1
+        }
+    );
+    // It changed nothing, so the other subscriber is not sent it again: the next update it gets
+    // is a new one, carrying the cursor of the first (now committed).
+    let update = doc::text_insert(&local, 5, "!").unwrap();
+    a.send(&ClientFrame::Push {
+        doc: d.clone(),
+        batch: 2,
+        update: update.clone(),
+    })
+    .await;
+    let got = b
+        .recv_until(|f| matches!(f, ServerFrame::Update { .. }).then(|| f.clone()))
+        .await;
+    assert_eq!(
+        got,
+        ServerFrame::Update {
+            doc: d.clone(),
+            cursor: 1,
+            update
         }
     );
     server.stop().await;
@@ -148,9 +170,10 @@ async fn a_client_that_stops_reading_is_told_to_resync_and_others_keep_receiving
     let chunk = "x".repeat(8 * 1024);
     let total = 2000u64;
     let reader_task = tokio::spawn(async move {
-        let mut last = 0;
-        while last < total {
-            last = reader
+        let mut received = 0;
+        let mut last_cursor = 0;
+        while received < total {
+            let cursor = reader
                 .recv_until(|f| {
                     if let ServerFrame::Update { cursor, .. } = f {
                         Some(*cursor)
@@ -159,8 +182,14 @@ async fn a_client_that_stops_reading_is_told_to_resync_and_others_keep_receiving
                     }
                 })
                 .await;
+            // Each update comes with the cursor before its own (it is sent before its commit,
+            // after the commit of every earlier one).
+            assert_eq!(cursor, received, "updates arrive in cursor order");
+            last_cursor = cursor;
+            received += 1;
         }
-        last
+        assert_eq!(last_cursor, total - 1);
+        received
     });
     for batch in 1..=total {
         let update = doc::text_insert(&local, 0, &chunk).unwrap();

@@ -78,7 +78,10 @@ pub fn decode_state_vector(bytes: &[u8]) -> Result<StateVector> {
 /// merge can end up "missing" blocks it holds itself — and yrs then never retries it, though
 /// nothing else is missing (the seeded convergence test found a replica stuck like that, seed
 /// 3747168694096838674). Applied as one update, the pending blocks integrate in dependency order.
-pub fn apply(doc: &Doc, update: Update) -> Result<()> {
+///
+/// Returns whether the document changed: `false` when it already held everything the update
+/// carries (a re-sent batch), or when all of it waits for predecessors.
+pub fn apply(doc: &Doc, update: Update) -> Result<bool> {
     let result = catch_unwind(AssertUnwindSafe(|| {
         let mut txn = doc.transact_mut();
         txn.apply_update(update)?;
@@ -90,10 +93,10 @@ pub fn apply(doc: &Doc, update: Update) -> Result<()> {
                 break;
             }
         }
-        Ok::<(), yrs::error::UpdateError>(())
+        Ok::<bool, yrs::error::UpdateError>(!txn.insert_set().is_empty() || !txn.delete_set().is_empty())
     }));
     match result {
-        Ok(Ok(())) => Ok(()),
+        Ok(Ok(changed)) => Ok(changed),
         Ok(Err(e)) => Err(Error::InvalidUpdate(e.to_string())),
         Err(_) => Err(Error::InvalidUpdate("applying the update panicked".into())),
     }
@@ -101,7 +104,7 @@ pub fn apply(doc: &Doc, update: Update) -> Result<()> {
 
 /// Decodes and applies untrusted update bytes.
 pub fn apply_bytes(doc: &Doc, bytes: &[u8]) -> Result<()> {
-    apply(doc, decode_update(bytes)?)
+    apply(doc, decode_update(bytes)?).map(drop)
 }
 
 /// The document's state vector, v1-encoded.

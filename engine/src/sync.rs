@@ -42,8 +42,11 @@ impl Default for Limits {
 /// What applying a remote update did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Applied {
-    /// Everything the document knows is integrated.
+    /// Everything the document knows is integrated, and the update changed it.
     Integrated,
+    /// Everything the document knows is integrated, and it held all of the update already (a
+    /// re-sent or echoed update): there is nothing new to pass on.
+    Unchanged,
     /// Some updates wait for predecessors: `missing` lists, per client id, the clock the
     /// document must reach before they can be integrated.
     Pending {
@@ -67,10 +70,11 @@ pub fn apply_remote(doc: &Doc, bytes: &[u8], limits: &Limits) -> Result<Applied>
             });
         }
     }
-    apply(doc, update)?;
+    let changed = apply(doc, update)?;
     Ok(match pending(doc) {
         (Some(missing), bytes) => Applied::Pending { missing, bytes },
-        (None, _) => Applied::Integrated,
+        (None, _) if changed => Applied::Integrated,
+        (None, _) => Applied::Unchanged,
     })
 }
 
@@ -357,8 +361,23 @@ mod tests {
             other => panic!("expected pending, got {other:?}"),
         }
         assert_eq!(apply_remote(&b, &u1, &limits).unwrap(), Applied::Integrated);
-        assert_eq!(apply_remote(&b, &u1, &limits).unwrap(), Applied::Integrated);
+        assert_eq!(apply_remote(&b, &u1, &limits).unwrap(), Applied::Unchanged);
+        assert_eq!(apply_remote(&b, &u2, &limits).unwrap(), Applied::Unchanged);
         assert_eq!(text(&b), "abcd");
+    }
+
+    #[test]
+    fn a_deletion_changes_the_document_once() {
+        let a = new_doc(1).unwrap();
+        let insert = text_insert(&a, 0, "abc").unwrap();
+        let delete = crate::doc::text_delete(&a, 1, 1).unwrap();
+        let b = new_doc(2).unwrap();
+        let limits = Limits::default();
+        assert_eq!(apply_remote(&b, &insert, &limits).unwrap(), Applied::Integrated);
+        // A deletion moves no clock, yet it changes the document the first time only.
+        assert_eq!(apply_remote(&b, &delete, &limits).unwrap(), Applied::Integrated);
+        assert_eq!(apply_remote(&b, &delete, &limits).unwrap(), Applied::Unchanged);
+        assert_eq!(text(&b), "ac");
     }
 
     #[test]

@@ -223,11 +223,15 @@ pub enum ServerFrame {
         /// Per document: what the client lacks and the server's state.
         docs: Vec<DocResumed>,
     },
-    /// An update stored by the server, for a subscribed document.
+    /// Another connection's change to a subscribed document, sent as soon as the server has
+    /// validated it — while it is being committed, so it may be logged only after this frame.
     Update {
         /// The document.
         doc: DocId,
-        /// The update's cursor; the client's cursor advances to it.
+        /// Every update logged up to this cursor has been sent on this connection, so the
+        /// client's cursor may advance to it. For a change pushed to this server it is the
+        /// cursor before the change's own (which is not assigned until its commit); for a
+        /// change from another instance, the change's own. Never decreases.
         cursor: Cursor,
         /// The change (yrs v1 update).
         #[serde(with = "serde_bytes")]

@@ -539,8 +539,9 @@ impl Room {
                 code: ErrorCode::LoadFailed,
             });
         };
-        match apply_remote(doc, &update, limits) {
-            Ok(Applied::Integrated) => {}
+        let changed = match apply_remote(doc, &update, limits) {
+            Ok(Applied::Integrated) => true,
+            Ok(Applied::Unchanged) => false,
             Ok(Applied::Pending { missing, .. }) => {
                 // The server never holds updates with missing dependencies (see engine::sync):
                 // refuse it and reload the live document, which now holds it, from the store.
@@ -562,7 +563,7 @@ impl Room {
                 };
                 return Err(Refused { code });
             }
-        }
+        };
         if let Some(Err(violation)) = state.chat.as_ref().map(|chat| chat.check(user)) {
             // The live document holds the refused update: reload it from the store.
             tracing::info!(doc = %self.id, ?user, %violation, "refusing an update that breaks the chat rules");
@@ -570,6 +571,22 @@ impl Room {
             return Err(Refused {
                 code: ErrorCode::SchemaViolation,
             });
+        }
+        // The other local subscribers get the update now, while it is being committed: the
+        // durable commit (an fsync) stays out of their latency. Only the pusher's `Ack` waits
+        // for it. The cursor they get is the head before this update — every update logged up
+        // to it has been sent to them — so a subscriber never holds a cursor the store has not
+        // assigned; it reaches this update's cursor with the next update or resume. Should the
+        // commit fail, they hold a change the store lacks; the pusher keeps it in its outbox
+        // (unacknowledged) and pushes it again, and a subscriber's next resume sees it in its
+        // state vector and pushes it back (`sync::plan_pushes`' recovery).
+        if changed {
+            let event = RoomEvent::Update {
+                doc: self.id.clone(),
+                cursor: state.head,
+                update: update.clone(),
+            };
+            state.broadcast(session, event);
         }
         let append = Append {
             doc: self.id.as_str().to_string(),
@@ -580,17 +597,12 @@ impl Room {
             Ok(Appended::Stored(cursor)) => {
                 state.head = cursor;
                 state.remember(cursor, &append.update);
+                // Other instances get what is stored only, with its cursor.
                 let shared = FanoutEvent::Update {
                     cursor,
-                    update: Arc::from(append.update.as_slice()),
+                    update: Arc::from(append.update),
                 };
                 self.ctx.fanout.publish(self.ctx.instance, &self.id, shared);
-                let event = RoomEvent::Update {
-                    doc: self.id.clone(),
-                    cursor,
-                    update: append.update,
-                };
-                state.broadcast(session, event);
                 Ok(cursor)
             }
             Ok(Appended::Duplicate(cursor)) => Ok(cursor),
