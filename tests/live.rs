@@ -405,3 +405,84 @@ async fn a_resync_close_is_answered_by_resuming_at_once() {
     session.shutdown().await.unwrap();
     server.abort();
 }
+
+/// Updates reach other subscribers before their commit. When the commit then fails, a reader
+/// holds a change the store lacks; the pusher (never acknowledged) may never come back, and the
+/// reader's next resume, seeing the gap in the server's state vector, pushes it back.
+#[tokio::test]
+async fn a_change_whose_commit_failed_is_pushed_back_by_a_reader_that_got_it() {
+    use driftsync_engine::doc::{self, new_doc};
+    use driftsync_protocol::{ClientFrame, DocId, ErrorCode, ServerFrame};
+    use driftsync_tests::{eventually, FlakyStore, NativeClient};
+    use std::sync::atomic::AtomicBool;
+
+    const DOC: &str = "notes/flaky";
+    let dir = tempfile::tempdir().unwrap();
+    let (_server_dir, inner) = sqlite_store().await;
+    let fail = Arc::new(AtomicBool::new(false));
+    let store = FlakyStore {
+        inner,
+        fail: Arc::clone(&fail),
+    };
+    let server = TestServer::start(store, Default::default()).await;
+    let d = DocId::new(DOC).unwrap();
+    let mut writer = NativeClient::connect(&server.url(), "", 71).await;
+    writer.resume_from_scratch(&d).await;
+    let bob = Client::open(dir.path().join("bob.db"), "bob").await.unwrap();
+    let bob = Session::start(bob, Options::new(server.url()).documents([DOC]));
+    let mut bob_events = bob.events();
+    synced(&bob).await;
+
+    fail.store(true, Ordering::SeqCst);
+    let local = new_doc(71).unwrap();
+    let update = doc::text_insert(&local, 0, "hello").unwrap();
+    writer
+        .send(&ClientFrame::Push {
+            doc: d.clone(),
+            batch: 1,
+            update,
+        })
+        .await;
+    let refused = writer
+        .recv_until(|f| matches!(f, ServerFrame::Error { .. }).then(|| f.clone()))
+        .await;
+    assert_eq!(
+        refused,
+        ServerFrame::Error {
+            code: ErrorCode::StoreUnavailable,
+            doc: Some(d.clone()),
+            batch: Some(1)
+        }
+    );
+    until(&mut bob_events, |e| {
+        matches!(e, Event::RemoteChange { doc } if doc == DOC).then_some(())
+    })
+    .await;
+    assert_eq!(bob.client().await.text(DOC).await.unwrap(), "hello");
+
+    // The writer is gone for good with its batch unacknowledged; the disk recovers.
+    drop(writer);
+    fail.store(false, Ordering::SeqCst);
+    bob.pause().await.unwrap();
+    bob.resume().await.unwrap();
+    synced(&bob).await;
+
+    // The server has it again: a new device gets it.
+    let url = server.url();
+    let stored = eventually(|| {
+        let (url, d) = (url.clone(), d.clone());
+        async move {
+            let mut carol = NativeClient::connect(&url, "", 73).await;
+            let answer = carol.resume_from_scratch(&d).await;
+            let carol_doc = new_doc(73).unwrap();
+            if let Some(update) = answer.first().and_then(|a| a.update.as_ref()) {
+                doc::apply_bytes(&carol_doc, update).unwrap();
+            }
+            doc::text(&carol_doc) == "hello"
+        }
+    })
+    .await;
+    assert!(stored, "the reader pushed the change back");
+    bob.shutdown().await.unwrap();
+    server.stop().await;
+}

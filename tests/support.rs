@@ -244,3 +244,70 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> String {
         .map(|(_, body)| body.to_string())
         .unwrap_or_default()
 }
+
+/// A store whose appends fail while `fail` is set (a full disk, say); everything else is the
+/// wrapped store's.
+pub struct FlakyStore<S> {
+    /// The store underneath.
+    pub inner: S,
+    /// Appends fail while this is `true`.
+    pub fail: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl<S: Store> Store for FlakyStore<S> {
+    async fn append(
+        &self,
+        batch: &[driftsync_engine::store::Append],
+    ) -> driftsync_engine::Result<Vec<driftsync_engine::store::Appended>> {
+        if self.fail.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(driftsync_engine::Error::Invalid("appends are failing (test)".into()));
+        }
+        self.inner.append(batch).await
+    }
+    async fn load(&self, doc: &str) -> driftsync_engine::Result<Option<driftsync_engine::store::StoredDoc>> {
+        self.inner.load(doc).await
+    }
+    async fn log_after(
+        &self,
+        doc: &str,
+        after: driftsync_protocol::Cursor,
+    ) -> driftsync_engine::Result<driftsync_engine::store::LogTail> {
+        self.inner.log_after(doc, after).await
+    }
+    async fn meta(&self, doc: &str) -> driftsync_engine::Result<Option<driftsync_engine::store::DocMeta>> {
+        self.inner.meta(doc).await
+    }
+    async fn compact(
+        &self,
+        doc: &str,
+        policy: &driftsync_engine::store::CompactionPolicy,
+    ) -> driftsync_engine::Result<Option<driftsync_engine::store::Compacted>> {
+        self.inner.compact(doc, policy).await
+    }
+    async fn documents(&self) -> driftsync_engine::Result<Vec<String>> {
+        self.inner.documents().await
+    }
+    async fn device(&self) -> driftsync_engine::Result<driftsync_engine::store::DeviceIdentity> {
+        self.inner.device().await
+    }
+    async fn record_local(&self, doc: &str, update: &[u8]) -> driftsync_engine::Result<u64> {
+        self.inner.record_local(doc, update).await
+    }
+    async fn outbox(&self, doc: Option<&str>) -> driftsync_engine::Result<Vec<driftsync_engine::store::OutboxEntry>> {
+        self.inner.outbox(doc).await
+    }
+    async fn acknowledge(&self, doc: &str, batch: u64) -> driftsync_engine::Result<()> {
+        self.inner.acknowledge(doc, batch).await
+    }
+    async fn server_cursor(&self, doc: &str) -> driftsync_engine::Result<driftsync_protocol::Cursor> {
+        self.inner.server_cursor(doc).await
+    }
+    async fn record_remote(
+        &self,
+        doc: &str,
+        cursor: driftsync_protocol::Cursor,
+        updates: &[Vec<u8>],
+    ) -> driftsync_engine::Result<()> {
+        self.inner.record_remote(doc, cursor, updates).await
+    }
+}
