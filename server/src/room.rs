@@ -2,7 +2,8 @@
 //! to it whatever its protocol, with the document's head cursor and its subscribers' queues.
 //!
 //! Everything done to a document goes through its room's async mutex, so updates are applied,
-//! stored and broadcast in cursor order. The room also holds the document's presence (see
+//! broadcast and stored in cursor order (an update reaches the other subscribers before its
+//! commit; see [`Room::push`]). The room also holds the document's presence (see
 //! [`crate::presence`]), shared by native and Yjs connections.
 
 use std::collections::{HashMap, VecDeque};

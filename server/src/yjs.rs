@@ -8,7 +8,7 @@
 //! * The server speaks first: SyncStep1, then the known awareness states. Every message goes in
 //!   its own WebSocket frame, because the 3.x client reads only the first message of a frame.
 //! * Updates from the client (its SyncStep2 and every `[0,2]`) go through [`Room::push`]: applied,
-//!   durably stored, then broadcast. y-protocols has no acknowledgement, so a refusal the client
+//!   broadcast, then durably stored. y-protocols has no acknowledgement, so a refusal the client
 //!   cannot act on is only logged; one that a fresh sync repairs (the store failed, the room was
 //!   reloaded under it) closes the connection with [`CLOSE_RESYNC`], and the client reconnects and
 //!   sends, in its SyncStep2, whatever the server lacks. A SyncStep2 that adds nothing (the usual
