@@ -150,8 +150,12 @@ impl SqliteStore {
         }
         // What earlier processes left in the WAL (a short-lived CLI may exit before 256 commits
         // or before its connections close, which would checkpoint) is checkpointed once at open,
-        // so the WAL stays bounded however the store is used.
-        sqlx::query("PRAGMA wal_checkpoint(PASSIVE)").execute(&pool).await?;
+        // so the WAL stays bounded however the store is used. Not by a read-only store: copying
+        // frames into a file it opened read-only fails with a "disk I/O error", which made
+        // opening it fail whenever the WAL held frames not yet checkpointed.
+        if write_thread {
+            sqlx::query("PRAGMA wal_checkpoint(PASSIVE)").execute(&pool).await?;
+        }
         let thread = match write_thread {
             true => Some(WriteThread::start(options.get_filename(), BUSY_TIMEOUT)?),
             false => None,
