@@ -475,3 +475,88 @@ async fn two_instances_sharing_a_store_serve_one_document_through_the_fanout() {
     one.stop().await;
     two.stop().await;
 }
+
+/// Two instances on one store and no fan-out between them: an update stored through the other
+/// instance reaches this one's subscribers as soon as this instance commits after it (the gap in
+/// cursors is read from the store), before the pusher's `Ack`, so nobody here misses it.
+#[tokio::test]
+async fn an_update_stored_by_another_instance_is_read_from_the_store_at_the_next_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("shared.db");
+    let one = TestServer::start(
+        driftsync_engine::store::SqliteStore::open(&path).await.unwrap(),
+        Default::default(),
+    )
+    .await;
+    let two = TestServer::start(
+        driftsync_engine::store::SqliteStore::open(&path).await.unwrap(),
+        Default::default(),
+    )
+    .await;
+    let d = doc_id("notes/gap");
+    let mut reader = NativeClient::connect(&one.url(), "", 71).await;
+    let mut writer = NativeClient::connect(&one.url(), "", 72).await;
+    let mut elsewhere = NativeClient::connect(&two.url(), "", 73).await;
+    for c in [&mut reader, &mut writer, &mut elsewhere] {
+        subscribe(c, &d).await;
+    }
+    // Stored through instance two (cursor 1); instance one hears nothing of it.
+    let x = doc::text_insert(&new_doc(73).unwrap(), 0, "x").unwrap();
+    elsewhere
+        .send(&ClientFrame::Push {
+            doc: d.clone(),
+            batch: 1,
+            update: x.clone(),
+        })
+        .await;
+    elsewhere
+        .recv_until(|f| matches!(f, ServerFrame::Ack { .. }).then_some(()))
+        .await;
+    // Instance one commits after it (cursor 2).
+    let y = doc::text_insert(&new_doc(72).unwrap(), 0, "y").unwrap();
+    writer
+        .send(&ClientFrame::Push {
+            doc: d.clone(),
+            batch: 1,
+            update: y.clone(),
+        })
+        .await;
+    let mut writer_got = Vec::new();
+    let ack = writer
+        .recv_until(|f| match f {
+            ServerFrame::Update { cursor, update, .. } => {
+                writer_got.push((*cursor, update.clone()));
+                None
+            }
+            ServerFrame::Ack { cursor, .. } => Some(*cursor),
+            _ => None,
+        })
+        .await;
+    assert_eq!(ack, 2);
+    assert_eq!(
+        writer_got,
+        vec![(1, x.clone())],
+        "the pusher gets the gap before its Ack"
+    );
+    let mut reader_got = Vec::new();
+    while reader_got.len() < 2 {
+        let got = reader
+            .recv_until(|f| match f {
+                ServerFrame::Update { cursor, update, .. } => Some((*cursor, update.clone())),
+                _ => None,
+            })
+            .await;
+        reader_got.push(got);
+    }
+    assert_eq!(reader_got, vec![(0, y), (1, x)]);
+    // Instance one's document holds both: a new client gets them.
+    let mut fresh = NativeClient::connect(&one.url(), "", 74).await;
+    let answer = fresh.resume_from_scratch(&d).await;
+    assert_eq!(answer[0].cursor, 2);
+    let local = new_doc(74).unwrap();
+    doc::apply_bytes(&local, answer[0].update.as_ref().unwrap()).unwrap();
+    let text = doc::text(&local);
+    assert!(text == "xy" || text == "yx", "{text}");
+    one.stop().await;
+    two.stop().await;
+}

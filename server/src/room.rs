@@ -113,31 +113,7 @@ impl Rooms {
                 }
             }
         };
-        for entry in entries {
-            if entry.cursor <= state.head {
-                continue;
-            }
-            // An evicted document is not applied to: it reloads from the store, which has this.
-            if let Some(live) = state.live.as_ref() {
-                if let Err(e) = apply_remote(
-                    live,
-                    &entry.update,
-                    &Limits {
-                        max_pending_bytes: usize::MAX,
-                    },
-                ) {
-                    tracing::error!(doc = %doc, error = %e, "an update from the shared store did not apply");
-                }
-            }
-            state.head = entry.cursor;
-            state.remember(entry.cursor, &entry.update);
-            let event = RoomEvent::Update {
-                doc: doc.clone(),
-                cursor: entry.cursor,
-                update: entry.update,
-            };
-            state.broadcast(NO_SESSION, event);
-        }
+        state.take_stored(doc, entries);
     }
 
     /// Passes presence from another instance to the local subscribers of a loaded room.
@@ -482,8 +458,8 @@ impl Room {
     ///
     /// Nothing is stored unless yrs integrates the update completely and, in a chat room, the
     /// update follows the chat rules for `user` (else it is refused whole with
-    /// [`ErrorCode::SchemaViolation`]); nothing is acknowledged or broadcast before the group
-    /// commit that stores it has finished.
+    /// [`ErrorCode::SchemaViolation`]). The other subscribers get it once it is validated, before
+    /// its commit; nothing is acknowledged before the group commit that stores it has finished.
     #[allow(clippy::too_many_arguments)]
     pub(crate) async fn push<S: Store>(
         &self,
@@ -596,6 +572,33 @@ impl Room {
         };
         match committer.append(append.clone()).await {
             Ok(Appended::Stored(cursor)) => {
+                if cursor > state.head + 1 {
+                    // Another instance stored updates of this document in between, and their
+                    // fan-in has not arrived (or never will: no fan-out is configured). Once
+                    // this commit moves the head past them, fan-in would skip them: read them
+                    // from the shared store now, before the pusher's `Ack`.
+                    match store.log_after(self.id.as_str(), state.head).await {
+                        Ok(LogTail::Entries(entries)) => {
+                            let gap = entries.into_iter().filter(|e| e.cursor < cursor).collect();
+                            state.take_stored(&self.id, gap);
+                        }
+                        Ok(LogTail::Pruned) | Err(_) => {
+                            tracing::warn!(doc = %self.id, "updates of another instance not in the log: reloading the room");
+                            self.reload(&mut guard, store).await;
+                            if let Some(state) = guard.as_mut() {
+                                for sub in state.subscribers.values() {
+                                    sub.out.ctl.close(CLOSE_RESYNC);
+                                }
+                            }
+                            let shared = FanoutEvent::Update {
+                                cursor,
+                                update: Arc::from(append.update),
+                            };
+                            self.ctx.fanout.publish(self.ctx.instance, &self.id, shared);
+                            return Ok(cursor);
+                        }
+                    }
+                }
                 state.head = cursor;
                 state.remember(cursor, &append.update);
                 // Other instances get what is stored only, with its cursor.
@@ -705,6 +708,37 @@ impl RoomState {
         self.chat = None;
         self.recent = VecDeque::new();
         self.recent_bytes = 0;
+    }
+
+    /// Takes in updates the shared store holds beyond the head (written by other instances), in
+    /// cursor order: applied to the live document, remembered, and sent to every subscriber
+    /// with their own cursors.
+    fn take_stored(&mut self, doc: &DocId, entries: Vec<LogEntry>) {
+        for entry in entries {
+            if entry.cursor <= self.head {
+                continue;
+            }
+            // An evicted document is not applied to: it reloads from the store, which has this.
+            if let Some(live) = self.live.as_ref() {
+                if let Err(e) = apply_remote(
+                    live,
+                    &entry.update,
+                    &Limits {
+                        max_pending_bytes: usize::MAX,
+                    },
+                ) {
+                    tracing::error!(doc = %doc, error = %e, "an update from the shared store did not apply");
+                }
+            }
+            self.head = entry.cursor;
+            self.remember(entry.cursor, &entry.update);
+            let event = RoomEvent::Update {
+                doc: doc.clone(),
+                cursor: entry.cursor,
+                update: entry.update,
+            };
+            self.broadcast(NO_SESSION, event);
+        }
     }
 
     /// Keeps a stored update for resumes, dropping the oldest beyond the bounds.
