@@ -5,8 +5,9 @@
 //! `Y.Text` named [`TEXT_ROOT`], key/value data in the root `Y.Map` named [`MAP_ROOT`].
 //!
 //! Bytes from the network or from the store are decoded only through [`decode_update`] and
-//! [`decode_state_vector`], which turn every failure — including a panic inside yrs on hostile
-//! input — into a typed error.
+//! [`decode_state_vector`], which check the bytes' structure with [`crate::validate`] before
+//! yrs sees them and turn every failure — including a panic inside yrs on hostile input — into a
+//! typed error.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
@@ -17,14 +18,14 @@ use yrs::{
 };
 
 use crate::store::StoredDoc;
-use crate::{Error, Result};
+use crate::{validate, Error, Result};
 
 /// Name of the root `Y.Text` of a text document (what `y-websocket` editors bind to as `text`).
 pub const TEXT_ROOT: &str = "text";
 /// Name of the root `Y.Map` for key/value data.
 pub const MAP_ROOT: &str = "map";
 /// Client ids must stay below this (JavaScript numbers hold 53 bits exactly).
-pub const MAX_CLIENT_ID: u64 = 1 << 53;
+pub const MAX_CLIENT_ID: u64 = validate::MAX_CLIENT_ID;
 
 /// A fresh random client id in `1..2^53`.
 ///
@@ -45,16 +46,29 @@ pub fn new_doc(client_id: u64) -> Result<Doc> {
 }
 
 /// Decodes a yrs v1 update from untrusted bytes.
+///
+/// The bytes are checked by [`validate::check_update`] first, so yrs never sees a count the
+/// input cannot pay for, `Any` values nested deeper than [`validate::MAX_ANY_DEPTH`], clocks
+/// beyond `u32::MAX`, client ids of 2^53 or more, or trailing bytes.
 pub fn decode_update(bytes: &[u8]) -> Result<Update> {
+    decode_update_with_summary(bytes).map(|(update, _)| update)
+}
+
+/// [`decode_update`], also returning what the check learned about the update (its client
+/// groups, the IDs it references, its delete set): see [`validate::dependencies_satisfied`].
+pub fn decode_update_with_summary(bytes: &[u8]) -> Result<(Update, validate::UpdateSummary)> {
+    let summary = validate::check_update(bytes).map_err(|e| Error::InvalidUpdate(e.to_string()))?;
     match catch_unwind(AssertUnwindSafe(|| Update::decode_v1(bytes))) {
-        Ok(Ok(update)) => Ok(update),
+        Ok(Ok(update)) => Ok((update, summary)),
         Ok(Err(e)) => Err(Error::InvalidUpdate(e.to_string())),
         Err(_) => Err(Error::InvalidUpdate("decoder panicked".into())),
     }
 }
 
-/// Decodes a yrs v1 state vector from untrusted bytes.
+/// Decodes a yrs v1 state vector from untrusted bytes (checked by
+/// [`validate::check_state_vector`] first).
 pub fn decode_state_vector(bytes: &[u8]) -> Result<StateVector> {
+    validate::check_state_vector(bytes).map_err(|e| Error::InvalidStateVector(e.to_string()))?;
     match catch_unwind(AssertUnwindSafe(|| StateVector::decode_v1(bytes))) {
         Ok(Ok(sv)) => {
             if sv.iter().any(|(client, _)| client.get() >= MAX_CLIENT_ID) {

@@ -7,6 +7,8 @@
 //! * [`sync`]: the sans-IO sync core — resume planning on the server, applying remote updates
 //!   with bounded pending, computing what a peer lacks. It takes bytes and returns bytes.
 //! * [`store`]: the durable store (SQLite and PostgreSQL through sqlx).
+//! * [`validate`]: structural checks of untrusted yrs v1 bytes before yrs decodes them (decode
+//!   bombs, deep nesting, clock overflows), and what an update depends on.
 //!
 //! Architecture invariant: nothing outside [`store`] performs I/O.
 
@@ -18,5 +20,10 @@ pub mod store;
 pub mod sync;
 #[cfg(feature = "test-support")]
 pub mod trace;
+pub mod validate;
+
+/// Fuzz target bodies (see `fuzz/` at the repository root and `tests/fuzz_corpus.rs`).
+#[doc(hidden)]
+pub mod fuzz;
 
 pub use error::{Error, Result};
