@@ -21,10 +21,14 @@
 //!
 //! # Rules a server enforces
 //! [`ChatGuard`] watches a room document and checks each transaction applied to it against the
-//! rules, given the writer's user id: a new message's `author` is the writer and its `id` is its
-//! key; a message is never removed or replaced (deletion is a tombstone); only its author changes
-//! a message, and only its `text`, `edited` and `deleted` fields; a user writes only receipts
-//! keyed `"{user}/{device}"`. Other root types of a room are not checked.
+//! rules, given the writer's user id and the server's clock: a new message's `author` is the
+//! writer and its `id` is its key; its `hlc` is a valid stamp (see [`Hlc::is_valid`]) at most
+//! [`DEFAULT_MAX_CLOCK_SKEW_MS`] (or the configured bound) ahead of the server's clock, its
+//! `client` an integer below 2^53, and its `sort` exactly [`sort_key`] of those; a message is
+//! never removed or replaced (deletion is a tombstone); only its author changes a message, and
+//! only its `text`, `edited` and `deleted` fields (so its stamp and sort key never change); a
+//! user writes only receipts keyed `"{user}/{device}"`. Other root types of a room are not
+//! checked.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -32,7 +36,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use yrs::types::{EntryChange, Event, Events, PathSegment};
 use yrs::{Any, DeepObservable, Doc, Map, MapPrelim, MapRef, Observable, Out, ReadTxn, Transact, TransactionMut};
 
-use crate::clock::{Hlc, HlcClock};
+use crate::clock::{Hlc, HlcClock, DEFAULT_MAX_CLOCK_SKEW_MS};
 use crate::doc::edit;
 use crate::{Error, Result};
 
@@ -355,7 +359,13 @@ enum Touch {
     Owner { user: Option<String>, what: String },
     /// Breaks the schema whoever does it.
     Forbidden(String),
+    /// A new message stamped `hlc`: allowed if the stamp is not too far ahead of the clock of
+    /// whoever judges it.
+    Stamp { hlc: Hlc, message: String },
 }
+
+/// The largest `client` a message may name: yrs (and Yjs) client ids are below 2^53.
+const MAX_CLIENT_ID: u64 = (1 << 53) - 1;
 
 const GUARD_OBSERVER: &str = "driftsync-chat-guard";
 
@@ -372,6 +382,8 @@ pub struct ChatGuard {
     messages: MapRef,
     receipts: MapRef,
     record: Arc<Mutex<Vec<Touch>>>,
+    /// How far ahead of the judge's clock a new message's stamp may be.
+    max_clock_skew_ms: u64,
 }
 
 impl std::fmt::Debug for ChatGuard {
@@ -408,7 +420,20 @@ impl ChatGuard {
             messages,
             receipts,
             record,
+            max_clock_skew_ms: DEFAULT_MAX_CLOCK_SKEW_MS,
         }
+    }
+
+    /// The same guard, refusing new messages stamped more than `max_clock_skew_ms` ahead of the
+    /// clock given to [`check`](Self::check) (default: [`DEFAULT_MAX_CLOCK_SKEW_MS`]).
+    pub fn with_max_clock_skew(mut self, max_clock_skew_ms: u64) -> ChatGuard {
+        self.max_clock_skew_ms = max_clock_skew_ms;
+        self
+    }
+
+    /// The bound set by [`with_max_clock_skew`](Self::with_max_clock_skew).
+    pub fn max_clock_skew_ms(&self) -> u64 {
+        self.max_clock_skew_ms
     }
 
     /// Forgets what was recorded so far (call it before applying the update to judge).
@@ -417,15 +442,26 @@ impl ChatGuard {
     }
 
     /// Judges everything recorded since the last `check` or [`reset`](Self::reset) as written by
-    /// `user`, and forgets it.
+    /// `user` at wall-clock time `now_ms` (milliseconds since the Unix epoch, the judge's own
+    /// clock), and forgets it.
     ///
     /// `None` means the writer is not authenticated (a server running open): ownership cannot be
-    /// checked then, and only the rules that bind everyone apply.
-    pub fn check(&self, user: Option<&str>) -> Result<(), Violation> {
+    /// checked then, and only the rules that bind everyone apply — the stamp rules among them.
+    pub fn check(&self, user: Option<&str>, now_ms: u64) -> Result<(), Violation> {
         let touches = std::mem::take(&mut *self.record.lock().unwrap_or_else(PoisonError::into_inner));
+        let latest = now_ms.saturating_add(self.max_clock_skew_ms);
         for touch in touches {
             match touch {
                 Touch::Forbidden(what) => return Err(Violation(what)),
+                Touch::Stamp { hlc, message } => {
+                    if hlc.wall_ms > latest {
+                        return Err(Violation(format!(
+                            "message {message}: its hlc {hlc} is {} ms ahead of the server's clock (at most {} allowed)",
+                            hlc.wall_ms - now_ms,
+                            self.max_clock_skew_ms
+                        )));
+                    }
+                }
                 Touch::Owner { user: owner, what } => match user {
                     Some(user) if owner.as_deref() != Some(user) => {
                         let owner = owner.as_deref().unwrap_or("no one");
@@ -453,11 +489,18 @@ fn message_touches(txn: &TransactionMut<'_>, messages: &MapRef, event: &Event, o
         // The root itself: messages added, replaced or removed.
         if let Event::Map(event) = event {
             for (key, change) in event.keys(txn) {
-                out.push(match change {
+                let touch = match change {
                     EntryChange::Inserted(Out::YMap(fields)) => {
                         if get_str(txn, fields, "id").as_deref() != Some(&**key) {
                             Touch::Forbidden(format!("message {key}: its id field differs from its key"))
                         } else {
+                            match stamp(txn, key, fields) {
+                                Ok(hlc) => out.push(Touch::Stamp {
+                                    hlc,
+                                    message: key.to_string(),
+                                }),
+                                Err(what) => out.push(Touch::Forbidden(what)),
+                            }
                             let author = get_str(txn, fields, "author");
                             let what = format!("sending message {key} as {}", author.as_deref().unwrap_or("no author"));
                             Touch::Owner { user: author, what }
@@ -466,7 +509,8 @@ fn message_touches(txn: &TransactionMut<'_>, messages: &MapRef, event: &Event, o
                     EntryChange::Inserted(_) => Touch::Forbidden(format!("message {key} is not a map")),
                     EntryChange::Updated(..) => Touch::Forbidden(format!("replacing message {key}")),
                     EntryChange::Removed(_) => Touch::Forbidden(format!("removing message {key}")),
-                });
+                };
+                out.push(touch);
             }
         }
         return;
@@ -496,6 +540,25 @@ fn message_touches(txn: &TransactionMut<'_>, messages: &MapRef, event: &Event, o
         (Some(PathSegment::Key(field)), _) if MUTABLE_FIELDS.contains(&&**field) => {}
         (Some(segment), _) => out.push(Touch::Forbidden(format!("changing {segment:?} of message {id}"))),
     }
+}
+
+/// The stamp of new message `id`, if its `hlc`, `client` and `sort` fields follow the schema:
+/// a valid [`Hlc::key`], an integer client id below 2^53, and `sort` = [`sort_key`] of them.
+fn stamp(txn: &TransactionMut<'_>, id: &str, fields: &MapRef) -> std::result::Result<Hlc, String> {
+    let hlc = get_str(txn, fields, "hlc")
+        .as_deref()
+        .and_then(Hlc::parse)
+        .filter(Hlc::is_valid)
+        .ok_or_else(|| format!("message {id}: its hlc is missing or not a valid stamp"))?;
+    let client = get_any(txn, fields, "client")
+        .as_ref()
+        .and_then(any_u64)
+        .filter(|&client| client <= MAX_CLIENT_ID)
+        .ok_or_else(|| format!("message {id}: its client is missing or not an integer below 2^53"))?;
+    if get_str(txn, fields, "sort").as_deref() != Some(sort_key(hlc, client, id).as_str()) {
+        return Err(format!("message {id}: its sort is not {{hlc}}/{{client:016}}/{{id}}"));
+    }
+    Ok(hlc)
 }
 
 /// Records what one event under the `receipts` root did: every touched key belongs to the user
@@ -652,6 +715,9 @@ mod tests {
         assert!(a.mark_read(&ada, "missing", 1).is_err());
     }
 
+    /// The server's clock in the guard tests (the messages are stamped long before it).
+    const NOW: u64 = 1_700_000_000_000;
+
     /// A server-side copy of a room with its guard.
     struct Judge {
         doc: Doc,
@@ -665,11 +731,16 @@ mod tests {
             Judge { doc, guard }
         }
 
-        /// Applies `update` as written by `user` and judges it.
+        /// Applies `update` as written by `user` and judges it at [`NOW`].
         fn judge(&self, update: &[u8], user: Option<&str>) -> Result<(), Violation> {
+            self.judge_at(update, user, NOW)
+        }
+
+        /// Applies `update` as written by `user` and judges it at `now_ms`.
+        fn judge_at(&self, update: &[u8], user: Option<&str>, now_ms: u64) -> Result<(), Violation> {
             self.guard.reset();
             apply_bytes(&self.doc, update).unwrap();
-            self.guard.check(user)
+            self.guard.check(user, now_ms)
         }
     }
 
@@ -818,6 +889,172 @@ mod tests {
         assert!(judge.judge(&removed, Some("bob")).is_err());
     }
 
+    /// The fields of a well-formed message `id` by `author` from client `client` stamped `hlc`.
+    fn fields(id: &str, author: &str, client: u64, hlc: &str) -> Vec<(&'static str, Any)> {
+        let sort = format!("{hlc}/{client:016}/{id}");
+        vec![
+            ("id", Any::from(id)),
+            ("author", Any::from(author)),
+            ("device", Any::from("d1")),
+            ("client", Any::from(client as f64)),
+            ("text", Any::from("hi")),
+            ("created", Any::from(1000.0)),
+            ("hlc", Any::from(hlc)),
+            ("sort", Any::from(sort)),
+        ]
+    }
+
+    /// An update inserting message `id` with exactly `fields`, bypassing `ChatRoom::send`.
+    fn raw_message(room: &ChatRoom, id: &str, fields: Vec<(&'static str, Any)>) -> Vec<u8> {
+        edit(room.doc(), |txn| {
+            room.messages.insert(txn, id, fields.into_iter().collect::<MapPrelim>());
+        })
+        .1
+    }
+
+    /// `fields` with `key` set to `value` (or removed, for `None`).
+    fn with(mut fields: Vec<(&'static str, Any)>, key: &'static str, value: Option<Any>) -> Vec<(&'static str, Any)> {
+        fields.retain(|(k, _)| *k != key);
+        if let Some(value) = value {
+            fields.push((key, value));
+        }
+        fields
+    }
+
+    #[test]
+    fn guard_refuses_an_overflowing_or_far_future_stamp() {
+        let judge = Judge::new();
+        let a = room(1);
+        // The attack: the largest stamp the key can express sorts after every later reply.
+        let overflow = raw_message(
+            &a,
+            "m-overflow",
+            fields("m-overflow", "ada", 1, "999999999999999.4294967295"),
+        );
+        let refused = judge.judge(&overflow, Some("ada")).unwrap_err();
+        assert!(refused.0.contains("not a valid stamp"), "{refused}");
+        // Whoever writes it, an open server included.
+        let overflow = raw_message(
+            &a,
+            "m-overflow2",
+            fields("m-overflow2", "ada", 1, "000000000000005.2147483648"),
+        );
+        assert!(judge.judge(&overflow, None).is_err());
+        // A valid stamp, but six minutes ahead of the server's clock: refused now, accepted
+        // once the server's clock is within the bound.
+        let ahead = Hlc {
+            wall_ms: NOW + 6 * 60 * 1000,
+            counter: 0,
+        };
+        let early = raw_message(&a, "m-early", fields("m-early", "ada", 1, &ahead.key()));
+        let refused = judge.judge(&early, Some("ada")).unwrap_err();
+        assert!(refused.0.contains("ahead of the server's clock"), "{refused}");
+        assert!(Judge::new().judge(&early, None).is_err());
+        let early = raw_message(&a, "m-early2", fields("m-early2", "ada", 1, &ahead.key()));
+        assert_eq!(judge.judge_at(&early, Some("ada"), NOW + 60 * 1000), Ok(()));
+        // At the bound exactly: accepted; the largest valid counter too.
+        let bound = Hlc {
+            wall_ms: NOW + DEFAULT_MAX_CLOCK_SKEW_MS,
+            counter: crate::clock::MAX_COUNTER,
+        };
+        let edge = raw_message(&a, "m-edge", fields("m-edge", "ada", 1, &bound.key()));
+        assert_eq!(judge.judge(&edge, Some("ada")), Ok(()));
+        // The bound is the server's to choose.
+        let doc = new_doc(96).unwrap();
+        let guard = ChatGuard::attach(&doc).with_max_clock_skew(1_000);
+        assert_eq!(guard.max_clock_skew_ms(), 1_000);
+        let strict = Judge { doc, guard };
+        let soon = Hlc {
+            wall_ms: NOW + 1_001,
+            counter: 0,
+        };
+        let m = raw_message(&a, "m-soon", fields("m-soon", "ada", 1, &soon.key()));
+        assert!(strict.judge(&m, Some("ada")).is_err());
+        let m = raw_message(&a, "m-soon2", fields("m-soon2", "ada", 1, &soon.key()));
+        assert_eq!(strict.judge_at(&m, Some("ada"), NOW + 1), Ok(()));
+        // Messages sent by a ChatRoom at the server's time pass.
+        let (_, sent) = a.send(&who("ada", "d1"), "now", NOW);
+        assert_eq!(judge.judge(&sent, Some("ada")), Ok(()));
+    }
+
+    #[test]
+    fn guard_refuses_malformed_or_inconsistent_stamps() {
+        let judge = Judge::new();
+        let open = Judge::new();
+        let a = room(1);
+        let hlc = "001700000000000.0000000000";
+        let good = fields("m1", "ada", 7, hlc);
+        let cases: Vec<(&str, Vec<(&'static str, Any)>)> = vec![
+            ("no hlc", with(good.clone(), "hlc", None)),
+            ("hlc not a string", with(good.clone(), "hlc", Some(Any::from(5.0)))),
+            (
+                "hlc of another form",
+                with(good.clone(), "hlc", Some(Any::from("1700000000000.0"))),
+            ),
+            ("no client", with(good.clone(), "client", None)),
+            (
+                "client not an integer",
+                with(good.clone(), "client", Some(Any::from(7.5))),
+            ),
+            (
+                "client of 2^53",
+                with(good.clone(), "client", Some(Any::from(9_007_199_254_740_992.0))),
+            ),
+            (
+                "client not a number",
+                with(good.clone(), "client", Some(Any::from("7"))),
+            ),
+            ("no sort", with(good.clone(), "sort", None)),
+            (
+                "sort of another hlc",
+                with(
+                    good.clone(),
+                    "sort",
+                    Some(Any::from(format!("001700000000001.0000000000/{:016}/m1", 7))),
+                ),
+            ),
+            (
+                "sort of another client",
+                with(good.clone(), "sort", Some(Any::from(format!("{hlc}/{:016}/m1", 8)))),
+            ),
+            (
+                "sort of another id",
+                with(good.clone(), "sort", Some(Any::from(format!("{hlc}/{:016}/m2", 7)))),
+            ),
+            (
+                "sort unpadded",
+                with(good.clone(), "sort", Some(Any::from(format!("{hlc}/7/m1")))),
+            ),
+            ("sort first", with(good.clone(), "sort", Some(Any::from("0")))),
+        ];
+        for (i, (case, fields)) in cases.into_iter().enumerate() {
+            let id = format!("c{i}");
+            // The same fields under a fresh id (each refused update is undone by reloading in a
+            // server; here each case inserts a new key so that it is judged as new).
+            let fields = fields
+                .into_iter()
+                .map(|(k, v)| match (k, &v) {
+                    ("id", _) => (k, Any::from(id.as_str())),
+                    ("sort", Any::String(sort)) => (k, Any::from(sort.replace("/m1", &format!("/{id}")).as_str())),
+                    _ => (k, v),
+                })
+                .collect();
+            let update = raw_message(&a, &id, fields);
+            assert!(judge.judge(&update, Some("ada")).is_err(), "{case} was accepted");
+            assert!(
+                open.judge(&update, None).is_err(),
+                "{case} was accepted from an open server"
+            );
+        }
+        let fine = raw_message(&a, "m1", good);
+        assert_eq!(judge.judge(&fine, Some("ada")), Ok(()));
+        // An edit cannot restamp a message, not even its author's.
+        let restamp = raw_set(&a, "m1", &[("hlc", Any::from("001700000000009.0000000000"))]);
+        assert!(judge.judge(&restamp, Some("ada")).unwrap_err().0.contains("hlc"));
+        let reclient = raw_set(&a, "m1", &[("client", Any::from(8.0))]);
+        assert!(judge.judge(&reclient, Some("ada")).is_err());
+    }
+
     #[test]
     fn reset_forgets_what_was_recorded() {
         let judge = Judge::new();
@@ -825,6 +1062,6 @@ mod tests {
         let (_, forged) = b.send(&who("ada", "d2"), "x", 1000);
         apply_bytes(&judge.doc, &forged).unwrap();
         judge.guard.reset();
-        assert_eq!(judge.guard.check(Some("bob")), Ok(()));
+        assert_eq!(judge.guard.check(Some("bob"), NOW), Ok(()));
     }
 }

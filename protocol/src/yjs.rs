@@ -220,6 +220,8 @@ struct ClientAwareness {
 #[derive(Debug, Clone, Default)]
 pub struct AwarenessTable {
     clients: BTreeMap<u64, ClientAwareness>,
+    /// The total length of every state held, in bytes of JSON text.
+    state_bytes: usize,
 }
 
 impl AwarenessTable {
@@ -244,7 +246,7 @@ impl AwarenessTable {
             };
             let remember = announce || known.is_none();
             if remember {
-                self.clients.insert(
+                let replaced = self.clients.insert(
                     entry.client_id,
                     ClientAwareness {
                         clock: entry.clock,
@@ -252,6 +254,8 @@ impl AwarenessTable {
                         last_seen_ms: now_ms,
                     },
                 );
+                self.state_bytes -= replaced.and_then(|old| old.state).map_or(0, |state| state.len());
+                self.state_bytes += entry.state.as_ref().map_or(0, String::len);
             }
             if announce {
                 changed.push(entry.clone());
@@ -267,18 +271,20 @@ impl AwarenessTable {
     /// table does not grow with every client that ever connected.
     pub fn expire(&mut self, now_ms: u64, timeout_ms: u64) -> Vec<AwarenessEntry> {
         let mut removed = Vec::new();
+        let mut freed = 0;
         self.clients.retain(|&client_id, client| {
             if now_ms.saturating_sub(client.last_seen_ms) < timeout_ms {
                 return true;
             }
-            if client.state.is_none() {
+            let Some(state) = client.state.take() else {
                 return false;
-            }
-            client.state = None;
+            };
+            freed += state.len();
             client.last_seen_ms = now_ms;
             removed.push(removal(client_id, client.clock));
             true
         });
+        self.state_bytes -= freed;
         removed
     }
 
@@ -289,12 +295,47 @@ impl AwarenessTable {
         let mut removed = Vec::new();
         for &client_id in client_ids {
             if let Some(client) = self.clients.get_mut(&client_id) {
-                if client.state.take().is_some() {
+                if let Some(state) = client.state.take() {
+                    self.state_bytes -= state.len();
                     removed.push(removal(client_id, client.clock));
                 }
             }
         }
         removed
+    }
+
+    /// The clock the table knows for `client_id`, also while the client has no state (a removal
+    /// is remembered until it is `timeout_ms` old, see [`AwarenessTable::expire`]); `None` once
+    /// the table has forgotten the client, or never knew it.
+    pub fn clock(&self, client_id: u64) -> Option<u64> {
+        self.clients.get(&client_id).map(|client| client.clock)
+    }
+
+    /// The current state of `client_id` (raw JSON text), if it has one.
+    pub fn state(&self, client_id: u64) -> Option<&str> {
+        self.clients.get(&client_id)?.state.as_deref()
+    }
+
+    /// The total length, in bytes, of every state the table holds.
+    pub fn state_bytes(&self) -> usize {
+        self.state_bytes
+    }
+
+    /// The exact length of `YMessage::Awareness(self.snapshot()).encode()`, without encoding it.
+    pub fn snapshot_encoded_len(&self) -> usize {
+        let mut count = 0u64;
+        let mut payload = 0usize;
+        for (&client_id, client) in &self.clients {
+            if let Some(state) = &client.state {
+                count += 1;
+                payload += lib0::var_uint_len(client_id)
+                    + lib0::var_uint_len(client.clock)
+                    + lib0::var_uint_len(state.len() as u64)
+                    + state.len();
+            }
+        }
+        payload += lib0::var_uint_len(count);
+        lib0::var_uint_len(MESSAGE_AWARENESS) + lib0::var_uint_len(payload as u64) + payload
     }
 
     /// Every client that has a state, in client id order: the answer to a
@@ -403,6 +444,41 @@ mod tests {
         assert!(t.clients.contains_key(&1));
         assert!(t.expire(60_000, 30_000).is_empty());
         assert!(t.clients.is_empty());
+    }
+
+    #[test]
+    fn table_counts_state_bytes_and_the_snapshot_length() {
+        let mut t = AwarenessTable::new();
+        assert_eq!(
+            t.snapshot_encoded_len(),
+            YMessage::Awareness(t.snapshot()).encode().len()
+        );
+        t.apply(
+            &[
+                entry(1, 3, Some("{\"a\":1}")),
+                entry(300, 1, Some("{}")),
+                entry(5, 1, None),
+            ],
+            0,
+        );
+        assert_eq!(t.state_bytes(), 9);
+        assert_eq!((t.clock(1), t.state(1)), (Some(3), Some("{\"a\":1}")));
+        assert_eq!((t.clock(5), t.state(5)), (Some(1), None));
+        assert_eq!(t.clock(6), None);
+        t.apply(&[entry(1, 4, Some(&"x".repeat(200)))], 1);
+        assert_eq!(t.state_bytes(), 202);
+        assert_eq!(
+            t.snapshot_encoded_len(),
+            YMessage::Awareness(t.snapshot()).encode().len()
+        );
+        t.remove(&[1]);
+        assert_eq!(t.state_bytes(), 2);
+        assert_eq!(t.expire(30_000, 30_000).len(), 1);
+        assert_eq!(t.state_bytes(), 0);
+        assert_eq!(
+            t.snapshot_encoded_len(),
+            YMessage::Awareness(t.snapshot()).encode().len()
+        );
     }
 
     #[test]

@@ -9,12 +9,44 @@
 //! for [`PRESENCE_TIMEOUT`] are removed and announced by a per-server sweeper
 //! ([`run_sweeper`]).
 //!
+//! # Who may set what
+//! A connection sets and clears only the awareness entries it introduced:
+//! * A native connection has exactly one entry, its session id, with a clock the room keeps. It
+//!   always wins that id: should a Yjs connection hold it (it cannot while the session is
+//!   subscribed, see below), the native state replaces it with a clock above it.
+//! * A Yjs connection owns the client ids it announces first. While the table remembers such an
+//!   id (its state, or after a removal its clock, until [`PRESENCE_TIMEOUT`] after the last
+//!   change), it belongs to the announcing connection's *user*: a new connection of the same user
+//!   takes it over by setting a state (a reconnecting y-websocket client keeps its client id, and
+//!   its old connection may not be closed yet), a connection of another user may not set it, and
+//!   only the connection controlling it clears it. A Yjs connection never sets an id that is a
+//!   native entry or the session id of one of the room's subscribers.
+//! * Clocks are bounded, so that they stay exact in JavaScript (below 2^53) and nobody freezes an
+//!   entry: a new id, or one whose state was removed, is announced with a clock of at most
+//!   [`MAX_FIRST_CLOCK`] (y-protocols clients start at 0 and add one per change); an entry with
+//!   a state moves at most [`MAX_CLOCK_STEP`] above the clock the table knows.
+//! * States are bounded in bytes: [`MAX_STATE_BYTES`] per entry, [`MAX_CONNECTION_STATE_BYTES`]
+//!   per connection, [`MAX_ROOM_STATE_BYTES`] per room, and a connection controls at most
+//!   [`MAX_CLIENTS_PER_CONNECTION`] ids. [`Presence::snapshot_bytes`] tells what answering a
+//!   query for every state costs.
+//!
+//! An entry that breaks a rule is dropped: not applied, not broadcast, and logged (one line per
+//! message). Removals of entries a connection does not control are dropped silently: stock Yjs
+//! clients send them for every peer they timed out. Read-only connections set their own
+//! presence like any other: presence is not document content, and a viewer's cursor is normal.
+//!
+//! Presence of other server instances does not enter this table: it arrives through
+//! `Rooms::remote_presence` (room.rs), which only relays it to the local subscribers. That is
+//! enough because every instance applies these same rules to its own connections before
+//! broadcasting (and so publishing) anything: what arrives from another instance was checked
+//! there. (An instance cannot see, though, the ids that connections of *other* instances own.)
+//!
 //! Everything here is sans-IO: methods take the current time and return the room events to
 //! broadcast; the room holds its lock around them.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use driftsync_engine::store::Store;
 use driftsync_protocol::yjs::{AwarenessEntry, AwarenessTable};
@@ -35,6 +67,29 @@ const PRESENCE_SWEEP: Duration = Duration::from_secs(5);
 /// filling the table with invented ids.
 const MAX_CLIENTS_PER_CONNECTION: usize = 8;
 
+/// The largest presence state, in bytes of JSON text. Stock awareness states (a user's name and
+/// colour, a cursor) take a few hundred bytes.
+pub(crate) const MAX_STATE_BYTES: usize = 64 * 1024;
+
+/// The most bytes of states the clients one connection controls may hold in one room together.
+pub(crate) const MAX_CONNECTION_STATE_BYTES: usize = 256 * 1024;
+
+/// The most bytes of states one room's table holds: room for thousands of ordinary states, and a
+/// bound on what one answer to "every state" (a Yjs greeting, a `QueryAwareness`, a native
+/// resume) costs.
+pub(crate) const MAX_ROOM_STATE_BYTES: usize = 2 * 1024 * 1024;
+
+/// The largest clock a client id may be announced with when the table knows no state of it (a
+/// new id, or one whose state was removed). y-protocols clients start at 0 and add one per
+/// change, so legitimate clocks stay far below it.
+pub(crate) const MAX_FIRST_CLOCK: u64 = 1 << 32;
+
+/// How far above the clock the table knows a client's next clock may be while the client has a
+/// state. One per change is the norm; the slack covers the changes a client made while its
+/// connection was dead but not yet detected (up to 45 s). With it, and the rate limit, a clock
+/// needs centuries to reach 2^53.
+pub(crate) const MAX_CLOCK_STEP: u64 = 10_000;
+
 /// Milliseconds on a monotonic clock shared by every room of the process.
 pub(crate) fn now_ms() -> u64 {
     static EPOCH: OnceLock<Instant> = OnceLock::new();
@@ -42,9 +97,49 @@ pub(crate) fn now_ms() -> u64 {
     u64::try_from(epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
 }
 
-/// A presence state that is not JSON: peers (Yjs clients `JSON.parse` it) would fail on it.
+/// Wall-clock milliseconds since the Unix epoch (0 if the clock is before it): the server's
+/// clock for the chat rules' stamp bound.
+pub(crate) fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// Why a native connection's presence was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct InvalidState;
+pub(crate) enum InvalidState {
+    /// The state is not JSON: peers (Yjs clients `JSON.parse` it) would fail on it.
+    NotJson,
+    /// The state is larger than [`MAX_STATE_BYTES`].
+    TooLarge,
+    /// The room's states would exceed [`MAX_ROOM_STATE_BYTES`].
+    RoomFull,
+}
+
+/// Why an awareness entry from a Yjs connection was dropped (logged).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Refusal {
+    /// The state is not JSON.
+    NotJson,
+    /// The state is larger than [`MAX_STATE_BYTES`].
+    TooLarge,
+    /// The connection's states would exceed [`MAX_CONNECTION_STATE_BYTES`].
+    ConnectionFull,
+    /// The room's states would exceed [`MAX_ROOM_STATE_BYTES`].
+    RoomFull,
+    /// The connection controls [`MAX_CLIENTS_PER_CONNECTION`] ids already.
+    TooManyClients,
+    /// The id is a native connection's entry.
+    NativeClient,
+    /// The id is the session id of a subscriber of the room.
+    SessionId,
+    /// The id belongs to another user.
+    OtherUser,
+    /// The clock is above [`MAX_FIRST_CLOCK`] for an id without a state.
+    FirstClock,
+    /// The clock is more than [`MAX_CLOCK_STEP`] above the known one.
+    ClockJump,
+}
 
 /// What the room knows about one connection that set presence in it.
 #[derive(Debug, Default)]
@@ -61,24 +156,37 @@ struct Owner {
     left_ms: Option<u64>,
 }
 
+/// Who an awareness client id belongs to, as long as the table remembers the id.
+#[derive(Debug)]
+struct Client {
+    /// The user of the connection that introduced it (or last took it over).
+    user: String,
+    /// The connection controlling it: the only one that may clear it, and whose departure
+    /// removes it. `None` once that connection left.
+    controller: Option<u64>,
+    /// Whether it is a native connection's entry (client id = its session id).
+    native: bool,
+}
+
 /// One room's presence.
 #[derive(Debug, Default)]
 pub(crate) struct Presence {
     table: AwarenessTable,
     /// Per session that set presence here.
     owners: HashMap<u64, Owner>,
-    /// Per awareness client with a controller: the controlling session.
-    controllers: HashMap<u64, u64>,
+    /// Per awareness client id the table remembers: its owner. (Every id the table remembers
+    /// was applied through this type, so every one has an entry.)
+    clients: HashMap<u64, Client>,
 }
 
 impl Presence {
-    /// Applies awareness entries sent by connection `session` (a Yjs client) and returns the
+    /// Applies awareness entries sent by Yjs connection `session` of `user` and returns the
     /// events announcing the applied ones.
     ///
-    /// An entry that sets a state makes `session` the client's controller (a reconnected Yjs
-    /// client keeps its client id, so the newest connection wins). Removals of clients `session`
-    /// does not control, states that are not JSON, and clients beyond
-    /// [`MAX_CLIENTS_PER_CONNECTION`] are ignored.
+    /// `is_session` tells whether an id is the session id of a subscriber of the room (a native
+    /// connection there uses it as its client id): a Yjs connection may not introduce such an
+    /// id. Entries breaking the rules of the module docs are dropped and logged; removals of
+    /// clients `session` does not control are dropped silently.
     pub(crate) fn apply(
         &mut self,
         doc: &DocId,
@@ -86,42 +194,141 @@ impl Presence {
         user: &str,
         entries: &[AwarenessEntry],
         now_ms: u64,
+        is_session: impl Fn(u64) -> bool,
     ) -> Vec<RoomEvent> {
-        let owner = self.owner(session, user);
-        let mut room_for = MAX_CLIENTS_PER_CONNECTION.saturating_sub(owner.clients.len());
-        let mut accepted = Vec::with_capacity(entries.len());
+        self.owner(session, user);
+        let mut events = Vec::new();
+        let mut refused = 0usize;
+        let mut first_refused = None;
         for entry in entries {
-            let controlled = owner.clients.contains(&entry.client_id);
-            if !controlled && entry.state.is_none() {
-                continue;
-            }
-            if !controlled {
-                if room_for == 0 {
-                    tracing::info!(doc = %doc, session, "too many awareness clients on one connection; entry ignored");
-                    continue;
+            match self.judge(session, user, entry, &is_session) {
+                Ok(Some(entry)) => {
+                    for applied in self.table.apply(&[entry], now_ms) {
+                        if applied.state.is_some() {
+                            self.control(session, user, applied.client_id, false);
+                        }
+                        events.push(event(doc, user, applied));
+                    }
                 }
-                room_for -= 1;
-            }
-            match normalize(entry.state.clone()) {
-                Ok(state) => accepted.push(AwarenessEntry {
-                    client_id: entry.client_id,
-                    clock: entry.clock,
-                    state,
-                }),
-                Err(InvalidState) => tracing::info!(doc = %doc, session, "awareness state is not JSON; entry ignored"),
+                Ok(None) => {}
+                Err(reason) => {
+                    refused += 1;
+                    first_refused.get_or_insert((entry.client_id, entry.clock, reason));
+                }
             }
         }
-        let applied = self.table.apply(&accepted, now_ms);
-        for entry in &applied {
-            if entry.state.is_some() {
-                self.control(session, entry.client_id);
+        if let Some((client, clock, reason)) = first_refused {
+            tracing::info!(
+                doc = %doc,
+                session,
+                user,
+                refused,
+                client,
+                clock,
+                ?reason,
+                "awareness entries refused (the first one shown)"
+            );
+        }
+        events
+    }
+
+    /// Decides on one entry of Yjs connection `session`: `Ok(Some(entry))` to apply (its state
+    /// normalised), `Ok(None)` to drop silently (a stale entry, a removal of a client it does
+    /// not control), `Err` to refuse.
+    fn judge(
+        &self,
+        session: u64,
+        user: &str,
+        entry: &AwarenessEntry,
+        is_session: &impl Fn(u64) -> bool,
+    ) -> Result<Option<AwarenessEntry>, Refusal> {
+        let id = entry.client_id;
+        if entry.state.as_ref().is_some_and(|state| state.len() > MAX_STATE_BYTES) {
+            return Err(Refusal::TooLarge);
+        }
+        let state = normalize(entry.state.clone()).map_err(|_| Refusal::NotJson)?;
+        let controls = match self.clients.get(&id) {
+            Some(client) => {
+                let own = !client.native && client.user == user;
+                if state.is_none() && (!own || client.controller != Some(session)) {
+                    return Ok(None);
+                }
+                if client.native {
+                    return Err(Refusal::NativeClient);
+                }
+                if !own {
+                    return Err(Refusal::OtherUser);
+                }
+                client.controller == Some(session)
+            }
+            None => {
+                if state.is_none() {
+                    return Ok(None);
+                }
+                if is_session(id) {
+                    return Err(Refusal::SessionId);
+                }
+                false
+            }
+        };
+        if !controls && self.owners.get(&session).map_or(0, |o| o.clients.len()) >= MAX_CLIENTS_PER_CONNECTION {
+            return Err(Refusal::TooManyClients);
+        }
+        let known_state = self.table.state(id);
+        match self.table.clock(id) {
+            Some(known) => {
+                // What the table would not apply anyway (y-protocols: a greater clock, or an
+                // equal one removing a state) is stale, not an offence.
+                let newer = entry.clock > known || (entry.clock == known && state.is_none() && known_state.is_some());
+                if !newer {
+                    return Ok(None);
+                }
+                let most = if known_state.is_some() {
+                    known.saturating_add(MAX_CLOCK_STEP)
+                } else {
+                    known.saturating_add(MAX_CLOCK_STEP).max(MAX_FIRST_CLOCK)
+                };
+                if entry.clock > most {
+                    return Err(Refusal::ClockJump);
+                }
+            }
+            None if entry.clock > MAX_FIRST_CLOCK => return Err(Refusal::FirstClock),
+            None => {}
+        }
+        if let Some(new) = &state {
+            let old = known_state.map_or(0, str::len);
+            if self.table.state_bytes() - old + new.len() > MAX_ROOM_STATE_BYTES {
+                return Err(Refusal::RoomFull);
+            }
+            let held: usize = self
+                .owners
+                .get(&session)
+                .map(|owner| {
+                    owner
+                        .clients
+                        .iter()
+                        .filter_map(|&c| self.table.state(c))
+                        .map(str::len)
+                        .sum()
+                })
+                .unwrap_or(0);
+            let held_here = if controls { old } else { 0 };
+            if held - held_here + new.len() > MAX_CONNECTION_STATE_BYTES {
+                return Err(Refusal::ConnectionFull);
             }
         }
-        applied.into_iter().map(|entry| event(doc, user, entry)).collect()
+        Ok(Some(AwarenessEntry {
+            client_id: id,
+            clock: entry.clock,
+            state,
+        }))
     }
 
     /// Sets (or with `None`, clears) the presence of native connection `session`: client id
     /// `session`, the connection's next clock. Returns the events to announce it.
+    ///
+    /// The id is the session's own: should a Yjs connection hold it, it is taken over with a
+    /// clock above the one the table knows.
     pub(crate) fn set_native(
         &mut self,
         doc: &DocId,
@@ -130,15 +337,24 @@ impl Presence {
         state: Option<String>,
         now_ms: u64,
     ) -> Result<Vec<RoomEvent>, InvalidState> {
+        if state.as_ref().is_some_and(|state| state.len() > MAX_STATE_BYTES) {
+            return Err(InvalidState::TooLarge);
+        }
         let state = normalize(state)?;
+        let old = self.table.state(session).map_or(0, str::len);
+        let new = state.as_ref().map_or(0, String::len);
+        if self.table.state_bytes() - old + new > MAX_ROOM_STATE_BYTES {
+            return Err(InvalidState::RoomFull);
+        }
+        let known = self.table.clock(session).unwrap_or(0);
         let owner = self.owner(session, user);
-        owner.clock += 1;
+        owner.clock = owner.clock.max(known) + 1;
         let entry = AwarenessEntry {
             client_id: session,
             clock: owner.clock,
             state,
         };
-        self.control(session, session);
+        self.control(session, user, session, true);
         let applied = self.table.apply(&[entry], now_ms);
         Ok(applied.into_iter().map(|entry| event(doc, user, entry)).collect())
     }
@@ -153,7 +369,9 @@ impl Presence {
         let clients: Vec<u64> = std::mem::take(&mut owner.clients).into_iter().collect();
         let user = owner.user.clone();
         for client in &clients {
-            self.controllers.remove(client);
+            if let Some(client) = self.clients.get_mut(client) {
+                client.controller = None;
+            }
         }
         self.table
             .remove(&clients)
@@ -163,7 +381,8 @@ impl Presence {
     }
 
     /// Removes the states not refreshed for [`PRESENCE_TIMEOUT`] and returns the events
-    /// announcing the removals; forgets connections that left that long ago.
+    /// announcing the removals; forgets connections that left that long ago, and the owners of
+    /// the ids the table forgot.
     pub(crate) fn expire(&mut self, doc: &DocId, now_ms: u64) -> Vec<RoomEvent> {
         let timeout = u64::try_from(PRESENCE_TIMEOUT.as_millis()).unwrap_or(u64::MAX);
         let removed = self.table.expire(now_ms, timeout);
@@ -172,6 +391,12 @@ impl Presence {
         // go now too: nothing remembers a clock it would have to stay above.
         self.owners
             .retain(|_, owner| owner.left_ms.is_none_or(|left| now_ms.saturating_sub(left) < timeout));
+        // An id the table forgot is free again: its owner is forgotten with it.
+        let table = &self.table;
+        self.clients.retain(|&id, _| table.clock(id).is_some());
+        for owner in self.owners.values_mut() {
+            owner.clients.retain(|&id| table.clock(id).is_some());
+        }
         removed
             .into_iter()
             .map(|entry| {
@@ -186,13 +411,23 @@ impl Presence {
         self.table.snapshot()
     }
 
+    /// The size in bytes of the awareness message holding every current state, as
+    /// [`snapshot`](Self::snapshot) encoded for a Yjs client (exact), without building it: what
+    /// answering a `QueryAwareness` (or greeting a Yjs connection) puts in the asker's queue.
+    /// At most about [`MAX_ROOM_STATE_BYTES`] plus a few bytes per state. For a native
+    /// connection, [`snapshot_for`](Self::snapshot_for) sends the same states as one frame each,
+    /// a few dozen bytes more per state (document id, user).
+    pub(crate) fn snapshot_bytes(&self) -> usize {
+        self.table.snapshot_encoded_len()
+    }
+
     /// Every current state not controlled by `session`, as presence events (for a native
     /// connection that just resumed the document).
     pub(crate) fn snapshot_for(&self, doc: &DocId, session: u64) -> Vec<RoomEvent> {
         self.table
             .snapshot()
             .into_iter()
-            .filter(|entry| self.controllers.get(&entry.client_id) != Some(&session))
+            .filter(|entry| self.clients.get(&entry.client_id).and_then(|c| c.controller) != Some(session))
             .map(|entry| {
                 let user = self.user_of(entry.client_id);
                 event(doc, &user, entry)
@@ -210,25 +445,31 @@ impl Presence {
         owner
     }
 
-    /// Makes `session` the controller of `client`, taking it from any previous controller.
-    fn control(&mut self, session: u64, client: u64) {
-        if let Some(previous) = self.controllers.insert(client, session) {
+    /// Makes `session` (of `user`) the controller of `client`, taking it from any previous
+    /// controller.
+    fn control(&mut self, session: u64, user: &str, client: u64, native: bool) {
+        let record = self.clients.entry(client).or_insert_with(|| Client {
+            user: user.to_owned(),
+            controller: None,
+            native,
+        });
+        if let Some(previous) = record.controller.replace(session) {
             if previous != session {
                 if let Some(owner) = self.owners.get_mut(&previous) {
                     owner.clients.remove(&client);
                 }
             }
         }
+        if record.user != user {
+            record.user = user.to_owned();
+        }
+        record.native = native;
         self.owners.entry(session).or_default().clients.insert(client);
     }
 
-    /// The user of the connection controlling `client` (empty when none does).
+    /// The user owning `client` (empty when the table does not know it).
     fn user_of(&self, client: u64) -> String {
-        self.controllers
-            .get(&client)
-            .and_then(|session| self.owners.get(session))
-            .map(|owner| owner.user.clone())
-            .unwrap_or_default()
+        self.clients.get(&client).map(|c| c.user.clone()).unwrap_or_default()
     }
 }
 
@@ -238,7 +479,7 @@ fn normalize(state: Option<String>) -> Result<Option<String>, InvalidState> {
     match serde_json::from_str::<serde_json::Value>(&text) {
         Ok(serde_json::Value::Null) => Ok(None),
         Ok(_) => Ok(Some(text)),
-        Err(_) => Err(InvalidState),
+        Err(_) => Err(InvalidState::NotJson),
     }
 }
 
@@ -292,12 +533,26 @@ mod tests {
             .collect()
     }
 
+    /// Entries from Yjs connection `session` of `user`, in a room without other subscribers.
+    fn yjs(p: &mut Presence, session: u64, user: &str, entries: &[AwarenessEntry], now: u64) -> Vec<RoomEvent> {
+        p.apply(&doc(), session, user, entries, now, |_| false)
+    }
+
+    /// A JSON string state of exactly `len` bytes.
+    fn state_of(len: usize) -> String {
+        format!("\"{}\"", "x".repeat(len - 2))
+    }
+
+    fn timeout() -> u64 {
+        PRESENCE_TIMEOUT.as_millis() as u64
+    }
+
     #[test]
     fn leave_removes_and_announces_what_the_connection_set() {
         let mut p = Presence::default();
         let d = doc();
         assert_eq!(
-            seen(&p.apply(&d, 7, "u7", &[entry(1000, 0, Some("{\"a\":1}"))], 0)),
+            seen(&yjs(&mut p, 7, "u7", &[entry(1000, 0, Some("{\"a\":1}"))], 0)),
             [(1000, 0, Some("{\"a\":1}".into()))]
         );
         assert_eq!(
@@ -322,12 +577,13 @@ mod tests {
         let mut p = Presence::default();
         let d = doc();
         p.set_native(&d, 8, "u8", Some("{}".into()), 0).unwrap();
-        // A Yjs connection cannot remove the native connection's state.
-        assert!(p.apply(&d, 7, "u7", &[entry(8, 5, None)], 1).is_empty());
-        assert!(p.apply(&d, 7, "u7", &[entry(1000, 0, Some("not json"))], 1).is_empty());
+        // A Yjs connection cannot remove the native connection's state, nor set one.
+        assert!(yjs(&mut p, 7, "u7", &[entry(8, 1, None)], 1).is_empty());
+        assert!(yjs(&mut p, 7, "u8", &[entry(8, 5, Some("{}"))], 1).is_empty());
+        assert!(yjs(&mut p, 7, "u7", &[entry(1000, 0, Some("not json"))], 1).is_empty());
         assert!(matches!(
             p.set_native(&d, 8, "u8", Some("{oops".into()), 1),
-            Err(InvalidState)
+            Err(InvalidState::NotJson)
         ));
         // The JSON null is a removal.
         assert_eq!(
@@ -339,9 +595,8 @@ mod tests {
     #[test]
     fn one_connection_controls_a_bounded_number_of_clients() {
         let mut p = Presence::default();
-        let d = doc();
         let many: Vec<AwarenessEntry> = (1..=100).map(|c| entry(c, 0, Some("{}"))).collect();
-        assert_eq!(p.apply(&d, 7, "u7", &many, 0).len(), MAX_CLIENTS_PER_CONNECTION);
+        assert_eq!(yjs(&mut p, 7, "u7", &many, 0).len(), MAX_CLIENTS_PER_CONNECTION);
         assert_eq!(p.snapshot().len(), MAX_CLIENTS_PER_CONNECTION);
     }
 
@@ -349,19 +604,174 @@ mod tests {
     fn a_reconnected_client_is_not_removed_by_its_old_connection() {
         let mut p = Presence::default();
         let d = doc();
-        p.apply(&d, 1, "u", &[entry(1000, 3, Some("{}"))], 0);
-        // The same Yjs client on a new connection renews its state before the old one is gone.
-        assert_eq!(p.apply(&d, 2, "u", &[entry(1000, 4, Some("{}"))], 1).len(), 1);
+        yjs(&mut p, 1, "u", &[entry(1000, 3, Some("{}"))], 0);
+        // The same Yjs client on a new connection of the same user renews its state before the
+        // old one is gone: it takes the client over.
+        assert_eq!(yjs(&mut p, 2, "u", &[entry(1000, 4, Some("{}"))], 1).len(), 1);
+        // The old connection no longer clears it, nor removes it when it leaves.
+        assert!(yjs(&mut p, 1, "u", &[entry(1000, 4, None)], 1).is_empty());
         assert!(p.leave(&d, 1, 2).is_empty());
         assert_eq!(p.snapshot().len(), 1);
         assert_eq!(seen(&p.leave(&d, 2, 3)), [(1000, 4, None)]);
+        // Reconnecting after the leave: the user's next connection announces it again.
+        assert_eq!(
+            seen(&yjs(&mut p, 3, "u", &[entry(1000, 5, Some("{}"))], 4)),
+            [(1000, 5, Some("{}".into()))]
+        );
+    }
+
+    #[test]
+    fn another_user_cannot_set_freeze_or_remove_a_yjs_client() {
+        let mut p = Presence::default();
+        let d = doc();
+        let ada = Some("{\"name\":\"ada\"}");
+        assert_eq!(yjs(&mut p, 1, "ada", &[entry(1000, 1, ada)], 0).len(), 1);
+        // Bob (any connection of his) tries her id: a state, a frozen clock, a removal.
+        for forged in [
+            entry(1000, 2, Some("{\"name\":\"bob\"}")),
+            entry(1000, (1 << 53) - 1, Some("{\"name\":\"bob\"}")),
+            entry(1000, 1, None),
+            entry(1000, 2, None),
+        ] {
+            assert!(yjs(&mut p, 2, "bob", &[forged], 1).is_empty());
+        }
+        assert_eq!(p.snapshot(), [entry(1000, 1, ada)]);
+        // Her renewals keep being applied, and her own removal works.
+        assert_eq!(
+            seen(&yjs(&mut p, 1, "ada", &[entry(1000, 2, ada)], 2)),
+            [(1000, 2, ada.map(Into::into))]
+        );
+        assert_eq!(
+            seen(&yjs(&mut p, 1, "ada", &[entry(1000, 3, None)], 3)),
+            [(1000, 3, None)]
+        );
+        assert!(p.snapshot().is_empty());
+        // While the table remembers the id, it stays hers: after her connection left, too.
+        p.leave(&d, 1, 4);
+        assert!(yjs(&mut p, 2, "bob", &[entry(1000, 9, Some("{}"))], 5).is_empty());
+        // Once the table has forgotten it, the id is free.
+        p.expire(&d, 4 + timeout());
+        assert!(p.clients.is_empty());
+        assert_eq!(
+            yjs(&mut p, 2, "bob", &[entry(1000, 9, Some("{}"))], 6 + timeout()).len(),
+            1
+        );
+        // Events carry the owner's user.
+        let expired = p.expire(&d, 6 + 2 * timeout());
+        assert!(matches!(&expired[..], [RoomEvent::Presence { user, .. }] if user == "bob"));
+    }
+
+    #[test]
+    fn native_ids_and_session_ids_are_not_for_yjs_connections() {
+        let mut p = Presence::default();
+        let d = doc();
+        p.set_native(&d, 8, "ada", Some("{}".into()), 0).unwrap();
+        // Not even a Yjs connection of the same user sets a native entry.
+        assert!(yjs(&mut p, 7, "ada", &[entry(8, 2, Some("{\"x\":1}"))], 1).is_empty());
+        // A subscriber's session id is refused before its native presence exists.
+        let sessions = |id: u64| id == 9 || id == 7;
+        assert!(p
+            .apply(&d, 7, "bob", &[entry(9, 0, Some("{}"))], 1, sessions)
+            .is_empty());
+        assert!(p
+            .apply(&d, 7, "bob", &[entry(7, 0, Some("{}"))], 1, sessions)
+            .is_empty());
+        // An id claimed before a session had it is taken over by the native session, with a
+        // clock above the claimed one; the Yjs connection then loses it.
+        assert_eq!(
+            yjs(&mut p, 7, "bob", &[entry(50, 900, Some("{\"bob\":1}"))], 2).len(),
+            1
+        );
+        assert_eq!(
+            seen(&p.set_native(&d, 50, "carol", Some("{}".into()), 3).unwrap()),
+            [(50, 901, Some("{}".into()))]
+        );
+        assert!(yjs(&mut p, 7, "bob", &[entry(50, 902, Some("{\"bob\":2}"))], 4).is_empty());
+        assert!(p.leave(&d, 7, 5).is_empty());
+        assert_eq!(seen(&p.snapshot_for(&d, 8)), [(50, 901, Some("{}".into()))]);
+        assert!(matches!(&p.snapshot_for(&d, 8)[0], RoomEvent::Presence { user, .. } if user == "carol"));
+    }
+
+    #[test]
+    fn clocks_are_bounded() {
+        let mut p = Presence::default();
+        let d = doc();
+        // A first announcement: at most 2^32.
+        assert!(yjs(&mut p, 1, "u", &[entry(1, MAX_FIRST_CLOCK + 1, Some("{}"))], 0).is_empty());
+        assert!(yjs(&mut p, 1, "u", &[entry(1, u64::MAX, Some("{}"))], 0).is_empty());
+        assert_eq!(
+            yjs(&mut p, 1, "u", &[entry(1, MAX_FIRST_CLOCK, Some("{}"))], 0).len(),
+            1
+        );
+        // With a state: at most MAX_CLOCK_STEP above the known clock, removals included.
+        assert_eq!(yjs(&mut p, 1, "u", &[entry(2, 5, Some("{}"))], 0).len(), 1);
+        assert!(yjs(&mut p, 1, "u", &[entry(2, 5 + MAX_CLOCK_STEP + 1, Some("{}"))], 1).is_empty());
+        assert!(yjs(&mut p, 1, "u", &[entry(2, (1 << 53) - 1, None)], 1).is_empty());
+        assert_eq!(
+            yjs(&mut p, 1, "u", &[entry(2, 5 + MAX_CLOCK_STEP, Some("{}"))], 1).len(),
+            1
+        );
+        // Stale entries are dropped quietly (the table would not apply them anyway).
+        assert!(yjs(&mut p, 1, "u", &[entry(2, 5, Some("{}"))], 2).is_empty());
+        // After a removal, the next announcement may start over below 2^32 (a client that kept
+        // changing its state while disconnected).
+        p.leave(&d, 1, 3);
+        assert_eq!(yjs(&mut p, 4, "u", &[entry(2, 1_000_000, Some("{}"))], 4).len(), 1);
+        // A removal at an equal clock, by the controller, is applied.
+        assert_eq!(
+            seen(&yjs(&mut p, 4, "u", &[entry(2, 1_000_000, None)], 5)),
+            [(2, 1_000_000, None)]
+        );
+    }
+
+    #[test]
+    fn states_are_bounded_in_bytes() {
+        let mut p = Presence::default();
+        let d = doc();
+        let big = state_of(MAX_STATE_BYTES);
+        let too_big = state_of(MAX_STATE_BYTES + 1);
+        assert!(yjs(&mut p, 1, "u1", &[entry(1, 0, Some(&too_big))], 0).is_empty());
+        assert!(matches!(
+            p.set_native(&d, 100, "n", Some(too_big.clone()), 0),
+            Err(InvalidState::TooLarge)
+        ));
+        // One connection: MAX_CONNECTION_STATE_BYTES in all.
+        let per_connection = MAX_CONNECTION_STATE_BYTES / MAX_STATE_BYTES;
+        let entries: Vec<AwarenessEntry> = (1..=8).map(|c| entry(c, 0, Some(&big))).collect();
+        assert_eq!(yjs(&mut p, 1, "u1", &entries, 0).len(), per_connection);
+        // Replacing one of its states by one as large is fine.
+        assert_eq!(yjs(&mut p, 1, "u1", &[entry(1, 1, Some(&big))], 1).len(), 1);
+        // The room: MAX_ROOM_STATE_BYTES in all, whoever holds them.
+        let connections = (MAX_ROOM_STATE_BYTES / MAX_CONNECTION_STATE_BYTES) as u64;
+        for session in 2..=connections {
+            let entries: Vec<AwarenessEntry> = (0..8).map(|c| entry(session * 100 + c, 0, Some(&big))).collect();
+            assert_eq!(yjs(&mut p, session, "u", &entries, 0).len(), per_connection);
+        }
+        assert_eq!(p.table.state_bytes(), MAX_ROOM_STATE_BYTES);
+        assert!(yjs(&mut p, 99, "u99", &[entry(9_999, 0, Some("{}"))], 2).is_empty());
+        assert!(matches!(
+            p.set_native(&d, 100, "n", Some("{}".into()), 2),
+            Err(InvalidState::RoomFull)
+        ));
+        // What answering a query for every state costs is known and bounded.
+        let answer = driftsync_protocol::yjs::YMessage::Awareness(p.snapshot())
+            .encode()
+            .len();
+        assert_eq!(p.snapshot_bytes(), answer);
+        assert!(answer <= MAX_ROOM_STATE_BYTES + 32 * p.snapshot().len() + 16);
+        // Room is made when states go.
+        p.leave(&d, 2, 3);
+        assert_eq!(
+            seen(&p.set_native(&d, 100, "n", Some("{}".into()), 4).unwrap()),
+            [(100, 1, Some("{}".into()))]
+        );
     }
 
     #[test]
     fn silent_states_expire_and_a_native_rejoin_continues_its_clock() {
         let mut p = Presence::default();
         let d = doc();
-        let timeout = PRESENCE_TIMEOUT.as_millis() as u64;
+        let timeout = timeout();
         p.set_native(&d, 8, "u8", Some("{}".into()), 0).unwrap();
         p.set_native(&d, 8, "u8", Some("{\"b\":1}".into()), 1_000).unwrap();
         assert!(p.expire(&d, timeout).is_empty());
@@ -378,6 +788,6 @@ mod tests {
         p.leave(&d, 8, 4_000 + timeout);
         p.expire(&d, 4_000 + 3 * timeout);
         assert!(p.owners.is_empty());
-        assert!(p.controllers.is_empty());
+        assert!(p.clients.is_empty());
     }
 }
