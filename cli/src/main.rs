@@ -124,17 +124,52 @@ struct ServeArgs {
     /// Directory of the embedded SQLite store (used unless --database-url is given).
     #[arg(long, env = "DRIFTSYNC_DATA_DIR", default_value = "./driftsync-data")]
     data_dir: PathBuf,
-    /// A database URL (postgres://… or sqlite:…) instead of the embedded store.
-    #[arg(long, env = "DRIFTSYNC_DATABASE_URL")]
+    /// A database URL (postgres://… or sqlite:…) instead of the embedded store. Its password
+    /// never appears in logs or errors.
+    #[arg(long, env = "DRIFTSYNC_DATABASE_URL", hide_env_values = true)]
     database_url: Option<String>,
-    /// The secret tokens are signed with. Without it the server runs open, on loopback only.
+    /// The secret tokens are signed with, at least 32 bytes (e.g. `openssl rand -base64 32`).
+    /// Without it the server runs open, on loopback only.
     #[arg(long, env = "DRIFTSYNC_SECRET", hide_env_values = true)]
     secret: Option<String>,
+    /// Most connections open at once (WebSockets and plain HTTP); one more is answered 503 and
+    /// closed. Default: the open-files limit (`ulimit -n`) less 128 for the store and listener.
+    #[arg(long, env = "DRIFTSYNC_MAX_CONNECTIONS")]
+    max_connections: Option<usize>,
+    /// How long a request's head may take to arrive, also the longest a keep-alive connection
+    /// waits for its next request: a number with s, m, h or d [default: 10s].
+    #[arg(long, env = "DRIFTSYNC_HEADER_READ_TIMEOUT", value_parser = parse_ttl)]
+    header_read_timeout: Option<Duration>,
+    /// A connection that has not upgraded to a WebSocket is closed after this long without a
+    /// byte read or written [default: 30s].
+    #[arg(long, env = "DRIFTSYNC_IDLE_TIMEOUT", value_parser = parse_ttl)]
+    idle_timeout: Option<Duration>,
+    /// Web origins whose pages may open WebSockets here, comma-separated and exact
+    /// (`https://app.example`), `*` for any. Default: any with a secret; without one only
+    /// http(s)://localhost, 127.0.0.1 and [::1] (any port).
+    #[arg(long, env = "DRIFTSYNC_ALLOWED_ORIGINS", value_delimiter = ',', value_parser = parse_origin)]
+    allowed_origins: Vec<String>,
+    /// Largest frame accepted on /v1/sync before the hello is, in bytes [default: 16384].
+    #[arg(long, env = "DRIFTSYNC_MAX_HELLO_FRAME")]
+    max_hello_frame: Option<usize>,
+    /// Largest a document may grow, in stored bytes; a push beyond it is refused with
+    /// DocumentTooLarge [default: 4,128,768, the frame size less 64 KiB, so that every document
+    /// fits one resume answer].
+    #[arg(long, env = "DRIFTSYNC_MAX_DOCUMENT_BYTES")]
+    max_document_bytes: Option<u64>,
+    /// Bytes queued for one connection before it counts as a slow consumer and is told to
+    /// resync [default: 8 MiB].
+    #[arg(long, env = "DRIFTSYNC_OUTBOUND_QUEUE_BYTES")]
+    outbound_queue_bytes: Option<usize>,
+    /// How far ahead of the server's clock a chat message's stamp may be: a number with s, m, h
+    /// or d [default: 5m].
+    #[arg(long, env = "DRIFTSYNC_MAX_CLOCK_SKEW", value_parser = parse_ttl)]
+    max_clock_skew: Option<Duration>,
 }
 
 #[derive(clap::Args)]
 struct TokenArgs {
-    /// The server's secret.
+    /// The server's secret (at least 32 bytes).
     #[arg(long, env = "DRIFTSYNC_SECRET", hide_env_values = true)]
     secret: String,
     /// The user id (the token's subject).
@@ -240,9 +275,7 @@ fn parse_ttl(text: &str) -> Result<Duration, String> {
 }
 
 fn token(args: TokenArgs) -> anyhow::Result<()> {
-    if args.secret.is_empty() {
-        bail!("the secret is empty");
-    }
+    check_secret(&args.secret)?;
     if args.user.is_empty() {
         bail!("the user id is empty");
     }
@@ -260,11 +293,74 @@ fn token(args: TokenArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The shortest secret accepted, in bytes: HS256 tokens signed with a short secret can be forged
+/// by guessing it offline from any one token.
+const MIN_SECRET_BYTES: usize = 32;
+
+/// Refuses a secret shorter than [`MIN_SECRET_BYTES`].
+fn check_secret(secret: &str) -> anyhow::Result<()> {
+    match secret.len() {
+        0 => bail!("the secret is empty"),
+        n if n < MIN_SECRET_BYTES => bail!(
+            "the secret is {n} bytes long: use at least {MIN_SECRET_BYTES} random bytes (e.g. `openssl rand -base64 32`)"
+        ),
+        _ => Ok(()),
+    }
+}
+
+/// A web origin as browsers send it: `*`, or `http(s)://host[:port]` (lowercased, no path).
+fn parse_origin(text: &str) -> Result<String, String> {
+    let origin = text.trim().trim_end_matches('/').to_ascii_lowercase();
+    if origin == "*" {
+        return Ok(origin);
+    }
+    let host = origin
+        .strip_prefix("https://")
+        .or_else(|| origin.strip_prefix("http://"))
+        .unwrap_or_default();
+    if host.is_empty() || host.contains(['/', '?', '#', '@', ' ']) {
+        return Err(format!(
+            "invalid origin {text:?}: use scheme://host[:port], e.g. https://app.example, or *"
+        ));
+    }
+    Ok(origin)
+}
+
+/// `url` with its password, if any, replaced by `***` (`postgres://user:***@host/db`).
+fn redact_url(url: &str) -> String {
+    match url_password(url) {
+        Some((start, end)) => format!("{}***{}", &url[..start], &url[end..]),
+        None => url.to_string(),
+    }
+}
+
+/// Where the password of `url` is (`scheme://user:PASSWORD@host…`), if it has one.
+fn url_password(url: &str) -> Option<(usize, usize)> {
+    let authority_start = url.find("://")? + 3;
+    let authority_len = url[authority_start..]
+        .find(['/', '?', '#'])
+        .unwrap_or(url.len() - authority_start);
+    let authority = &url[authority_start..authority_start + authority_len];
+    let userinfo = &authority[..authority.rfind('@')?];
+    let colon = userinfo.find(':')?;
+    let start = authority_start + colon + 1;
+    let end = authority_start + userinfo.len();
+    (end > start).then_some((start, end))
+}
+
+/// `text` (an error from opening `url`) with the password of `url` replaced by `***` wherever it
+/// appears.
+fn redact_password(text: &str, url: &str) -> String {
+    match url_password(url) {
+        Some((start, end)) => text.replace(&url[start..end], "***"),
+        None => text.to_string(),
+    }
+}
+
 /// Refuses to serve open connections on anything but a loopback address.
 fn check_listen(listen: SocketAddr, secret: Option<&str>) -> anyhow::Result<()> {
     match secret {
-        Some("") => bail!("the secret is empty"),
-        Some(_) => Ok(()),
+        Some(secret) => check_secret(secret),
         None if listen.ip().is_loopback() => Ok(()),
         None => bail!(
             "refusing to listen on {listen} without a secret: open connections are served on loopback only (pass --secret or set DRIFTSYNC_SECRET)"
@@ -274,6 +370,23 @@ fn check_listen(listen: SocketAddr, secret: Option<&str>) -> anyhow::Result<()> 
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     check_listen(args.listen, args.secret.as_deref())?;
+    if args.max_connections == Some(0) {
+        bail!("--max-connections must be at least 1");
+    }
+    if args.max_hello_frame.is_some_and(|n| n < 1024) {
+        bail!("--max-hello-frame must be at least 1024 bytes: a hello carries the token");
+    }
+    if args
+        .max_document_bytes
+        .is_some_and(|n| n > (driftsync_protocol::DEFAULT_MAX_FRAME_SIZE as u64))
+    {
+        bail!(
+            "--max-document-bytes above the frame size ({}) would accept documents that native clients cannot resume",
+            driftsync_protocol::DEFAULT_MAX_FRAME_SIZE
+        );
+    }
+    // Every connection is a file descriptor: use the hard limit, not the (often 1,024) soft one.
+    driftsync_server::raise_open_files_limit();
     // Return freed memory (evicted documents, closed connections) to the OS in the background.
     if let Err(e) = tikv_jemalloc_ctl::background_thread::write(true) {
         tracing::warn!(error = %e, "cannot start jemalloc's background thread");
@@ -286,25 +399,45 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             args.data_dir.join("driftsync.db").to_string_lossy().into_owned()
         }
     };
-    let store = AnyStore::open(&target)
-        .await
-        .with_context(|| format!("cannot open the store at {target}"))?;
+    // The URL as it may be shown: without its password.
+    let shown = redact_url(&target);
+    let store = AnyStore::open(&target).await.map_err(|e| {
+        anyhow::anyhow!(
+            "cannot open the store at {shown}: {}",
+            redact_password(&format!("{e:#}"), &target)
+        )
+    })?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     let local = listener.local_addr().context("cannot read the listening address")?;
     // One plain line on stdout, for scripts and tests that start the server on port 0.
     println!("driftsync listening on {local}");
+    let defaults = driftsync_server::Config::default();
     let config = driftsync_server::Config {
         auth: driftsync_server::Auth::new(args.secret.as_deref()),
-        ..Default::default()
+        max_connections: args.max_connections.unwrap_or(defaults.max_connections),
+        header_read_timeout: args.header_read_timeout.unwrap_or(defaults.header_read_timeout),
+        idle_timeout: args.idle_timeout.unwrap_or(defaults.idle_timeout),
+        allowed_origins: (!args.allowed_origins.is_empty()).then_some(args.allowed_origins),
+        max_hello_frame: args.max_hello_frame.unwrap_or(defaults.max_hello_frame),
+        max_document_bytes: args.max_document_bytes.unwrap_or(defaults.max_document_bytes),
+        outbound_queue_bytes: args.outbound_queue_bytes.unwrap_or(defaults.outbound_queue_bytes),
+        max_clock_skew: args.max_clock_skew.unwrap_or(defaults.max_clock_skew),
+        ..defaults
     };
     let auth = if config.auth.is_open() {
         "open (no secret)"
     } else {
         "tokens"
     };
-    tracing::info!(listen = %local, store = %target, auth, "driftsync serving");
+    tracing::info!(
+        listen = %local,
+        store = %shown,
+        auth,
+        max_connections = config.max_connections,
+        "driftsync serving"
+    );
     driftsync_server::serve(listener, store, config, shutdown_signal()).await?;
     tracing::info!("driftsync stopped");
     Ok(())
@@ -430,7 +563,52 @@ mod tests {
             refused.contains("without a secret") && !refused.contains('\n'),
             "{refused}"
         );
-        assert!(check_listen(public, Some("s3cret")).is_ok());
+        assert!(check_listen(public, Some("a-secret-that-is-32-bytes-long!!")).is_ok());
         assert!(check_listen(local, Some("")).is_err());
+        let short = check_listen(public, Some("s3cret")).unwrap_err().to_string();
+        assert!(short.contains("at least 32") && !short.contains('\n'), "{short}");
+    }
+
+    #[test]
+    fn database_passwords_are_redacted() {
+        assert_eq!(
+            redact_url("postgres://ada:hunter2@db:5432/x"),
+            "postgres://ada:***@db:5432/x"
+        );
+        assert_eq!(
+            redact_url("postgresql://ada:p@ss@db/x?sslmode=require"),
+            "postgresql://ada:***@db/x?sslmode=require"
+        );
+        assert_eq!(redact_url("postgres://ada@db/x"), "postgres://ada@db/x");
+        assert_eq!(redact_url("postgres://db/x?user=a@b"), "postgres://db/x?user=a@b");
+        assert_eq!(redact_url("/var/lib/driftsync.db"), "/var/lib/driftsync.db");
+        assert_eq!(redact_url("sqlite:data.db"), "sqlite:data.db");
+        assert_eq!(
+            redact_password(
+                "password authentication failed (hunter2)",
+                "postgres://ada:hunter2@db/x"
+            ),
+            "password authentication failed (***)"
+        );
+    }
+
+    #[test]
+    fn origins() {
+        assert_eq!(parse_origin("https://App.example/"), Ok("https://app.example".into()));
+        assert_eq!(
+            parse_origin("http://localhost:3000"),
+            Ok("http://localhost:3000".into())
+        );
+        assert_eq!(parse_origin("*"), Ok("*".into()));
+        for bad in [
+            "",
+            "app.example",
+            "https://",
+            "https://a.example/path",
+            "ftp://a.example",
+            "null",
+        ] {
+            assert!(parse_origin(bad).is_err(), "{bad:?}");
+        }
     }
 }

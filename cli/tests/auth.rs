@@ -9,6 +9,12 @@ use driftsync_server::auth::now_secs;
 use driftsync_server::{Access, Auth};
 use driftsync_tests::NativeClient;
 
+/// Secrets of the length `driftsync` asks for (at least 32 bytes).
+const S3CRET: &str = "s3cret-s3cret-s3cret-s3cret-s3cret";
+const OTHER: &str = "other-other-other-other-other-other";
+const FROM_ENV: &str = "from-env-from-env-from-env-from-env";
+const SERVE_SECRET: &str = "serve-secret-serve-secret-serve-secret";
+
 fn driftsync(args: &[&str]) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_driftsync"));
     command
@@ -34,7 +40,7 @@ fn token_mints_what_the_server_verifies() {
     let output = driftsync(&[
         "token",
         "--secret",
-        "s3cret",
+        S3CRET,
         "--user",
         "ada",
         "--docs",
@@ -44,20 +50,20 @@ fn token_mints_what_the_server_verifies() {
     ])
     .output()
     .unwrap();
-    let grant = Auth::new(Some("s3cret")).verify(&stdout_line(&output)).unwrap();
+    let grant = Auth::new(Some(S3CRET)).verify(&stdout_line(&output)).unwrap();
     assert_eq!(grant.user, "ada");
     assert_eq!(grant.patterns, vec!["chat/*".to_string(), "notes/1".to_string()]);
     assert!(grant.write);
     let expires = grant.expires_at.unwrap();
     assert!((now_secs() + 7100..=now_secs() + 7200).contains(&expires), "{expires}");
-    assert!(Auth::new(Some("other")).verify(&stdout_line(&output)).is_err());
+    assert!(Auth::new(Some(OTHER)).verify(&stdout_line(&output)).is_err());
 
     // The secret from the environment, read-only, and the default lifetime of a day.
     let output = driftsync(&["token", "--user", "bob", "--docs", "*", "--read-only"])
-        .env("DRIFTSYNC_SECRET", "from-env")
+        .env("DRIFTSYNC_SECRET", FROM_ENV)
         .output()
         .unwrap();
-    let grant = Auth::new(Some("from-env")).verify(&stdout_line(&output)).unwrap();
+    let grant = Auth::new(Some(FROM_ENV)).verify(&stdout_line(&output)).unwrap();
     assert_eq!(grant.access(&DocId::new("any/doc").unwrap()), Some(Access::Read));
     assert!(grant.expires_at.unwrap() > now_secs() + 86_000);
 
@@ -65,7 +71,7 @@ fn token_mints_what_the_server_verifies() {
     for args in [
         &["token", "--secret", "", "--user", "ada", "--docs", "*"][..],
         &[
-            "token", "--secret", "s", "--user", "ada", "--docs", "*", "--ttl", "soon",
+            "token", "--secret", S3CRET, "--user", "ada", "--docs", "*", "--ttl", "soon",
         ],
         &["token", "--user", "ada", "--docs", "*"],
     ] {
@@ -88,12 +94,50 @@ fn an_open_server_refuses_to_listen_beyond_loopback() {
     assert!(stderr.contains("without a secret"), "{stderr}");
 }
 
+#[test]
+fn a_short_secret_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().to_str().unwrap();
+    let short = "only-31-bytes-long-secret-12345";
+    assert_eq!(short.len(), 31);
+    let mut serve_env = driftsync(&["serve", "--listen", "127.0.0.1:0", "--data-dir", data]);
+    serve_env.env("DRIFTSYNC_SECRET", short);
+    let commands = [
+        (
+            "token",
+            driftsync(&["token", "--secret", short, "--user", "ada", "--docs", "*"]),
+        ),
+        ("serve (env)", serve_env),
+        (
+            "serve (flag)",
+            driftsync(&[
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--data-dir",
+                data,
+                "--secret",
+                short,
+            ]),
+        ),
+    ];
+    for (name, mut command) in commands {
+        let output = command.output().unwrap();
+        assert!(!output.status.success(), "{name} accepted a short secret");
+        assert!(output.stdout.is_empty(), "{name}");
+        let stderr = String::from_utf8(output.stderr).unwrap();
+        assert_eq!(stderr.lines().count(), 1, "{name}: one line: {stderr:?}");
+        assert!(stderr.contains("at least 32"), "{name}: {stderr}");
+        assert!(!stderr.contains(short), "{name} printed the secret: {stderr}");
+    }
+}
+
 #[tokio::test]
 async fn serve_with_a_secret_requires_a_token() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().to_str().unwrap();
     let mut server = driftsync(&["serve", "--listen", "127.0.0.1:0", "--data-dir", data])
-        .env("DRIFTSYNC_SECRET", "serve-secret")
+        .env("DRIFTSYNC_SECRET", SERVE_SECRET)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
@@ -126,7 +170,7 @@ async fn serve_with_a_secret_requires_a_token() {
     );
     assert_eq!(refused.close_code().await, Some(CLOSE_UNAUTHORIZED));
 
-    let token = driftsync(&["token", "--secret", "serve-secret", "--user", "ada", "--docs", "*"])
+    let token = driftsync(&["token", "--secret", SERVE_SECRET, "--user", "ada", "--docs", "*"])
         .output()
         .unwrap();
     NativeClient::connect(&url, &stdout_line(&token), 6).await;

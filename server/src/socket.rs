@@ -35,6 +35,12 @@ use crate::room::{ConnCtl, Outbound, Outgoing, Protocol, RoomEvent};
 /// A peer that does not read (dead or slow) is cut off after this.
 const CLOSE_FLUSH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// After its close frame, what a connection reads and discards before it is dropped (see
+/// [`Reader::drain`]): at most this many bytes…
+pub(crate) const DRAIN_BYTES: usize = 1024 * 1024;
+/// …for at most this long.
+pub(crate) const DRAIN_TIME: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// The most one read of a connection's socket takes (into the thread's scratch buffer, see
 /// [`Reader`]); a larger frame is read straight into its own payload.
 const READ_BUFFER: usize = 1024;
@@ -52,7 +58,16 @@ const RESERVE_AHEAD: usize = 64 * 1024;
 
 /// RFC 6455 close codes for violations of WebSocket itself.
 const CLOSE_WS_PROTOCOL_ERROR: u16 = 1002;
+const CLOSE_POLICY_VIOLATION: u16 = 1008;
 const CLOSE_TOO_BIG: u16 = 1009;
+
+/// Frames the protocol loops never see — pings, pongs and the fragments of a message before its
+/// last — allowed per second on average ([`Reader::take_uncounted`] also hands them to the
+/// loops' rate limiters). A client pings every few seconds at most and browsers do not fragment
+/// what they send; a peer that floods them is closed with 1008 (policy violation).
+pub(crate) const UNCOUNTED_FRAMES_PER_SEC: f32 = 1_000.0;
+/// Such frames allowed in a burst (a 4 MiB message cut into 1 KiB fragments fits).
+pub(crate) const UNCOUNTED_FRAME_BURST: f32 = 4_096.0;
 
 const OP_CONTINUATION: u8 = 0x0;
 const OP_TEXT: u8 = 0x1;
@@ -85,10 +100,20 @@ fn header_lists(headers: &HeaderMap, key: header::HeaderName, token: &str) -> bo
         .any(|item| item.trim().eq_ignore_ascii_case(token))
 }
 
-impl<S: Send + Sync> FromRequestParts<S> for Upgrade {
+/// What an upgrade asks of the server's state: whether a browser page from `origin` (the
+/// request's `Origin` header) may open a WebSocket here.
+pub(crate) trait OriginCheck {
+    fn origin_allowed(&self, origin: &HeaderValue) -> bool;
+}
+
+impl<S: OriginCheck + Send + Sync> FromRequestParts<S> for Upgrade {
     type Rejection = Response;
 
-    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+    /// Also refuses (403, before any upgrade) a request whose `Origin` the server does not
+    /// allow: every browser sends one with a WebSocket upgrade, so a page on another site cannot
+    /// use the server through the user's browser. Requests without `Origin` (non-browser
+    /// clients) are not affected.
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
         if parts.method != Method::GET {
             return Err(refuse(
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -110,6 +135,15 @@ impl<S: Send + Sync> FromRequestParts<S> for Upgrade {
             != Some(b"13")
         {
             return Err(refuse(StatusCode::BAD_REQUEST, "Sec-WebSocket-Version must be 13"));
+        }
+        if let Some(origin) = parts.headers.get(header::ORIGIN) {
+            if !state.origin_allowed(origin) {
+                tracing::info!(
+                    ?origin,
+                    "WebSocket upgrade from a page whose origin is not allowed: refused"
+                );
+                return Err(refuse(StatusCode::FORBIDDEN, "this origin may not connect"));
+            }
         }
         let Some(key) = parts.headers.get(header::SEC_WEBSOCKET_KEY).cloned() else {
             return Err(refuse(StatusCode::BAD_REQUEST, "Sec-WebSocket-Key is missing"));
@@ -199,6 +233,17 @@ struct Header {
     len: usize,
 }
 
+impl Header {
+    /// The bytes the header took on the wire (a masked client frame, shortest length encoding).
+    fn wire_len(&self) -> usize {
+        match self.len {
+            0..=125 => 6,
+            126..=0xFFFF => 8,
+            _ => 14,
+        }
+    }
+}
+
 /// Parses a client frame header from the start of `bytes`: `Ok(None)` if incomplete, else the
 /// header and its length. Refuses (with the close code) what a client must not send (RFC 6455
 /// §5.1–5.5): reserved bits (no extension is negotiated), unmasked frames, unknown opcodes,
@@ -259,6 +304,14 @@ pub(crate) struct Reader<R = ReadHalf<Io>> {
     max_size: usize,
     /// The connection's queue (for pongs and close codes), once it exists.
     out: Option<Outbound>,
+    /// Frames read that no protocol loop saw (pings, pongs, fragments before a message's last),
+    /// and their bytes on the wire, since the last [`Reader::take_uncounted`].
+    uncounted_frames: u32,
+    uncounted_bytes: usize,
+    /// The socket's own bucket for such frames ([`UNCOUNTED_FRAMES_PER_SEC`]): tokens left and
+    /// when it was last filled (`None`: full, no such frame yet).
+    uncounted_tokens: f32,
+    uncounted_at: Option<std::time::Instant>,
 }
 
 impl<R: AsyncRead + Unpin> Reader<R> {
@@ -273,7 +326,50 @@ impl<R: AsyncRead + Unpin> Reader<R> {
             message: None,
             max_size,
             out: None,
+            uncounted_frames: 0,
+            uncounted_bytes: 0,
+            uncounted_tokens: UNCOUNTED_FRAME_BURST,
+            uncounted_at: None,
         }
+    }
+
+    /// Changes the largest frame or message accepted from now on: the native endpoint reads its
+    /// hello under a small limit and raises it once the peer is authenticated. A frame whose
+    /// header announces more is refused (1009) from its header alone, before its payload is
+    /// read.
+    pub(crate) fn set_max_size(&mut self, max_size: usize) {
+        self.max_size = max_size;
+    }
+
+    /// Frames read since the last call that the protocol loops did not receive as
+    /// [`Incoming::Binary`] — pings, pongs, and every fragment of a fragmented message but its
+    /// last — and their bytes on the wire (headers included), to be charged to the
+    /// connection's rate limiter. Resets the count. (An assembled message's payload reaches the
+    /// loop as one `Binary` and is charged there; its fragments' headers are counted here.)
+    /// [`Incoming::Control`] is only a sign of life: those frames are counted here, not there.
+    pub(crate) fn take_uncounted(&mut self) -> (u32, usize) {
+        let taken = (self.uncounted_frames, self.uncounted_bytes);
+        self.uncounted_frames = 0;
+        self.uncounted_bytes = 0;
+        taken
+    }
+
+    /// Counts a frame the loops will not see, of `bytes` on the wire; `false` if the peer sends
+    /// them faster than [`UNCOUNTED_FRAMES_PER_SEC`] (burst [`UNCOUNTED_FRAME_BURST`]).
+    fn count_uncounted(&mut self, bytes: usize) -> bool {
+        self.uncounted_frames = self.uncounted_frames.saturating_add(1);
+        self.uncounted_bytes = self.uncounted_bytes.saturating_add(bytes);
+        let now = std::time::Instant::now();
+        if let Some(at) = self.uncounted_at {
+            let refill = now.saturating_duration_since(at).as_secs_f32() * UNCOUNTED_FRAMES_PER_SEC;
+            self.uncounted_tokens = (self.uncounted_tokens + refill).min(UNCOUNTED_FRAME_BURST);
+        }
+        self.uncounted_at = Some(now);
+        if self.uncounted_tokens < 1.0 {
+            return false;
+        }
+        self.uncounted_tokens -= 1.0;
+        true
     }
 
     /// The next complete frame (header and unmasked payload); `Ok(None)` at the end of the
@@ -316,7 +412,7 @@ impl<R: AsyncRead + Unpin> Reader<R> {
             // The buffer is empty: read the rest of the payload straight into the payload,
             // reserving memory as the bytes arrive, not as the header promised.
             let need = need - buffered;
-            self.payload.reserve(need.min(RESERVE_AHEAD));
+            reserve_within(&mut self.payload, need.min(RESERVE_AHEAD), header.len);
             match self.io.read_buf(&mut (&mut self.payload).limit(need)).await {
                 Ok(0) | Err(_) => return Ok(None),
                 Ok(_) => {}
@@ -344,6 +440,27 @@ impl<R: AsyncRead + Unpin> Reader<R> {
             })
         })
         .await
+    }
+
+    /// After the close frame went out: reads and discards what the peer still sends, until it
+    /// closes its side, `limit` bytes or `patience` have passed. Dropping a socket whose receive
+    /// buffer holds unread bytes makes the kernel reset the connection, and a reset discards
+    /// what was not yet delivered — the close frame with its code (4000 "resync", say) among
+    /// it. Bounded, so a peer that keeps sending cannot keep the connection.
+    pub(crate) async fn drain(&mut self, limit: usize, patience: std::time::Duration) {
+        self.buf = Vec::new();
+        self.start = 0;
+        self.payload = Vec::new();
+        self.message = None;
+        let mut discarded = 0;
+        let _ = tokio::time::timeout(patience, async {
+            while discarded < limit && self.fill().await {
+                discarded += self.buf.len();
+                self.buf.clear();
+            }
+        })
+        .await;
+        self.buf = Vec::new();
     }
 
     /// Closes the connection with `code` (a WebSocket violation), saying why in the log.
@@ -600,7 +717,10 @@ async fn write_loop<W: AsyncWrite + Unpin>(
         }
         pending.push(OP_CLOSE, Bytes::copy_from_slice(&ctl.code().to_be_bytes()));
         pending.finish(&mut io).await?;
-        io.flush().await
+        io.flush().await?;
+        // Half-close: the peer reads the close frame, then end of stream; the reader drains
+        // what the peer still sends (see `Reader::drain`) before the socket is dropped.
+        io.shutdown().await
     };
     let _ = tokio::time::timeout(CLOSE_FLUSH_TIMEOUT, close).await;
 }
@@ -627,6 +747,17 @@ pub(crate) async fn next_incoming<R: AsyncRead + Unpin>(reader: &mut Reader<R>) 
                 return None;
             }
         };
+        // Every frame but a message's last is invisible to the protocol loops: count it, and
+        // close a connection that floods them.
+        // Control frames are counted whole; a fragment only by its header, its payload being
+        // charged with the assembled message.
+        let control = header.opcode & 0x8 != 0;
+        let seen = header.fin && (!control || header.opcode == OP_CLOSE);
+        let bytes = header.wire_len() + if control { payload.len() } else { 0 };
+        if !seen && !reader.count_uncounted(bytes) {
+            reader.refuse(CLOSE_POLICY_VIOLATION, "too many control frames or fragments");
+            return None;
+        }
         let (opcode, message) = match (header.opcode, reader.message.take()) {
             (OP_PING, message) => {
                 reader.message = message;
@@ -646,6 +777,7 @@ pub(crate) async fn next_incoming<R: AsyncRead + Unpin>(reader: &mut Reader<R>) 
                     reader.refuse(CLOSE_TOO_BIG, "message over the size limit");
                     return None;
                 }
+                reserve_within(&mut message, payload.len(), reader.max_size);
                 message.extend_from_slice(&payload);
                 (opcode, message)
             }
@@ -663,6 +795,19 @@ pub(crate) async fn next_incoming<R: AsyncRead + Unpin>(reader: &mut Reader<R>) 
             _ => None,
         };
     }
+}
+
+/// Makes room for `additional` more bytes in `vec`, growing it as `Vec::reserve` does (doubling,
+/// so that many small additions cost their bytes) but never past a capacity of `max` (the
+/// frame or message size limit): a message assembled from fragments, or a payload read as it
+/// arrives, never holds twice the limit.
+fn reserve_within(vec: &mut Vec<u8>, additional: usize, max: usize) {
+    let needed = vec.len() + additional;
+    if needed <= vec.capacity() {
+        return;
+    }
+    let target = needed.max(vec.capacity() * 2).min(max).max(needed);
+    vec.reserve_exact(target - vec.len());
 }
 
 /// The next binary message, skipping WebSocket pings and pongs; `None` at close or error.
@@ -977,6 +1122,85 @@ mod tests {
         assert_eq!(binary(&next_incoming(&mut reader).await), Some(&[9; 2_000][..]));
         assert!(wait(&mut reader).await);
         assert_eq!(reader.buf.capacity(), 0);
+    }
+
+    #[tokio::test]
+    async fn the_size_limit_can_be_raised_after_the_hello() {
+        let (mut tx, rx) = tokio::io::duplex(1 << 20);
+        let mut reader = Reader::new(rx, 100);
+        tx.write_all(&client_frame(true, OP_BINARY, &[1; 100])).await.unwrap();
+        assert_eq!(binary(&next_incoming(&mut reader).await).map(<[u8]>::len), Some(100));
+        reader.set_max_size(1_000);
+        tx.write_all(&client_frame(true, OP_BINARY, &[2; 1_000])).await.unwrap();
+        assert_eq!(binary(&next_incoming(&mut reader).await).map(<[u8]>::len), Some(1_000));
+        // Over the limit: refused from the header alone, without waiting for the payload.
+        reader.set_max_size(100);
+        let big = client_frame(true, OP_BINARY, &[3; 4_000]);
+        tx.write_all(&big[..8]).await.unwrap();
+        let refused = tokio::time::timeout(std::time::Duration::from_secs(5), next_incoming(&mut reader)).await;
+        assert!(matches!(refused, Ok(None)));
+        assert!(reader.payload.capacity() == 0);
+    }
+
+    #[tokio::test]
+    async fn frames_the_loops_do_not_see_are_counted() {
+        let (mut tx, rx) = tokio::io::duplex(1 << 20);
+        let mut reader = Reader::new(rx, 1 << 20);
+        let mut bytes = client_frame(false, OP_BINARY, b"frag");
+        bytes.extend(client_frame(true, OP_PING, b"p"));
+        bytes.extend(client_frame(false, OP_CONTINUATION, &[b'x'; 2_000]));
+        bytes.extend(client_frame(true, OP_PONG, b""));
+        bytes.extend(client_frame(true, OP_CONTINUATION, b"end"));
+        tx.write_all(&bytes).await.unwrap();
+        assert!(matches!(next_incoming(&mut reader).await, Some(Incoming::Control)));
+        assert!(matches!(next_incoming(&mut reader).await, Some(Incoming::Control)));
+        assert_eq!(binary(&next_incoming(&mut reader).await).map(<[u8]>::len), Some(2_007));
+        // The first fragment and the continuation by their headers (their payload comes with
+        // the message), the ping (6 + 1) and the pong (6) whole.
+        assert_eq!(reader.take_uncounted(), (4, 6 + 7 + 8 + 6));
+        assert_eq!(reader.take_uncounted(), (0, 0));
+        tx.write_all(&client_frame(true, OP_BINARY, b"plain")).await.unwrap();
+        assert_eq!(binary(&next_incoming(&mut reader).await), Some(&b"plain"[..]));
+        assert_eq!(reader.take_uncounted(), (0, 0));
+    }
+
+    #[tokio::test]
+    async fn a_flood_of_pings_or_empty_fragments_is_closed() {
+        let burst = UNCOUNTED_FRAME_BURST as usize;
+        let pings: Vec<u8> = (0..burst * 2).flat_map(|_| client_frame(true, OP_PING, b"")).collect();
+        let mut fragments = client_frame(false, OP_BINARY, b"");
+        fragments.extend((0..burst * 2).flat_map(|_| client_frame(false, OP_CONTINUATION, b"")));
+        for (name, mut bytes) in [("pings", pings), ("fragments", fragments)] {
+            bytes.extend(client_frame(true, OP_BINARY, b"after"));
+            let got = read_all(&bytes, &[1 << 20], 1 << 20).await;
+            assert!(got.len() <= burst + 2, "{name}: {} frames read", got.len());
+            assert!(got.iter().all(|g| binary(g).is_none()), "{name}");
+        }
+        // A few hundred pings are fine.
+        let mut bytes: Vec<u8> = (0..300).flat_map(|_| client_frame(true, OP_PING, b"")).collect();
+        bytes.extend(client_frame(true, OP_BINARY, b"after"));
+        let got = read_all(&bytes, &[1 << 20], 1 << 20).await;
+        assert_eq!(binary(&got[300]), Some(&b"after"[..]));
+    }
+
+    #[tokio::test]
+    async fn an_assembled_message_never_holds_more_than_the_limit() {
+        let max = 50_000;
+        let mut bytes = client_frame(false, OP_BINARY, &[1; 1_000]);
+        for _ in 0..48 {
+            bytes.extend(client_frame(false, OP_CONTINUATION, &[2; 1_000]));
+        }
+        bytes.extend(client_frame(true, OP_CONTINUATION, &[3; 1_000]));
+        let (mut tx, rx) = tokio::io::duplex(1 << 20);
+        tx.write_all(&bytes).await.unwrap();
+        let mut reader = Reader::new(rx, max);
+        match next_incoming(&mut reader).await {
+            Some(Incoming::Binary(message)) => {
+                assert_eq!(message.len(), 50_000);
+                assert!(message.capacity() <= max, "capacity {}", message.capacity());
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[tokio::test]
