@@ -47,11 +47,18 @@ fi
 for f in "$DS_BIN" "$BENCH"; do
   [[ -x $f ]] || { echo "missing $f: cargo build --release -p driftsync -p driftsync-bench" >&2; exit 1; }
 done
-for d in y-websocket/node_modules/@y/websocket-server hocuspocus/node_modules/@hocuspocus/server; do
-  [[ -d $ANCHORS/$d ]] || { echo "missing $ANCHORS/$d: bash /work/shared/bench/install-anchors.sh --with-y-sweet" >&2; exit 1; }
-done
-[[ -x $ANCHORS/y-sweet/bin/y-sweet ]] || { echo "missing y-sweet: bash /work/shared/bench/install-anchors.sh --with-y-sweet" >&2; exit 1; }
-cp "$ROOT/bench/anchors/hocuspocus-server.mjs" "$ANCHORS/hocuspocus/bench-server.mjs"
+# Only the anchors this run starts must be installed.
+need() { [[ " $SYSTEMS " == *" $1 "* ]]; }
+if need y-websocket; then
+  [[ -d $ANCHORS/y-websocket/node_modules/@y/websocket-server ]] || { echo "missing the y-websocket server in $ANCHORS: bash /work/shared/bench/install-anchors.sh" >&2; exit 1; }
+fi
+if need hocuspocus; then
+  [[ -d $ANCHORS/hocuspocus/node_modules/@hocuspocus/server ]] || { echo "missing Hocuspocus in $ANCHORS: bash /work/shared/bench/install-anchors.sh" >&2; exit 1; }
+  cp "$ROOT/bench/anchors/hocuspocus-server.mjs" "$ANCHORS/hocuspocus/bench-server.mjs"
+fi
+if need y-sweet; then
+  [[ -x $ANCHORS/y-sweet/bin/y-sweet ]] || { echo "missing y-sweet: bash /work/shared/bench/install-anchors.sh --with-y-sweet" >&2; exit 1; }
+fi
 
 # 10k connections need as many descriptors in the server and in the generator.
 ulimit -n "$(ulimit -Hn)" || true

@@ -155,6 +155,8 @@ async fn a_client_that_stops_reading_is_told_to_resync_and_others_keep_receiving
     let (_dir, store) = sqlite_store().await;
     let config = driftsync_server::Config {
         outbound_queue: 16,
+        // 16 MB of text: past the default maximum document size, which this test is not about.
+        max_document_bytes: u64::MAX,
         ..Default::default()
     };
     let server = TestServer::start(store, config).await;

@@ -287,6 +287,9 @@ impl<S: Store> Store for FlakyStore<S> {
     async fn documents(&self) -> driftsync_engine::Result<Vec<String>> {
         self.inner.documents().await
     }
+    async fn claim_client(&self, client_id: u64, owner: &str) -> driftsync_engine::Result<String> {
+        self.inner.claim_client(client_id, owner).await
+    }
     async fn device(&self) -> driftsync_engine::Result<driftsync_engine::store::DeviceIdentity> {
         self.inner.device().await
     }

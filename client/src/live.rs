@@ -1000,6 +1000,11 @@ impl Task {
                 };
                 tracing::info!(%error, "the server refused");
                 self.error(&error);
+                if code == ErrorCode::TokenExpired {
+                    // The token ran out (the server stops delivering and closes the connection
+                    // after a short grace): reconnect now, which asks for a fresh token.
+                    return Err(error);
+                }
                 if let Some(doc) = doc {
                     let id = doc.as_str().to_string();
                     if error.is_retryable() {

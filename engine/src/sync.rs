@@ -17,10 +17,11 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use driftsync_protocol::Cursor;
 use yrs::updates::encoder::{Encode, Encoder, EncoderV1};
-use yrs::{ClientID, Doc, ReadTxn, StateVector, Transact, Update};
+use yrs::{ClientID, Doc, IdSet, ReadTxn, StateVector, Transact, Update, ID};
 
 use crate::doc::{apply, decode_state_vector, decode_update, is_empty_update};
 use crate::store::{LogEntry, OutboxEntry};
+use crate::validate::{check_update, dependencies_satisfied};
 use crate::{Error, Result};
 
 /// Bounds on what a document holds back.
@@ -143,6 +144,69 @@ pub fn merge(updates: &[&[u8]]) -> Result<Vec<u8>> {
         .map_err(|_| Error::InvalidUpdate("merging updates panicked".into()))
 }
 
+/// What [`check_push`] found out about a pushed update, before anything was applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckedPush {
+    /// The client ids under which the update carries structs — items, or garbage-collected
+    /// ranges — that the document does not hold yet: the writers it speaks for. The server lets
+    /// only each client id's owner push new structs under it (ARCHITECTURE.md, "Authorship");
+    /// structs the document already holds (a re-sent batch, an echo) speak for nobody.
+    pub writers: Vec<u64>,
+    /// Whether the document holds everything the update builds on — its structs' predecessors,
+    /// the items they reference, the items it deletes — so that yrs integrates all of it. An
+    /// update that fails this is refused before it is applied: no reload, no partial state.
+    pub complete: bool,
+    /// What integrating it costs yrs in squashing (see [`MAX_SQUASH_WORK`]).
+    pub squash_work: u64,
+}
+
+/// Checks `bytes` with [`crate::validate`] — without yrs — against `doc`, which is not touched:
+/// what the update would add and under whose client ids, and whether it can be integrated
+/// completely. One pass over the bytes; its result holds nothing of yrs, so it can be kept
+/// across an await.
+pub fn check_push(doc: &Doc, bytes: &[u8]) -> Result<CheckedPush> {
+    let summary = check_update(bytes).map_err(|e| Error::InvalidUpdate(e.to_string()))?;
+    let have = doc.transact().state_vector();
+    let has = |client: u64| have.get(&ClientID::new(client));
+    let mut writers: Vec<u64> = summary
+        .carried
+        .iter()
+        .filter(|&&(client, _, end)| end > has(client))
+        .map(|&(client, _, _)| client)
+        .collect();
+    writers.dedup();
+    // Deletions of items the document lacks would wait in yrs's pending delete set: for the
+    // server, which never holds anything pending, they are missing dependencies too.
+    let deletes_known = summary
+        .deletes
+        .iter()
+        .all(|&(client, clock, len)| clock.saturating_add(len) <= has(client) || summary.carries(client, clock));
+    let complete = deletes_known && dependencies_satisfied(&summary, has);
+    Ok(CheckedPush {
+        writers,
+        complete,
+        squash_work: summary.squash_work,
+    })
+}
+
+/// Decodes and applies an update [`check_push`] found complete. `Ok(Applied::Pending)` or an
+/// `Err` means yrs integrated only part of it after all (the check cannot see everything, e.g.
+/// reference cycles): `doc` may then hold part of it.
+pub fn apply_checked(doc: &Doc, bytes: &[u8]) -> Result<Applied> {
+    let changed = apply(doc, decode_update(bytes)?)?;
+    Ok(match pending(doc) {
+        (Some(missing), bytes) => Applied::Pending { missing, bytes },
+        (None, _) if changed => Applied::Integrated,
+        (None, _) => Applied::Unchanged,
+    })
+}
+
+/// The client ids under which `bytes` carries structs that `doc` does not hold yet (see
+/// [`CheckedPush::writers`]).
+pub fn new_writers(doc: &Doc, bytes: &[u8]) -> Result<Vec<u64>> {
+    Ok(check_push(doc, bytes)?.writers)
+}
+
 /// Above this many bytes, a log-tail answer is compared with the state diff.
 const TAIL_CHECK_BYTES: usize = 16 * 1024;
 
@@ -220,6 +284,17 @@ pub fn answer_resume(
 /// of batches (a larger single batch goes alone); see [`merge_outbox`].
 pub const MERGED_PUSH_BYTES: usize = 256 * 1024;
 
+/// The most squashing work a push may cost yrs (`validate::UpdateSummary::squash_work`, in
+/// clocks copied); the server refuses more ([`check_push`]). yrs spends memory and time
+/// quadratic in the length of an update's runs of consecutive items while integrating it — it
+/// copies the growing content of each run it squashes: 10,000 one-character items typed in a
+/// row cost 71 MB, 40,000 cost 914 MB and a second, 200,000 tens of GB (see
+/// `fixtures/crashers/README.md`) — and our own outbox merge produced such updates from a day of
+/// offline typing. This bound is a run of about 4,000 one-character items (a few MB); editors'
+/// updates carry runs already squashed (yrs and Yjs squash a typed run into one item when its
+/// transaction ends), and [`merge_outbox`] keeps its merges under it.
+pub const MAX_SQUASH_WORK: u64 = 8 * 1024 * 1024;
+
 /// What a client pushes after a resume answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PlannedPush {
@@ -233,7 +308,9 @@ pub enum PlannedPush {
 
 /// Plans what a client sends after the server's answer for one document: its outbox, oldest
 /// first, merged into pushes of at most `max_bytes` bytes of batches (see [`merge_outbox`]), and
-/// a recovery update when the server's state vector shows a gap the outbox does not fill.
+/// a recovery update when the server's state vector shows a gap in this client's own changes that
+/// the outbox does not fill. Changes of other clients are never pushed: only a client id's owner
+/// may write under it.
 pub fn plan_pushes(
     doc: &Doc,
     outbox: Vec<OutboxEntry>,
@@ -265,22 +342,53 @@ pub fn plan_pushes(
             outbox_floor = Some(outbox_floor.map_or(low, |f| f.min(low)));
         }
     }
-    let gap = local_sv.iter().any(|(client, &clock)| {
-        let has = server_sv.get(client);
-        if *client == me {
-            has < outbox_floor.unwrap_or(clock).min(clock)
-        } else {
-            has < clock
-        }
-    });
+    // Only this client's own changes are this client's to restore: the server takes new structs
+    // under a client id from its owner alone (ARCHITECTURE.md, "Authorship"), so a recovery that
+    // carried another replica's changes would be refused whole. Theirs are restored by them.
+    let own = local_sv.get(&me);
+    let gap = server_sv.get(&me) < outbox_floor.unwrap_or(own).min(own);
     let mut plan: Vec<PlannedPush> = merge_outbox(outbox, max_bytes)?
         .into_iter()
         .map(PlannedPush::Outbox)
         .collect();
     if gap {
-        plan.push(PlannedPush::Recovery(missing_for(doc, &server_sv)));
+        // The diff against the server's state vector, with every other client's clock raised to
+        // ours so that none of their structs is included.
+        let mut only_mine = server_sv.clone();
+        for (client, &clock) in local_sv.iter() {
+            if *client != me {
+                only_mine.set_max(*client, clock);
+            }
+        }
+        let diff = missing_for(doc, &only_mine);
+        plan.push(PlannedPush::Recovery(deletions_known_to(&diff, &server_sv, me.get())?));
     }
     Ok(plan)
+}
+
+/// `update` with its delete set cut down to deletions of items the server holds (below its
+/// state vector `server_sv`) or `me`'s own (carried by a recovery): the server refuses, as a
+/// missing dependency, an update deleting items it lacks — and those are other clients' to
+/// restore (their deletions come with them, from whoever holds them).
+fn deletions_known_to(update: &[u8], server_sv: &StateVector, me: u64) -> Result<Vec<u8>> {
+    let summary = check_update(update).map_err(|e| Error::InvalidUpdate(e.to_string()))?;
+    let mut kept = IdSet::new();
+    for &(client, clock, len) in &summary.deletes {
+        let end = if client == me {
+            clock.saturating_add(len)
+        } else {
+            clock.saturating_add(len).min(server_sv.get(&ClientID::new(client)))
+        };
+        if clock < end {
+            kept.insert(ID::new(ClientID::new(client), clock), end - clock);
+        }
+    }
+    let mut bytes = update
+        .get(..summary.delete_set_at)
+        .ok_or_else(|| Error::InvalidUpdate("delete set offset out of range".into()))?
+        .to_vec();
+    bytes.extend_from_slice(&kept.encode_v1());
+    Ok(bytes)
 }
 
 /// Merges consecutive outbox entries (oldest first, one document) into entries of at most
@@ -313,12 +421,28 @@ pub fn merge_outbox(outbox: Vec<OutboxEntry>, max_bytes: usize) -> Result<Vec<Ou
         }
         Ok(())
     };
+    let mut group_clocks: u64 = 0;
     for entry in outbox {
-        if !group.is_empty() && group_bytes + entry.update.len() > max_bytes {
+        // yrs's merge keeps every keystroke's item, one after another, and the server bounds
+        // what squashing them costs (`MAX_SQUASH_WORK`, quadratic in a run's length): a group
+        // also ends before its items could cost more, counted as if they all formed one run.
+        let clocks = check_update(&entry.update).map_or(0, |summary| {
+            summary
+                .carried
+                .iter()
+                .map(|&(_, start, end)| u64::from(end - start))
+                .sum::<u64>()
+        });
+        let run = group_clocks + clocks;
+        if !group.is_empty()
+            && (group_bytes + entry.update.len() > max_bytes || run.saturating_mul(run + 1) / 2 > MAX_SQUASH_WORK)
+        {
             flush(&mut group)?;
             group_bytes = 0;
+            group_clocks = 0;
         }
         group_bytes += entry.update.len();
+        group_clocks += clocks;
         group.push(entry);
     }
     flush(&mut group)?;
@@ -333,7 +457,7 @@ pub fn client_id(doc: &Doc) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::doc::{new_doc, state_vector, text, text_delete, text_insert};
+    use crate::doc::{encode_state, new_doc, state_vector, text, text_delete, text_insert};
 
     fn log(updates: &[Vec<u8>]) -> Vec<LogEntry> {
         updates
@@ -508,6 +632,120 @@ mod tests {
         };
         apply_remote(&server, update, &Limits::default()).unwrap();
         assert_eq!(text(&server), "offline");
+    }
+
+    #[test]
+    fn a_recovery_restores_only_the_clients_own_changes() {
+        let server = new_doc(1).unwrap();
+        let ada = new_doc(2).unwrap();
+        let bob = new_doc(3).unwrap();
+        let mine = text_insert(&ada, 0, "ada ").unwrap();
+        let theirs = text_insert(&bob, 0, "bob ").unwrap();
+        apply_remote(&ada, &theirs, &Limits::default()).unwrap();
+        // Ada deleted a character of Bob's: the server, lacking Bob's text, could not take
+        // that deletion (a missing dependency), so her recovery leaves it to whoever has it.
+        let at = text(&ada).find("bob").unwrap() as u32;
+        let theirs_deleted = text_delete(&ada, at, 1).unwrap();
+        // The server lost both (say, restored from an old backup).
+        let plan = plan_pushes(&ada, Vec::new(), Some(&state_vector(&server)), MERGED_PUSH_BYTES).unwrap();
+        let [PlannedPush::Recovery(update)] = plan.as_slice() else {
+            panic!("{plan:?}")
+        };
+        let checked = check_push(&server, update).unwrap();
+        assert_eq!(checked.writers, vec![2], "Bob's structs are Bob's to push");
+        assert!(checked.complete, "nothing in it the server lacks");
+        apply_checked(&server, update).unwrap();
+        assert_eq!(text(&server), "ada ");
+        // Only Bob's are missing now: nothing for Ada to restore.
+        let plan = plan_pushes(&ada, Vec::new(), Some(&state_vector(&server)), MERGED_PUSH_BYTES).unwrap();
+        assert!(plan.is_empty(), "{plan:?}");
+        apply_remote(&server, &theirs, &Limits::default()).unwrap();
+        apply_remote(&server, &theirs_deleted, &Limits::default()).unwrap();
+        assert_eq!(text(&server), text(&ada));
+        let _ = mine;
+    }
+
+    #[test]
+    fn a_day_of_offline_typing_goes_up_in_pushes_yrs_integrates_cheaply() {
+        let server = new_doc(1).unwrap();
+        let client = new_doc(2).unwrap();
+        // 10,000 keystrokes, each its own batch: merged whole, one run of 10,000 items that
+        // would cost yrs about 70 MB to squash.
+        let outbox: Vec<OutboxEntry> = (0..10_000u32)
+            .map(|i| OutboxEntry {
+                doc: "d".into(),
+                batch: u64::from(i) + 1,
+                update: text_insert(&client, i, "x").unwrap(),
+            })
+            .collect();
+        let all: Vec<&[u8]> = outbox.iter().map(|e| e.update.as_slice()).collect();
+        let whole = merge(&all).unwrap();
+        assert!(check_push(&server, &whole).unwrap().squash_work > MAX_SQUASH_WORK);
+        let pushes = merge_outbox(outbox, MERGED_PUSH_BYTES).unwrap();
+        assert!(pushes.len() > 1 && pushes.len() < 10, "{} pushes", pushes.len());
+        for push in &pushes {
+            let checked = check_push(&server, &push.update).unwrap();
+            assert!(checked.squash_work <= MAX_SQUASH_WORK && checked.complete);
+            apply_checked(&server, &push.update).unwrap();
+        }
+        assert_eq!(text(&server), text(&client));
+        // A document's own state carries its runs squashed: no work at all.
+        assert_eq!(
+            check_push(&new_doc(3).unwrap(), &encode_state(&server))
+                .unwrap()
+                .squash_work,
+            0
+        );
+    }
+
+    #[test]
+    fn a_push_is_found_incomplete_before_it_is_applied() {
+        let server = new_doc(1).unwrap();
+        let ada = new_doc(2).unwrap();
+        let a = text_insert(&ada, 0, "hello").unwrap();
+        let b = text_insert(&ada, 5, " world").unwrap();
+        let bob = new_doc(3).unwrap();
+        apply_remote(&bob, &a, &Limits::default()).unwrap();
+        let c = text_insert(&bob, 2, "!").unwrap();
+        let d = text_delete(&bob, 0, 1).unwrap();
+        // A gap in Ada's clocks, an item referencing one the server lacks, a deletion of one:
+        // all refused untouched.
+        for (what, update) in [("gap", &b), ("reference", &c), ("deletion", &d)] {
+            let checked = check_push(&server, update).unwrap();
+            assert!(!checked.complete, "{what}");
+        }
+        assert_eq!(
+            encode_state(&server),
+            encode_state(&new_doc(1).unwrap()),
+            "nothing applied"
+        );
+        assert!(check_push(&server, &a).unwrap().complete);
+        assert_eq!(apply_checked(&server, &a).unwrap(), Applied::Integrated);
+        for update in [&b, &c, &d] {
+            assert!(check_push(&server, update).unwrap().complete);
+            apply_checked(&server, update).unwrap();
+        }
+        assert_eq!(text(&server), "e!llo world");
+        assert_eq!(apply_checked(&server, &c).unwrap(), Applied::Unchanged);
+    }
+
+    #[test]
+    fn new_writers_are_the_clients_with_structs_the_document_lacks() {
+        let server = new_doc(1).unwrap();
+        let ada = new_doc(2).unwrap();
+        let a = text_insert(&ada, 0, "hello").unwrap();
+        assert_eq!(new_writers(&server, &a).unwrap(), vec![2]);
+        apply_remote(&server, &a, &Limits::default()).unwrap();
+        // A re-sent update speaks for nobody; a deletion of Ada's text by Bob speaks for nobody
+        // either (deletions carry no author).
+        assert!(new_writers(&server, &a).unwrap().is_empty());
+        let bob = new_doc(3).unwrap();
+        apply_remote(&bob, &a, &Limits::default()).unwrap();
+        let delete = text_delete(&bob, 0, 2).unwrap();
+        assert!(new_writers(&server, &delete).unwrap().is_empty());
+        let both = merge(&[&text_insert(&bob, 0, "x").unwrap(), &text_insert(&ada, 5, "!").unwrap()]).unwrap();
+        assert_eq!(new_writers(&server, &both).unwrap(), vec![2, 3]);
+        assert!(new_writers(&server, &[0xff, 0xff]).is_err());
     }
 
     #[test]

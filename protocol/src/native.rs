@@ -332,6 +332,13 @@ pub enum ErrorCode {
     /// The update depends on changes the server does not have; it was not stored. The client
     /// should resume (the server's state vector shows what it lacks) and push those first.
     MissingDependencies,
+    /// The yrs client id belongs to another user: a `Hello` naming it, or a push carrying new
+    /// changes under it, is refused (a client id has one owner; see ARCHITECTURE.md,
+    /// "Authorship"). Nothing of the push was stored.
+    ClientIdTaken,
+    /// Storing the update would make the document larger than the server's maximum document
+    /// size; nothing of it was stored.
+    DocumentTooLarge,
 }
 
 impl ClientFrame {

@@ -15,7 +15,7 @@ use proptest::prelude::*;
 const MAX: usize = DEFAULT_MAX_FRAME_SIZE;
 
 /// Every `ErrorCode` variant, in declaration order.
-const ERROR_CODES: [(&str, ErrorCode); 18] = [
+const ERROR_CODES: [(&str, ErrorCode); 20] = [
     ("unauthorized", ErrorCode::Unauthorized),
     ("token-expired", ErrorCode::TokenExpired),
     ("forbidden", ErrorCode::Forbidden),
@@ -34,6 +34,8 @@ const ERROR_CODES: [(&str, ErrorCode); 18] = [
     ("unavailable", ErrorCode::Unavailable),
     ("internal", ErrorCode::Internal),
     ("missing-dependencies", ErrorCode::MissingDependencies),
+    ("client-id-taken", ErrorCode::ClientIdTaken),
+    ("document-too-large", ErrorCode::DocumentTooLarge),
 ];
 
 /// A match that fails to compile when `ErrorCode` gains a variant, so that `ERROR_CODES` (and
@@ -58,7 +60,9 @@ fn error_codes_are_all_listed(code: ErrorCode) {
         | ErrorCode::StoreUnavailable
         | ErrorCode::Unavailable
         | ErrorCode::Internal
-        | ErrorCode::MissingDependencies => {}
+        | ErrorCode::MissingDependencies
+        | ErrorCode::ClientIdTaken
+        | ErrorCode::DocumentTooLarge => {}
     }
 }
 

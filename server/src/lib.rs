@@ -14,7 +14,11 @@
 //!
 //! Limits: a maximum frame size, a maximum number of documents per connection, a token-bucket
 //! rate limit per connection ([`RateLimit`]), and a bounded outbound queue per connection whose
-//! overflow closes the connection with the resync code. `GET /metrics` serves Prometheus metrics.
+//! overflow closes the connection with the resync code. Over HTTP: a maximum number of
+//! connections ([`Config::max_connections`], one more gets `503`), header-read and idle timeouts,
+//! a small frame limit until the native hello is accepted, and, on an open server, only
+//! loopback `Host` names and browser origins ([`Config::allowed_origins`]). `GET /metrics`
+//! serves Prometheus metrics.
 //! Rooms publish their updates through a [`Fanout`] so that several instances sharing one store
 //! can serve one document; idle rooms are unloaded and logs compacted in the background.
 //!
@@ -25,9 +29,11 @@
 pub mod auth;
 mod commit;
 pub mod fanout;
+mod http;
 mod limits;
 mod metrics;
 mod native;
+mod owners;
 mod presence;
 mod queue;
 mod room;
@@ -42,23 +48,81 @@ use std::time::Duration;
 use axum::extract::State;
 use axum::response::IntoResponse;
 use axum::routing::get;
-use axum::serve::ListenerExt;
 use axum::Router;
 use driftsync_engine::store::{CompactionPolicy, Store};
-use driftsync_engine::sync::Limits;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 pub use crate::auth::{mint, Access, Auth, Claims, Grant};
 use crate::commit::Committer;
 pub use crate::fanout::{Fanout, LocalFanout, NoFanout};
-pub use crate::limits::RateLimit;
+pub use crate::limits::{RateLimit, RoomOpens};
 use crate::metrics::Metrics;
 use crate::room::{RoomCtx, Rooms};
 
 /// Documents whose id starts with this are chat rooms: updates to them must follow the chat
 /// rules of `driftsync_engine::chat` (ARCHITECTURE.md, "Chat and receipts schema").
 pub const CHAT_PREFIX: &str = "chat/";
+
+/// The default [`Config::header_read_timeout`].
+pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The default [`Config::idle_timeout`].
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The default [`Config::max_hello_frame`]: a hello with its token is a few hundred bytes (a
+/// token listing many documents one by one a few KiB; patterns such as `notes/*` keep it short).
+pub const DEFAULT_MAX_HELLO_FRAME: usize = 16 * 1024;
+
+/// File descriptors [`default_max_connections`] leaves to everything but connections: the
+/// listener, the store (an SQLite file with its WAL and pooled readers, or a PostgreSQL pool),
+/// the runtime, logs.
+pub const FD_RESERVE: usize = 128;
+
+/// The default [`Config::max_connections`]: the process's soft limit on open files less
+/// [`FD_RESERVE`] (half the limit if that is small), so that connections alone cannot exhaust
+/// the descriptors the store and `/healthz` need. 1,024 less the reserve where the limit cannot
+/// be read; at most 1,048,576.
+pub fn default_max_connections() -> usize {
+    let limit = open_files_limit().unwrap_or(1024).min(1 << 20);
+    if limit > 2 * FD_RESERVE {
+        limit - FD_RESERVE
+    } else {
+        (limit / 2).max(1)
+    }
+}
+
+/// Raises the process's soft limit on open files to its hard limit (call it before building a
+/// [`Config`], whose default [`Config::max_connections`] follows the soft limit). Failures are
+/// logged: the server then runs with the limit it has.
+pub fn raise_open_files_limit() {
+    #[cfg(unix)]
+    {
+        use rustix::process::{getrlimit, setrlimit, Resource};
+        let limit = getrlimit(Resource::Nofile);
+        if limit.current < limit.maximum {
+            let raised = rustix::process::Rlimit {
+                current: limit.maximum,
+                maximum: limit.maximum,
+            };
+            if let Err(e) = setrlimit(Resource::Nofile, raised) {
+                tracing::warn!(error = %e, "cannot raise the open-files limit");
+            }
+        }
+    }
+}
+
+/// The soft limit on open files (`RLIMIT_NOFILE`), if there is one.
+#[cfg(unix)]
+fn open_files_limit() -> Option<usize> {
+    let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile).current?;
+    Some(usize::try_from(limit).unwrap_or(usize::MAX))
+}
+
+#[cfg(not(unix))]
+fn open_files_limit() -> Option<usize> {
+    None
+}
 
 /// Server settings; [`Config::default`] is what `driftsync serve` uses.
 #[derive(Debug, Clone)]
@@ -68,6 +132,16 @@ pub struct Config {
     /// Frames queued for one connection before it counts as a slow consumer and is told to
     /// resync.
     pub outbound_queue: usize,
+    /// Bytes queued for one connection (frames and the updates and presence states of its
+    /// rooms' events) before it counts as a slow consumer; the connection's answers to its own
+    /// requests wait for room instead, so a large answer is paced by the peer's reading.
+    pub outbound_queue_bytes: usize,
+    /// Rooms one connection may open (subscribe in a `Resume`), and, per authenticated user
+    /// across connections, twice as many: a token bucket per second with its burst.
+    pub room_opens: RoomOpens,
+    /// How long a connection keeps going after its token expired, for a `Reauth`, before it is
+    /// closed with 4001. Nothing is delivered to it meanwhile.
+    pub token_grace: Duration,
     /// How often the server pings; a connection silent for three intervals is closed. Keep it
     /// below 30 s: y-websocket clients drop a connection that brought them nothing for 30 s.
     pub heartbeat: Duration,
@@ -75,8 +149,15 @@ pub struct Config {
     pub hello_timeout: Duration,
     /// Largest number of documents one connection may subscribe.
     pub max_docs_per_connection: usize,
-    /// Bounds on updates waiting for predecessors.
-    pub limits: Limits,
+    /// The largest a document may grow, in stored bytes (snapshot plus log); a push beyond it
+    /// is refused with `DocumentTooLarge`. Kept below the frame size by default, so that every
+    /// accepted document still fits one resume answer ([`DEFAULT_MAX_DOCUMENT_BYTES`]).
+    pub max_document_bytes: u64,
+    /// How far ahead of the server's clock a new chat message's HLC stamp may be; one further
+    /// ahead is refused (`SchemaViolation`), so that nobody can make a message sort after every
+    /// later reply. A device whose clock runs further ahead has its messages accepted once the
+    /// server's clock has caught up to within this bound (they wait in its outbox).
+    pub max_clock_skew: Duration,
     /// Token verification; the default has no secret and runs open.
     pub auth: Auth,
     /// Per-connection rate limit.
@@ -89,6 +170,26 @@ pub struct Config {
     pub sweep_interval: Duration,
     /// How rooms reach the other instances sharing the store (none by default).
     pub fanout: Arc<dyn Fanout>,
+    /// Most connections open at once, WebSockets and plain HTTP alike; one more is answered
+    /// `503` and closed at once. Default: [`default_max_connections`] (the open-files limit less
+    /// [`FD_RESERVE`]).
+    pub max_connections: usize,
+    /// How long a request's head (request line and headers) may take to arrive, also the
+    /// longest a keep-alive connection waits for its next request ([`DEFAULT_HEADER_READ_TIMEOUT`]).
+    pub header_read_timeout: Duration,
+    /// A connection that has not upgraded to a WebSocket is closed after this long without
+    /// reading or writing a byte ([`DEFAULT_IDLE_TIMEOUT`]).
+    pub idle_timeout: Duration,
+    /// Web origins (`https://app.example`, exact, as browsers send them; `*` for any) whose pages
+    /// may open WebSockets here: a browser upgrade with another `Origin` is refused with 403.
+    /// `None`: any origin with a secret; on an open server only loopback origins
+    /// (`http(s)://localhost`, `127.0.0.1`, `[::1]`, any port). An open server also answers only
+    /// requests whose `Host` is a loopback name (against DNS rebinding), whatever this says.
+    pub allowed_origins: Option<Vec<String>>,
+    /// Largest frame accepted on `/v1/sync` before the hello is accepted, in bytes
+    /// ([`DEFAULT_MAX_HELLO_FRAME`]); then `max_frame_size`. A larger one is refused from its
+    /// header with close 1009, so an unauthenticated peer cannot make the server hold much.
+    pub max_hello_frame: usize,
 }
 
 impl Default for Config {
@@ -96,18 +197,34 @@ impl Default for Config {
         Config {
             max_frame_size: driftsync_protocol::DEFAULT_MAX_FRAME_SIZE,
             outbound_queue: 1024,
+            outbound_queue_bytes: DEFAULT_OUTBOUND_QUEUE_BYTES,
+            room_opens: RoomOpens::default(),
+            token_grace: Duration::from_secs(10),
             heartbeat: Duration::from_secs(15),
             hello_timeout: Duration::from_secs(10),
             max_docs_per_connection: 1024,
-            limits: Limits::default(),
+            max_document_bytes: DEFAULT_MAX_DOCUMENT_BYTES,
+            max_clock_skew: Duration::from_millis(driftsync_engine::clock::DEFAULT_MAX_CLOCK_SKEW_MS),
             auth: Auth::default(),
             rate_limit: RateLimit::default(),
             compaction: CompactionPolicy::default(),
             sweep_interval: Duration::from_secs(10),
             fanout: Arc::new(NoFanout),
+            max_connections: default_max_connections(),
+            header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            allowed_origins: None,
+            max_hello_frame: DEFAULT_MAX_HELLO_FRAME,
         }
     }
 }
+
+/// The default [`Config::max_document_bytes`]: the default frame size less 64 KiB for the
+/// frame's other fields, so that a native resume answer always fits one frame.
+pub const DEFAULT_MAX_DOCUMENT_BYTES: u64 = (driftsync_protocol::DEFAULT_MAX_FRAME_SIZE - 64 * 1024) as u64;
+
+/// The default [`Config::outbound_queue_bytes`]: two frames of the default size.
+pub const DEFAULT_OUTBOUND_QUEUE_BYTES: usize = 2 * driftsync_protocol::DEFAULT_MAX_FRAME_SIZE;
 
 /// What every connection shares.
 struct Shared<S> {
@@ -118,6 +235,8 @@ struct Shared<S> {
     rooms: Rooms,
     /// Prometheus metrics, served at `/metrics`.
     metrics: Arc<Metrics>,
+    /// Rooms opened per user, across connections.
+    opens: limits::UserOpens,
     /// Session ids, unique per process: they name connections in presence and logs.
     next_session: AtomicU64,
     /// Cancelled at shutdown; every connection's token is a child of it.
@@ -141,13 +260,19 @@ pub async fn serve<S: Store>(
         metrics: Arc::clone(&metrics),
         fanout: Arc::clone(&config.fanout),
         instance,
+        owners: Arc::default(),
+        max_document_bytes: config.max_document_bytes,
+        max_clock_skew_ms: u64::try_from(config.max_clock_skew.as_millis()).unwrap_or(u64::MAX),
     });
+    let http_limits = http::Limits::of(&config);
+    let open = config.auth.is_open();
     let shared = Arc::new(Shared {
         store,
         committer,
         config,
         rooms,
         metrics,
+        opens: limits::UserOpens::default(),
         next_session: AtomicU64::new(1),
         shutdown: token.clone(),
     });
@@ -193,24 +318,23 @@ pub async fn serve<S: Store>(
         }
     });
     let at_shutdown = Arc::clone(&shared);
-    let app = Router::new()
+    let mut app = Router::new()
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics_text::<S>))
         .route("/v1/sync", get(sync::<S>))
         .route("/yjs/{*doc}", get(yjs::upgrade::<S>))
         .with_state(shared);
+    if open {
+        // Against DNS rebinding: a web page cannot reach an open server under its own name.
+        app = app.layer(axum::middleware::from_fn(http::require_loopback_host));
+    }
     let stop = token.clone();
     tokio::spawn(async move {
         shutdown.await;
         stop.cancel();
     });
-    // Small frames go out at once: latency matters more than packet count here.
-    let listener = listener.tap_io(|tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    let result = axum::serve(listener, app)
-        .with_graceful_shutdown(async move { token.cancelled().await })
-        .await;
+    // Our accept loop: timeouts, a connection limit, accept errors handled (see `http`).
+    let result = http::serve(listener, app, http_limits, token).await;
     // Fold grown logs into snapshots (bounded in time), so the next start loads fast. Appends
     // still in flight are safe: compaction never deletes an update it did not fold.
     let compaction = at_shutdown
@@ -250,6 +374,13 @@ async fn metrics_text<S: Store>(State(shared): State<Arc<Shared<S>>>) -> impl In
 }
 
 async fn sync<S: Store>(State(shared): State<Arc<Shared<S>>>, ws: socket::Upgrade) -> impl IntoResponse {
-    let max = shared.config.max_frame_size;
+    // Small until the hello is accepted; `native::hello` raises it to `max_frame_size`.
+    let max = shared.config.max_hello_frame.min(shared.config.max_frame_size);
     ws.on_upgrade(max, move |socket| native::run(shared, socket))
+}
+
+impl<S: Store> socket::OriginCheck for Arc<Shared<S>> {
+    fn origin_allowed(&self, origin: &axum::http::HeaderValue) -> bool {
+        http::origin_allowed(&self.config, origin)
+    }
 }

@@ -6,17 +6,19 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
+use driftsync_engine::doc::MAX_CLIENT_ID;
 use driftsync_engine::store::{LogTail, Origin, Store};
-use driftsync_engine::sync::answer_resume;
+use driftsync_engine::sync::{answer_resume, ResumeAnswer};
 use driftsync_protocol::{
-    ClientFrame, DocId, DocResumed, ErrorCode, ResumeDoc, ServerFrame, CLOSE_PROTOCOL_ERROR, CLOSE_UNAUTHORIZED,
-    CLOSE_UNSUPPORTED_VERSION, PROTOCOL_VERSION,
+    ClientFrame, Cursor, DocId, DocResumed, ErrorCode, ResumeDoc, ServerFrame, CLOSE_PROTOCOL_ERROR, CLOSE_RESYNC,
+    CLOSE_UNAUTHORIZED, CLOSE_UNSUPPORTED_VERSION, PROTOCOL_VERSION,
 };
 
 use crate::auth::{Access, Grant};
 use crate::limits::Limiter;
+use crate::owners::Ownership;
 use crate::room::{ConnCtl, Outbound, Protocol, RoomEvent, Subscriber};
-use crate::socket::{next_binary, Reader, Socket};
+use crate::socket::{next_binary, Reader, Socket, DRAIN_BYTES, DRAIN_TIME};
 use crate::Shared;
 
 /// The most log entries a resume reads; a client further behind gets a state-vector diff (the
@@ -90,6 +92,7 @@ fn error(code: ErrorCode, doc: Option<DocId>, batch: Option<u64>) -> Vec<u8> {
 pub(crate) async fn run<S: Store>(shared: Arc<Shared<S>>, socket: Socket) {
     let ctl = Arc::new(ConnCtl::new(shared.shutdown.child_token(), Arc::clone(&shared.metrics)));
     let (mut stream, out, writer) = socket.start(shared.config.outbound_queue, ctl, Protocol::Native, encode);
+    out.tx.set_max_bytes(shared.config.outbound_queue_bytes);
 
     let session = shared.next_session.fetch_add(1, Ordering::Relaxed);
     match Box::pin(hello(&shared, &mut stream, &out, session)).await {
@@ -103,8 +106,12 @@ pub(crate) async fn run<S: Store>(shared: Arc<Shared<S>>, socket: Socket) {
         Err(code) => out.ctl.close(code),
     }
     // The reader holds a handle to the queue too (for pongs).
-    drop((stream, out));
+    drop(out);
     let _ = writer.await;
+    // Not at shutdown: the process is about to go, and closing fast matters more then.
+    if !shared.shutdown.is_cancelled() {
+        stream.drain(DRAIN_BYTES, DRAIN_TIME).await;
+    }
 }
 
 async fn hello<S: Store>(shared: &Shared<S>, stream: &mut Reader, out: &Outbound, session: u64) -> Result<Peer, u16> {
@@ -127,6 +134,36 @@ async fn hello<S: Store>(shared: &Shared<S>, stream: &mut Reader, out: &Outbound
                 out.frame(error(code, None, None));
                 CLOSE_UNAUTHORIZED
             })?;
+            if client_id == 0 || client_id >= MAX_CLIENT_ID {
+                tracing::info!(session, client_id, "hello refused: client id not in 1..2^53");
+                out.frame(error(ErrorCode::Malformed, None, None));
+                return Err(CLOSE_PROTOCOL_ERROR);
+            }
+            // The client id keys the deduplication of this connection's batches: it must be the
+            // user's own, or anyone could make another's batches look like re-sends.
+            if let Some(user) = grant.identity() {
+                match shared.rooms.ctx().owners.claim(&*shared.store, client_id, user).await {
+                    Ok(Ownership::Mine) => {}
+                    Ok(Ownership::Taken) => {
+                        tracing::info!(
+                            session,
+                            client_id,
+                            user,
+                            "hello refused: the client id is another user's"
+                        );
+                        out.frame(error(ErrorCode::ClientIdTaken, None, None));
+                        return Err(CLOSE_UNAUTHORIZED);
+                    }
+                    Err(e) => {
+                        tracing::error!(session, error = %e, "store failed binding a client id");
+                        out.frame(error(ErrorCode::StoreUnavailable, None, None));
+                        return Err(CLOSE_RESYNC);
+                    }
+                }
+            }
+            // Authenticated: from here on frames up to the full size (the hello's limit was
+            // `max_hello_frame`). Raised before the welcome, after which the client may send.
+            stream.set_max_size(shared.config.max_frame_size);
             out.frame(
                 ServerFrame::Welcome {
                     version: PROTOCOL_VERSION,
@@ -163,11 +200,33 @@ async fn read_loop<S: Store>(shared: &Shared<S>, stream: &mut Reader, out: &Outb
     // next tick, and the first message was read only after it.)
     let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + heartbeat, heartbeat);
     let mut last_heard = Instant::now();
-    let mut limiter = Limiter::new(&shared.config.rate_limit, last_heard);
+    let mut limiter = Limiter::new(&shared.config.rate_limit, &shared.config.room_opens, last_heard);
     let mut nonce = 0u64;
+    // When the token expires, and then when the grace for a `Reauth` ends.
+    let expiry = tokio::time::sleep_until(expiry_deadline(&peer.grant).unwrap_or_else(far_future));
+    tokio::pin!(expiry);
+    let mut expired = false;
     loop {
         let bytes = tokio::select! {
             () = out.ctl.token.cancelled() => return,
+            () = &mut expiry, if peer.grant.expires_at.is_some() => {
+                if expired {
+                    tracing::info!(session = peer.session, "token expired and not renewed: closing");
+                    out.ctl.close(CLOSE_UNAUTHORIZED);
+                    return;
+                }
+                // Access ends with the token: nothing more is delivered (every document is
+                // left), and the client gets a short grace to `Reauth` (then resume) before
+                // the connection closes.
+                tracing::info!(session = peer.session, "token expired: unsubscribing, waiting for a reauth");
+                expired = true;
+                for doc in std::mem::take(&mut peer.docs) {
+                    shared.rooms.get(&doc).leave(peer.session).await;
+                }
+                out.frame(error(ErrorCode::TokenExpired, None, None));
+                expiry.as_mut().reset(tokio::time::Instant::now() + shared.config.token_grace);
+                continue;
+            }
             _ = ticker.tick() => {
                 if last_heard.elapsed() > heartbeat * 3 {
                     tracing::info!(session = peer.session, "peer silent for three heartbeats: closing");
@@ -183,6 +242,7 @@ async fn read_loop<S: Store>(shared: &Shared<S>, stream: &mut Reader, out: &Outb
             },
         };
         last_heard = Instant::now();
+        limiter.charge_uncounted(stream.take_uncounted(), last_heard);
         if !limiter.allow(bytes.len(), last_heard) {
             // Refused, not silently dropped: a refused push is retried from the client's outbox.
             tracing::debug!(session = peer.session, "rate limited");
@@ -204,7 +264,7 @@ async fn read_loop<S: Store>(shared: &Shared<S>, stream: &mut Reader, out: &Outb
             // Boxed, as every rarely used future holding store queries: a connection's task is
             // allocated at the size of its largest await, and sqlx futures are large, so
             // inlining them would make every idle connection pay for them.
-            ClientFrame::Resume { docs } => Box::pin(resume(shared, out, peer, docs)).await,
+            ClientFrame::Resume { docs } => Box::pin(resume(shared, out, peer, &mut limiter, docs)).await,
             ClientFrame::Push { doc, batch, update } => {
                 if !peer.docs.contains(&doc) {
                     out.frame(error(ErrorCode::NotSubscribed, Some(doc), Some(batch)));
@@ -221,20 +281,21 @@ async fn read_loop<S: Store>(shared: &Shared<S>, stream: &mut Reader, out: &Outb
                 });
                 let room = shared.rooms.get(&doc);
                 let user = peer.grant.identity();
-                let limits = &shared.config.limits;
-                match Box::pin(room.push(
-                    &*shared.store,
-                    &shared.committer,
-                    limits,
-                    peer.session,
-                    user,
-                    origin,
-                    update,
-                ))
-                .await
-                {
+                match Box::pin(room.push(&*shared.store, &shared.committer, peer.session, user, origin, update)).await {
                     Ok(cursor) => out.frame(ServerFrame::Ack { doc, batch, cursor }.encode()),
-                    Err(refused) => out.frame(error(refused.code, Some(doc), Some(batch))),
+                    Err(refused) => {
+                        out.frame(error(refused.code, Some(doc), Some(batch)));
+                        // A refusal that made the room reload its document: the sender pays.
+                        if refused.reload_cost > 0 && !limiter.pay_reload(refused.reload_cost, Instant::now()) {
+                            tracing::info!(
+                                session = peer.session,
+                                "too many refused updates costing reloads: closing"
+                            );
+                            out.ctl.close(CLOSE_PROTOCOL_ERROR);
+                            return;
+                        }
+                        true
+                    }
                 };
             }
             ClientFrame::Unsubscribe { doc } => {
@@ -272,10 +333,26 @@ async fn read_loop<S: Store>(shared: &Shared<S>, stream: &mut Reader, out: &Outb
                     out.ctl.close(CLOSE_UNAUTHORIZED);
                     return;
                 }
+                expired = false;
+                expiry
+                    .as_mut()
+                    .reset(expiry_deadline(&peer.grant).unwrap_or_else(far_future));
             }
             ClientFrame::Pong { .. } => {}
         }
     }
+}
+
+/// When `grant` expires (it is valid through its `exp` second), on tokio's clock.
+fn expiry_deadline(grant: &Grant) -> Option<tokio::time::Instant> {
+    let exp = grant.expires_at?;
+    let left = (exp + 1).saturating_sub(crate::auth::now_secs());
+    Some(tokio::time::Instant::now() + std::time::Duration::from_secs(left))
+}
+
+/// A deadline that never comes in practice (a year away).
+fn far_future() -> tokio::time::Instant {
+    tokio::time::Instant::now() + std::time::Duration::from_secs(365 * 24 * 3600)
 }
 
 /// Replaces the peer's grant with `token`'s, which must name the same user. Documents the new
@@ -308,15 +385,71 @@ async fn relay<S: Store>(shared: &Shared<S>, out: &Outbound, peer: &Peer, doc: D
     }
 }
 
+/// One document of a resume, under its room's lock: what the client lacks, and the connection
+/// subscribed to the room; or why the document is refused.
+async fn answer_one<S: Store>(
+    shared: &Shared<S>,
+    out: &Outbound,
+    session: u64,
+    doc: &DocId,
+    cursor: Cursor,
+    state_vector: &[u8],
+) -> Result<ResumeAnswer, ErrorCode> {
+    let room = shared.rooms.get(doc);
+    let mut guard = room.state.lock().await;
+    let state = room.ensure_loaded(&mut guard, &*shared.store).await.map_err(|e| {
+        tracing::error!(doc = %doc, error = %e, "refusing a document that failed to load");
+        ErrorCode::LoadFailed
+    })?;
+    // The log is read only when the client is behind: an unchanged document costs nothing.
+    // A client far behind gets the state diff straight away, as if the log were compacted:
+    // reading and merging thousands of entries took over 100 ms for 10,000 B4 operations,
+    // and the merged tail would exceed the diff anyway (answer_resume sends the smaller).
+    let tail = if cursor == 0 || cursor >= state.head {
+        Some(Vec::new())
+    } else if state.head - cursor > MAX_TAIL_ENTRIES {
+        None
+    } else if let Some(entries) = state.recent_after(cursor) {
+        Some(entries)
+    } else {
+        match shared.store.log_after(doc.as_str(), cursor).await {
+            Ok(LogTail::Entries(entries)) => Some(entries),
+            Ok(LogTail::Pruned) => None,
+            Err(e) => {
+                tracing::error!(doc = %doc, error = %e, "store failed reading the log");
+                return Err(ErrorCode::StoreUnavailable);
+            }
+        }
+    };
+    let live = state.doc().ok_or(ErrorCode::LoadFailed)?;
+    let answer = answer_resume(live, state.head, cursor, state_vector, tail.as_deref()).map_err(|e| {
+        tracing::info!(doc = %doc, error = %e, "bad resume entry");
+        ErrorCode::Malformed
+    })?;
+    state.subscribers.insert(session, Subscriber { out: out.clone() });
+    Ok(answer)
+}
+
 /// Answers a resume: every listed document in one `Resumed` frame (split only if it would
 /// exceed the frame size), subscribing the connection to each.
 ///
 /// Updates to a document may be queued before the `Resumed` frame that covers it; clients apply
 /// them at once but advance their stored cursor only once the document's `Resumed` arrived.
-async fn resume<S: Store>(shared: &Shared<S>, out: &Outbound, peer: &mut Peer, docs: Vec<ResumeDoc>) {
-    let mut answers = Vec::with_capacity(docs.len());
-    let mut resumed = Vec::with_capacity(docs.len());
+async fn resume<S: Store>(
+    shared: &Shared<S>,
+    out: &Outbound,
+    peer: &mut Peer,
+    limiter: &mut Limiter,
+    docs: Vec<ResumeDoc>,
+) {
+    let mut answers = Vec::new();
+    let mut resumed = Vec::new();
+    let mut listed: HashSet<DocId> = HashSet::new();
     let mut size = 0usize;
+    // The answer is sent as it is built, each frame — refusals of single documents included —
+    // once the connection's queue has room: a peer that does not read stalls its own resume,
+    // not the server's memory, and a long list of refusals never overflows the queue.
+    let patience = shared.config.heartbeat * 3;
     for ResumeDoc {
         doc,
         cursor,
@@ -325,58 +458,51 @@ async fn resume<S: Store>(shared: &Shared<S>, out: &Outbound, peer: &mut Peer, d
     {
         // A document the token does not cover is refused alone; the others proceed.
         if let Err(code) = peer.may_read(&doc) {
-            out.frame(error(code, Some(doc), None));
-            continue;
-        }
-        if !peer.docs.contains(&doc) && peer.docs.len() >= shared.config.max_docs_per_connection {
-            out.frame(error(ErrorCode::TooManyDocuments, Some(doc), None));
-            continue;
-        }
-        let room = shared.rooms.get(&doc);
-        let mut guard = room.state.lock().await;
-        let state = match room.ensure_loaded(&mut guard, &*shared.store).await {
-            Ok(state) => state,
-            Err(e) => {
-                tracing::error!(doc = %doc, error = %e, "refusing a document that failed to load");
-                out.frame(error(ErrorCode::LoadFailed, Some(doc), None));
-                continue;
+            if !out.answer(error(code, Some(doc), None), patience).await {
+                return;
             }
-        };
-        // The log is read only when the client is behind: an unchanged document costs nothing.
-        // A client far behind gets the state diff straight away, as if the log were compacted:
-        // reading and merging thousands of entries took over 100 ms for 10,000 B4 operations,
-        // and the merged tail would exceed the diff anyway (answer_resume sends the smaller).
-        let tail = if cursor == 0 || cursor >= state.head {
-            Some(Vec::new())
-        } else if state.head - cursor > MAX_TAIL_ENTRIES {
-            None
-        } else if let Some(entries) = state.recent_after(cursor) {
-            Some(entries)
-        } else {
-            match shared.store.log_after(doc.as_str(), cursor).await {
-                Ok(LogTail::Entries(entries)) => Some(entries),
-                Ok(LogTail::Pruned) => None,
-                Err(e) => {
-                    tracing::error!(doc = %doc, error = %e, "store failed reading the log");
-                    out.frame(error(ErrorCode::StoreUnavailable, Some(doc), None));
-                    continue;
+            continue;
+        }
+        // Listed twice in one resume: answering it twice would only cost the server.
+        if !listed.insert(doc.clone()) {
+            if !out.answer(error(ErrorCode::Malformed, Some(doc), None), patience).await {
+                return;
+            }
+            continue;
+        }
+        if !peer.docs.contains(&doc) {
+            if peer.docs.len() >= shared.config.max_docs_per_connection {
+                if !out
+                    .answer(error(ErrorCode::TooManyDocuments, Some(doc), None), patience)
+                    .await
+                {
+                    return;
                 }
+                continue;
             }
-        };
-        let Some(live) = state.doc() else {
-            out.frame(error(ErrorCode::LoadFailed, Some(doc), None));
-            continue;
-        };
-        let answer = match answer_resume(live, state.head, cursor, &state_vector, tail.as_deref()) {
+            // Opening a room loads a document: paced per connection and per user.
+            let now = Instant::now();
+            let user_allows = |user| shared.opens.allow(&shared.config.room_opens, user, now);
+            if !limiter.allow_open(now) || !peer.grant.identity().is_none_or(user_allows) {
+                if !out
+                    .answer(error(ErrorCode::RateLimited, Some(doc), None), patience)
+                    .await
+                {
+                    return;
+                }
+                continue;
+            }
+        }
+        // Under the room's lock; the answer (or refusal) is queued after it is released.
+        let answer = match Box::pin(answer_one(shared, out, peer.session, &doc, cursor, &state_vector)).await {
             Ok(answer) => answer,
-            Err(e) => {
-                tracing::info!(doc = %doc, error = %e, "bad resume entry");
-                out.frame(error(ErrorCode::Malformed, Some(doc), None));
+            Err(code) => {
+                if !out.answer(error(code, Some(doc), None), patience).await {
+                    return;
+                }
                 continue;
             }
         };
-        state.subscribers.insert(peer.session, Subscriber { out: out.clone() });
-        drop(guard);
         peer.docs.insert(doc.clone());
         resumed.push(doc.clone());
         let entry = DocResumed {
@@ -385,20 +511,30 @@ async fn resume<S: Store>(shared: &Shared<S>, out: &Outbound, peer: &mut Peer, d
             update: answer.update,
             state_vector: answer.state_vector,
         };
-        let entry_size = entry.update.as_ref().map_or(0, Vec::len) + entry.doc.as_str().len() + 32;
+        let entry_size = entry.update.as_ref().map_or(0, Vec::len)
+            + entry.state_vector.as_ref().map_or(0, Vec::len)
+            + entry.doc.as_str().len()
+            + 32;
         if size + entry_size > shared.config.max_frame_size / 2 && !answers.is_empty() {
-            out.frame(
-                ServerFrame::Resumed {
-                    docs: std::mem::take(&mut answers),
-                }
-                .encode(),
-            );
+            let frame = ServerFrame::Resumed {
+                docs: std::mem::take(&mut answers),
+            }
+            .encode();
+            // What the answer costs is charged to the asker's rate limit.
+            limiter.charge(frame.len(), Instant::now());
+            if !out.answer(frame, patience).await {
+                return;
+            }
             size = 0;
         }
         size += entry_size;
         answers.push(entry);
     }
-    out.frame(ServerFrame::Resumed { docs: answers }.encode());
+    let frame = ServerFrame::Resumed { docs: answers }.encode();
+    limiter.charge(frame.len(), Instant::now());
+    if !out.answer(frame, patience).await {
+        return;
+    }
     // Then who is there: the current presence states of the resumed documents.
     for doc in resumed {
         shared.rooms.get(&doc).send_presence(peer.session).await;

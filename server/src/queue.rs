@@ -5,6 +5,13 @@
 //! it is created: 1.3 KB for every connection, idle or not. This queue costs about 200 bytes
 //! while it is short; it grows with the backlog (never beyond its capacity) and gives the memory
 //! back once drained.
+//!
+//! It is bounded twice: in items (`capacity`) and in bytes (`max_bytes`, the sum of the weights
+//! senders give their items — what the queued frames cost to hold). A sender that must not
+//! wait ([`Sender::try_send_weighted`]: a room broadcasting) is refused when either bound is
+//! reached; a connection's own reader answering a request waits for room instead
+//! ([`Sender::send_waiting`]), so that a request with a large answer is paced by the peer's
+//! reading, never buffered whole.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -18,11 +25,18 @@ struct Shared<T> {
     state: Mutex<State<T>>,
     /// Wakes the receiver: an item arrived, or the last sender left.
     ready: Notify,
+    /// Wakes senders waiting for room: the queue fell to half its byte bound, or closed.
+    space: Notify,
 }
 
 struct State<T> {
-    items: VecDeque<T>,
+    /// The items with their weights.
+    items: VecDeque<(T, usize)>,
     capacity: usize,
+    /// The sum of the queued items' weights.
+    bytes: usize,
+    /// The most `bytes` may reach (an item alone in the queue is taken whatever its weight).
+    max_bytes: usize,
     senders: usize,
     receiver_alive: bool,
 }
@@ -58,10 +72,13 @@ pub(crate) fn channel<T>(capacity: usize) -> (Sender<T>, Receiver<T>) {
         state: Mutex::new(State {
             items: VecDeque::new(),
             capacity,
+            bytes: 0,
+            max_bytes: usize::MAX,
             senders: 1,
             receiver_alive: true,
         }),
         ready: Notify::new(),
+        space: Notify::new(),
     });
     (
         Sender {
@@ -72,19 +89,68 @@ pub(crate) fn channel<T>(capacity: usize) -> (Sender<T>, Receiver<T>) {
 }
 
 impl<T> Sender<T> {
-    /// Queues `item` unless the queue is full or its receiver is gone; never waits.
+    /// Bounds the queue's bytes as well as its items.
+    pub(crate) fn set_max_bytes(&self, max_bytes: usize) {
+        self.shared.lock().max_bytes = max_bytes;
+    }
+
+    /// Queues `item` (weighing nothing) unless the queue is full or its receiver is gone.
+    #[cfg(test)]
     pub(crate) fn try_send(&self, item: T) -> Result<(), TrySendError> {
+        self.try_send_weighted(item, 0)
+    }
+
+    /// Queues `item`, which costs `weight` bytes to hold, unless the queue is full (in items or
+    /// bytes) or its receiver is gone; never waits.
+    pub(crate) fn try_send_weighted(&self, item: T, weight: usize) -> Result<(), TrySendError> {
         let mut state = self.shared.lock();
         if !state.receiver_alive {
             return Err(TrySendError::Closed);
         }
-        if state.items.len() >= state.capacity {
+        if state.items.len() >= state.capacity
+            || (!state.items.is_empty() && state.bytes.saturating_add(weight) > state.max_bytes)
+        {
             return Err(TrySendError::Full);
         }
-        state.items.push_back(item);
+        state.bytes += weight;
+        state.items.push_back((item, weight));
         drop(state);
         self.shared.ready.notify_one();
         Ok(())
+    }
+
+    /// Queues `item` once the queue holds at most half its bounds (the other half stays free
+    /// for broadcasts, which never wait), waiting for the receiver to take items until then.
+    /// Fails only when the receiver is gone. Cancel-safe: nothing is queued unless it returns.
+    pub(crate) async fn send_waiting(&self, item: T, weight: usize) -> Result<(), TrySendError> {
+        loop {
+            let space = self.shared.space.notified();
+            tokio::pin!(space);
+            space.as_mut().enable();
+            {
+                let mut state = self.shared.lock();
+                if !state.receiver_alive {
+                    return Err(TrySendError::Closed);
+                }
+                if state.items.is_empty()
+                    || (state.items.len() < state.capacity / 2
+                        && state.bytes.saturating_add(weight) <= state.max_bytes / 2)
+                {
+                    state.bytes += weight;
+                    state.items.push_back((item, weight));
+                    drop(state);
+                    self.shared.ready.notify_one();
+                    return Ok(());
+                }
+            }
+            space.await;
+        }
+    }
+
+    /// Bytes queued now.
+    #[cfg(test)]
+    pub(crate) fn queued_bytes(&self) -> usize {
+        self.shared.lock().bytes
     }
 }
 
@@ -112,7 +178,7 @@ impl<T> Drop for Sender<T> {
 impl<T> Receiver<T> {
     /// The next item without waiting.
     pub(crate) fn try_recv(&mut self) -> Option<T> {
-        Self::pop(&mut self.shared.lock())
+        Self::pop(&self.shared, &mut self.shared.lock())
     }
 
     /// The next item, waiting for one; `None` once every sender is gone and the queue is
@@ -121,7 +187,7 @@ impl<T> Receiver<T> {
         loop {
             {
                 let mut state = self.shared.lock();
-                if let Some(item) = Self::pop(&mut state) {
+                if let Some(item) = Self::pop(&self.shared, &mut state) {
                     return Some(item);
                 }
                 if state.senders == 0 {
@@ -134,12 +200,16 @@ impl<T> Receiver<T> {
     }
 
     /// Takes the first item; a drained queue keeps at most [`KEEP_SLOTS`] slots.
-    fn pop(state: &mut State<T>) -> Option<T> {
-        let item = state.items.pop_front();
+    fn pop(shared: &Shared<T>, state: &mut State<T>) -> Option<T> {
+        let (item, weight) = state.items.pop_front()?;
+        state.bytes -= weight;
         if state.items.is_empty() && state.items.capacity() > KEEP_SLOTS {
             state.items.shrink_to(KEEP_SLOTS);
         }
-        item
+        if state.bytes <= state.max_bytes / 2 && state.items.len() <= state.capacity / 2 {
+            shared.space.notify_waiters();
+        }
+        Some(item)
     }
 }
 
@@ -149,8 +219,10 @@ impl<T> Drop for Receiver<T> {
         state.receiver_alive = false;
         // Dropped outside the lock: an item's drop must not run under it.
         let items = std::mem::take(&mut state.items);
+        state.bytes = 0;
         drop(state);
         drop(items);
+        self.shared.space.notify_waiters();
     }
 }
 
@@ -206,6 +278,41 @@ mod tests {
             1,
             "queued items are dropped with the receiver"
         );
+    }
+
+    #[tokio::test]
+    async fn bytes_are_bounded_and_answers_wait_for_room() {
+        let (tx, mut rx) = channel::<u32>(100);
+        tx.set_max_bytes(1000);
+        // An item alone is taken whatever its weight, so a large frame can always go out.
+        assert_eq!(tx.try_send_weighted(0, 5000), Ok(()));
+        assert_eq!(tx.try_send_weighted(1, 1), Err(TrySendError::Full));
+        assert_eq!(rx.try_recv(), Some(0));
+        assert_eq!(tx.try_send_weighted(1, 600), Ok(()));
+        assert_eq!(tx.try_send_weighted(2, 400), Ok(()));
+        assert_eq!(tx.try_send_weighted(3, 1), Err(TrySendError::Full), "the byte bound");
+        assert_eq!(tx.queued_bytes(), 1000);
+        // An answer waits until the queue is down to half its bound.
+        let waiting = {
+            let tx = tx.clone();
+            tokio::spawn(async move { tx.send_waiting(4, 100).await })
+        };
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished());
+        assert_eq!(rx.recv().await, Some(1));
+        assert_eq!(waiting.await.unwrap(), Ok(()));
+        assert_eq!(tx.queued_bytes(), 500);
+        assert_eq!(rx.recv().await, Some(2));
+        assert_eq!(rx.recv().await, Some(4));
+        // A waiting answer fails once the receiver is gone.
+        tx.try_send_weighted(5, 1000).unwrap();
+        let waiting = {
+            let tx = tx.clone();
+            tokio::spawn(async move { tx.send_waiting(6, 100).await })
+        };
+        tokio::task::yield_now().await;
+        drop(rx);
+        assert_eq!(waiting.await.unwrap(), Err(TrySendError::Closed));
     }
 
     #[tokio::test]

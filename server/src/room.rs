@@ -15,7 +15,7 @@ use axum::body::Bytes;
 use driftsync_engine::chat::ChatGuard;
 use driftsync_engine::doc::load_document;
 use driftsync_engine::store::{Append, Appended, CompactionPolicy, LogEntry, LogTail, Origin, Store};
-use driftsync_engine::sync::{apply_remote, Applied, Limits};
+use driftsync_engine::sync::{apply_checked, apply_remote, check_push, Applied, Limits, MAX_SQUASH_WORK};
 use driftsync_protocol::yjs::AwarenessEntry;
 use driftsync_protocol::{Cursor, DocId, ErrorCode, CLOSE_RESYNC};
 use tokio_util::sync::CancellationToken;
@@ -24,6 +24,7 @@ use yrs::Doc;
 use crate::commit::Committer;
 use crate::fanout::{Fanout, FanoutEvent};
 use crate::metrics::Metrics;
+use crate::owners::{Owners, Ownership};
 use crate::presence::{now_ms, InvalidState, Presence};
 use crate::queue;
 
@@ -45,12 +46,19 @@ pub(crate) struct Rooms {
     ctx: Arc<RoomCtx>,
 }
 
-/// What rooms share: metrics, and the fan-out to other instances.
+/// What rooms share: metrics, the fan-out to other instances, client id ownership.
 pub(crate) struct RoomCtx {
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) fanout: Arc<dyn Fanout>,
     /// This instance's id on the fan-out.
     pub(crate) instance: u64,
+    /// Who owns which yrs client id (see [`crate::owners`]).
+    pub(crate) owners: Arc<Owners>,
+    /// The largest a document may grow, in stored bytes (snapshot and log); a push beyond it is
+    /// refused with [`ErrorCode::DocumentTooLarge`].
+    pub(crate) max_document_bytes: u64,
+    /// How far ahead of the server's clock a new chat message's stamp may be.
+    pub(crate) max_clock_skew_ms: u64,
 }
 
 impl Rooms {
@@ -59,6 +67,11 @@ impl Rooms {
             map: Mutex::default(),
             ctx: Arc::new(ctx),
         }
+    }
+
+    /// What every room shares.
+    pub(crate) fn ctx(&self) -> &RoomCtx {
+        &self.ctx
     }
 
     /// The room for `id`, created (not yet loaded) on first use.
@@ -155,11 +168,14 @@ impl Rooms {
         for room in rooms {
             let grown = {
                 let Ok(mut guard) = room.state.try_lock() else { continue };
+                if let Err(e) = room.flush_unstored(&mut guard, store).await {
+                    tracing::warn!(doc = %room.id, error = %e, "storing changes whose commit failed earlier failed again");
+                }
                 let Some(state) = guard.as_mut() else { continue };
                 if !state.subscribers.is_empty() {
                     if state.active {
                         state.active = false;
-                    } else if state.live.is_some() {
+                    } else if state.live.is_some() && state.unstored.is_empty() {
                         // Subscribed, but nobody wrote to it or resumed it for a whole sweep
                         // interval. (A room without subscribers is unloaded below instead.)
                         state.evict();
@@ -190,7 +206,7 @@ impl Rooms {
                 };
                 match guard.as_mut() {
                     None => false,
-                    Some(state) if state.subscribers.is_empty() => {
+                    Some(state) if state.subscribers.is_empty() && state.unstored.is_empty() => {
                         state.idle_sweeps += 1;
                         if state.idle_sweeps >= 2 {
                             *guard = None;
@@ -273,6 +289,13 @@ pub(crate) struct RoomState {
     active: bool,
     /// Cursor of the last update stored for this document.
     pub(crate) head: Cursor,
+    /// Stored bytes of the document (its snapshot and log when loaded, plus what was stored
+    /// since): checked against [`RoomCtx::max_document_bytes`] before a push is applied.
+    stored_bytes: u64,
+    /// Updates the live document holds that were broadcast but whose commit failed, oldest
+    /// first: the room stores them itself, before anything else, at its next use or sweep (see
+    /// [`Room::flush_unstored`]). At most [`MAX_UNSTORED_BYTES`].
+    unstored: Vec<Vec<u8>>,
     pub(crate) subscribers: HashMap<u64, Subscriber>,
     /// Presence and awareness states of both protocols' connections.
     pub(crate) presence: Presence,
@@ -369,6 +392,16 @@ pub(crate) enum Outgoing {
 #[derive(Debug)]
 pub(crate) struct Refused {
     pub(crate) code: ErrorCode,
+    /// The stored bytes of the document the room had to reload because of the refused update
+    /// (0: no reload). A reload costs the whole document, so the sender pays for it: the
+    /// connection charges it to its rate limit and closes a peer that keeps causing them.
+    pub(crate) reload_cost: u64,
+}
+
+impl Refused {
+    fn new(code: ErrorCode) -> Self {
+        Refused { code, reload_cost: 0 }
+    }
 }
 
 impl Room {
@@ -380,7 +413,7 @@ impl Room {
         store: &S,
     ) -> driftsync_engine::Result<&'a mut RoomState> {
         if state.is_none() {
-            let (doc, head) = self.load(store).await?;
+            let (doc, head, stored_bytes) = self.load(store).await?;
             let chat = self.chat_guard(&doc);
             *state = Some(RoomState {
                 live: Some(doc),
@@ -388,6 +421,8 @@ impl Room {
                 recent_bytes: 0,
                 active: true,
                 head,
+                stored_bytes,
+                unstored: Vec::new(),
                 subscribers: HashMap::new(),
                 presence: Presence::default(),
                 chat,
@@ -403,22 +438,37 @@ impl Room {
         loaded.active = true;
         if loaded.live.is_none() {
             // Evicted while idle: every update is stored, so the store has exactly the document.
-            let (doc, head) = self.load(store).await?;
-            self.install(loaded, doc, head);
+            let (doc, head, stored_bytes) = self.load(store).await?;
+            self.install(loaded, doc, head, stored_bytes);
         }
-        Ok(loaded)
+        if !loaded.unstored.is_empty() {
+            // Broadcast changes whose commit failed: store them before anything else happens.
+            if let Err(e) = self.flush_unstored(state, store).await {
+                tracing::warn!(doc = %self.id, error = %e, "storing changes whose commit failed earlier failed again");
+            }
+        }
+        state
+            .as_mut()
+            .ok_or_else(|| driftsync_engine::Error::Invalid("room state vanished".into()))
     }
 
-    async fn load<S: Store>(&self, store: &S) -> driftsync_engine::Result<(Doc, Cursor)> {
+    /// Loads the document: its yrs document, head cursor and stored bytes.
+    async fn load<S: Store>(&self, store: &S) -> driftsync_engine::Result<(Doc, Cursor, u64)> {
         let stored = store.load(self.id.as_str()).await?.unwrap_or_default();
-        Ok((load_document(self.id.as_str(), &stored, SERVER_CLIENT_ID)?, stored.head))
+        let bytes = stored.snapshot.as_ref().map_or(0, Vec::len)
+            + stored.tail.iter().map(|entry| entry.update.len()).sum::<usize>();
+        let doc = load_document(self.id.as_str(), &stored, SERVER_CLIENT_ID)?;
+        Ok((doc, stored.head, bytes as u64))
     }
 
     /// Makes `doc`, loaded from the store at `head`, the room's live document. The window of
     /// recent updates stays only if the store holds nothing newer than it.
-    fn install(&self, state: &mut RoomState, doc: Doc, head: Cursor) {
+    fn install(&self, state: &mut RoomState, doc: Doc, head: Cursor, stored_bytes: u64) {
         state.chat = self.chat_guard(&doc);
         state.live = Some(doc);
+        state.stored_bytes = stored_bytes;
+        // What the store holds replaces everything: changes it lacks are gone from the room.
+        state.unstored.clear();
         if head != state.head {
             state.recent.clear();
             state.recent_bytes = 0;
@@ -431,7 +481,7 @@ impl Room {
         self.id
             .as_str()
             .starts_with(crate::CHAT_PREFIX)
-            .then(|| ChatGuard::attach(doc))
+            .then(|| ChatGuard::attach(doc).with_max_clock_skew(self.ctx.max_clock_skew_ms))
     }
 
     /// Replaces the live document with what the store holds, keeping the subscribers. Used when
@@ -439,7 +489,7 @@ impl Room {
     /// commit). If the reload fails, every subscriber is told to resync and the room is unloaded.
     pub(crate) async fn reload<S: Store>(&self, state: &mut Option<RoomState>, store: &S) {
         match (self.load(store).await, state.as_mut()) {
-            (Ok((doc, head)), Some(live)) => self.install(live, doc, head),
+            (Ok((doc, head, bytes)), Some(live)) => self.install(live, doc, head, bytes),
             (Ok(_), None) => {}
             (Err(e), _) => {
                 tracing::error!(doc = %self.id, error = %e, "reload failed; unloading the room");
@@ -465,7 +515,6 @@ impl Room {
         &self,
         store: &S,
         committer: &Committer,
-        limits: &Limits,
         session: u64,
         user: Option<&str>,
         origin: Option<Origin>,
@@ -474,9 +523,7 @@ impl Room {
         let received = Instant::now();
         self.ctx.metrics.updates_in.inc();
         self.ctx.metrics.bytes_in.inc_by(update.len() as u64);
-        let result = self
-            .push_inner(store, committer, limits, session, user, origin, update)
-            .await;
+        let result = self.push_inner(store, committer, session, user, origin, update).await;
         match &result {
             Ok(_) => self.ctx.metrics.ack_latency.observe(received.elapsed().as_secs_f64()),
             Err(_) => {
@@ -491,7 +538,6 @@ impl Room {
         &self,
         store: &S,
         committer: &Committer,
-        limits: &Limits,
         session: u64,
         user: Option<&str>,
         origin: Option<Origin>,
@@ -503,68 +549,128 @@ impl Room {
             Err(e) => {
                 tracing::error!(doc = %self.id, error = %e, "document failed to load");
                 self.ctx.metrics.store_errors.inc();
-                return Err(Refused {
-                    code: ErrorCode::LoadFailed,
-                });
+                return Err(Refused::new(ErrorCode::LoadFailed));
             }
         };
+        if !state.unstored.is_empty() {
+            // A change broadcast earlier is still not stored (ensure_loaded just failed to store
+            // it): nothing may be stored after it, and the store is failing anyway.
+            return Err(Refused::new(ErrorCode::StoreUnavailable));
+        }
+        // Refused before anything is applied: a refusal after applying costs a reload.
+        if state.stored_bytes + update.len() as u64 > self.ctx.max_document_bytes {
+            // Compaction may have shrunk it since it was loaded: look again before refusing.
+            if let Ok(Some(meta)) = store.meta(self.id.as_str()).await {
+                state.stored_bytes = meta.snapshot_bytes + meta.log_bytes;
+            }
+        }
+        if state.stored_bytes + update.len() as u64 > self.ctx.max_document_bytes {
+            tracing::info!(doc = %self.id, bytes = state.stored_bytes, "refusing an update: the document is at its maximum size");
+            return Err(Refused::new(ErrorCode::DocumentTooLarge));
+        }
+        let Some(doc) = state.live.as_ref() else {
+            return Err(Refused::new(ErrorCode::LoadFailed));
+        };
+        // Decoded and checked before anything is applied: a refusal here costs nobody else.
+        let checked = check_push(doc, &update).map_err(|e| {
+            tracing::info!(doc = %self.id, error = %e, "refusing an invalid update");
+            Refused::new(ErrorCode::InvalidUpdate)
+        })?;
+        if checked.squash_work > MAX_SQUASH_WORK {
+            // Integrating it would cost yrs quadratic time and memory (see MAX_SQUASH_WORK).
+            tracing::info!(doc = %self.id, work = checked.squash_work, "refusing an update too costly to integrate");
+            return Err(Refused::new(ErrorCode::InvalidUpdate));
+        }
+        if !checked.complete {
+            tracing::info!(doc = %self.id, "refusing an update with missing dependencies");
+            return Err(Refused::new(ErrorCode::MissingDependencies));
+        }
+        if let Some(user) = user {
+            // Authorship: new structs under a client id only from its owner.
+            for &client in &checked.writers {
+                match self.ctx.owners.claim(store, client, user).await {
+                    Ok(Ownership::Mine) => {}
+                    Ok(Ownership::Taken) => {
+                        tracing::info!(doc = %self.id, user, client, "refusing an update under another user's client id");
+                        return Err(Refused::new(ErrorCode::ClientIdTaken));
+                    }
+                    Err(e) => {
+                        tracing::error!(doc = %self.id, error = %e, "store failed binding a client id");
+                        self.ctx.metrics.store_errors.inc();
+                        return Err(Refused::new(ErrorCode::StoreUnavailable));
+                    }
+                }
+            }
+        }
         if let Some(chat) = &state.chat {
             chat.reset();
         }
         let Some(doc) = state.live.as_ref() else {
-            return Err(Refused {
-                code: ErrorCode::LoadFailed,
-            });
+            return Err(Refused::new(ErrorCode::LoadFailed));
         };
-        let changed = match apply_remote(doc, &update, limits) {
+        let changed = match apply_checked(doc, &update) {
             Ok(Applied::Integrated) => true,
             Ok(Applied::Unchanged) => false,
             Ok(Applied::Pending { missing, .. }) => {
                 // The server never holds updates with missing dependencies (see engine::sync):
                 // refuse it and reload the live document, which now holds it, from the store.
                 tracing::info!(doc = %self.id, ?missing, "refusing an update with missing dependencies");
+                let reload_cost = state.stored_bytes;
                 self.reload(&mut guard, store).await;
                 return Err(Refused {
                     code: ErrorCode::MissingDependencies,
+                    reload_cost,
                 });
             }
             Err(e) => {
                 tracing::info!(doc = %self.id, error = %e, "refusing an update");
-                let code = match e {
-                    driftsync_engine::Error::TooManyPending { .. } => ErrorCode::TooManyPending,
+                return Err(match e {
+                    driftsync_engine::Error::TooManyPending { .. } => Refused::new(ErrorCode::TooManyPending),
                     // yrs may have applied part of it before failing: reload what is stored.
                     _ => {
+                        let reload_cost = state.stored_bytes;
                         self.reload(&mut guard, store).await;
-                        ErrorCode::InvalidUpdate
+                        Refused {
+                            code: ErrorCode::InvalidUpdate,
+                            reload_cost,
+                        }
                     }
-                };
-                return Err(Refused { code });
+                });
             }
         };
-        if let Some(Err(violation)) = state.chat.as_ref().map(|chat| chat.check(user)) {
+        if let Some(Err(violation)) = state
+            .chat
+            .as_ref()
+            .map(|chat| chat.check(user, crate::presence::unix_ms()))
+        {
             // The live document holds the refused update: reload it from the store.
             tracing::info!(doc = %self.id, ?user, %violation, "refusing an update that breaks the chat rules");
+            let reload_cost = state.stored_bytes;
             self.reload(&mut guard, store).await;
             return Err(Refused {
                 code: ErrorCode::SchemaViolation,
+                reload_cost,
             });
+        }
+        if !changed {
+            // The document held all of it already (a re-sent batch, an echo), and the store
+            // holds everything the live document does: nothing to store, nothing to pass on.
+            // Acknowledged at the head, which covers it.
+            return Ok(state.head);
         }
         // The other local subscribers get the update now, while it is being committed: the
         // durable commit (an fsync) stays out of their latency. Only the pusher's `Ack` waits
         // for it. The cursor they get is the head before this update — every update logged up
         // to it has been sent to them — so a subscriber never holds a cursor the store has not
         // assigned; it reaches this update's cursor with the next update or resume. Should the
-        // commit fail, they hold a change the store lacks; the pusher keeps it in its outbox
-        // (unacknowledged) and pushes it again, and a subscriber's next resume sees it in its
-        // state vector and pushes it back (`sync::plan_pushes`' recovery).
-        if changed {
-            let event = RoomEvent::Update {
-                doc: self.id.clone(),
-                cursor: state.head,
-                update: update.clone(),
-            };
-            state.broadcast(session, event);
-        }
+        // commit fail, the room keeps the update and stores it itself before anything else
+        // (`unstored`): they never hold a change the server will not store while it runs.
+        let event = RoomEvent::Update {
+            doc: self.id.clone(),
+            cursor: state.head,
+            update: update.clone(),
+        };
+        state.broadcast(session, event);
         let append = Append {
             doc: self.id.as_str().to_string(),
             origin,
@@ -572,55 +678,102 @@ impl Room {
         };
         match committer.append(append.clone()).await {
             Ok(Appended::Stored(cursor)) => {
-                if cursor > state.head + 1 {
-                    // Another instance stored updates of this document in between, and their
-                    // fan-in has not arrived (or never will: no fan-out is configured). Once
-                    // this commit moves the head past them, fan-in would skip them: read them
-                    // from the shared store now, before the pusher's `Ack`.
-                    match store.log_after(self.id.as_str(), state.head).await {
-                        Ok(LogTail::Entries(entries)) => {
-                            let gap = entries.into_iter().filter(|e| e.cursor < cursor).collect();
-                            state.take_stored(&self.id, gap);
-                        }
-                        Ok(LogTail::Pruned) | Err(_) => {
-                            tracing::warn!(doc = %self.id, "updates of another instance not in the log: reloading the room");
-                            self.reload(&mut guard, store).await;
-                            if let Some(state) = guard.as_mut() {
-                                for sub in state.subscribers.values() {
-                                    sub.out.ctl.close(CLOSE_RESYNC);
-                                }
-                            }
-                            let shared = FanoutEvent::Update {
-                                cursor,
-                                update: Arc::from(append.update),
-                            };
-                            self.ctx.fanout.publish(self.ctx.instance, &self.id, shared);
-                            return Ok(cursor);
-                        }
-                    }
-                }
-                state.head = cursor;
-                state.remember(cursor, &append.update);
-                // Other instances get what is stored only, with its cursor.
-                let shared = FanoutEvent::Update {
-                    cursor,
-                    update: Arc::from(append.update),
-                };
-                self.ctx.fanout.publish(self.ctx.instance, &self.id, shared);
+                self.stored(&mut guard, store, cursor, append.update).await;
                 Ok(cursor)
             }
             Ok(Appended::Duplicate(cursor)) => Ok(cursor),
             Err(e) => {
-                // The live document now holds an update the store does not: reload it from the
-                // store, so that nothing unacknowledged is ever served as stored.
                 tracing::error!(doc = %self.id, error = %e, "store failed; update not acknowledged");
                 self.ctx.metrics.store_errors.inc();
-                self.reload(&mut guard, store).await;
-                Err(Refused {
-                    code: ErrorCode::StoreUnavailable,
-                })
+                match guard.as_mut() {
+                    Some(state) if append.update.len() <= MAX_UNSTORED_BYTES => {
+                        // Broadcast already: the room stores it itself at its next use or sweep,
+                        // so that readers never keep a change the server never stores. The
+                        // pusher gets no `Ack` and re-sends it; that re-send changes nothing.
+                        state.unstored.push(append.update);
+                    }
+                    _ => {
+                        // The live document holds an update the store does not: reload it, so
+                        // that nothing unacknowledged is ever served as stored.
+                        self.reload(&mut guard, store).await;
+                    }
+                }
+                Err(Refused::new(ErrorCode::StoreUnavailable))
             }
         }
+    }
+
+    /// Bookkeeping after this room's `update` was stored at `cursor`: the head moves, the update
+    /// is remembered for resumes and published to the other instances.
+    async fn stored<S: Store>(&self, slot: &mut Option<RoomState>, store: &S, cursor: Cursor, update: Vec<u8>) {
+        let Some(state) = slot.as_mut() else { return };
+        state.stored_bytes += update.len() as u64;
+        if cursor > state.head + 1 {
+            // Another instance stored updates of this document in between, and their fan-in
+            // has not arrived (or never will: no fan-out is configured). Once this commit moves
+            // the head past them, fan-in would skip them: read them from the shared store now,
+            // before the pusher's `Ack`.
+            match store.log_after(self.id.as_str(), state.head).await {
+                Ok(LogTail::Entries(entries)) => {
+                    let gap = entries.into_iter().filter(|e| e.cursor < cursor).collect();
+                    state.take_stored(&self.id, gap);
+                }
+                Ok(LogTail::Pruned) | Err(_) => {
+                    tracing::warn!(doc = %self.id, "updates of another instance not in the log: reloading the room");
+                    self.reload(slot, store).await;
+                    if let Some(state) = slot.as_mut() {
+                        for sub in state.subscribers.values() {
+                            sub.out.ctl.close(CLOSE_RESYNC);
+                        }
+                    }
+                    let shared = FanoutEvent::Update {
+                        cursor,
+                        update: Arc::from(update),
+                    };
+                    self.ctx.fanout.publish(self.ctx.instance, &self.id, shared);
+                    return;
+                }
+            }
+        }
+        state.head = cursor;
+        state.remember(cursor, &update);
+        // Other instances get what is stored only, with its cursor.
+        let shared = FanoutEvent::Update {
+            cursor,
+            update: Arc::from(update),
+        };
+        self.ctx.fanout.publish(self.ctx.instance, &self.id, shared);
+    }
+
+    /// Stores the changes the room broadcast but failed to commit (see `RoomState::unstored`),
+    /// in one transaction, as the server's own (no client batch). On failure they stay.
+    pub(crate) async fn flush_unstored<S: Store>(
+        &self,
+        slot: &mut Option<RoomState>,
+        store: &S,
+    ) -> driftsync_engine::Result<()> {
+        let Some(state) = slot.as_mut() else { return Ok(()) };
+        if state.unstored.is_empty() {
+            return Ok(());
+        }
+        let appends: Vec<Append> = state
+            .unstored
+            .iter()
+            .map(|update| Append {
+                doc: self.id.as_str().to_string(),
+                origin: None,
+                update: update.clone(),
+            })
+            .collect();
+        let appended = store.append(&appends).await?;
+        let updates = std::mem::take(&mut state.unstored);
+        tracing::info!(doc = %self.id, count = updates.len(), "stored changes whose commit had failed");
+        for (appended, update) in appended.into_iter().zip(updates) {
+            if let Appended::Stored(cursor) = appended {
+                Box::pin(self.stored(slot, store, cursor, update)).await;
+            }
+        }
+        Ok(())
     }
 
     /// Sends an ephemeral event (presence, typing) to every other subscriber.
@@ -651,22 +804,34 @@ impl Room {
     pub(crate) async fn awareness(&self, session: u64, user: &str, entries: &[AwarenessEntry]) {
         let mut guard = self.state.lock().await;
         if let Some(state) = guard.as_mut() {
-            for event in state.presence.apply(&self.id, session, user, entries, now_ms()) {
+            // A Yjs connection may not introduce the session id of a subscriber: native
+            // connections use theirs as their awareness client id.
+            let subscribers = &state.subscribers;
+            let events = state.presence.apply(&self.id, session, user, entries, now_ms(), |id| {
+                subscribers.contains_key(&id)
+            });
+            for event in events {
                 state.broadcast(NO_SESSION, event);
             }
         }
     }
 
     /// Sets (or with `None`, clears) native connection `session`'s presence and sends it to the
-    /// other subscribers. A state that is not JSON is refused.
+    /// other subscribers. A state that is not JSON (`Malformed`), larger than
+    /// `presence::MAX_STATE_BYTES` (`FrameTooLarge`) or beyond the room's presence bytes
+    /// (`Unavailable`) is refused.
     pub(crate) async fn presence(&self, session: u64, user: &str, presence: Option<String>) -> Result<(), Refused> {
         let mut guard = self.state.lock().await;
         if let Some(state) = guard.as_mut() {
             let events = state
                 .presence
                 .set_native(&self.id, session, user, presence, now_ms())
-                .map_err(|InvalidState| Refused {
-                    code: ErrorCode::Malformed,
+                .map_err(|invalid| {
+                    Refused::new(match invalid {
+                        InvalidState::NotJson => ErrorCode::Malformed,
+                        InvalidState::TooLarge => ErrorCode::FrameTooLarge,
+                        InvalidState::RoomFull => ErrorCode::Unavailable,
+                    })
                 })?;
             for event in events {
                 state.broadcast(session, event);
@@ -690,6 +855,10 @@ impl Room {
         }
     }
 }
+
+/// The most bytes of broadcast changes whose commit failed that a room keeps to store later;
+/// a larger one makes the room reload from the store instead.
+const MAX_UNSTORED_BYTES: usize = 4 * 1024 * 1024;
 
 /// The most updates kept in a room's `recent` (as many as compaction keeps in the log).
 const RECENT_ENTRIES: usize = 1024;
@@ -839,10 +1008,12 @@ pub(crate) struct Outbound {
 }
 
 impl Outbound {
-    /// Queues an item; on overflow closes the connection with [`CLOSE_RESYNC`] and returns
-    /// false: a slow consumer is disconnected with a reason, never silently left behind.
+    /// Queues an item; on overflow (in frames or bytes) closes the connection with
+    /// [`CLOSE_RESYNC`] and returns false: a slow consumer is disconnected with a reason, never
+    /// silently left behind.
     pub(crate) fn send(&self, item: Outgoing) -> bool {
-        match self.tx.try_send(item) {
+        let weight = item.weight();
+        match self.tx.try_send_weighted(item, weight) {
             Ok(()) => true,
             Err(queue::TrySendError::Full) => {
                 tracing::warn!("slow consumer: outbound queue full, closing with resync");
@@ -857,6 +1028,50 @@ impl Outbound {
     /// Queues an encoded frame.
     pub(crate) fn frame(&self, bytes: Vec<u8>) -> bool {
         self.send(Outgoing::Frame(bytes))
+    }
+
+    /// Queues the answer to this connection's own request once its queue has room (see
+    /// [`queue::Sender::send_waiting`]): a large answer goes out as fast as the peer reads it,
+    /// never all at once into memory, and never crowds out broadcasts. A peer that reads
+    /// nothing for `patience` is closed with [`CLOSE_RESYNC`]. Returns false if the frame was
+    /// not queued (the connection is closing).
+    pub(crate) async fn answer(&self, bytes: Vec<u8>, patience: std::time::Duration) -> bool {
+        let weight = bytes.len() + ITEM_OVERHEAD;
+        tokio::select! {
+            () = self.ctl.token.cancelled() => false,
+            sent = tokio::time::timeout(patience, self.tx.send_waiting(Outgoing::Frame(bytes), weight)) => match sent {
+                Ok(Ok(())) => true,
+                Ok(Err(_)) => false,
+                Err(_) => {
+                    tracing::info!("peer reads none of its answers: closing with resync");
+                    self.ctl.metrics.slow_consumers.inc();
+                    self.ctl.close(CLOSE_RESYNC);
+                    false
+                }
+            }
+        }
+    }
+}
+
+/// What a queued item costs besides its payload (its slot, the frame header, bookkeeping).
+const ITEM_OVERHEAD: usize = 64;
+
+impl Outgoing {
+    /// What holding this item in a queue costs, in bytes, for the queue's byte bound. A shared
+    /// event counts whole in every queue that holds it: each would keep it alive alone.
+    fn weight(&self) -> usize {
+        ITEM_OVERHEAD
+            + match self {
+                Outgoing::Frame(bytes) | Outgoing::Pong(bytes) => bytes.len(),
+                Outgoing::Ping => 0,
+                Outgoing::Event(shared) => match &shared.event {
+                    RoomEvent::Update { doc, update, .. } => doc.as_str().len() + update.len(),
+                    RoomEvent::Presence { doc, user, state, .. } => {
+                        doc.as_str().len() + user.len() + state.as_ref().map_or(0, String::len)
+                    }
+                    RoomEvent::Typing { doc, user, .. } => doc.as_str().len() + user.len(),
+                },
+            }
     }
 }
 
@@ -913,6 +1128,9 @@ mod tests {
             metrics: Arc::new(Metrics::new()),
             fanout: Arc::new(NoFanout),
             instance: 1,
+            owners: Arc::default(),
+            max_document_bytes: u64::MAX,
+            max_clock_skew_ms: driftsync_engine::clock::DEFAULT_MAX_CLOCK_SKEW_MS,
         })
     }
 
@@ -939,11 +1157,7 @@ mod tests {
         let writer = new_doc(5).unwrap();
         let a = text_insert(&writer, 0, "hello").unwrap();
         let b = text_insert(&writer, 5, " world").unwrap();
-        let limits = Limits::default();
-        assert_eq!(
-            room.push(&*store, &committer, &limits, 1, None, None, a).await.unwrap(),
-            1
-        );
+        assert_eq!(room.push(&*store, &committer, 1, None, None, a).await.unwrap(), 1);
         let _rx = {
             let mut guard = room.state.lock().await;
             let state = guard.as_mut().unwrap();
@@ -962,10 +1176,7 @@ mod tests {
             assert_eq!(state.subscribers.len(), 1, "subscribers stay");
         }
         // The next push reloads the document from the store and applies on top of it.
-        assert_eq!(
-            room.push(&*store, &committer, &limits, 1, None, None, b).await.unwrap(),
-            2
-        );
+        assert_eq!(room.push(&*store, &committer, 1, None, None, b).await.unwrap(), 2);
         let guard = room.state.lock().await;
         let state = guard.as_ref().unwrap();
         assert_eq!(text(state.doc().unwrap()), "hello world");

@@ -42,7 +42,7 @@ use yrs::{Doc, ReadTxn, Transact};
 use crate::auth::{Access, Grant};
 use crate::limits::Limiter;
 use crate::room::{ConnCtl, Outbound, Outgoing, Protocol, Room, RoomEvent, Subscriber};
-use crate::socket::{next_incoming, Incoming, Reader, Socket, Upgrade};
+use crate::socket::{next_incoming, Incoming, Reader, Socket, Upgrade, DRAIN_BYTES, DRAIN_TIME};
 use crate::Shared;
 
 /// The path the route is mounted at; the document id follows it.
@@ -84,6 +84,7 @@ fn authorize<S: Store>(shared: &Shared<S>, token: Option<&str>, doc: &DocId) -> 
 async fn run<S: Store>(shared: Arc<Shared<S>>, socket: Socket, raw_doc: String, token: Option<String>) {
     let ctl = Arc::new(ConnCtl::new(shared.shutdown.child_token(), Arc::clone(&shared.metrics)));
     let (mut stream, out, writer) = socket.start(shared.config.outbound_queue, ctl, Protocol::Yjs, encode);
+    out.tx.set_max_bytes(shared.config.outbound_queue_bytes);
 
     let session = shared.next_session.fetch_add(1, Ordering::Relaxed);
     // Boxed: store queries make large futures, which the idle connection must not keep.
@@ -96,8 +97,12 @@ async fn run<S: Store>(shared: Arc<Shared<S>>, socket: Socket, raw_doc: String, 
         Err(code) => out.ctl.close(code),
     }
     // The reader holds a handle to the queue too (for pongs).
-    drop((stream, out));
+    drop(out);
     let _ = writer.await;
+    // Not at shutdown: the process is about to go, and closing fast matters more then.
+    if !shared.shutdown.is_cancelled() {
+        stream.drain(DRAIN_BYTES, DRAIN_TIME).await;
+    }
 }
 
 /// Checks the document id and the token, subscribes the connection to the room and greets the
@@ -118,6 +123,14 @@ async fn open<S: Store>(
         out.frame(permission_denied(code));
         CLOSE_UNAUTHORIZED
     })?;
+    // Opening a room loads a document: paced per user, as on the native endpoint.
+    if let Some(user) = grant.identity() {
+        if !shared.opens.allow(&shared.config.room_opens, user, Instant::now()) {
+            tracing::info!(session, doc = %doc, user, "y-websocket connection refused: opening rooms too fast");
+            out.frame(permission_denied(ErrorCode::RateLimited));
+            return Err(CLOSE_RESYNC);
+        }
+    }
     let conn = Conn {
         session,
         user: grant.user.clone(),
@@ -150,10 +163,27 @@ async fn read_loop<S: Store>(shared: &Shared<S>, stream: &mut Reader, out: &Outb
     // next tick, and the first message was read only after it.)
     let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + heartbeat, heartbeat);
     let mut last_heard = Instant::now();
-    let mut limiter = Limiter::new(&shared.config.rate_limit, last_heard);
+    let mut limiter = Limiter::new(&shared.config.rate_limit, &shared.config.room_opens, last_heard);
+    // Access ends with the token: y-protocols has no reauth, so the connection is closed with
+    // 4001 when it expires (a y-websocket client reconnects, with a fresh token if its app
+    // gives one in its params).
+    let expiry = conn.grant.expires_at.map(|exp| {
+        let left = (exp + 1).saturating_sub(crate::auth::now_secs());
+        tokio::time::Instant::now() + std::time::Duration::from_secs(left)
+    });
+    let expiry =
+        tokio::time::sleep_until(expiry.unwrap_or_else(|| tokio::time::Instant::now() + heartbeat * 1_000_000));
+    tokio::pin!(expiry);
+    let patience = heartbeat * 3;
     loop {
         let incoming = tokio::select! {
             () = out.ctl.token.cancelled() => return,
+            () = &mut expiry, if conn.grant.expires_at.is_some() => {
+                tracing::info!(session = conn.session, doc = %room.id, "token expired: closing");
+                out.frame(permission_denied(ErrorCode::TokenExpired));
+                out.ctl.close(CLOSE_UNAUTHORIZED);
+                return;
+            }
             _ = ticker.tick() => {
                 if last_heard.elapsed() > heartbeat * 3 {
                     tracing::info!(session = conn.session, "y-websocket peer silent for three heartbeats: closing");
@@ -170,6 +200,7 @@ async fn read_loop<S: Store>(shared: &Shared<S>, stream: &mut Reader, out: &Outb
         };
         // Any message, a pong included, shows the peer is alive.
         last_heard = Instant::now();
+        limiter.charge_uncounted(stream.take_uncounted(), last_heard);
         let Incoming::Binary(bytes) = incoming else { continue };
         if !limiter.allow(bytes.len(), last_heard) {
             // y-protocols has no "slow down" message: close with the resync code; the client
@@ -187,22 +218,45 @@ async fn read_loop<S: Store>(shared: &Shared<S>, stream: &mut Reader, out: &Outb
             }
         };
         match message {
-            YMessage::SyncStep1(sv) => Box::pin(sync_step2(shared, room, out, &sv)).await,
+            YMessage::SyncStep1(sv) => {
+                // The answer is the whole document the client lacks: charged to its rate limit,
+                // and queued only as fast as the client reads.
+                let Some(answer) = Box::pin(sync_step2(shared, room, out, &sv)).await else {
+                    continue;
+                };
+                limiter.charge(answer.len(), Instant::now());
+                if !out.answer(answer, patience).await {
+                    return;
+                }
+            }
+            // Permissions first: nothing a connection may not send is decoded.
+            YMessage::SyncStep2(update) | YMessage::Update(update) if !may_write(out, conn) => drop(update),
             YMessage::SyncStep2(update) => {
-                if !Box::pin(adds_nothing(shared, room, &update)).await {
-                    Box::pin(write(shared, room, out, conn, update)).await;
+                if !Box::pin(adds_nothing(shared, room, &update)).await
+                    && !Box::pin(write(shared, room, out, conn, &mut limiter, update)).await
+                {
+                    return;
                 }
             }
             YMessage::Update(update) => {
-                if !is_empty_update(&update) {
-                    Box::pin(write(shared, room, out, conn, update)).await;
+                if !is_empty_update(&update) && !Box::pin(write(shared, room, out, conn, &mut limiter, update)).await {
+                    return;
                 }
             }
             YMessage::Awareness(entries) => room.awareness(conn.session, &conn.user, &entries).await,
             YMessage::QueryAwareness => {
-                let guard = room.state.lock().await;
-                if let Some(state) = guard.as_ref() {
-                    out.frame(YMessage::Awareness(state.presence.snapshot()).encode());
+                let answer = {
+                    let guard = room.state.lock().await;
+                    guard.as_ref().map(|state| {
+                        // Charged before it is built: a flood of queries pays for every answer.
+                        limiter.charge(state.presence.snapshot_bytes(), Instant::now());
+                        YMessage::Awareness(state.presence.snapshot()).encode()
+                    })
+                };
+                if let Some(answer) = answer {
+                    if !out.answer(answer, patience).await {
+                        return;
+                    }
                 }
             }
             YMessage::Auth(AuthMessage::PermissionDenied { .. }) => {
@@ -215,61 +269,77 @@ async fn read_loop<S: Store>(shared: &Shared<S>, stream: &mut Reader, out: &Outb
     }
 }
 
-/// Answers the client's SyncStep1 with what it lacks.
-async fn sync_step2<S: Store>(shared: &Shared<S>, room: &Room, out: &Outbound, sv: &[u8]) {
+/// The answer to the client's SyncStep1: a SyncStep2 with what it lacks (`None`: nothing to
+/// answer — a bad state vector, or the room failed to load and the connection is closing).
+async fn sync_step2<S: Store>(shared: &Shared<S>, room: &Room, out: &Outbound, sv: &[u8]) -> Option<Vec<u8>> {
     let sv = match decode_state_vector(sv) {
         Ok(sv) => sv,
         Err(e) => {
             tracing::info!(doc = %room.id, error = %e, "bad state vector in a SyncStep1");
-            return;
+            return None;
         }
     };
     let mut guard = room.state.lock().await;
     // Not loaded: a reload failed and the connection has been told to resync.
-    if guard.is_none() {
-        return;
-    }
+    guard.as_ref()?;
     match room.ensure_loaded(&mut guard, &*shared.store).await {
-        Ok(state) => {
-            if let Some(doc) = state.doc() {
-                out.frame(YMessage::SyncStep2(missing_for(doc, &sv)).encode());
-            }
-        }
+        Ok(state) => state
+            .doc()
+            .map(|doc| YMessage::SyncStep2(missing_for(doc, &sv)).encode()),
         Err(e) => {
             tracing::error!(doc = %room.id, error = %e, "reloading an evicted document failed");
             out.ctl.close(CLOSE_RESYNC);
+            None
         }
     }
 }
 
-/// Stores and broadcasts one update from the client.
-async fn write<S: Store>(shared: &Shared<S>, room: &Room, out: &Outbound, conn: &Conn, update: Vec<u8>) {
+/// Whether the connection may write now; if not, tells the client why.
+fn may_write(out: &Outbound, conn: &Conn) -> bool {
     if conn.access != Access::Write {
         out.frame(permission_denied(ErrorCode::ReadOnly));
-        return;
+        return false;
     }
     if conn.grant.is_expired() {
         out.frame(permission_denied(ErrorCode::TokenExpired));
-        return;
+        return false;
     }
+    true
+}
+
+/// Stores and broadcasts one update from the client (which [`may_write`]).
+///
+/// Returns false when the connection must close: it keeps sending updates whose refusal costs
+/// its room a reload of the document.
+async fn write<S: Store>(
+    shared: &Shared<S>,
+    room: &Room,
+    out: &Outbound,
+    conn: &Conn,
+    limiter: &mut Limiter,
+    update: Vec<u8>,
+) -> bool {
     let user = conn.grant.identity();
     let refused = match room
-        .push(
-            &*shared.store,
-            &shared.committer,
-            &shared.config.limits,
-            conn.session,
-            user,
-            None,
-            update,
-        )
+        .push(&*shared.store, &shared.committer, conn.session, user, None, update)
         .await
     {
-        Ok(_) => return,
+        Ok(_) => return true,
         Err(refused) => refused,
     };
+    if refused.reload_cost > 0 && !limiter.pay_reload(refused.reload_cost, Instant::now()) {
+        tracing::info!(session = conn.session, doc = %room.id, "too many refused updates costing reloads: closing");
+        out.ctl.close(CLOSE_PROTOCOL_ERROR);
+        return false;
+    }
     match refused.code {
-        code @ (ErrorCode::Forbidden | ErrorCode::ReadOnly) => {
+        code @ (ErrorCode::Forbidden
+        | ErrorCode::ReadOnly
+        | ErrorCode::ClientIdTaken
+        | ErrorCode::DocumentTooLarge
+        | ErrorCode::SchemaViolation) => {
+            // Resyncing would only send the same content again: say why, keep the connection.
+            tracing::info!(session = conn.session, doc = %room.id, ?code, "update from a y-websocket client refused");
             out.frame(permission_denied(code));
         }
         code @ (ErrorCode::StoreUnavailable
@@ -288,6 +358,7 @@ async fn write<S: Store>(shared: &Shared<S>, room: &Room, out: &Outbound, conn: 
             tracing::info!(session = conn.session, doc = %room.id, ?code, "update from a y-websocket client refused");
         }
     }
+    true
 }
 
 /// Whether storing `update` would change nothing in the room's document.

@@ -75,6 +75,10 @@ impl Store for AnyStore {
         dispatch!(self, s => s.documents().await)
     }
 
+    async fn claim_client(&self, client_id: u64, owner: &str) -> Result<String> {
+        dispatch!(self, s => s.claim_client(client_id, owner).await)
+    }
+
     async fn device(&self) -> Result<DeviceIdentity> {
         dispatch!(self, s => s.device().await)
     }

@@ -200,6 +200,12 @@ pub trait Store: Send + Sync + 'static {
     /// Ids of every stored document.
     fn documents(&self) -> impl Future<Output = Result<Vec<String>>> + Send;
 
+    /// Binds the yrs client id `client_id` to `owner` unless it is bound already, and returns
+    /// its owner — `owner` if this call bound it or it was `owner`'s already, someone else's
+    /// otherwise. First use wins, durably and for every instance sharing the store; a binding is
+    /// never changed. (Server side: see ARCHITECTURE.md, "Authorship".)
+    fn claim_client(&self, client_id: u64, owner: &str) -> impl Future<Output = Result<String>> + Send;
+
     // ----- client side -----
 
     /// This store's device identity, created on first call (random client id below 2^53, random

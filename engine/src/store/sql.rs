@@ -47,6 +47,8 @@ const INLINE_FOLD_BYTES: usize = 64 * 1024;
 
 /// The `doc` named in [`Error::Corrupt`] for rows that belong to no document.
 pub(super) const DEVICE_ROW: &str = "(device identity)";
+/// What errors about the client id owners table name instead of a document.
+pub(super) const CLIENT_OWNERS: &str = "(client id owners)";
 
 /// An [`Error::Corrupt`] for `doc`.
 pub(super) fn corrupt(doc: &str, reason: impl Into<String>) -> Error {
@@ -545,7 +547,7 @@ macro_rules! sql_store {
             use driftsync_protocol::Cursor;
             use $crate::store::sql::{
                 check_counters, corrupt, device_identity, fold, from_sql, log_entries, read_error, to_sql,
-                AppendPlan, ReadRow, Row, Statement, Swap, Value, DEVICE_ROW, OUTBOX_INSERT, PRUNE_LOG,
+                AppendPlan, ReadRow, Row, Statement, Swap, Value, CLIENT_OWNERS, DEVICE_ROW, OUTBOX_INSERT, PRUNE_LOG,
                 RECOUNT_LOG_BYTES, SWAP_SNAPSHOT, SYNC_STATE_ADVANCE,
             };
             use $crate::store::{
@@ -884,6 +886,38 @@ macro_rules! sql_store {
                     // collation and so differ between backends.
                     docs.sort_unstable();
                     Ok(docs)
+                }
+
+                async fn claim_client(&self, client_id: u64, owner: &str) -> Result<String> {
+                    const SELECT: &str = "SELECT owner FROM client_owners WHERE client_id = $1";
+                    let id = to_sql(client_id, "client id")?;
+                    // Bound already (the usual case: every later connection of the same writer).
+                    let bound: Option<String> = ::sqlx::query_scalar(SELECT)
+                        .bind(id)
+                        .fetch_optional(&self.pool)
+                        .await
+                        .map_err(read_error(CLIENT_OWNERS))?;
+                    if let Some(bound) = bound {
+                        return Ok(bound);
+                    }
+                    // First use: bind it unless a concurrent caller (maybe on another instance)
+                    // just did, then read whichever won, so that every caller gets the same owner.
+                    let mut tx = self.begin_write().await?;
+                    ::sqlx::query(
+                        "INSERT INTO client_owners (client_id, owner) VALUES ($1, $2) \
+                         ON CONFLICT (client_id) DO NOTHING",
+                    )
+                    .bind(id)
+                    .bind(owner)
+                    .execute(&mut *tx)
+                    .await?;
+                    let bound: Option<String> = ::sqlx::query_scalar(SELECT)
+                        .bind(id)
+                        .fetch_optional(&mut *tx)
+                        .await
+                        .map_err(read_error(CLIENT_OWNERS))?;
+                    tx.commit().await?;
+                    bound.ok_or_else(|| corrupt(CLIENT_OWNERS, "a client id's owner is missing right after it was bound"))
                 }
 
                 async fn device(&self) -> Result<DeviceIdentity> {
