@@ -1100,3 +1100,48 @@ attack_test!(a_flooding_yjs_client_receives_its_close_code, async {
     honest.recv_until(QUICK, |m| is_step2(m).then_some(())).await;
     server.stop().await;
 });
+
+// ---------------------------------------------------------------------------------------------
+// An update yrs would take quadratic memory to integrate: a long run of one-character items (what
+// merging a day of offline keystrokes with `Update::merge_updates` gives). Refused before yrs
+// sees it; the same keystrokes as the client library now pushes them go through.
+
+attack_test!(
+    an_update_too_costly_to_squash_is_refused_and_its_honest_form_accepted,
+    async {
+        use driftsync_engine::store::OutboxEntry;
+        use driftsync_engine::sync::{merge, merge_outbox, MERGED_PUSH_BYTES};
+
+        let (_dir, store, server) = start(secret_config()).await;
+        let d = doc_id("notes/keystrokes");
+        let mut writer = NativeClient::connect(&server.url(), &token("ada", &["notes/*"], true), 701).await;
+        subscribe(&mut writer, &[&d]).await;
+        let typist = new_doc(701).unwrap();
+        let outbox: Vec<OutboxEntry> = (0..20_000u32)
+            .map(|i| OutboxEntry {
+                doc: d.as_str().into(),
+                batch: u64::from(i) + 1,
+                update: doc::text_insert(&typist, i, "x").unwrap(),
+            })
+            .collect();
+        let parts: Vec<&[u8]> = outbox.iter().map(|e| e.update.as_slice()).collect();
+        let whole = merge(&parts).unwrap();
+        let watch = RssWatch::start();
+        let t = Instant::now();
+        assert_eq!(
+            push(&mut writer, &d, 20_000, whole).await,
+            Err(ErrorCode::InvalidUpdate)
+        );
+        assert!(t.elapsed() < QUICK, "{:?}", t.elapsed());
+        watch.check("a 20,000-item run");
+        assert_eq!(head(&store, &d).await, 0, "nothing stored");
+        // The client library's merged pushes of the same outbox: each accepted.
+        for entry in merge_outbox(outbox, MERGED_PUSH_BYTES).unwrap() {
+            assert!(push(&mut writer, &d, entry.batch, entry.update).await.is_ok());
+        }
+        let stored = store.load(d.as_str()).await.unwrap().unwrap_or_default();
+        let rebuilt = doc::load_document(d.as_str(), &stored, 1).unwrap();
+        assert_eq!(doc::text(&rebuilt), "x".repeat(20_000));
+        server.stop().await;
+    }
+);
