@@ -913,34 +913,72 @@ attack_test!(missing_dependency_refusals_do_not_stall_others, async {
 // 4. Document size.
 
 attack_test!(a_document_stops_growing_at_its_maximum_size, async {
-    let (_dir, store, server) = start(secret_config()).await;
+    // 7 MiB: two 3 MiB pushes fit, one more of 2 MiB does not; the answer to a resume of the
+    // document (over 6 MiB) is larger than a frame (4 MiB) and goes in pieces.
+    let config = Config {
+        max_document_bytes: 7 * 1024 * 1024,
+        ..secret_config()
+    };
+    let (_dir, store, server) = start(config).await;
     let huge = doc_id("notes/huge");
     let small = doc_id("notes/small");
     let mut writer = NativeClient::connect(&server.url(), &token("ada", &["notes/*"], true), 401).await;
     subscribe(&mut writer, &[&huge, &small]).await;
-    let (three, two) = {
+    let (three, again, two) = {
         let replica = new_doc(401).unwrap();
         let three = doc::text_insert(&replica, 0, &"3".repeat(3 * 1024 * 1024)).unwrap();
+        let again = doc::text_insert(&replica, 0, &"3".repeat(3 * 1024 * 1024)).unwrap();
         let two = doc::text_insert(&replica, 0, &"2".repeat(2 * 1024 * 1024)).unwrap();
-        (three, two)
+        (three, again, two)
     };
     assert_eq!(push(&mut writer, &huge, 1, three).await, Ok(1));
+    assert_eq!(push(&mut writer, &huge, 4, again).await, Ok(2));
     // What the refusal costs (the test's own 2 MiB update is already held).
     let watch = RssWatch::start();
     let t = Instant::now();
     assert_eq!(push(&mut writer, &huge, 2, two).await, Err(ErrorCode::DocumentTooLarge));
     assert!(t.elapsed() < QUICK, "{:?}", t.elapsed());
-    assert_eq!(head(&store, &huge).await, 1);
+    assert_eq!(head(&store, &huge).await, 2);
     watch.check("a push beyond the maximum document size");
     drop(watch);
 
-    // A fresh native client still resumes it, in one frame.
+    // A fresh native client still resumes it: in pieces, then an entry with an empty update.
     let mut fresh = NativeClient::connect(&server.url(), &token("bob", &["notes/*"], false), 402).await;
-    let docs = fresh.resume_from_scratch(&huge).await;
+    fresh
+        .send(&ClientFrame::Resume {
+            docs: vec![ResumeDoc {
+                doc: huge.clone(),
+                cursor: 0,
+                state_vector: vec![0],
+            }],
+        })
+        .await;
+    let mut pieces: Vec<Vec<u8>> = Vec::new();
+    let docs = loop {
+        match fresh.recv().await {
+            Some(ServerFrame::ResumePart { doc, bytes }) if doc == huge => pieces.push(bytes),
+            Some(ServerFrame::Resumed { docs }) => break docs,
+            Some(_) => continue,
+            None => panic!("closed during the resume"),
+        }
+    };
+    assert!(pieces.len() >= 2, "{} pieces", pieces.len());
     assert_eq!(docs.len(), 1);
-    let text = text_of(docs[0].update.as_deref().expect("the document"));
-    assert_eq!(text.len(), 3 * 1024 * 1024);
+    assert_eq!(docs[0].update.as_deref(), Some(&[][..]), "the update came in pieces");
+    let text = text_of(&pieces.concat());
+    assert_eq!(text.len(), 6 * 1024 * 1024);
     assert!(text.bytes().all(|b| b == b'3'));
+    // So does the client library.
+    let dir = tempfile::tempdir().unwrap();
+    let mut library = driftsync_client::Client::open(dir.path().join("bob.db"), "bob")
+        .await
+        .unwrap();
+    library.text_append(huge.as_str(), "").await.unwrap();
+    library
+        .sync_once(&server.url(), &token("bob", &["notes/*"], false))
+        .await
+        .unwrap();
+    assert_eq!(library.text(huge.as_str()).await.unwrap().len(), 6 * 1024 * 1024);
 
     // And a y-websocket client syncs it.
     let mut y = YConn::connect(&server, &huge, &token("carl", &["notes/*"], false)).await;
@@ -951,7 +989,7 @@ attack_test!(a_document_stops_growing_at_its_maximum_size, async {
             _ => None,
         })
         .await;
-    assert_eq!(text_of(&update).len(), 3 * 1024 * 1024);
+    assert_eq!(text_of(&update).len(), 6 * 1024 * 1024);
 
     // The writer's other document works.
     push_fast(&mut writer, &small, 3, text_update(1_401, "fine")).await;

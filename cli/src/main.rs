@@ -153,8 +153,7 @@ struct ServeArgs {
     #[arg(long, env = "DRIFTSYNC_MAX_HELLO_FRAME")]
     max_hello_frame: Option<usize>,
     /// Largest a document may grow, in stored bytes; a push beyond it is refused with
-    /// DocumentTooLarge [default: 4,128,768, the frame size less 64 KiB, so that every document
-    /// fits one resume answer].
+    /// DocumentTooLarge [default: 16 MiB].
     #[arg(long, env = "DRIFTSYNC_MAX_DOCUMENT_BYTES")]
     max_document_bytes: Option<u64>,
     /// Bytes queued for one connection before it counts as a slow consumer and is told to
@@ -375,15 +374,6 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     if args.max_hello_frame.is_some_and(|n| n < 1024) {
         bail!("--max-hello-frame must be at least 1024 bytes: a hello carries the token");
-    }
-    if args
-        .max_document_bytes
-        .is_some_and(|n| n > (driftsync_protocol::DEFAULT_MAX_FRAME_SIZE as u64))
-    {
-        bail!(
-            "--max-document-bytes above the frame size ({}) would accept documents that native clients cannot resume",
-            driftsync_protocol::DEFAULT_MAX_FRAME_SIZE
-        );
     }
     // Every connection is a file descriptor: use the hard limit, not the (often 1,024) soft one.
     driftsync_server::raise_open_files_limit();

@@ -32,7 +32,7 @@ use yrs::{ClientID, Doc, Map, Out, Transact};
 pub use backoff::{retry, Backoff};
 pub use error::{Error, Result};
 pub use live::{ConnectionState, Event, Events, Options, Session, TokenFuture, TYPING_THROTTLE, TYPING_TIMEOUT};
-pub use sync::{SyncReport, SYNC_TIMEOUT};
+pub use sync::{SyncReport, MAX_ASSEMBLED_ANSWER, SYNC_TIMEOUT};
 
 /// A replica of documents on one local store, acting for one user.
 pub struct Client {
@@ -41,6 +41,9 @@ pub struct Client {
     author: Author,
     docs: HashMap<String, Doc>,
     rooms: HashMap<String, ChatRoom>,
+    /// Pieces of resume answers too large for one frame, per document, until the document's
+    /// `Resumed` entry arrives (see `ServerFrame::ResumePart`); cleared on every connection.
+    parts: HashMap<String, Vec<u8>>,
 }
 
 impl std::fmt::Debug for Client {
@@ -78,6 +81,7 @@ impl Client {
             author,
             docs: HashMap::new(),
             rooms: HashMap::new(),
+            parts: HashMap::new(),
         })
     }
 

@@ -768,6 +768,8 @@ impl Task {
         };
         self.state.send_replace(ConnectionState::Connected);
         self.emit(Event::Connected { session });
+        // Pieces of an answer from an earlier connection belong to no answer of this one.
+        self.client.lock().await.reset_parts();
         let mut live = Live {
             ws,
             resumed: HashSet::new(),
@@ -1041,6 +1043,7 @@ impl Task {
                 typing,
             }),
             ServerFrame::Ping { nonce } => live.send(&ClientFrame::Pong { nonce }).await?,
+            ServerFrame::ResumePart { doc, bytes } => self.client.lock().await.take_part(doc.as_str(), &bytes)?,
             ServerFrame::Pong { .. } | ServerFrame::Welcome { .. } => {}
         }
         Ok(())

@@ -113,6 +113,7 @@ impl Client {
             other => return Err(Error::Protocol(format!("expected a welcome, got {other:?}"))),
         };
 
+        self.reset_parts();
         let ids = self.documents().await?;
         let resume = self.resume_request(&ids).await?;
         conn.report.documents = resume.len();
@@ -161,6 +162,7 @@ impl Client {
                     let answered = resumed_docs.contains(&id);
                     self.take_update(&id, cursor, update, answered, &limits).await?;
                 }
+                ServerFrame::ResumePart { doc, bytes } => self.take_part(doc.as_str(), &bytes)?,
                 ServerFrame::Ack { doc: id, batch, cursor } => {
                     let id = id.as_str().to_string();
                     self.take_ack(&id, batch, cursor, resumed_docs.contains(&id)).await?;
@@ -230,11 +232,18 @@ impl Client {
     /// into pushes of at most `max_push_bytes` bytes of batches.
     pub(crate) async fn take_resumed(
         &mut self,
-        answer: DocResumed,
+        mut answer: DocResumed,
         limits: &Limits,
         max_push_bytes: usize,
     ) -> Result<(bool, Vec<(u64, Vec<u8>)>)> {
         let id = answer.doc.as_str().to_string();
+        let assembled = self.parts.remove(&id);
+        if let Some(update) = answer.update.as_mut().filter(|update| update.is_empty()) {
+            // The answer came ahead in pieces.
+            *update = assembled
+                .filter(|whole| !whole.is_empty())
+                .ok_or_else(|| Error::Protocol(format!("the answer for {id} came in pieces, but none arrived")))?;
+        }
         let doc = self.document(&id).await?;
         let changed = match answer.update {
             Some(update) => {
@@ -257,6 +266,25 @@ impl Client {
             });
         }
         Ok((changed, pushes))
+    }
+
+    /// Forgets the pieces of resume answers received so far (a new connection starts over).
+    pub(crate) fn reset_parts(&mut self) {
+        self.parts = HashMap::new();
+    }
+
+    /// Keeps a piece of the resume answer for `doc` (see `ServerFrame::ResumePart`), at most
+    /// [`MAX_ASSEMBLED_ANSWER`] bytes per document.
+    pub(crate) fn take_part(&mut self, doc: &str, bytes: &[u8]) -> Result<()> {
+        let whole = self.parts.entry(doc.to_string()).or_default();
+        if whole.len() + bytes.len() > MAX_ASSEMBLED_ANSWER {
+            self.parts.remove(doc);
+            return Err(Error::Protocol(format!(
+                "the resume answer for {doc} exceeds {MAX_ASSEMBLED_ANSWER} bytes"
+            )));
+        }
+        whole.extend_from_slice(bytes);
+        Ok(())
     }
 
     /// Applies an update the server broadcast. Before the document's resume answer (`answered`
@@ -286,6 +314,11 @@ impl Client {
         Ok(())
     }
 }
+
+/// The largest resume answer a client assembles from pieces (`ServerFrame::ResumePart`): far
+/// above any server's maximum document size by default, and a bound on what a server can make
+/// a client hold.
+pub const MAX_ASSEMBLED_ANSWER: usize = 256 * 1024 * 1024;
 
 /// The most bytes of outbox batches one push may merge ([`MERGED_PUSH_BYTES`]), within half the
 /// largest frame the server accepts (its `Welcome` says which), so that a merged push fits with

@@ -289,6 +289,17 @@ pub enum ServerFrame {
         /// The nonce of the ping.
         nonce: u64,
     },
+    /// A piece of a resume answer too large for one frame. The pieces of a document, in order,
+    /// are its update: they come before the [`ServerFrame::Resumed`] entry for the document,
+    /// whose `update` is then `Some` and **empty** (no update is empty: an update without
+    /// changes is two bytes). A client keeps at most what its own bound on a document allows.
+    ResumePart {
+        /// The document.
+        doc: DocId,
+        /// The next bytes of its update.
+        #[serde(with = "serde_bytes")]
+        bytes: Vec<u8>,
+    },
 }
 
 /// Why the server refused something. Details go to the server log, not to the client.

@@ -151,6 +151,7 @@ fn server_frame() -> impl Strategy<Value = ServerFrame> {
         }),
         any::<u64>().prop_map(|nonce| ServerFrame::Ping { nonce }),
         any::<u64>().prop_map(|nonce| ServerFrame::Pong { nonce }),
+        (doc_id(), bytes()).prop_map(|(doc, bytes)| ServerFrame::ResumePart { doc, bytes }),
     ]
 }
 
@@ -390,6 +391,13 @@ fn golden_frames() -> Vec<(String, Golden)> {
         (
             "server-pong".into(),
             Golden::Server(ServerFrame::Pong { nonce: 0xdead_beef }),
+        ),
+        (
+            "server-resume-part".into(),
+            Golden::Server(ServerFrame::ResumePart {
+                doc: DocId::new("notes/big").unwrap(),
+                bytes: vec![1, 2, 3, 4],
+            }),
         ),
     ];
     // One error frame per error code pins every code's index on the wire.

@@ -150,8 +150,8 @@ pub struct Config {
     /// Largest number of documents one connection may subscribe.
     pub max_docs_per_connection: usize,
     /// The largest a document may grow, in stored bytes (snapshot plus log); a push beyond it
-    /// is refused with `DocumentTooLarge`. Kept below the frame size by default, so that every
-    /// accepted document still fits one resume answer ([`DEFAULT_MAX_DOCUMENT_BYTES`]).
+    /// is refused with `DocumentTooLarge` ([`DEFAULT_MAX_DOCUMENT_BYTES`]). Resume answers
+    /// larger than a frame are sent in pieces, so every accepted document stays syncable.
     pub max_document_bytes: u64,
     /// How far ahead of the server's clock a new chat message's HLC stamp may be; one further
     /// ahead is refused (`SchemaViolation`), so that nobody can make a message sort after every
@@ -219,9 +219,10 @@ impl Default for Config {
     }
 }
 
-/// The default [`Config::max_document_bytes`]: the default frame size less 64 KiB for the
-/// frame's other fields, so that a native resume answer always fits one frame.
-pub const DEFAULT_MAX_DOCUMENT_BYTES: u64 = (driftsync_protocol::DEFAULT_MAX_FRAME_SIZE - 64 * 1024) as u64;
+/// The default [`Config::max_document_bytes`]: 16 MiB of stored bytes. A live yrs document
+/// takes 10–15 times its encoded size in memory, so this keeps one room well below memory; a
+/// resume answer larger than a frame goes in pieces (`ServerFrame::ResumePart`).
+pub const DEFAULT_MAX_DOCUMENT_BYTES: u64 = 16 * 1024 * 1024;
 
 /// The default [`Config::outbound_queue_bytes`]: two frames of the default size.
 pub const DEFAULT_OUTBOUND_QUEUE_BYTES: usize = 2 * driftsync_protocol::DEFAULT_MAX_FRAME_SIZE;

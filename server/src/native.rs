@@ -21,6 +21,10 @@ use crate::room::{ConnCtl, Outbound, Protocol, RoomEvent, Subscriber};
 use crate::socket::{next_binary, Reader, Socket, DRAIN_BYTES, DRAIN_TIME};
 use crate::Shared;
 
+/// What a `Resumed` frame holding one document needs besides the document's update (its id,
+/// cursor, state vector, framing), with room to spare.
+const RESUMED_OVERHEAD: usize = 64 * 1024;
+
 /// The most log entries a resume reads; a client further behind gets a state-vector diff (the
 /// default compaction keeps 1,024 entries in the log for resumes).
 const MAX_TAIL_ENTRIES: u64 = 1024;
@@ -505,12 +509,31 @@ async fn resume<S: Store>(
         };
         peer.docs.insert(doc.clone());
         resumed.push(doc.clone());
-        let entry = DocResumed {
+        let mut entry = DocResumed {
             doc,
             cursor: answer.cursor,
             update: answer.update,
             state_vector: answer.state_vector,
         };
+        // An answer too large for one frame goes ahead in pieces (`ResumePart`), each once the
+        // queue has room; the entry then carries an empty update. (Only then: a client from
+        // before `ResumePart` still gets every answer that fits a frame whole.)
+        let piece = shared.config.max_frame_size / 2;
+        let whole_fits = shared.config.max_frame_size.saturating_sub(RESUMED_OVERHEAD);
+        if let Some(update) = entry.update.as_mut().filter(|update| update.len() > whole_fits) {
+            let whole = std::mem::take(update);
+            for bytes in whole.chunks(piece) {
+                let frame = ServerFrame::ResumePart {
+                    doc: entry.doc.clone(),
+                    bytes: bytes.to_vec(),
+                }
+                .encode();
+                limiter.charge(frame.len(), Instant::now());
+                if !out.answer(frame, patience).await {
+                    return;
+                }
+            }
+        }
         let entry_size = entry.update.as_ref().map_or(0, Vec::len)
             + entry.state_vector.as_ref().map_or(0, Vec::len)
             + entry.doc.as_str().len()
