@@ -280,30 +280,11 @@ async fn subscribe(c: &mut NativeClient, docs: &[&DocId]) {
 
 /// Pushes one batch and waits for its acknowledgement or refusal.
 async fn push(c: &mut NativeClient, doc: &DocId, batch: u64, update: Vec<u8>) -> Result<Cursor, ErrorCode> {
-    c.send(&ClientFrame::Push {
-        doc: doc.clone(),
-        batch,
-        update,
-    })
-    .await;
-    await_push(c, doc, batch).await
+    c.push(doc, batch, update).await
 }
 
 async fn await_push(c: &mut NativeClient, doc: &DocId, batch: u64) -> Result<Cursor, ErrorCode> {
-    c.recv_until(|f| match f {
-        ServerFrame::Ack {
-            doc: d,
-            batch: b,
-            cursor,
-        } if d == doc && *b == batch => Some(Ok(*cursor)),
-        ServerFrame::Error {
-            code,
-            doc: Some(d),
-            batch: Some(b),
-        } if d == doc && *b == batch => Some(Err(*code)),
-        _ => None,
-    })
-    .await
+    c.await_push(doc, batch).await
 }
 
 /// Pushes and asserts the acknowledgement arrives within [`QUICK`]; returns the latency.

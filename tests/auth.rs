@@ -76,26 +76,7 @@ async fn resume(c: &mut NativeClient, docs: &[&DocId]) -> (Vec<DocId>, Vec<(Erro
 
 /// Pushes one batch and waits for its acknowledgement or refusal.
 async fn push(c: &mut NativeClient, doc: &DocId, batch: u64, update: Vec<u8>) -> Result<Cursor, ErrorCode> {
-    c.send(&ClientFrame::Push {
-        doc: doc.clone(),
-        batch,
-        update,
-    })
-    .await;
-    c.recv_until(|f| match f {
-        ServerFrame::Ack {
-            doc: d,
-            batch: b,
-            cursor,
-        } if d == doc && *b == batch => Some(Ok(*cursor)),
-        ServerFrame::Error {
-            code,
-            doc: Some(d),
-            batch: Some(b),
-        } if d == doc && *b == batch => Some(Err(*code)),
-        _ => None,
-    })
-    .await
+    c.push(doc, batch, update).await
 }
 
 /// A text update from a fresh replica.

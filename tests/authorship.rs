@@ -49,20 +49,7 @@ async fn stored(store: &SqliteStore, doc: &DocId) -> Doc {
 
 /// Pushes one batch and waits for its acknowledgement or refusal.
 async fn push(c: &mut NativeClient, doc: &DocId, batch: u64, update: Vec<u8>) -> Result<Cursor, ErrorCode> {
-    c.send(&ClientFrame::Push {
-        doc: doc.clone(),
-        batch,
-        update,
-    })
-    .await;
-    c.recv_until(|f| match f {
-        ServerFrame::Ack { batch: b, cursor, .. } if *b == batch => Some(Ok(*cursor)),
-        ServerFrame::Error {
-            code, batch: Some(b), ..
-        } if *b == batch => Some(Err(*code)),
-        _ => None,
-    })
-    .await
+    c.push(doc, batch, update).await
 }
 
 /// What a fresh client gets for `doc`: the text of its resume answer.

@@ -328,26 +328,7 @@ fn stamped_message(client: u64, author: &str, hlc: &str) -> (String, Vec<u8>) {
 
 /// Pushes one batch and waits for its acknowledgement or refusal.
 async fn push(c: &mut NativeClient, doc: &DocId, batch: u64, update: Vec<u8>) -> Result<u64, ErrorCode> {
-    c.send(&ClientFrame::Push {
-        doc: doc.clone(),
-        batch,
-        update,
-    })
-    .await;
-    c.recv_until(|f| match f {
-        ServerFrame::Ack {
-            doc: d,
-            batch: b,
-            cursor,
-        } if d == doc && *b == batch => Some(Ok(*cursor)),
-        ServerFrame::Error {
-            code,
-            doc: Some(d),
-            batch: Some(b),
-        } if d == doc && *b == batch => Some(Err(*code)),
-        _ => None,
-    })
-    .await
+    c.push(doc, batch, update).await
 }
 
 /// The messages of a chat room document: `(author, text)`, in order.

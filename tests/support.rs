@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use driftsync_engine::store::Store;
 use driftsync_protocol::{
-    ClientFrame, DocId, DocResumed, ResumeDoc, ServerFrame, DEFAULT_MAX_FRAME_SIZE, PROTOCOL_VERSION,
+    ClientFrame, Cursor, DocId, DocResumed, ErrorCode, ResumeDoc, ServerFrame, DEFAULT_MAX_FRAME_SIZE, PROTOCOL_VERSION,
 };
 use futures_util::{SinkExt, StreamExt};
 use tokio::net::TcpStream;
@@ -148,6 +148,35 @@ impl NativeClient {
                 None => panic!("connection closed while waiting"),
             }
         }
+    }
+
+    /// Pushes one batch and waits for its acknowledgement (the cursor) or refusal (the code).
+    pub async fn push(&mut self, doc: &DocId, batch: u64, update: Vec<u8>) -> Result<Cursor, ErrorCode> {
+        self.send(&ClientFrame::Push {
+            doc: doc.clone(),
+            batch,
+            update,
+        })
+        .await;
+        self.await_push(doc, batch).await
+    }
+
+    /// Waits for the acknowledgement or refusal of a batch pushed already.
+    pub async fn await_push(&mut self, doc: &DocId, batch: u64) -> Result<Cursor, ErrorCode> {
+        self.recv_until(|f| match f {
+            ServerFrame::Ack {
+                doc: d,
+                batch: b,
+                cursor,
+            } if d == doc && *b == batch => Some(Ok(*cursor)),
+            ServerFrame::Error {
+                code,
+                doc: Some(d),
+                batch: Some(b),
+            } if d == doc && *b == batch => Some(Err(*code)),
+            _ => None,
+        })
+        .await
     }
 
     /// Opens `doc` as a client holding nothing of it (cursor 0, empty state vector) and

@@ -130,7 +130,8 @@ pub struct DocResumed {
     pub doc: DocId,
     /// The server's cursor for the document, including everything in `update`.
     pub cursor: Cursor,
-    /// What the client lacks (a yrs v1 update), or `None` when it lacks nothing.
+    /// What the client lacks (a yrs v1 update), or `None` when it lacks nothing. Empty when the
+    /// update was too large for a frame and came ahead in [`ServerFrame::ResumePart`] pieces.
     #[serde(with = "opt_bytes")]
     pub update: Option<Vec<u8>>,
     /// The server's state vector, sent only when the client has changes the server lacks; the
