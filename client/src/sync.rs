@@ -274,16 +274,16 @@ impl Client {
     }
 
     /// Keeps a piece of the resume answer for `doc` (see `ServerFrame::ResumePart`), at most
-    /// [`MAX_ASSEMBLED_ANSWER`] bytes per document.
+    /// [`MAX_ASSEMBLED_ANSWER`] bytes for all documents together.
     pub(crate) fn take_part(&mut self, doc: &str, bytes: &[u8]) -> Result<()> {
-        let whole = self.parts.entry(doc.to_string()).or_default();
-        if whole.len() + bytes.len() > MAX_ASSEMBLED_ANSWER {
-            self.parts.remove(doc);
+        let held: usize = self.parts.values().map(Vec::len).sum();
+        if held + bytes.len() > MAX_ASSEMBLED_ANSWER {
+            self.reset_parts();
             return Err(Error::Protocol(format!(
-                "the resume answer for {doc} exceeds {MAX_ASSEMBLED_ANSWER} bytes"
+                "resume answers in pieces exceed {MAX_ASSEMBLED_ANSWER} bytes"
             )));
         }
-        whole.extend_from_slice(bytes);
+        self.parts.entry(doc.to_string()).or_default().extend_from_slice(bytes);
         Ok(())
     }
 
@@ -315,9 +315,9 @@ impl Client {
     }
 }
 
-/// The largest resume answer a client assembles from pieces (`ServerFrame::ResumePart`): far
-/// above any server's maximum document size by default, and a bound on what a server can make
-/// a client hold.
+/// The most bytes of resume answers a client assembles from pieces (`ServerFrame::ResumePart`)
+/// at once: far above a server's default maximum document size, and a bound on what a server
+/// can make a client hold.
 pub const MAX_ASSEMBLED_ANSWER: usize = 256 * 1024 * 1024;
 
 /// The most bytes of outbox batches one push may merge ([`MERGED_PUSH_BYTES`]), within half the
@@ -325,4 +325,39 @@ pub const MAX_ASSEMBLED_ANSWER: usize = 256 * 1024 * 1024;
 /// room to spare (merged, batches come out smaller than they were apart).
 pub(crate) fn push_budget(max_frame_size: u32) -> usize {
     MERGED_PUSH_BYTES.min(usize::try_from(max_frame_size).unwrap_or(usize::MAX) / 2)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn pieces_of_answers_are_bounded_and_assembled() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut client = Client::open(dir.path().join("c.db"), "ada").await.unwrap();
+        let whole = driftsync_engine::doc::text_insert(&driftsync_engine::doc::new_doc(9).unwrap(), 0, "big").unwrap();
+        let (a, b) = whole.split_at(3);
+        client.take_part("notes/1", a).unwrap();
+        client.take_part("notes/1", b).unwrap();
+        let answer = DocResumed {
+            doc: DocId::new("notes/1").unwrap(),
+            cursor: 1,
+            update: Some(Vec::new()),
+            state_vector: None,
+        };
+        let (changed, _) = client
+            .take_resumed(answer.clone(), &Limits::default(), 1024)
+            .await
+            .unwrap();
+        assert!(changed);
+        assert_eq!(client.text("notes/1").await.unwrap(), "big");
+        // An empty update without pieces is the server's mistake, reported.
+        assert!(client.take_resumed(answer, &Limits::default(), 1024).await.is_err());
+        // A server cannot make the client hold more than the bound.
+        let piece = vec![0u8; MAX_ASSEMBLED_ANSWER / 2];
+        client.take_part("a", &piece).unwrap();
+        client.take_part("b", &piece).unwrap();
+        assert!(client.take_part("c", &[1]).is_err());
+        assert!(client.parts.is_empty(), "dropped");
+    }
 }
