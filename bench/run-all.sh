@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# Runs every workload of driftsync-bench against driftsync (native /v1/sync and /yjs/{doc}) and the
-# anchors (y-websocket server, Hocuspocus, y-sweet) in one run, then writes the report.
+# Runs every workload of driftsync-bench against driftsync (native /v1/sync and /yjs/{doc}), the
+# anchors (y-websocket server, Hocuspocus, y-sweet) and the bare relay (`driftsync-bench relay`,
+# the floor of the machine; fan-out only) in one run, then writes the report.
 #
 #   bash bench/run-all.sh            # the full, publishable run (about 30 minutes)
 #   QUICK=1 bash bench/run-all.sh    # a short run to check that everything works
 #
-# Environment: SYSTEMS (default: native ds-yjs y-websocket hocuspocus y-sweet), WORKLOADS
-# (default: fanout idle resync throughput; resync includes the cold load), ANCHORS (where
+# Environment: SYSTEMS (default: native ds-yjs y-websocket hocuspocus y-sweet relay), WORKLOADS
+# (default: fanout idle resync throughput writers; resync includes the cold load; writers = many
+# writers: one room of 50 writers + 50 readers, and 1,000 rooms of 5 writers), ANCHORS (where
 # /work/shared/bench/install-anchors.sh installed them; default ~/.cache/driftsync-anchors),
 # OUT (default bench/results), DRIFTSYNC_BIN, BENCH_BIN, FANOUT_READERS (quick runs; default 10,100).
 # Every server is started here, pinned to core 0 (taskset -c 0), with a fresh data directory,
@@ -19,8 +21,8 @@ ANCHORS=${ANCHORS:-$HOME/.cache/driftsync-anchors}
 DS_BIN=${DRIFTSYNC_BIN:-$ROOT/target/release/driftsync}
 BENCH=${BENCH_BIN:-$ROOT/target/release/driftsync-bench}
 OUT=${OUT:-$ROOT/bench/results}
-SYSTEMS=${SYSTEMS:-"native ds-yjs y-websocket hocuspocus y-sweet"}
-WORKLOADS=${WORKLOADS:-"fanout idle resync throughput"}
+SYSTEMS=${SYSTEMS:-"native ds-yjs y-websocket hocuspocus y-sweet relay"}
+WORKLOADS=${WORKLOADS:-"fanout idle resync throughput writers"}
 QUICK=${QUICK:-0}
 SERVER_CORE=${SERVER_CORE:-0}
 GEN_CORE=${GEN_CORE:-1}
@@ -37,11 +39,17 @@ if [[ $QUICK == 1 ]]; then
   IDLE_CONNS=(1000)
   TP_ARGS=(--rooms 20 --step-secs 2 --rates 500,2000,8000)
   RESYNC_ARGS=(--runs 1)
+  # Many writers: one room of 50 writers (2 updates/s each) and 50 readers; many small rooms
+  # of 5 writers (0.2 updates/s each), 200 rooms instead of 1,000.
+  WRITERS_ROOM_ARGS=(--rooms 1 --writers 50 --readers 50 --rate 2 --secs 3)
+  WRITERS_ROOMS_ARGS=(--rooms 200 --writers 5 --readers 0 --rate 0.2 --secs 5)
 else
   FANOUT_ARGS=(--readers 10,100,500 --secs 10)
   IDLE_CONNS=(1000 5000 10000)
   TP_ARGS=(--rooms 100 --step-secs 5)
   RESYNC_ARGS=(--runs 5)
+  WRITERS_ROOM_ARGS=(--rooms 1 --writers 50 --readers 50 --rate 2 --secs 20)
+  WRITERS_ROOMS_ARGS=(--rooms 1000 --writers 5 --readers 0 --rate 0.2 --secs 30)
 fi
 
 for f in "$DS_BIN" "$BENCH"; do
@@ -104,6 +112,10 @@ start_server() {
     y-sweet)
       taskset -c "$SERVER_CORE" "$ANCHORS/y-sweet/bin/y-sweet" serve "$data" --host 127.0.0.1 --port "$PORT" >>"$log" 2>&1 &
       ;;
+    relay)
+      # The floor: relays, applies nothing, stores nothing (the data directory stays empty).
+      taskset -c "$SERVER_CORE" "$BENCH" relay --listen "127.0.0.1:$PORT" >>"$log" 2>&1 &
+      ;;
   esac
   SERVER_PID=$!
   wait_port
@@ -126,6 +138,11 @@ run_for() {
   local system=$1 data=$LOGS/data/$1
   for w in $WORKLOADS; do
     rm -rf "$data"
+    # The relay is the floor of fan-out only (it holds no document to resync, load or idle on).
+    if [[ $system == relay && $w != fanout ]]; then
+      echo "relay: $w skipped (the relay runs fan-out only)"
+      continue
+    fi
     case $w in
       fanout)
         start_server "$system" "$data"; bench fanout --system "$system" "${FANOUT_ARGS[@]}"; stop_server ;;
@@ -149,6 +166,15 @@ run_for() {
         stop_server ;;
       throughput)
         start_server "$system" "$data"; bench throughput --system "$system" "${TP_ARGS[@]}"; stop_server ;;
+      writers)
+        # Each shape on a freshly started server, for its RSS.
+        start_server "$system" "$data"; bench writers --system "$system" "${WRITERS_ROOM_ARGS[@]}"; stop_server
+        rm -rf "$data"
+        start_server "$system" "$data"
+        bench writers --system "$system" "${WRITERS_ROOMS_ARGS[@]}" --source-ips 16
+        stop_server ;;
+      *)
+        echo "unknown workload $w (fanout idle resync throughput writers)" >&2; exit 1 ;;
     esac
   done
 }

@@ -41,6 +41,8 @@ pub enum System {
     Hocuspocus,
     /// y-sweet.
     YSweet,
+    /// The bare relay built into this crate (`driftsync-bench relay`): the floor of the machine.
+    Relay,
 }
 
 impl System {
@@ -52,7 +54,20 @@ impl System {
             System::YWebsocket => "y-websocket",
             System::Hocuspocus => "hocuspocus",
             System::YSweet => "y-sweet",
+            System::Relay => "relay",
         }
+    }
+
+    /// Whether this is one of the anchors (a sync server Yjs users run), which ratios compare
+    /// against: neither driftsync nor the bare relay.
+    pub fn is_anchor(self) -> bool {
+        !self.is_driftsync() && self != System::Relay
+    }
+
+    /// Whether the server acknowledges a write (driftsync's native protocol does, once the
+    /// update is durably stored; the y-websocket protocol has no acknowledgement).
+    pub fn acknowledges(self) -> bool {
+        self == System::Native
     }
 
     /// Whether this is one of driftsync's endpoints (not an anchor).
@@ -185,7 +200,7 @@ impl Endpoint {
         match self.system {
             System::Native => "/v1/sync".into(),
             System::DsYjs => format!("/yjs/{doc}"),
-            System::YWebsocket => format!("/{doc}"),
+            System::YWebsocket | System::Relay => format!("/{doc}"),
             System::Hocuspocus => "/".into(),
             System::YSweet => format!("/d/{doc}/ws/{doc}"),
         }
@@ -443,10 +458,25 @@ pub fn marker_text(seq: u32) -> String {
 
 /// Finds the sequence number of the first marker in `bytes`, without decoding anything.
 pub fn find_marker(bytes: &[u8]) -> Option<u32> {
-    let at = bytes.windows(4).position(|w| w == MARKER)?;
-    let hex = bytes.get(at + 4..at + 12)?;
-    let hex = std::str::from_utf8(hex).ok()?;
-    u32::from_str_radix(hex, 16).ok()
+    find_markers(bytes).next()
+}
+
+/// Every marker's sequence number in `bytes`, in order (a server that merges updates before
+/// sending them puts several in one message).
+pub fn find_markers(bytes: &[u8]) -> impl Iterator<Item = u32> + '_ {
+    let mut from = 0;
+    std::iter::from_fn(move || loop {
+        let at = from + bytes.get(from..)?.windows(4).position(|w| w == MARKER)?;
+        from = at + 4;
+        let hex = bytes.get(at + 4..at + 12)?;
+        if let Some(seq) = std::str::from_utf8(hex)
+            .ok()
+            .and_then(|h| u32::from_str_radix(h, 16).ok())
+        {
+            from = at + 12;
+            return Some(seq);
+        }
+    })
 }
 
 #[cfg(test)]
@@ -473,6 +503,18 @@ mod tests {
         }
         assert_eq!(find_marker(b"nothing here"), None);
         assert_eq!(find_marker(b"dsb!12"), None);
+    }
+
+    #[test]
+    fn every_marker_is_found() {
+        let text = format!("x{}dsb!zz{}{}", marker_text(1), marker_text(0xff), marker_text(7));
+        let found: Vec<u32> = find_markers(text.as_bytes()).collect();
+        assert_eq!(found, vec![1, 0xff, 7]);
+        assert_eq!(find_markers(b"dsb!").count(), 0);
+        assert_eq!(find_markers(b"").count(), 0);
+        // A marker cut short at the end ends the search.
+        let cut = format!("{}dsb!0000", marker_text(3));
+        assert_eq!(find_markers(cut.as_bytes()).collect::<Vec<_>>(), vec![3]);
     }
 
     #[test]

@@ -1,9 +1,11 @@
-//! The library behind `driftsync-bench`: clients of the five systems, the workloads, `/proc`
-//! sampling, statistics and the report. See the binary's documentation and `bench/run-all.sh`.
+//! The library behind `driftsync-bench`: clients of the five systems, the workloads, the bare
+//! relay (the floor), `/proc` sampling, statistics and the report. See the binary's documentation and `bench/run-all.sh`.
 
 pub mod b4;
 pub mod clients;
 pub mod load;
 pub mod procfs;
+pub mod relay;
 pub mod report;
 pub mod stats;
+pub mod writers;

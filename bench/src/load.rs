@@ -35,6 +35,8 @@ pub struct Tracker {
     complete: AtomicUsize,
     /// Deliveries of any sequence number.
     delivered: AtomicU64,
+    /// When the server acknowledged each sequence number (0: not yet; native only).
+    acked: Vec<AtomicU64>,
 }
 
 impl Tracker {
@@ -48,6 +50,7 @@ impl Tracker {
             expected,
             complete: AtomicUsize::new(0),
             delivered: AtomicU64::new(0),
+            acked: (0..capacity).map(|_| AtomicU64::new(0)).collect(),
         })
     }
 
@@ -61,8 +64,38 @@ impl Tracker {
         }
     }
 
+    /// Records the server's acknowledgement of `seq` (the first one counts).
+    pub(crate) fn acked(&self, seq: u32) {
+        if let Some(a) = self.acked.get(seq as usize) {
+            let _ = a.compare_exchange(0, self.now().max(1), Ordering::Relaxed, Ordering::Relaxed);
+        }
+    }
+
+    /// How many sequence numbers in `range` were acknowledged.
+    pub(crate) fn acked_count(&self, range: std::ops::Range<u32>) -> usize {
+        range
+            .filter(|&seq| {
+                self.acked
+                    .get(seq as usize)
+                    .is_some_and(|a| a.load(Ordering::Relaxed) != 0)
+            })
+            .count()
+    }
+
+    /// Acknowledgement latencies (send to acknowledgement) of the acknowledged sequence numbers
+    /// in `range`.
+    pub(crate) fn ack_latencies(&self, range: std::ops::Range<u32>) -> Vec<u64> {
+        range
+            .filter_map(|seq| {
+                let acked = self.acked.get(seq as usize)?.load(Ordering::Relaxed);
+                let sent = self.sent[seq as usize].load(Ordering::Relaxed);
+                (acked != 0 && sent != 0).then(|| acked.saturating_sub(sent))
+            })
+            .collect()
+    }
+
     /// Records one delivery of `seq`.
-    fn received(&self, seq: u32) {
+    pub(crate) fn received(&self, seq: u32) {
         let i = seq as usize;
         let (Some(last), Some(count)) = (self.last.get(i), self.count.get(i)) else {
             return;
@@ -76,7 +109,7 @@ impl Tracker {
 
     /// Latencies (send to last reader) of the complete sequence numbers in `range`, and how many
     /// of them were delivered in all.
-    fn latencies(&self, range: std::ops::Range<u32>) -> (Vec<u64>, u64) {
+    pub(crate) fn latencies(&self, range: std::ops::Range<u32>) -> (Vec<u64>, u64) {
         let mut lat = Vec::with_capacity(range.len());
         let mut deliveries = 0;
         for seq in range {
@@ -92,7 +125,7 @@ impl Tracker {
     }
 
     /// Waits until every sequence number below `end` is complete, or `timeout` passes.
-    async fn settle(&self, end: usize, timeout: Duration) {
+    pub(crate) async fn settle(&self, end: usize, timeout: Duration) {
         let deadline = Instant::now() + timeout;
         while self.complete.load(Ordering::Relaxed) < end && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(2)).await;
@@ -101,15 +134,30 @@ impl Tracker {
 }
 
 /// A writer: its connection's sending half and its own document.
-pub struct Pusher {
+pub(crate) struct Pusher {
     writer: Writer,
     doc: Doc,
     inserts: u32,
 }
 
 impl Pusher {
+    /// A writer sending on `writer`, with a document of its own random client id (distinct
+    /// writers have distinct ids, as the server's authorship checks expect).
+    pub(crate) fn new(writer: Writer) -> anyhow::Result<Self> {
+        Ok(Pusher {
+            writer,
+            doc: driftsync_engine::doc::new_doc(driftsync_engine::doc::new_client_id())?,
+            inserts: 0,
+        })
+    }
+
+    /// Closes the writer's connection.
+    pub(crate) async fn close(&mut self) {
+        self.writer.close().await;
+    }
+
     /// Builds the next update (an insert at the end of the writer's own text) carrying `seq`.
-    fn next_update(&mut self, seq: u32) -> anyhow::Result<Vec<u8>> {
+    pub(crate) fn next_update(&mut self, seq: u32) -> anyhow::Result<Vec<u8>> {
         let text = marker_text(seq);
         let at = self.inserts * text.len() as u32;
         self.inserts += 1;
@@ -118,9 +166,16 @@ impl Pusher {
 }
 
 /// Sends `count` updates, sequence numbers from `first`, at `rate` per second in all, round-robin
-/// over the writers. Returns the largest lag of a send behind its schedule, in microseconds
+/// over the writers: sequence number `seq` is always sent by writer `seq % writers`, so a
+/// writer's k-th update (batch k, counting from 1) is `(k - 1) * writers + its index`. Returns the largest lag of a send behind its schedule, in microseconds
 /// (a lag of milliseconds means the generator could not keep up).
-async fn drive(pushers: &mut [Pusher], tracker: &Tracker, first: u32, count: u32, rate: f64) -> anyhow::Result<f64> {
+pub(crate) async fn drive(
+    pushers: &mut [Pusher],
+    tracker: &Tracker,
+    first: u32,
+    count: u32,
+    rate: f64,
+) -> anyhow::Result<f64> {
     let start = Instant::now();
     let mut sent = 0u32;
     let mut max_lag = 0f64;
@@ -135,7 +190,7 @@ async fn drive(pushers: &mut [Pusher], tracker: &Tracker, first: u32, count: u32
             max_lag = max_lag.max((start.elapsed().as_secs_f64() - scheduled) * 1e6);
             let seq = first + sent;
             let n = pushers.len();
-            let p = &mut pushers[sent as usize % n];
+            let p = &mut pushers[seq as usize % n];
             let update = p.next_update(seq)?;
             tracker.stamp_sent(seq);
             p.writer.push(&update).await?;
@@ -171,7 +226,11 @@ fn spawn_drain(mut stream: SplitStream<Ws>) -> JoinHandle<()> {
 
 /// Opens `count` connections to the given documents (`doc_of(i)`), `CONNECT_CONCURRENCY` at a
 /// time, each joined as an empty client.
-async fn join_many(ep: &Endpoint, count: usize, doc_of: impl Fn(usize) -> String) -> anyhow::Result<Vec<Client>> {
+pub(crate) async fn join_many(
+    ep: &Endpoint,
+    count: usize,
+    doc_of: impl Fn(usize) -> String,
+) -> anyhow::Result<Vec<Client>> {
     let joins = stream::iter((0..count).map(|i| {
         let doc = doc_of(i);
         async move {
@@ -192,12 +251,7 @@ async fn join_many(ep: &Endpoint, count: usize, doc_of: impl Fn(usize) -> String
 async fn pusher(ep: &Endpoint, doc: &str, n: usize) -> anyhow::Result<(Pusher, JoinHandle<()>)> {
     let (client, _) = ep.join(doc, n, &Holding::default()).await?;
     let (writer, stream) = client.into_parts();
-    let pusher = Pusher {
-        writer,
-        doc: driftsync_engine::doc::new_doc(driftsync_engine::doc::new_client_id())?,
-        inserts: 0,
-    };
-    Ok((pusher, spawn_drain(stream)))
+    Ok((Pusher::new(writer)?, spawn_drain(stream)))
 }
 
 /// The result of one fan-out run.

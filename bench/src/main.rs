@@ -17,7 +17,7 @@ use clap::{Args, Parser, Subcommand};
 use serde_json::json;
 
 use driftsync_bench::clients::{Endpoint, System};
-use driftsync_bench::{b4, load, report};
+use driftsync_bench::{b4, load, relay, report, writers};
 
 #[derive(Parser)]
 #[command(
@@ -44,6 +44,34 @@ enum Command {
         /// Seconds measured per run (after a one-second warm-up).
         #[arg(long, default_value_t = 10.0)]
         secs: f64,
+    },
+    /// Chat-like rooms of many writers: acknowledgement (native) and delivery latency,
+    /// committed and delivered updates per second, server CPU and RSS.
+    Writers {
+        #[command(flatten)]
+        target: Target,
+        /// Rooms.
+        #[arg(long, default_value_t = 1)]
+        rooms: usize,
+        /// Writers per room (each also receives the others' updates).
+        #[arg(long, default_value_t = 50)]
+        writers: usize,
+        /// Readers per room.
+        #[arg(long, default_value_t = 50)]
+        readers: usize,
+        /// Updates per second from each writer.
+        #[arg(long, default_value_t = 2.0)]
+        rate: f64,
+        /// Seconds measured (after a warm-up in which every writer sends at least once).
+        #[arg(long, default_value_t = 20.0)]
+        secs: f64,
+    },
+    /// The bare relay (the floor): relays every message to the other connections of its room
+    /// (URL path), stores nothing; speaks enough y-websocket for the fan-out clients.
+    Relay {
+        /// Where to listen.
+        #[arg(long, default_value = "127.0.0.1:18787")]
+        listen: SocketAddr,
     },
     /// Idle connections: server RSS per connection and per room.
     Idle {
@@ -238,6 +266,55 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 target.emit("fanout", json!({"readers": n, "rate": rate, "secs": secs}), &r)?;
             }
         }
+        Command::Writers {
+            target,
+            rooms,
+            writers,
+            readers,
+            rate,
+            secs,
+        } => {
+            let ep = target.endpoint();
+            eprintln!(
+                "writers {} rooms={rooms} writers={writers} readers={readers} rate={rate}/s per writer for {secs} s",
+                ep.system.name()
+            );
+            let shape = writers::Shape {
+                rooms,
+                writers,
+                readers,
+                rate,
+                secs,
+            };
+            let r = writers::writers(&ep, target.pid, shape, &target.tag).await?;
+            let ack = if r.acknowledges {
+                format!(
+                    "ack p50 {:.0} us p99 {:.0} us, {:.0} committed/s",
+                    r.ack_latency.p50_us, r.ack_latency.p99_us, r.committed_per_s
+                )
+            } else {
+                "no acknowledgements".to_string()
+            };
+            eprintln!(
+                "  {ack}; delivery p50 {:.0} us p99 {:.0} us, {:.0} delivered/s ({}/{}), cpu {:.2} of a core, {:.2} us/msg, rss {:.1} MB, refused {}, lag {:.0} us",
+                r.delivery_latency.p50_us,
+                r.delivery_latency.p99_us,
+                r.delivered_per_s,
+                r.deliveries,
+                r.expected_deliveries,
+                r.server_cpu,
+                r.cpu_per_delivery_us,
+                r.server_rss as f64 / 1e6,
+                r.refused,
+                r.generator_lag_us
+            );
+            target.emit(
+                "writers",
+                json!({"rooms": rooms, "writers": writers, "readers": readers, "rate": rate, "secs": secs}),
+                &r,
+            )?;
+        }
+        Command::Relay { listen } => relay::serve(listen).await?,
         Command::Idle {
             target,
             conns,

@@ -1,5 +1,5 @@
 //! The report: markdown tables of every workload (each system from the same results file, with
-//! ratios to the best anchor) and the fan-out chart (PNG, drawn with plotters; text uses a TTF
+//! ratios to the best anchor, and for fan-out to the bare relay, the floor) and the fan-out chart (PNG, drawn with plotters; text uses a TTF
 //! font found on the machine through ab_glyph, and is left out if none is found).
 
 use std::collections::BTreeMap;
@@ -12,14 +12,16 @@ use serde_json::Value;
 use crate::b4::ResyncResult;
 use crate::clients::System;
 use crate::load::{FanoutResult, IdleResult, ThroughputResult};
+use crate::writers::WritersResult;
 
 /// The systems in table order.
-const ORDER: [System; 5] = [
+const ORDER: [System; 6] = [
     System::Native,
     System::DsYjs,
     System::YWebsocket,
     System::Hocuspocus,
     System::YSweet,
+    System::Relay,
 ];
 
 /// How a system is named in tables.
@@ -30,6 +32,7 @@ pub fn label(system: System) -> &'static str {
         System::YWebsocket => "y-websocket server 0.1.1",
         System::Hocuspocus => "Hocuspocus 3.4.4",
         System::YSweet => "y-sweet 0.9.1",
+        System::Relay => "bare relay (floor)",
     }
 }
 
@@ -60,7 +63,7 @@ fn read_lines(path: &Path) -> anyhow::Result<Vec<Line>> {
 fn best_anchor(values: &BTreeMap<usize, f64>, higher: bool) -> Option<f64> {
     let anchors = values
         .iter()
-        .filter(|(i, _)| !ORDER[**i].is_driftsync())
+        .filter(|(i, _)| ORDER[**i].is_anchor())
         .map(|(_, v)| *v)
         .filter(|v| *v > 0.0);
     if higher {
@@ -133,6 +136,10 @@ pub fn report(results: &Path, md: &Path, chart: &Path, chart_link: &str) -> anyh
     if !tp.is_empty() {
         throughput_section(&mut out, &tp)?;
     }
+    let writers: Vec<(System, WritersResult)> = results_of(&lines, "writers");
+    if !writers.is_empty() {
+        writers_section(&mut out, &writers)?;
+    }
     std::fs::write(md, out)?;
     Ok(())
 }
@@ -145,13 +152,13 @@ fn fanout_section(out: &mut String, rows: &[(System, FanoutResult)], chart_link:
     )?;
     writeln!(
         out,
-        "Latency from the writer's send to the last reader's receipt; server CPU = utime + stime of the server process during the measured phase, divided by the messages delivered. Ratios: to the best anchor at the same N (below 1 is better).\n"
+        "Latency from the writer's send to the last reader's receipt; server CPU = utime + stime of the server process during the measured phase, divided by the messages delivered. Ratios: to the best anchor at the same N, and to the bare relay (`driftsync-bench relay`: relays each message to the room's other connections, applies and stores nothing; the floor of this machine) at the same N (below 1 is better).\n"
     )?;
     writeln!(
         out,
-        "| N | system | p50 ms | p99 ms | max ms | server CPU µs/msg | delivered | server RSS MB | p99 / best anchor | CPU / best anchor |"
+        "| N | system | p50 ms | p99 ms | max ms | server CPU µs/msg | delivered | server RSS MB | p99 / best anchor | CPU / best anchor | p99 / floor | CPU / floor |"
     )?;
-    writeln!(out, "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")?;
+    writeln!(out, "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")?;
     let mut ns: Vec<usize> = rows.iter().map(|r| r.1.readers).collect();
     ns.sort_unstable();
     ns.dedup();
@@ -160,6 +167,8 @@ fn fanout_section(out: &mut String, rows: &[(System, FanoutResult)], chart_link:
         let p99: BTreeMap<usize, f64> = at.iter().map(|r| (idx(r.0), r.1.latency.p99_us)).collect();
         let cpu: BTreeMap<usize, f64> = at.iter().map(|r| (idx(r.0), r.1.cpu_per_delivery_us)).collect();
         let (bp, bc) = (best_anchor(&p99, false), best_anchor(&cpu, false));
+        let floor = at.iter().find(|r| r.0 == System::Relay).map(|r| &r.1);
+        let (fp, fc) = (floor.map(|f| f.latency.p99_us), floor.map(|f| f.cpu_per_delivery_us));
         for s in ORDER {
             let Some((_, r)) = at.iter().find(|r| r.0 == s) else {
                 continue;
@@ -167,7 +176,7 @@ fn fanout_section(out: &mut String, rows: &[(System, FanoutResult)], chart_link:
             let expected = u64::from(r.updates) * r.readers as u64;
             writeln!(
                 out,
-                "| {n} | {} | {} | {} | {} | {:.1} | {:.1} % | {:.0} | {} | {} |",
+                "| {n} | {} | {} | {} | {} | {:.1} | {:.1} % | {:.0} | {} | {} | {} | {} |",
                 label(s),
                 ms(r.latency.p50_us),
                 ms(r.latency.p99_us),
@@ -177,6 +186,8 @@ fn fanout_section(out: &mut String, rows: &[(System, FanoutResult)], chart_link:
                 r.server_rss as f64 / 1e6,
                 ratio(r.latency.p99_us, bp),
                 ratio(r.cpu_per_delivery_us, bc),
+                ratio(r.latency.p99_us, fp),
+                ratio(r.cpu_per_delivery_us, fc),
             )?;
         }
     }
@@ -392,6 +403,74 @@ fn throughput_section(out: &mut String, rows: &[(System, ThroughputResult)]) -> 
     Ok(())
 }
 
+fn writers_section(out: &mut String, rows: &[(System, WritersResult)]) -> anyhow::Result<()> {
+    writeln!(out, "### Many writers: chat-like rooms\n")?;
+    writeln!(
+        out,
+        "Every writer is its own client (its own yrs client id) sending small real updates at the rate given, and receives the others' updates; readers only receive. Acknowledgement latency: from the `Push` sent to its `Ack` (driftsync native only: the server acknowledges once the update is durably stored). **The y-websocket protocol (driftsync /yjs, the y-websocket server, Hocuspocus, y-sweet) has no acknowledgements: for those systems only the delivery latency is measured** (from the send to the last other client of the room; measured for native too). Committed = acknowledged updates per second of sending; delivered = messages received by the other clients per second of sending. Server CPU: share of one core and per delivered message, during the measured phase. Delivery p99 / best anchor below 1 is better.\n"
+    )?;
+    writeln!(
+        out,
+        "| rooms × (writers + readers), rate per writer | system | ack p50 / p99 ms | delivery p50 / p99 ms | committed updates/s | delivered msgs/s | delivered | server CPU | CPU µs/msg | server RSS MB | delivery p99 / best anchor |"
+    )?;
+    writeln!(out, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")?;
+    let mut shapes: Vec<(usize, usize, usize, u64)> = rows.iter().map(|r| shape_key(&r.1)).collect();
+    shapes.sort_unstable();
+    shapes.dedup();
+    for shape in shapes {
+        let at: Vec<&(System, WritersResult)> = rows.iter().filter(|r| shape_key(&r.1) == shape).collect();
+        let p99: BTreeMap<usize, f64> = at.iter().map(|r| (idx(r.0), r.1.delivery_latency.p99_us)).collect();
+        let best = best_anchor(&p99, false);
+        for s in ORDER {
+            if let Some((_, r)) = at.iter().find(|r| r.0 == s) {
+                writeln!(out, "{}", writers_row(s, r, best))?;
+            }
+        }
+    }
+    writeln!(out)?;
+    Ok(())
+}
+
+/// What identifies a many-writers configuration: rooms, writers, readers, rate (in mHz).
+fn shape_key(r: &WritersResult) -> (usize, usize, usize, u64) {
+    (
+        r.rooms,
+        r.writers_per_room,
+        r.readers_per_room,
+        (r.rate_per_writer * 1000.0).round() as u64,
+    )
+}
+
+/// One row of the many-writers table.
+fn writers_row(s: System, r: &WritersResult, best: Option<f64>) -> String {
+    let (ack, committed) = if r.acknowledges {
+        (
+            format!("{} / {}", ms(r.ack_latency.p50_us), ms(r.ack_latency.p99_us)),
+            thousands(r.committed_per_s.round() as u64),
+        )
+    } else {
+        ("— (no acks)".to_string(), "—".to_string())
+    };
+    format!(
+        "| {} × ({} + {}), {}/s | {} | {} | {} / {} | {} | {} | {:.1} % | {:.0} % | {:.1} | {:.0} | {} |",
+        thousands(r.rooms as u64),
+        r.writers_per_room,
+        r.readers_per_room,
+        r.rate_per_writer,
+        label(s),
+        ack,
+        ms(r.delivery_latency.p50_us),
+        ms(r.delivery_latency.p99_us),
+        committed,
+        thousands(r.delivered_per_s.round() as u64),
+        100.0 * r.deliveries as f64 / r.expected_deliveries.max(1) as f64,
+        100.0 * r.server_cpu,
+        r.cpu_per_delivery_us,
+        r.server_rss as f64 / 1e6,
+        ratio(r.delivery_latency.p99_us, best),
+    )
+}
+
 /// A TTF font on this machine, if any (DejaVu Sans, Liberation Sans, …).
 fn find_font() -> Option<Vec<u8>> {
     let candidates = [
@@ -442,6 +521,7 @@ fn draw_fanout(rows: &[(System, FanoutResult)], path: &Path) -> anyhow::Result<(
         RGBColor(0x1f, 0x77, 0xb4),
         RGBColor(0x2c, 0xa0, 0x2c),
         RGBColor(0x94, 0x67, 0xbd),
+        RGBColor(0x7f, 0x7f, 0x7f),
     ];
     for (i, s) in ORDER.iter().enumerate() {
         let mut pts: Vec<(f64, f64, f64)> = rows
@@ -497,6 +577,70 @@ mod tests {
         assert_eq!(best_anchor(&v, true), Some(5.0));
         assert_eq!(ratio(1.5, Some(3.0)), "0.50");
         assert_eq!(ratio(1.5, None), "—");
+        // The relay is the floor, not an anchor.
+        v.insert(idx(System::Relay), 0.5);
+        assert_eq!(best_anchor(&v, false), Some(3.0));
+    }
+
+    fn writers_result(acknowledges: bool) -> WritersResult {
+        let lat = |p50_us, p99_us| crate::stats::Summary {
+            count: 10,
+            p50_us,
+            p99_us,
+            max_us: p99_us,
+            mean_us: p50_us,
+        };
+        WritersResult {
+            rooms: 1000,
+            writers_per_room: 5,
+            readers_per_room: 0,
+            rate_per_writer: 0.2,
+            secs: 30.0,
+            updates: 30_000,
+            acknowledges,
+            ack_latency: if acknowledges {
+                lat(1500.0, 4000.0)
+            } else {
+                crate::stats::Summary::default()
+            },
+            delivery_latency: lat(800.0, 2000.0),
+            acked: if acknowledges { 30_000 } else { 0 },
+            committed_per_s: if acknowledges { 1000.0 } else { 0.0 },
+            deliveries: 119_880,
+            expected_deliveries: 120_000,
+            delivered_per_s: 3996.0,
+            refused: 0,
+            server_cpu_s: 12.0,
+            server_cpu: 0.4,
+            cpu_per_delivery_us: 100.1,
+            server_rss: 42_000_000,
+            generator_lag_us: 100.0,
+        }
+    }
+
+    #[test]
+    fn writers_rows_say_when_there_are_no_acknowledgements() {
+        let native = writers_row(System::Native, &writers_result(true), Some(4000.0));
+        assert_eq!(
+            native,
+            "| 1,000 × (5 + 0), 0.2/s | driftsync native | 1.50 / 4.00 | 0.80 / 2.00 | 1,000 | 3,996 | 99.9 % | 40 % | 100.1 | 42 | 0.50 |"
+        );
+        let yws = writers_row(System::YWebsocket, &writers_result(false), None);
+        assert!(yws.contains("| — (no acks) | 0.80 / 2.00 | — | 3,996 |"), "{yws}");
+        let mut out = String::new();
+        writers_section(
+            &mut out,
+            &[
+                (System::YWebsocket, writers_result(false)),
+                (System::Native, writers_result(true)),
+            ],
+        )
+        .unwrap();
+        // Native first (table order), its ratio to the only anchor.
+        let rows: Vec<&str> = out.lines().filter(|l| l.starts_with("| 1,000")).collect();
+        assert_eq!(rows.len(), 2);
+        assert!(rows[0].contains("driftsync native") && rows[0].ends_with("| 1.00 |"));
+        assert!(out.contains("no acknowledgements"));
     }
 
     #[test]
