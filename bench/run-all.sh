@@ -9,7 +9,8 @@
 # Environment: SYSTEMS (default: native ds-yjs y-websocket hocuspocus y-sweet relay), WORKLOADS
 # (default: fanout idle resync throughput writers; resync includes the cold load; writers = many
 # writers: one room of 50 writers + 50 readers, and 1,000 rooms of 5 writers), ANCHORS (where
-# /work/shared/bench/install-anchors.sh installed them; default ~/.cache/driftsync-anchors),
+# the anchors are installed; default ~/.cache/driftsync-anchors; those a run needs and lacks are
+# installed there first by bench/anchors/install.sh, at the versions its manifests pin),
 # OUT (default bench/results), DRIFTSYNC_BIN, BENCH_BIN, FANOUT_READERS (quick runs; default 10,100).
 # Every server is started here, pinned to core 0 (taskset -c 0), with a fresh data directory,
 # and stopped on exit; the generator runs on core 1. Build first:
@@ -57,15 +58,16 @@ for f in "$DS_BIN" "$BENCH"; do
 done
 # Only the anchors this run starts must be installed.
 need() { [[ " $SYSTEMS " == *" $1 "* ]]; }
+install_anchors() { bash "$ROOT/bench/anchors/install.sh" "$ANCHORS" "$@"; }
 if need y-websocket; then
-  [[ -d $ANCHORS/y-websocket/node_modules/@y/websocket-server ]] || { echo "missing the y-websocket server in $ANCHORS: bash /work/shared/bench/install-anchors.sh" >&2; exit 1; }
+  [[ -d $ANCHORS/y-websocket/node_modules/@y/websocket-server ]] || install_anchors
 fi
 if need hocuspocus; then
-  [[ -d $ANCHORS/hocuspocus/node_modules/@hocuspocus/server ]] || { echo "missing Hocuspocus in $ANCHORS: bash /work/shared/bench/install-anchors.sh" >&2; exit 1; }
+  [[ -d $ANCHORS/hocuspocus/node_modules/@hocuspocus/server ]] || install_anchors
   cp "$ROOT/bench/anchors/hocuspocus-server.mjs" "$ANCHORS/hocuspocus/bench-server.mjs"
 fi
 if need y-sweet; then
-  [[ -x $ANCHORS/y-sweet/bin/y-sweet ]] || { echo "missing y-sweet: bash /work/shared/bench/install-anchors.sh --with-y-sweet" >&2; exit 1; }
+  [[ -x $ANCHORS/y-sweet/bin/y-sweet ]] || install_anchors --with-y-sweet
 fi
 
 # 10k connections need as many descriptors in the server and in the generator.
