@@ -25,10 +25,10 @@ use tokio::time::Instant;
 
 use crate::event::{ConnCtl, Outbound, Outgoing};
 use crate::handler::{Action, Actions, Handler, Now, Reply, Request};
+use crate::instance::Shared;
 use crate::limits::Limiter;
 use crate::room::Pusher;
 use crate::socket::{next_incoming, Incoming, Reader, Socket, DRAIN_BYTES, DRAIN_TIME};
-use crate::Shared;
 
 /// The most pushes of one connection whose commits may be in flight at once.
 pub(crate) const MAX_PUSHES_IN_FLIGHT: usize = 64;
@@ -48,7 +48,7 @@ pub(crate) async fn run<S: Store, H: Handler>(shared: Arc<Shared<S>>, socket: So
         session,
         limiter: Limiter::new(&shared.config.rate_limit, &shared.config.room_opens, now),
         actions: Actions::new(),
-        pushes: FuturesOrdered::new(),
+        pushes: None,
     };
     let mut handler = handler(session);
     // Boxed: the loop's future holds store queries and room futures, which idle connections
@@ -81,8 +81,9 @@ struct Conn<'a, S> {
     limiter: Limiter,
     /// What the handler asked for and the driver has not done yet.
     actions: Actions,
-    /// Pushes whose commits are in flight, in the order they were made.
-    pushes: FuturesOrdered<BoxFuture<'a, Reply>>,
+    /// Pushes whose commits are in flight, in the order they were made (`None` while there are
+    /// none: an idle connection keeps no queue).
+    pushes: Option<FuturesOrdered<BoxFuture<'a, Reply>>>,
 }
 
 /// How long a closing connection waits for the commits of its pushes in flight.
@@ -92,7 +93,7 @@ impl<'a, S: Store> Conn<'a, S> {
     /// Passes the outcomes of the pushes in flight to the handler and queues the frames it
     /// answers them with; nothing else is done any more.
     async fn finish_pushes<H: Handler>(&mut self, handler: &mut H) {
-        while let Some(reply) = self.pushes.next().await {
+        while let Some(reply) = self.next_push().await {
             handler.reply(reply, Now::read(), &mut self.actions);
             for action in self.actions.drain(..) {
                 if let Action::Send(bytes) = action {
@@ -113,17 +114,32 @@ impl<'a, S: Store> Conn<'a, S> {
         if !self.act(handler).await {
             return;
         }
+        // The handler's timer, re-armed only when its deadline changes.
+        let timer = tokio::time::sleep_until(Instant::now());
+        tokio::pin!(timer);
+        let mut armed: Option<Instant> = None;
         loop {
             let deadline = handler.deadline();
-            let reading = self.pushes.len() < MAX_PUSHES_IN_FLIGHT;
-            let token = self.out.ctl.token.clone();
+            if deadline != armed {
+                if let Some(deadline) = deadline {
+                    timer.as_mut().reset(deadline);
+                }
+                armed = deadline;
+            }
+            let in_flight = self.pushes.as_ref().map_or(0, FuturesOrdered::len);
             tokio::select! {
                 biased;
-                () = token.cancelled() => return,
-                Some(reply) = self.pushes.next(), if !self.pushes.is_empty() => {
+                () = self.out.ctl.token.cancelled() => return,
+                Some(reply) = next_of(&mut self.pushes), if in_flight > 0 => {
+                    if self.pushes.as_ref().is_some_and(FuturesOrdered::is_empty) {
+                        self.pushes = None;
+                    }
                     handler.reply(reply, Now::read(), &mut self.actions);
                 }
-                () = sleep_until(deadline) => handler.timer(Now::read(), &mut self.actions),
+                () = &mut timer, if armed.is_some() => {
+                    armed = None;
+                    handler.timer(Now::read(), &mut self.actions);
+                }
                 _ = ticker.tick() => {
                     if last_heard.elapsed() > heartbeat * 3 {
                         tracing::info!(session = self.session, "peer silent for three heartbeats: closing");
@@ -131,7 +147,7 @@ impl<'a, S: Store> Conn<'a, S> {
                     }
                     handler.heartbeat(&mut self.actions);
                 }
-                incoming = next_incoming(&mut self.stream), if reading => {
+                incoming = next_incoming(&mut self.stream), if in_flight < MAX_PUSHES_IN_FLIGHT => {
                     let Some(incoming) = incoming else { return };
                     // Any message, a pong included, shows the peer is alive.
                     last_heard = Instant::now();
@@ -149,6 +165,11 @@ impl<'a, S: Store> Conn<'a, S> {
                 return;
             }
         }
+    }
+
+    /// The outcome of the oldest push in flight.
+    async fn next_push(&mut self) -> Option<Reply> {
+        next_of(&mut self.pushes).await
     }
 
     /// Carries out the handler's actions, feeding replies back, until none is left. Returns
@@ -203,6 +224,7 @@ impl<'a, S: Store> Conn<'a, S> {
                         .push(self.store, &self.shared.committer, pusher, update, skip_redundant)
                         .await;
                     self.pushes
+                        .get_or_insert_with(FuturesOrdered::new)
                         .push_back(outcome.map(move |result| Reply::Pushed { doc, tag, result }).boxed());
                 }
                 Action::Request(request) => {
@@ -309,10 +331,10 @@ impl<'a, S: Store> Conn<'a, S> {
     }
 }
 
-/// Sleeps until `deadline`; never returns without one.
-async fn sleep_until(deadline: Option<Instant>) {
-    match deadline {
-        Some(deadline) => tokio::time::sleep_until(deadline).await,
-        None => std::future::pending().await,
+/// The next outcome of `pushes`, if there are any.
+async fn next_of<F: std::future::Future>(pushes: &mut Option<FuturesOrdered<F>>) -> Option<F::Output> {
+    match pushes {
+        Some(pushes) => pushes.next().await,
+        None => None,
     }
 }

@@ -40,7 +40,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::Config;
+use crate::config::Config;
 
 /// The largest request head (request line and headers) read, in bytes: a browser's upgrade with
 /// its cookies fits; hyper's default (~400 KB) let every slow connection hold that much.

@@ -71,7 +71,7 @@ pub(crate) struct Settings {
 }
 
 impl Settings {
-    pub(crate) fn of(config: &crate::Config) -> Settings {
+    pub(crate) fn of(config: &crate::config::Config) -> Settings {
         Settings {
             auth: config.auth.clone(),
             max_frame_size: config.max_frame_size,
@@ -620,7 +620,7 @@ mod tests {
     use super::*;
 
     fn settings() -> Arc<Settings> {
-        Arc::new(Settings::of(&crate::Config::default()))
+        Arc::new(Settings::of(&crate::config::Config::default()))
     }
 
     fn now() -> Now {

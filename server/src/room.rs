@@ -7,8 +7,9 @@
 //! commit is awaited outside it (pipelined commits: a busy room has several commits in flight,
 //! settled strictly in the order they were queued). Connections never see the lock or the state.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
+use std::hash::{BuildHasherDefault, DefaultHasher};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::pin::Pin;
 use std::sync::Arc;
@@ -28,10 +29,10 @@ use yrs::{Doc, ReadTxn, StateVector, Transact};
 
 use crate::commit::{CommitResult, Committer, Gate};
 use crate::event::{Outbound, Outgoing, RoomEvent, SharedEvent};
-use crate::fanout::FanoutEvent;
-use crate::owners::Ownership;
+use crate::fanout::{Fanout, FanoutEvent};
+use crate::metrics::Metrics;
+use crate::owners::{Owners, Ownership};
 use crate::presence::{InvalidState, Presence};
-use crate::rooms::RoomCtx;
 
 /// The server's documents never edit; any valid client id will do for them.
 const SERVER_CLIENT_ID: u64 = 1;
@@ -56,6 +57,49 @@ const RECENT_BYTES: usize = 256 * 1024;
 /// The most log entries a resume reads; a client further behind gets a state-vector diff (the
 /// default compaction keeps 1,024 entries in the log for resumes).
 const MAX_TAIL_ENTRIES: u64 = 1024;
+
+/// What rooms share: metrics, the fan-out to other instances, client id ownership, limits, and
+/// the instance's monotonic clock.
+pub(crate) struct RoomCtx {
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) fanout: Arc<dyn Fanout>,
+    /// This instance's id on the fan-out.
+    pub(crate) instance: u64,
+    /// Who owns which yrs client id (see [`crate::owners`]).
+    pub(crate) owners: Arc<Owners>,
+    /// The largest a document may grow, in stored bytes (snapshot and log); a push beyond it is
+    /// refused with `ErrorCode::DocumentTooLarge`.
+    pub(crate) max_document_bytes: u64,
+    /// How far ahead of the server's clock a new chat message's stamp may be.
+    pub(crate) max_clock_skew_ms: u64,
+    /// When the instance started, on tokio's clock (virtual in a simulation).
+    epoch: tokio::time::Instant,
+}
+
+impl RoomCtx {
+    pub(crate) fn new(
+        metrics: Arc<Metrics>,
+        fanout: Arc<dyn Fanout>,
+        instance: u64,
+        max_document_bytes: u64,
+        max_clock_skew_ms: u64,
+    ) -> RoomCtx {
+        RoomCtx {
+            metrics,
+            fanout,
+            instance,
+            owners: Arc::default(),
+            max_document_bytes,
+            max_clock_skew_ms,
+            epoch: tokio::time::Instant::now(),
+        }
+    }
+
+    /// Milliseconds since the instance started, on tokio's monotonic clock: presence timing.
+    pub(crate) fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+}
 
 /// One document's live state.
 pub(crate) struct Room {
@@ -100,11 +144,12 @@ struct RoomState {
     /// first: the room stores them itself, before anything else, at its next use or sweep (see
     /// [`Room::recover`]). At most [`MAX_UNSTORED_BYTES`].
     unstored: Vec<Vec<u8>>,
-    /// The connections subscribed, by session id (ordered: broadcasts go out in one order).
-    subscribers: BTreeMap<u64, Outbound>,
+    /// The connections subscribed, by session id. A fixed hasher: the same subscriptions give
+    /// the same broadcast order, run after run (the simulation replays seeds).
+    subscribers: HashMap<u64, Outbound, BuildHasherDefault<DefaultHasher>>,
     /// Presence and awareness states of every protocol's connections.
     presence: Presence,
-    /// In a chat room ([`crate::CHAT_PREFIX`]), the guard watching the live document.
+    /// In a chat room ([`crate::config::CHAT_PREFIX`]), the guard watching the live document.
     chat: Option<ChatGuard>,
     /// The head when the sweeper last considered compacting the log.
     checked_head: Cursor,
@@ -199,7 +244,7 @@ impl Room {
                 epoch,
                 generation: 0,
                 unstored: Vec::new(),
-                subscribers: BTreeMap::new(),
+                subscribers: HashMap::default(),
                 presence: Presence::default(),
                 chat: None,
                 checked_head: head,
@@ -245,7 +290,7 @@ impl Room {
         state.chat = self
             .id
             .as_str()
-            .starts_with(crate::CHAT_PREFIX)
+            .starts_with(crate::config::CHAT_PREFIX)
             .then(|| ChatGuard::attach(&doc).with_max_clock_skew(self.ctx.max_clock_skew_ms));
         state.live = Some(doc);
         state.stored_bytes = stored_bytes;
@@ -1114,7 +1159,6 @@ mod tests {
     use crate::commit::RunCommitter;
     use crate::event::ConnCtl;
     use crate::fanout::NoFanout;
-    use crate::metrics::Metrics;
     use crate::queue;
     use crate::rooms::Rooms;
 

@@ -9,53 +9,8 @@ use driftsync_engine::store::{CompactionPolicy, Store};
 use driftsync_protocol::{Cursor, DocId};
 
 use crate::event::RoomEvent;
-use crate::fanout::Fanout;
 use crate::metrics::Metrics;
-use crate::owners::Owners;
-use crate::room::Room;
-
-/// What rooms share: metrics, the fan-out to other instances, client id ownership, limits, and
-/// the instance's monotonic clock.
-pub(crate) struct RoomCtx {
-    pub(crate) metrics: Arc<Metrics>,
-    pub(crate) fanout: Arc<dyn Fanout>,
-    /// This instance's id on the fan-out.
-    pub(crate) instance: u64,
-    /// Who owns which yrs client id (see [`crate::owners`]).
-    pub(crate) owners: Arc<Owners>,
-    /// The largest a document may grow, in stored bytes (snapshot and log); a push beyond it is
-    /// refused with `ErrorCode::DocumentTooLarge`.
-    pub(crate) max_document_bytes: u64,
-    /// How far ahead of the server's clock a new chat message's stamp may be.
-    pub(crate) max_clock_skew_ms: u64,
-    /// When the instance started, on tokio's clock (virtual in a simulation).
-    epoch: tokio::time::Instant,
-}
-
-impl RoomCtx {
-    pub(crate) fn new(
-        metrics: Arc<Metrics>,
-        fanout: Arc<dyn Fanout>,
-        instance: u64,
-        max_document_bytes: u64,
-        max_clock_skew_ms: u64,
-    ) -> RoomCtx {
-        RoomCtx {
-            metrics,
-            fanout,
-            instance,
-            owners: Arc::default(),
-            max_document_bytes,
-            max_clock_skew_ms,
-            epoch: tokio::time::Instant::now(),
-        }
-    }
-
-    /// Milliseconds since the instance started, on tokio's monotonic clock: presence timing.
-    pub(crate) fn now_ms(&self) -> u64 {
-        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
-    }
-}
+use crate::room::{Room, RoomCtx};
 
 /// The registry of rooms.
 pub(crate) struct Rooms {

@@ -9,10 +9,12 @@ use driftsync_engine::store::Store;
 use tokio::io::DuplexStream;
 use tokio_util::sync::CancellationToken;
 
+use crate::config::Config;
+use crate::driver;
+use crate::instance::{start_instance, Shared};
 use crate::native::NativeHandler;
 use crate::socket::Socket;
 use crate::yjs::YjsHandler;
-use crate::{driver, start_instance, Config, Shared};
 
 /// Bytes buffered in each direction of an in-memory connection.
 const PIPE_BYTES: usize = 64 * 1024;

@@ -42,8 +42,8 @@ use tokio::time::Instant;
 use crate::auth::{Access, Auth, Grant};
 use crate::event::{Codec, RoomEvent};
 use crate::handler::{Action, Actions, Handler, Now, Reply, Request};
+use crate::instance::Shared;
 use crate::socket::Upgrade;
-use crate::Shared;
 
 /// The path the route is mounted at; the document id follows it.
 const ROUTE_PREFIX: &str = "/yjs/";

@@ -1,0 +1,144 @@
+//! One server instance: what every connection shares ([`Shared`]) and the background tasks
+//! that keep it (the committer, presence expiry, fan-in from other instances, sweeps). `serve`
+//! runs one behind its accept loop; the simulation runs several on in-memory streams.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use driftsync_engine::store::Store;
+use tokio_util::sync::CancellationToken;
+
+use crate::commit::Committer;
+use crate::config::Config;
+use crate::limits::UserOpens;
+use crate::metrics::Metrics;
+use crate::room::RoomCtx;
+use crate::rooms::Rooms;
+use crate::tasks::Tasks;
+use crate::{fanout, native, presence};
+
+/// What every connection shares.
+pub(crate) struct Shared<S> {
+    pub(crate) store: Arc<S>,
+    /// Writes pushed updates in groups (one transaction for many batches).
+    pub(crate) committer: Committer,
+    pub(crate) config: Config,
+    /// What native connections need of `config`.
+    pub(crate) native: Arc<native::Settings>,
+    pub(crate) rooms: Rooms,
+    /// Prometheus metrics, served at `/metrics`.
+    pub(crate) metrics: Arc<Metrics>,
+    /// Rooms opened per user, across connections.
+    pub(crate) opens: UserOpens,
+    /// Session ids, unique per process: they name connections in presence and logs.
+    pub(crate) next_session: AtomicU64,
+    /// Cancelled at shutdown; every connection's token is a child of it.
+    pub(crate) shutdown: CancellationToken,
+    /// Every task of the instance (connections tracked for shutdown).
+    pub(crate) tasks: Arc<Tasks>,
+}
+
+impl<S> Shared<S> {
+    /// A new connection's session id.
+    pub(crate) fn next_session(&self) -> u64 {
+        self.next_session.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+/// An instance of the server without its HTTP listener: the shared state and the background
+/// tasks (committer, presence expiry, fan-in from other instances, sweeps). `serve` runs one
+/// behind the accept loop; the simulation runs several on in-memory streams.
+///
+/// Also returns the committer's task, which ends once every handle to the committer (the
+/// shared state's) is gone, after writing what was queued.
+pub(crate) fn start_instance<S: Store>(
+    store: Arc<S>,
+    config: Config,
+    instance: u64,
+    token: CancellationToken,
+) -> (Arc<Shared<S>>, tokio::task::JoinHandle<()>) {
+    let tasks = Arc::new(Tasks::default());
+    let mut committer_task = None;
+    let committer = Committer::start(Arc::clone(&store), |run| {
+        committer_task = Some(tasks.spawn(run.run()));
+    });
+    let committer_task = committer_task.unwrap_or_else(|| tokio::spawn(async {}));
+    let metrics = Arc::new(Metrics::new());
+    let mut remote = config.fanout.join(instance);
+    let rooms = Rooms::new(RoomCtx::new(
+        Arc::clone(&metrics),
+        Arc::clone(&config.fanout),
+        instance,
+        config.max_document_bytes,
+        u64::try_from(config.max_clock_skew.as_millis()).unwrap_or(u64::MAX),
+    ));
+    let shared = Arc::new(Shared {
+        store,
+        committer,
+        native: Arc::new(native::Settings::of(&config)),
+        config,
+        rooms,
+        metrics,
+        opens: UserOpens::default(),
+        // Session ids name awareness clients across instances too: the instance's id in the
+        // high bits keeps them apart (and below 2^53, a JavaScript number).
+        next_session: AtomicU64::new(((instance & 0xF_FFFF) << 32) | 1),
+        shutdown: token,
+        tasks,
+    });
+    // Expires silent presence until shutdown.
+    let expiry = Arc::clone(&shared);
+    shared.tasks.spawn(async move {
+        let mut ticker = tokio::time::interval(presence::PRESENCE_SWEEP);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                biased;
+                () = expiry.shutdown.cancelled() => return,
+                _ = ticker.tick() => expiry.rooms.expire_presence(),
+            }
+        }
+    });
+    // Updates stored by other instances, for the rooms loaded here.
+    let fan_in = Arc::clone(&shared);
+    shared.tasks.spawn(async move {
+        loop {
+            let next = tokio::select! {
+                biased;
+                () = fan_in.shutdown.cancelled() => break,
+                next = remote.recv() => next,
+            };
+            match next {
+                Some((doc, fanout::FanoutEvent::Update { cursor, update })) => {
+                    fan_in.rooms.remote_update(&*fan_in.store, &doc, cursor, &update).await;
+                }
+                Some((
+                    doc,
+                    fanout::FanoutEvent::Presence {
+                        peer,
+                        user,
+                        clock,
+                        state,
+                    },
+                )) => {
+                    fan_in.rooms.remote_presence(&doc, peer, user, clock, state).await;
+                }
+                None => break,
+            }
+        }
+    });
+    // Unloads idle rooms and compacts grown logs.
+    let sweeper = Arc::clone(&shared);
+    shared.tasks.spawn(async move {
+        let mut tick = tokio::time::interval(sweeper.config.sweep_interval);
+        tick.tick().await;
+        loop {
+            tokio::select! {
+                biased;
+                () = sweeper.shutdown.cancelled() => break,
+                _ = tick.tick() => sweeper.rooms.sweep(&*sweeper.store, &sweeper.config.compaction).await,
+            }
+        }
+    });
+    (shared, committer_task)
+}
