@@ -898,7 +898,109 @@ impl Task {
 
 #[cfg(test)]
 mod tests {
+    use driftsync_protocol::{ClientFrame, DocResumed, ServerFrame, DEFAULT_MAX_FRAME_SIZE, PROTOCOL_VERSION};
+
     use super::*;
+    use crate::MemoryTransport;
+
+    const WAIT: Duration = Duration::from_secs(10);
+
+    async fn recv(server: &mut MemoryTransport) -> ClientFrame {
+        match tokio::time::timeout(WAIT, server.recv()).await.unwrap().unwrap() {
+            Incoming::Binary(bytes) => ClientFrame::decode(&bytes, DEFAULT_MAX_FRAME_SIZE).unwrap(),
+            Incoming::Closed(code) => panic!("closed ({code:?})"),
+        }
+    }
+
+    async fn send(server: &mut MemoryTransport, frame: ServerFrame) {
+        server.send(frame.encode()).await.unwrap();
+    }
+
+    async fn until(events: &mut Events, pick: impl Fn(&Event) -> bool) {
+        tokio::time::timeout(WAIT, async {
+            while let Some(event) = events.recv().await {
+                if pick(&event) {
+                    return;
+                }
+            }
+            panic!("the session stopped");
+        })
+        .await
+        .unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_session_over_memory_carries_on_past_a_forbidden_document() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut client = Client::open(dir.path().join("c.db"), "ada").await.unwrap();
+        client.text_append("secret/1", "hidden").await.unwrap();
+        let (ends_tx, mut ends) = mpsc::channel::<MemoryTransport>(4);
+        let options = Options::new("memory:").documents(["notes/1"]).connector(move |_url| {
+            let ends_tx = ends_tx.clone();
+            async move {
+                let (near, far) = MemoryTransport::pair();
+                ends_tx.send(far).await.map_err(|_| Error::Closed)?;
+                Ok(Box::new(near) as Box<dyn Transport>)
+            }
+        });
+        let session = Session::start(client, options);
+        let mut events = session.events();
+        let mut server = tokio::time::timeout(WAIT, ends.recv()).await.unwrap().unwrap();
+        assert!(matches!(recv(&mut server).await, ClientFrame::Hello { .. }));
+        send(
+            &mut server,
+            ServerFrame::Welcome {
+                version: PROTOCOL_VERSION,
+                max_frame_size: DEFAULT_MAX_FRAME_SIZE as u32,
+                session: 3,
+                heartbeat_ms: 15_000,
+            },
+        )
+        .await;
+        let ClientFrame::Resume { docs } = recv(&mut server).await else {
+            panic!("expected a resume")
+        };
+        let names: Vec<&str> = docs.iter().map(|d| d.doc.as_str()).collect();
+        assert_eq!(names, ["notes/1", "secret/1"]);
+        let (notes, secret) = (docs[0].doc.clone(), docs[1].doc.clone());
+        send(
+            &mut server,
+            ServerFrame::Error {
+                code: ErrorCode::Forbidden,
+                doc: Some(secret),
+                batch: None,
+            },
+        )
+        .await;
+        send(
+            &mut server,
+            ServerFrame::Resumed {
+                docs: vec![DocResumed {
+                    doc: notes.clone(),
+                    cursor: 0,
+                    update: None,
+                    state_vector: None,
+                }],
+            },
+        )
+        .await;
+        until(&mut events, |e| *e == Event::Synced).await;
+        assert_eq!(session.state(), ConnectionState::Synced);
+
+        // A local change goes up at once and is synced once acknowledged.
+        session.text_append("notes/1", "x").await.unwrap();
+        let ClientFrame::Push { doc, batch, .. } = recv(&mut server).await else {
+            panic!("expected a push")
+        };
+        assert_eq!(doc, notes);
+        send(&mut server, ServerFrame::Ack { doc, batch, cursor: 1 }).await;
+        until(&mut events, |e| *e == Event::Synced).await;
+        // Shutting down flushes (nothing is pending) and closes the connection.
+        session.shutdown().await.unwrap();
+        assert_eq!(server.recv().await.unwrap(), Incoming::Closed(None));
+        let stopped = tokio::time::timeout(WAIT, session.wait_for(|s| s == ConnectionState::Stopped));
+        assert_eq!(stopped.await.unwrap(), ConnectionState::Stopped);
+    }
 
     #[test]
     fn typing_is_throttled_and_times_out() {
