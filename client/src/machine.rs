@@ -715,7 +715,7 @@ impl Machine {
         if error.is_retryable() && self.options.max_retries.is_none_or(|max| *retries < max) {
             // Resume the document again shortly: the answer shows what the server has, and the
             // pushes are planned from it (recovering missing parts).
-            *retries += 1;
+            *retries = retries.saturating_add(1);
             conn.unacked.remove(&id);
             conn.pushed.remove(&id);
             conn.resumed.remove(&id);
