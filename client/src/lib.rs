@@ -4,7 +4,9 @@
 //! and its outbox) before the call returns, so nothing the application saw is lost if the process
 //! dies. [`Client::sync_once`] connects to a server, resumes every known document in one round
 //! trip, applies what the server sends, pushes the outbox and waits until every push is
-//! acknowledged.
+//! acknowledged; a [`Session`] keeps the documents in sync for as long as it runs. Both drive
+//! one protocol state machine (the hidden `machine` module: no I/O, frames in, actions out) over
+//! a [`Transport`] (a WebSocket, or an in-memory channel pair in tests).
 //!
 //! Documents are loaded lazily from the store on first use and cached; a document counts as
 //! known (and is resumed by a sync) once it is stored or has been opened by any call.
@@ -17,7 +19,10 @@ pub struct ReadmeDoctests;
 mod backoff;
 mod error;
 mod live;
+#[doc(hidden)]
+pub mod machine;
 mod sync;
+mod transport;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -31,8 +36,11 @@ use yrs::{ClientID, Doc, Map, Out, Transact};
 
 pub use backoff::{retry, Backoff};
 pub use error::{Error, Result};
-pub use live::{ConnectionState, Event, Events, Options, Session, TokenFuture, TYPING_THROTTLE, TYPING_TIMEOUT};
+pub use live::{
+    ConnectFuture, ConnectionState, Event, Events, Options, Session, TokenFuture, TYPING_THROTTLE, TYPING_TIMEOUT,
+};
 pub use sync::{SyncReport, MAX_ASSEMBLED_ANSWER, SYNC_TIMEOUT};
+pub use transport::{Incoming, MemoryTransport, Transport, TransportFuture, WebSocketTransport};
 
 /// A replica of documents on one local store, acting for one user.
 pub struct Client {
@@ -41,9 +49,6 @@ pub struct Client {
     author: Author,
     docs: HashMap<String, Doc>,
     rooms: HashMap<String, ChatRoom>,
-    /// Pieces of resume answers too large for one frame, per document, until the document's
-    /// `Resumed` entry arrives (see `ServerFrame::ResumePart`); cleared on every connection.
-    parts: HashMap<String, Vec<u8>>,
 }
 
 impl std::fmt::Debug for Client {
@@ -81,7 +86,6 @@ impl Client {
             author,
             docs: HashMap::new(),
             rooms: HashMap::new(),
-            parts: HashMap::new(),
         })
     }
 

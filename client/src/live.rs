@@ -1,11 +1,15 @@
 //! The live session: a long-running connection that keeps every known document in sync.
 //!
-//! [`Session::start`] takes a [`Client`] and spawns one task that owns the WebSocket. The task
-//! connects (asking the token source for a token on every attempt, so a refreshed token is used
-//! on reconnect), resumes every known document in one round trip, pushes the outbox, then applies
-//! live updates and pushes each local change as soon as it is recorded. A lost connection — an
-//! error, a close, or no frame for two heartbeats — is retried with [`Backoff`] (exponential, full
-//! jitter, capped); a resync close from the server (4000) reconnects at once and resumes.
+//! [`Session::start`] takes a [`Client`] and spawns one task that owns the connection (a
+//! WebSocket, or whatever [`Options::connector`] makes). The task connects (asking the token
+//! source for a token on every attempt, so a refreshed token is used on reconnect), resumes every
+//! known document in one round trip, pushes the outbox, then applies live updates and pushes each
+//! local change as soon as it is recorded. A lost connection — an error, a close, or no frame for
+//! two heartbeats — is retried with [`Backoff`] (exponential, full jitter, capped); a resync close
+//! from the server (4000) reconnects at once and resumes. The protocol itself — handshake,
+//! bookkeeping, refusals, heartbeats, when it is synced — is the
+//! [`Machine`](crate::machine::Machine)'s, shared with [`Client::sync_once`]; the task does the
+//! I/O around it: the transport, timers, commands and events.
 //!
 //! Local writes go through the session handle (or [`Session::client`] followed by
 //! [`Session::changed`]): they are in the store before the call returns, connected or not.
@@ -20,26 +24,19 @@
 //! for a backoff delay, and resumes every document in one round trip. Writes made while paused
 //! are stored locally and sent on resume.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use driftsync_engine::store::Store;
-use driftsync_engine::sync::{merge_outbox, Limits};
-use driftsync_protocol::{
-    ClientFrame, DocId, ErrorCode, ServerFrame, CLOSE_RESYNC, CLOSE_UNAUTHORIZED, CLOSE_UNSUPPORTED_VERSION,
-    DEFAULT_MAX_FRAME_SIZE, PROTOCOL_VERSION,
-};
-use futures_util::{SinkExt, StreamExt};
-use tokio::net::TcpStream;
+use driftsync_protocol::{DocId, ErrorCode};
 use tokio::sync::{broadcast, mpsc, oneshot, watch, Mutex, MutexGuard, Notify};
 use tokio::time::Instant;
-use tokio_tungstenite::tungstenite::Message as WsMessage;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
-use crate::sync::push_budget;
+use crate::machine::{Action, End, Machine, MachineOptions};
+use crate::sync::{decode, drive, sleep_until_opt};
+use crate::transport::{Incoming, Transport, WebSocketTransport};
 use crate::{Backoff, Client, Error, Result};
 
 /// How long connecting and the hello may take.
@@ -52,19 +49,20 @@ pub const TYPING_THROTTLE: Duration = Duration::from_secs(2);
 pub const TYPING_TIMEOUT: Duration = Duration::from_secs(4);
 /// The longest wait before reconnecting after a resync close.
 const RESYNC_JITTER: Duration = Duration::from_millis(250);
-/// How soon a push the server refused for a passing reason is tried again (through a new resume
-/// of its document).
-const RETRY_REFUSED: Duration = Duration::from_secs(1);
 
 /// A future yielding an access token (or why none could be had).
 pub type TokenFuture = Pin<Box<dyn Future<Output = std::result::Result<String, String>> + Send>>;
 type TokenFn = Arc<dyn Fn() -> TokenFuture + Send + Sync>;
+/// A future yielding a connection to a server (or why none could be had).
+pub type ConnectFuture = Pin<Box<dyn Future<Output = Result<Box<dyn Transport>>> + Send>>;
+type ConnectFn = Arc<dyn Fn(String) -> ConnectFuture + Send + Sync>;
 
 /// How a session connects.
 #[derive(Clone)]
 pub struct Options {
     url: String,
     token: TokenFn,
+    connector: ConnectFn,
     backoff: Backoff,
     flush_timeout: Duration,
     docs: Vec<String>,
@@ -87,6 +85,12 @@ impl Options {
         Options {
             url: url.into(),
             token: Arc::new(|| Box::pin(async { Ok(String::new()) })),
+            connector: Arc::new(|url| {
+                Box::pin(async move {
+                    let transport = WebSocketTransport::connect(&url).await?;
+                    Ok(Box::new(transport) as Box<dyn Transport>)
+                })
+            }),
             backoff: Backoff::default(),
             flush_timeout: Duration::from_secs(5),
             docs: Vec::new(),
@@ -111,6 +115,17 @@ impl Options {
         Fut: Future<Output = std::result::Result<String, String>> + Send + 'static,
     {
         self.token = Arc::new(move || Box::pin(refresh()));
+        self
+    }
+
+    /// Connects with `connect` (given the url) instead of a WebSocket to `{url}/v1/sync`: an
+    /// in-memory transport in tests and simulations, say. Called for every connection attempt.
+    pub fn connector<F, Fut>(mut self, connect: F) -> Options
+    where
+        F: Fn(String) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<Box<dyn Transport>>> + Send + 'static,
+    {
+        self.connector = Arc::new(move |url| Box::pin(connect(url)));
         self
     }
 
@@ -340,25 +355,30 @@ impl Session {
     /// Starts syncing `client`'s documents with the server in `options`, in a background task.
     /// Must be called inside a tokio runtime.
     pub fn start(client: Client, options: Options) -> Session {
-        let client = Arc::new(Mutex::new(client));
         let (commands, rx) = mpsc::channel(64);
         let (events, _) = broadcast::channel(EVENT_CAPACITY);
         let (state_tx, state) = watch::channel(ConnectionState::Connecting);
         let dirty = Arc::new(Dirty::default());
         let typing = Arc::new(std::sync::Mutex::new(TypingThrottle::default()));
+        let mut machine = Machine::new(client.identity().client_id, MachineOptions::live());
+        for doc in &options.docs {
+            // Not connected: the machine only takes note.
+            drop(machine.subscribe(doc));
+        }
+        let client = Arc::new(Mutex::new(client));
         let task = Task {
             client: client.clone(),
             backoff: options.backoff.clone(),
-            subscribed: options.docs.iter().cloned().collect(),
             options,
             commands: rx,
             dirty: dirty.clone(),
             events: events.clone(),
             state: state_tx,
-            presence: BTreeMap::new(),
             typing: typing.clone(),
             paused: false,
-            nonce: 0,
+            machine,
+            epoch: Instant::now(),
+            sent: 0,
         };
         tokio::spawn(task.run());
         Session {
@@ -546,9 +566,23 @@ enum Ended {
     Fatal(Error),
 }
 
-type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+impl Ended {
+    /// A connection that failed with `error`.
+    fn failed(error: Error, connected: bool) -> Ended {
+        match &error {
+            Error::Server {
+                code: ErrorCode::UnsupportedVersion,
+                ..
+            } => Ended::Fatal(error),
+            // Only a connection that got as far as synced resets the backoff, so a server that
+            // accepts and then drops every connection is not hammered.
+            _ => Ended::Failed { error, connected },
+        }
+    }
+}
 
-/// The background task that owns the connection.
+/// The background task that owns the connection: the I/O around the [`Machine`] — the
+/// transport, timers, commands and events. Every protocol decision is the machine's.
 struct Task {
     client: Arc<Mutex<Client>>,
     options: Options,
@@ -557,13 +591,15 @@ struct Task {
     dirty: Arc<Dirty>,
     events: broadcast::Sender<Event>,
     state: watch::Sender<ConnectionState>,
-    /// Documents followed beyond the stored ones.
-    subscribed: BTreeSet<String>,
-    /// This device's presence per document, restored after every reconnect.
-    presence: BTreeMap<String, Option<String>>,
     typing: Arc<std::sync::Mutex<TypingThrottle>>,
     paused: bool,
-    nonce: u64,
+    /// The protocol state machine (live mode); it keeps the documents followed and the presence
+    /// across connections.
+    machine: Machine,
+    /// The machine's time zero.
+    epoch: Instant,
+    /// Bytes of frames sent (counted by the driver; not reported).
+    sent: u64,
 }
 
 impl Task {
@@ -582,6 +618,11 @@ impl Task {
             code,
             doc,
         });
+    }
+
+    /// The machine's clock.
+    fn now(&self) -> Duration {
+        self.epoch.elapsed()
     }
 
     async fn run(mut self) {
@@ -604,6 +645,7 @@ impl Task {
             }
             self.state.send_replace(ConnectionState::Connecting);
             let ended = self.connection().await;
+            self.machine.disconnected();
             // Offline from here on: readers of the state must not see the old connection's.
             self.state.send_replace(ConnectionState::Connecting);
             let delay = match ended {
@@ -687,12 +729,9 @@ impl Task {
     /// Remembers what a command asks for while there is no connection.
     fn note(&mut self, command: Command) {
         match command {
-            Command::Subscribe(doc) => {
-                self.subscribed.insert(doc);
-            }
-            Command::Presence(doc, state) => {
-                self.presence.insert(doc, state);
-            }
+            // Without a connection the machine only takes note: no actions.
+            Command::Subscribe(doc) => drop(self.machine.subscribe(&doc)),
+            Command::Presence(doc, state) => drop(self.machine.presence(&doc, state)),
             Command::Pause(done) => {
                 self.paused = true;
                 let _ = done.send(());
@@ -702,370 +741,150 @@ impl Task {
         }
     }
 
-    /// Connects and says hello; returns the socket, the session id, the heartbeat interval and
-    /// the most bytes of outbox batches one push may merge (see [`push_budget`]).
-    async fn connect(&mut self) -> Result<(Ws, u64, Duration, usize)> {
+    /// Asks for a token and connects; returns the transport and the token.
+    async fn connect(&mut self) -> Result<(Box<dyn Transport>, String)> {
         let token = (self.options.token)()
             .await
             .map_err(|e| Error::Invalid(format!("no token: {e}")))?;
-        let endpoint = format!("{}/v1/sync", self.options.url.trim_end_matches('/'));
-        let (mut ws, _) = tokio::time::timeout(CONNECT_TIMEOUT, tokio_tungstenite::connect_async(endpoint))
+        let transport = tokio::time::timeout(CONNECT_TIMEOUT, (self.options.connector)(self.options.url.clone()))
             .await
             .map_err(|_| Error::Timeout(CONNECT_TIMEOUT))??;
-        let client_id = self.client.lock().await.identity().client_id;
-        let hello = ClientFrame::Hello {
-            version: PROTOCOL_VERSION,
-            token,
-            client_id,
-        };
-        ws.send(WsMessage::Binary(hello.encode().into())).await?;
-        let welcome = tokio::time::timeout(CONNECT_TIMEOUT, async {
-            loop {
-                match next_frame(&mut ws).await? {
-                    Incoming::Frame(ServerFrame::Welcome {
-                        session,
-                        heartbeat_ms,
-                        max_frame_size,
-                        ..
-                    }) => {
-                        return Ok((
-                            session,
-                            Duration::from_millis(u64::from(heartbeat_ms).max(500)),
-                            push_budget(max_frame_size),
-                        ))
-                    }
-                    Incoming::Frame(ServerFrame::Error { code, doc, batch }) => {
-                        return Err(Error::Server { code, doc, batch })
-                    }
-                    Incoming::Frame(other) => {
-                        return Err(Error::Protocol(format!("expected a welcome, got {other:?}")));
-                    }
-                    Incoming::Closed(code) => return Err(closed_error(code)),
-                    Incoming::Other => continue,
+        Ok((transport, token))
+    }
+
+    /// Performs the machine's `actions` (see [`drive`]); the connection state follows the
+    /// events, set before each is sent.
+    async fn perform(&mut self, transport: &mut dyn Transport, actions: Vec<Action>) -> Result<Option<End>> {
+        let (state, events) = (&self.state, &self.events);
+        let mut emit = |event: Event| {
+            match event {
+                Event::Connected { .. } => {
+                    state.send_replace(ConnectionState::Connected);
                 }
+                Event::Synced => {
+                    state.send_replace(ConnectionState::Synced);
+                }
+                _ => {}
             }
-        })
-        .await
-        .map_err(|_| Error::Timeout(CONNECT_TIMEOUT))??;
-        Ok((ws, welcome.0, welcome.1, welcome.2))
+            let _ = events.send(event);
+        };
+        let end = drive(
+            &self.client,
+            &mut self.machine,
+            transport,
+            actions,
+            &mut self.sent,
+            &mut emit,
+        )
+        .await?;
+        if self.machine.is_connected() && !self.machine.is_synced() {
+            self.state.send_if_modified(|s| {
+                let unsynced = *s == ConnectionState::Synced;
+                if unsynced {
+                    *s = ConnectionState::Connected;
+                }
+                unsynced
+            });
+        }
+        Ok(end)
     }
 
     async fn connection(&mut self) -> Ended {
-        let (ws, session, heartbeat, max_push_bytes) = match self.connect().await {
+        let (mut transport, token) = match self.connect().await {
             Ok(connected) => connected,
-            Err(error) => {
-                return match &error {
-                    Error::Server {
-                        code: ErrorCode::UnsupportedVersion,
-                        ..
-                    } => Ended::Fatal(error),
-                    _ => Ended::Failed {
-                        error,
-                        connected: false,
-                    },
-                }
-            }
+            Err(error) => return Ended::failed(error, false),
         };
-        self.state.send_replace(ConnectionState::Connected);
-        self.emit(Event::Connected { session });
-        // Pieces of an answer from an earlier connection belong to no answer of this one.
-        self.client.lock().await.reset_parts();
-        let mut live = Live {
-            ws,
-            resumed: HashSet::new(),
-            awaiting: HashSet::new(),
-            pushed: HashMap::new(),
-            unacked: HashMap::new(),
-            synced: false,
-            was_synced: false,
-            retry: BTreeSet::new(),
-            retry_at: None,
-            limits: Limits::default(),
-            max_push_bytes,
-        };
-        match self.serve(&mut live, heartbeat).await {
+        // Changes recorded from here on are pushed by the first resume or marked again.
+        self.dirty.take();
+        let actions = self.machine.connected(token, self.now());
+        let ended = match self.serve(&mut *transport, actions).await {
             Ok(ended) => ended,
-            Err(error) => {
-                close(&mut live.ws).await;
-                match &error {
-                    Error::Server {
-                        code: ErrorCode::UnsupportedVersion,
-                        ..
-                    } => Ended::Fatal(error),
-                    // Only a connection that got as far as synced resets the backoff, so a
-                    // server that accepts and then drops every connection is not hammered.
-                    _ => Ended::Failed {
-                        error,
-                        connected: live.was_synced,
-                    },
-                }
-            }
+            Err(error) => Ended::failed(error, self.machine.was_synced()),
+        };
+        if !matches!(ended, Ended::Shutdown | Ended::Paused) {
+            transport.close().await;
         }
+        ended
     }
 
-    /// Runs one accepted connection until it ends.
-    async fn serve(&mut self, live: &mut Live, heartbeat: Duration) -> Result<Ended> {
-        // One resume of every known document.
-        let mut ids = self.client.lock().await.documents().await?;
-        ids.extend(self.subscribed.iter().cloned());
-        ids.extend(self.presence.keys().cloned());
-        ids.sort();
-        ids.dedup();
-        self.dirty.take();
-        self.resume(live, &ids).await?;
-        for (doc, state) in self.presence.clone() {
-            if let Ok(doc) = DocId::new(doc) {
-                live.send(&ClientFrame::Presence { doc, state }).await?;
-            }
-        }
-
-        let mut ticker = tokio::time::interval_at(Instant::now() + heartbeat, heartbeat);
-        let mut last_heard = Instant::now();
+    /// Runs one connection until it ends.
+    async fn serve(&mut self, transport: &mut dyn Transport, mut actions: Vec<Action>) -> Result<Ended> {
         loop {
-            self.check_synced(live);
+            match self.perform(transport, actions).await? {
+                None => {}
+                Some(End::Resync) => return Ok(Ended::Resync),
+                Some(End::Done) => return Err(Error::Closed),
+                Some(End::Failed(error)) => return Err(error),
+            }
+            let deadline = self.machine.next_deadline().map(|d| self.epoch + d);
             let typing_deadline = self.typing.lock().ok().and_then(|t| t.next_deadline());
-            tokio::select! {
-                incoming = next_frame(&mut live.ws) => {
-                    last_heard = Instant::now();
-                    match incoming? {
-                        Incoming::Frame(frame) => self.frame(live, frame).await?,
-                        Incoming::Closed(Some(code)) if code == CLOSE_RESYNC => return Ok(Ended::Resync),
-                        Incoming::Closed(code) => return Err(closed_error(code)),
-                        Incoming::Other => {}
+            actions = tokio::select! {
+                incoming = transport.recv() => match incoming? {
+                    Incoming::Binary(bytes) => {
+                        let (frame, now) = (decode(&bytes)?, self.now());
+                        self.machine.receive(frame, now)
                     }
-                }
+                    Incoming::Closed(code) => self.machine.closed(code),
+                },
                 _ = self.dirty.notify.notified() => {
                     let docs = self.dirty.take();
-                    self.push_changes(live, docs).await?;
+                    self.machine.local_changes(docs)
                 }
-                _ = ticker.tick() => {
-                    if last_heard.elapsed() > heartbeat * 2 {
-                        return Err(Error::Silent(last_heard.elapsed()));
-                    }
-                    self.nonce += 1;
-                    live.send(&ClientFrame::Ping { nonce: self.nonce }).await?;
+                () = sleep_until_opt(deadline) => {
+                    let now = self.now();
+                    self.machine.tick(now)
                 }
-                _ = sleep_until_opt(live.retry_at) => {
-                    live.retry_at = None;
-                    let docs: Vec<String> = std::mem::take(&mut live.retry).into_iter().collect();
-                    self.resume(live, &docs).await?;
-                }
-                _ = sleep_until_opt(typing_deadline) => {
+                () = sleep_until_opt(typing_deadline) => {
                     let expired = self.typing.lock().map(|mut t| t.expired(Instant::now())).unwrap_or_default();
-                    for doc in expired {
-                        if let Ok(doc) = DocId::new(doc) {
-                            live.send(&ClientFrame::Typing { doc, typing: false }).await?;
-                        }
-                    }
+                    expired.iter().flat_map(|doc| self.machine.typing(doc, false)).collect()
                 }
                 command = self.commands.recv() => match command {
                     None => {
-                        self.flush(live).await;
+                        self.flush(transport).await;
                         return Ok(Ended::Shutdown);
                     }
                     Some(Command::Shutdown(done)) => {
-                        self.flush(live).await;
+                        self.flush(transport).await;
                         let _ = done.send(());
                         return Ok(Ended::Shutdown);
                     }
                     Some(Command::Pause(done)) => {
-                        self.flush(live).await;
+                        self.flush(transport).await;
                         let _ = done.send(());
                         return Ok(Ended::Paused);
                     }
-                    Some(Command::Resume) => {}
-                    Some(Command::Subscribe(doc)) => {
-                        self.subscribed.insert(doc.clone());
-                        if !live.resumed.contains(&doc) && !live.awaiting.contains(&doc) {
-                            self.resume(live, &[doc]).await?;
-                        }
-                    }
-                    Some(Command::Presence(doc, state)) => {
-                        self.presence.insert(doc.clone(), state.clone());
-                        if !live.resumed.contains(&doc) && !live.awaiting.contains(&doc) {
-                            self.resume(live, std::slice::from_ref(&doc)).await?;
-                        }
-                        if let Ok(doc) = DocId::new(doc) {
-                            live.send(&ClientFrame::Presence { doc, state }).await?;
-                        }
-                    }
-                    Some(Command::Typing(doc, typing)) => {
-                        if live.resumed.contains(&doc) || live.awaiting.contains(&doc) {
-                            if let Ok(doc) = DocId::new(doc) {
-                                live.send(&ClientFrame::Typing { doc, typing }).await?;
-                            }
-                        }
-                    }
+                    Some(Command::Resume) => Vec::new(),
+                    Some(Command::Subscribe(doc)) => self.machine.subscribe(&doc),
+                    Some(Command::Presence(doc, state)) => self.machine.presence(&doc, state),
+                    Some(Command::Typing(doc, typing)) => self.machine.typing(&doc, typing),
                 },
-            }
+            };
         }
     }
 
-    /// Emits `Synced` when every document is resumed and every push acknowledged.
-    fn check_synced(&self, live: &mut Live) {
-        let synced = live.awaiting.is_empty() && live.retry.is_empty() && live.unacked.values().all(BTreeSet::is_empty);
-        if synced && !live.synced {
-            self.state.send_replace(ConnectionState::Synced);
-            self.emit(Event::Synced);
-        } else if !synced && live.synced {
-            self.state.send_replace(ConnectionState::Connected);
-        }
-        live.synced = synced;
-        live.was_synced |= synced;
-    }
-
-    /// Sends one resume for `ids`.
-    async fn resume(&mut self, live: &mut Live, ids: &[String]) -> Result<()> {
-        let request = self.client.lock().await.resume_request(ids).await?;
-        if request.is_empty() {
-            return Ok(());
-        }
-        for doc in &request {
-            live.awaiting.insert(doc.doc.as_str().to_string());
-            live.resumed.remove(doc.doc.as_str());
-        }
-        live.send(&ClientFrame::Resume { docs: request }).await
-    }
-
-    /// Pushes the outbox entries of `docs` not pushed on this connection yet (merged, when
-    /// several wait); documents not resumed on it are resumed (their answer pushes the outbox).
-    async fn push_changes(&mut self, live: &mut Live, docs: BTreeSet<String>) -> Result<()> {
-        let mut resume = Vec::new();
-        for id in docs {
-            if live.awaiting.contains(&id) || live.retry.contains(&id) {
-                continue;
-            }
-            if !live.resumed.contains(&id) {
-                resume.push(id);
-                continue;
-            }
-            let floor = live.pushed.get(&id).copied().unwrap_or(0);
-            let outbox = self.client.lock().await.store().outbox(Some(&id)).await?;
-            let doc = DocId::new(id.as_str()).map_err(Error::DocId)?;
-            let new: Vec<_> = outbox.into_iter().filter(|e| e.batch > floor).collect();
-            for entry in merge_outbox(new, live.max_push_bytes)? {
-                live.push(&doc, entry.batch, entry.update).await?;
-            }
-        }
-        if !resume.is_empty() {
-            self.resume(live, &resume).await?;
-        }
-        Ok(())
-    }
-
-    async fn frame(&mut self, live: &mut Live, frame: ServerFrame) -> Result<()> {
-        match frame {
-            ServerFrame::Resumed { docs } => {
-                for answer in docs {
-                    let id = answer.doc.as_str().to_string();
-                    let doc = answer.doc.clone();
-                    let (changed, pushes) = self
-                        .client
-                        .lock()
-                        .await
-                        .take_resumed(answer, &live.limits, live.max_push_bytes)
-                        .await?;
-                    live.awaiting.remove(&id);
-                    live.resumed.insert(id.clone());
-                    for (batch, update) in pushes {
-                        live.push(&doc, batch, update).await?;
-                    }
-                    if changed {
-                        self.emit(Event::RemoteChange { doc: id });
-                    }
-                }
-            }
-            ServerFrame::Update { doc, cursor, update } => {
-                let id = doc.as_str().to_string();
-                let answered = live.resumed.contains(&id);
-                self.client
-                    .lock()
-                    .await
-                    .take_update(&id, cursor, update, answered, &live.limits)
-                    .await?;
-                self.emit(Event::RemoteChange { doc: id });
-            }
-            ServerFrame::Ack { doc, batch, cursor } => {
-                let id = doc.as_str().to_string();
-                let answered = live.resumed.contains(&id);
-                self.client.lock().await.take_ack(&id, batch, cursor, answered).await?;
-                if let Some(pending) = live.unacked.get_mut(&id) {
-                    pending.retain(|&b| b > batch);
-                }
-                self.emit(Event::Acknowledged { doc: id, batch });
-            }
-            ServerFrame::Error { code, doc, batch } => {
-                let error = Error::Server {
-                    code,
-                    doc: doc.clone(),
-                    batch,
-                };
-                tracing::info!(%error, "the server refused");
-                self.error(&error);
-                if code == ErrorCode::TokenExpired {
-                    // The token ran out (the server stops delivering and closes the connection
-                    // after a short grace): reconnect now, which asks for a fresh token.
-                    return Err(error);
-                }
-                if let Some(doc) = doc {
-                    let id = doc.as_str().to_string();
-                    if error.is_retryable() {
-                        // Resume the document again shortly: the answer shows what the server
-                        // has, and the pushes are planned from it (recovering missing parts).
-                        if let Some(pending) = live.unacked.get_mut(&id) {
-                            pending.clear();
-                        }
-                        live.pushed.remove(&id);
-                        live.resumed.remove(&id);
-                        live.retry.insert(id);
-                        live.retry_at.get_or_insert(Instant::now() + RETRY_REFUSED);
-                    } else if batch.is_none() {
-                        // The document itself is refused (forbidden, not found…): stop waiting.
-                        live.awaiting.remove(&id);
-                    }
-                }
-            }
-            ServerFrame::Presence { doc, peer, user, state } => self.emit(Event::Presence {
-                doc: doc.as_str().to_string(),
-                peer,
-                user,
-                state,
-            }),
-            ServerFrame::Typing {
-                doc,
-                peer,
-                user,
-                typing,
-            } => self.emit(Event::Typing {
-                doc: doc.as_str().to_string(),
-                peer,
-                user,
-                typing,
-            }),
-            ServerFrame::Ping { nonce } => live.send(&ClientFrame::Pong { nonce }).await?,
-            ServerFrame::ResumePart { doc, bytes } => self.client.lock().await.take_part(doc.as_str(), &bytes)?,
-            ServerFrame::Pong { .. } | ServerFrame::Welcome { .. } => {}
-        }
-        Ok(())
-    }
-
-    /// Pushes whatever is pending and waits, up to the flush timeout, for the acknowledgements;
-    /// then closes the connection cleanly.
-    async fn flush(&mut self, live: &mut Live) {
-        let docs = self.dirty.take();
+    /// Pushes whatever is pending and waits, up to the flush timeout, for the answers and
+    /// acknowledgements; then closes the connection cleanly.
+    async fn flush(&mut self, transport: &mut dyn Transport) {
         let timeout = self.options.flush_timeout;
         let flushed = async {
-            self.push_changes(live, docs).await?;
+            let docs = self.dirty.take();
+            let mut actions = self.machine.local_changes(docs);
             loop {
-                let pending = !live.awaiting.is_empty() || live.unacked.values().any(|b| !b.is_empty());
-                if !pending {
+                match self.perform(transport, actions).await? {
+                    None => {}
+                    Some(End::Failed(error)) => return Err(error),
+                    Some(End::Resync | End::Done) => return Err(Error::Closed),
+                }
+                if !self.machine.pending() {
                     return Ok::<(), Error>(());
                 }
-                match next_frame(&mut live.ws).await? {
-                    Incoming::Frame(frame) => self.frame(live, frame).await?,
-                    Incoming::Closed(code) => return Err(closed_error(code)),
-                    Incoming::Other => {}
-                }
+                actions = match transport.recv().await? {
+                    Incoming::Binary(bytes) => {
+                        let (frame, now) = (decode(&bytes)?, self.now());
+                        self.machine.receive(frame, now)
+                    }
+                    Incoming::Closed(code) => self.machine.closed(code),
+                };
             }
         };
         match tokio::time::timeout(timeout, flushed).await {
@@ -1073,104 +892,115 @@ impl Task {
             Ok(Err(error)) => tracing::info!(%error, "flush failed; the outbox is kept for the next connection"),
             Err(_) => tracing::info!(?timeout, "flush timed out; the outbox is kept for the next connection"),
         }
-        close(&mut live.ws).await;
-    }
-}
-
-/// One accepted connection's state.
-struct Live {
-    ws: Ws,
-    /// Documents whose resume answer arrived on this connection.
-    resumed: HashSet<String>,
-    /// Documents resumed on this connection whose answer has not arrived.
-    awaiting: HashSet<String>,
-    /// The highest batch pushed per document on this connection.
-    pushed: HashMap<String, u64>,
-    /// Pushed batches not acknowledged yet, per document.
-    unacked: HashMap<String, BTreeSet<u64>>,
-    synced: bool,
-    /// Whether this connection was ever synced.
-    was_synced: bool,
-    /// Documents to resume again at `retry_at`, after a refusal for a passing reason.
-    retry: BTreeSet<String>,
-    retry_at: Option<Instant>,
-    limits: Limits,
-    /// The most bytes of outbox batches merged into one push.
-    max_push_bytes: usize,
-}
-
-impl Live {
-    async fn send(&mut self, frame: &ClientFrame) -> Result<()> {
-        self.ws.send(WsMessage::Binary(frame.encode().into())).await?;
-        Ok(())
-    }
-
-    async fn push(&mut self, doc: &DocId, batch: u64, update: Vec<u8>) -> Result<()> {
-        let id = doc.as_str().to_string();
-        self.unacked.entry(id.clone()).or_default().insert(batch);
-        let pushed = self.pushed.entry(id).or_default();
-        *pushed = (*pushed).max(batch);
-        self.send(&ClientFrame::Push {
-            doc: doc.clone(),
-            batch,
-            update,
-        })
-        .await
-    }
-}
-
-enum Incoming {
-    Frame(ServerFrame),
-    /// The connection closed (with the close code, if any).
-    Closed(Option<u16>),
-    /// A control or text message: nothing to do.
-    Other,
-}
-
-/// Reads the next message. Cancel-safe: it only awaits the stream.
-async fn next_frame(ws: &mut Ws) -> Result<Incoming> {
-    match ws.next().await {
-        Some(Ok(WsMessage::Binary(bytes))) => ServerFrame::decode(&bytes, DEFAULT_MAX_FRAME_SIZE)
-            .map(Incoming::Frame)
-            .map_err(|e| Error::Protocol(format!("undecodable frame: {e}"))),
-        Some(Ok(WsMessage::Close(frame))) => Ok(Incoming::Closed(frame.map(|f| u16::from(f.code)))),
-        None => Ok(Incoming::Closed(None)),
-        Some(Ok(_)) => Ok(Incoming::Other),
-        Some(Err(e)) => Err(e.into()),
-    }
-}
-
-/// Closes the WebSocket cleanly, without waiting long on a dead peer.
-async fn close(ws: &mut Ws) {
-    let _ = tokio::time::timeout(Duration::from_secs(1), ws.close(None)).await;
-}
-
-fn closed_error(code: Option<u16>) -> Error {
-    match code {
-        Some(c) if c == CLOSE_UNAUTHORIZED => Error::Server {
-            code: ErrorCode::Unauthorized,
-            doc: None,
-            batch: None,
-        },
-        Some(c) if c == CLOSE_UNSUPPORTED_VERSION => Error::Server {
-            code: ErrorCode::UnsupportedVersion,
-            doc: None,
-            batch: None,
-        },
-        _ => Error::Closed,
-    }
-}
-
-async fn sleep_until_opt(deadline: Option<Instant>) {
-    match deadline {
-        Some(deadline) => tokio::time::sleep_until(deadline).await,
-        None => std::future::pending().await,
+        transport.close().await;
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use driftsync_protocol::{ClientFrame, DocResumed, ServerFrame, DEFAULT_MAX_FRAME_SIZE, PROTOCOL_VERSION};
+
     use super::*;
+    use crate::MemoryTransport;
+
+    const WAIT: Duration = Duration::from_secs(10);
+
+    async fn recv(server: &mut MemoryTransport) -> ClientFrame {
+        match tokio::time::timeout(WAIT, server.recv()).await.unwrap().unwrap() {
+            Incoming::Binary(bytes) => ClientFrame::decode(&bytes, DEFAULT_MAX_FRAME_SIZE).unwrap(),
+            Incoming::Closed(code) => panic!("closed ({code:?})"),
+        }
+    }
+
+    async fn send(server: &mut MemoryTransport, frame: ServerFrame) {
+        server.send(frame.encode()).await.unwrap();
+    }
+
+    async fn until(events: &mut Events, pick: impl Fn(&Event) -> bool) {
+        tokio::time::timeout(WAIT, async {
+            while let Some(event) = events.recv().await {
+                if pick(&event) {
+                    return;
+                }
+            }
+            panic!("the session stopped");
+        })
+        .await
+        .unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_session_over_memory_carries_on_past_a_forbidden_document() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut client = Client::open(dir.path().join("c.db"), "ada").await.unwrap();
+        client.text_append("secret/1", "hidden").await.unwrap();
+        let (ends_tx, mut ends) = mpsc::channel::<MemoryTransport>(4);
+        let options = Options::new("memory:").documents(["notes/1"]).connector(move |_url| {
+            let ends_tx = ends_tx.clone();
+            async move {
+                let (near, far) = MemoryTransport::pair();
+                ends_tx.send(far).await.map_err(|_| Error::Closed)?;
+                Ok(Box::new(near) as Box<dyn Transport>)
+            }
+        });
+        let session = Session::start(client, options);
+        let mut events = session.events();
+        let mut server = tokio::time::timeout(WAIT, ends.recv()).await.unwrap().unwrap();
+        assert!(matches!(recv(&mut server).await, ClientFrame::Hello { .. }));
+        send(
+            &mut server,
+            ServerFrame::Welcome {
+                version: PROTOCOL_VERSION,
+                max_frame_size: DEFAULT_MAX_FRAME_SIZE as u32,
+                session: 3,
+                heartbeat_ms: 15_000,
+            },
+        )
+        .await;
+        let ClientFrame::Resume { docs } = recv(&mut server).await else {
+            panic!("expected a resume")
+        };
+        let names: Vec<&str> = docs.iter().map(|d| d.doc.as_str()).collect();
+        assert_eq!(names, ["notes/1", "secret/1"]);
+        let (notes, secret) = (docs[0].doc.clone(), docs[1].doc.clone());
+        send(
+            &mut server,
+            ServerFrame::Error {
+                code: ErrorCode::Forbidden,
+                doc: Some(secret),
+                batch: None,
+            },
+        )
+        .await;
+        send(
+            &mut server,
+            ServerFrame::Resumed {
+                docs: vec![DocResumed {
+                    doc: notes.clone(),
+                    cursor: 0,
+                    update: None,
+                    state_vector: None,
+                }],
+            },
+        )
+        .await;
+        until(&mut events, |e| *e == Event::Synced).await;
+        assert_eq!(session.state(), ConnectionState::Synced);
+
+        // A local change goes up at once and is synced once acknowledged.
+        session.text_append("notes/1", "x").await.unwrap();
+        let ClientFrame::Push { doc, batch, .. } = recv(&mut server).await else {
+            panic!("expected a push")
+        };
+        assert_eq!(doc, notes);
+        send(&mut server, ServerFrame::Ack { doc, batch, cursor: 1 }).await;
+        until(&mut events, |e| *e == Event::Synced).await;
+        // Shutting down flushes (nothing is pending) and closes the connection.
+        session.shutdown().await.unwrap();
+        assert_eq!(server.recv().await.unwrap(), Incoming::Closed(None));
+        let stopped = tokio::time::timeout(WAIT, session.wait_for(|s| s == ConnectionState::Stopped));
+        assert_eq!(stopped.await.unwrap(), ConnectionState::Stopped);
+    }
 
     #[test]
     fn typing_is_throttled_and_times_out() {
