@@ -27,8 +27,8 @@ pub mod native;
 pub mod net;
 pub mod server;
 pub mod store;
-pub mod yjs;
 mod world;
+pub mod yjs;
 
 use std::fmt;
 use std::panic::{catch_unwind, AssertUnwindSafe};

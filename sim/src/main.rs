@@ -32,8 +32,12 @@ fn main() -> ExitCode {
         };
     }
     if let Some(range) = value("--seeds") {
-        let Some((a, b)) = range.split_once("..") else { return usage() };
-        let (Ok(a), Ok(b)) = (a.parse::<u64>(), b.parse::<u64>()) else { return usage() };
+        let Some((a, b)) = range.split_once("..") else {
+            return usage();
+        };
+        let (Ok(a), Ok(b)) = (a.parse::<u64>(), b.parse::<u64>()) else {
+            return usage();
+        };
         let started = Instant::now();
         for seed in a..b {
             if let Err(failure) = run(seed, Options { verbose }) {

@@ -263,7 +263,9 @@ impl NativeReplica {
     /// A frame from the server.
     pub fn receive(&mut self, frame: ServerFrame) -> Outcome {
         let mut out = Outcome::default();
-        let Some(session) = self.session.as_mut() else { return out };
+        let Some(session) = self.session.as_mut() else {
+            return out;
+        };
         match frame {
             ServerFrame::Welcome {
                 session: id,
@@ -272,8 +274,7 @@ impl NativeReplica {
             } => {
                 session.welcomed = true;
                 session.session_id = id;
-                session.max_push =
-                    MERGED_PUSH_BYTES.min(usize::try_from(max_frame_size).unwrap_or(usize::MAX) / 2);
+                session.max_push = MERGED_PUSH_BYTES.min(usize::try_from(max_frame_size).unwrap_or(usize::MAX) / 2);
                 let docs = self
                     .docs
                     .iter()
@@ -293,7 +294,11 @@ impl NativeReplica {
                 }
             }
             ServerFrame::ResumePart { doc, bytes } => {
-                session.parts.entry(doc.as_str().to_string()).or_default().extend_from_slice(&bytes);
+                session
+                    .parts
+                    .entry(doc.as_str().to_string())
+                    .or_default()
+                    .extend_from_slice(&bytes);
             }
             ServerFrame::Update { doc, cursor, update } => {
                 let id = doc.as_str().to_string();
@@ -311,8 +316,9 @@ impl NativeReplica {
             ServerFrame::Ack { doc, batch, cursor } => {
                 let id = doc.as_str().to_string();
                 let answered = session.answered.contains(&id);
-                let (done, kept): (Vec<OutboxEntry>, Vec<OutboxEntry>) =
-                    std::mem::take(&mut self.outbox).into_iter().partition(|e| e.doc == id && e.batch <= batch);
+                let (done, kept): (Vec<OutboxEntry>, Vec<OutboxEntry>) = std::mem::take(&mut self.outbox)
+                    .into_iter()
+                    .partition(|e| e.doc == id && e.batch <= batch);
                 self.outbox = kept;
                 self.acked.extend(done.into_iter().map(|e| (e.doc, e.batch, e.update)));
                 if answered {
@@ -405,5 +411,105 @@ impl NativeReplica {
                 update,
             });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use driftsync_engine::doc::{text, text_insert};
+    use driftsync_engine::sync::answer_resume;
+
+    /// The smallest server that follows the protocol: one document per id, a cursor per update,
+    /// acknowledgements at once. Enough to check the replica's rules, not the server's.
+    #[derive(Default)]
+    struct FakeServer {
+        docs: BTreeMap<String, (Doc, Vec<Vec<u8>>)>,
+    }
+
+    impl FakeServer {
+        fn answer(&mut self, frame: ClientFrame) -> Vec<ServerFrame> {
+            match frame {
+                ClientFrame::Hello { .. } => vec![ServerFrame::Welcome {
+                    version: PROTOCOL_VERSION,
+                    max_frame_size: 1 << 20,
+                    session: 1,
+                    heartbeat_ms: 15_000,
+                }],
+                ClientFrame::Resume { docs } => {
+                    let answers = docs
+                        .into_iter()
+                        .map(|d| {
+                            let (doc, log) = self
+                                .docs
+                                .entry(d.doc.as_str().to_string())
+                                .or_insert_with(|| (new_doc(1).expect("doc"), Vec::new()));
+                            let a =
+                                answer_resume(doc, log.len() as u64, d.cursor, &d.state_vector, None).expect("answer");
+                            DocResumed {
+                                doc: d.doc,
+                                cursor: a.cursor,
+                                update: a.update,
+                                state_vector: a.state_vector,
+                            }
+                        })
+                        .collect();
+                    vec![ServerFrame::Resumed { docs: answers }]
+                }
+                ClientFrame::Push { doc, batch, update } => {
+                    let (d, log) = self.docs.get_mut(doc.as_str()).expect("resumed first");
+                    apply_remote(d, &update, &Limits::default()).expect("apply");
+                    log.push(update);
+                    vec![ServerFrame::Ack {
+                        doc,
+                        batch,
+                        cursor: log.len() as u64,
+                    }]
+                }
+                _ => Vec::new(),
+            }
+        }
+    }
+
+    fn sync(server: &mut FakeServer, replica: &mut NativeReplica) {
+        let mut queue: Vec<ClientFrame> = replica.connect("").send;
+        while !queue.is_empty() {
+            let mut next = Vec::new();
+            for frame in queue {
+                for answer in server.answer(frame) {
+                    let outcome = replica.receive(answer);
+                    assert!(outcome.violation.is_none(), "{:?}", outcome.violation);
+                    next.extend(outcome.send);
+                }
+            }
+            queue = next;
+        }
+        assert!(replica.synced());
+        replica.disconnect();
+    }
+
+    #[test]
+    fn offline_writers_converge_and_outboxes_empty() {
+        let docs = vec!["notes/1".to_string()];
+        let author = |u: &str| Author {
+            user: u.into(),
+            device: format!("{u}-phone"),
+        };
+        let mut a = NativeReplica::new(11, author("ada"), &docs);
+        let mut b = NativeReplica::new(22, author("bob"), &docs);
+        let mut server = FakeServer::default();
+        for (replica, word) in [(&mut a, "ada "), (&mut b, "bob ")] {
+            let update = text_insert(replica.replica("notes/1").expect("doc").doc(), 0, word).expect("insert");
+            replica.write("notes/1", update);
+        }
+        sync(&mut server, &mut a);
+        sync(&mut server, &mut b);
+        sync(&mut server, &mut a);
+        let ta = text(a.replica("notes/1").expect("doc").doc());
+        assert_eq!(ta, text(b.replica("notes/1").expect("doc").doc()));
+        assert_eq!(ta.len(), 8);
+        assert!(a.outbox().is_empty() && b.outbox().is_empty());
+        assert_eq!(a.acked().len(), 1);
+        assert_eq!(a.cursor("notes/1"), 2);
     }
 }

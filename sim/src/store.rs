@@ -184,13 +184,17 @@ impl MemStore {
     }
 
     fn compact_now(&self, doc: &str, policy: &CompactionPolicy) -> Result<Option<Compacted>> {
-        let Some(stored) = self.stored(doc) else { return Ok(None) };
+        let Some(stored) = self.stored(doc) else {
+            return Ok(None);
+        };
         let Some(covered) = stored.tail.last().map(|entry| entry.cursor) else {
             return Ok(None);
         };
         let (snapshot, _sv) = driftsync_engine::doc::fold(doc, &stored)?;
         let mut inner = self.lock();
-        let Some(row) = inner.docs.get_mut(doc) else { return Ok(None) };
+        let Some(row) = inner.docs.get_mut(doc) else {
+            return Ok(None);
+        };
         // Nothing can have run in between (the fold is synchronous), but stay exact anyway.
         if row.snapshot_cursor != stored.snapshot_cursor {
             return Ok(None);
@@ -266,7 +270,11 @@ impl Store for MemStore {
 
     fn claim_client(&self, client_id: u64, owner: &str) -> impl Future<Output = Result<String>> + Send {
         let mut inner = self.lock();
-        let bound = inner.owners.entry(client_id).or_insert_with(|| owner.to_string()).clone();
+        let bound = inner
+            .owners
+            .entry(client_id)
+            .or_insert_with(|| owner.to_string())
+            .clone();
         ready(Ok(bound))
     }
 
@@ -290,7 +298,12 @@ impl Store for MemStore {
         ready(unsupported("server_cursor"))
     }
 
-    fn record_remote(&self, _doc: &str, _cursor: Cursor, _updates: &[Vec<u8>]) -> impl Future<Output = Result<()>> + Send {
+    fn record_remote(
+        &self,
+        _doc: &str,
+        _cursor: Cursor,
+        _updates: &[Vec<u8>],
+    ) -> impl Future<Output = Result<()>> + Send {
         ready(unsupported("record_remote"))
     }
 }
@@ -338,7 +351,9 @@ mod tests {
                                     origin: None,
                                     update,
                                 },
-                                1 if batches[w] > 0 => push(doc, w as u64 + 1, rng.random_range(1..=batches[w]), &update),
+                                1 if batches[w] > 0 => {
+                                    push(doc, w as u64 + 1, rng.random_range(1..=batches[w]), &update)
+                                }
                                 _ => {
                                     batches[w] += 1;
                                     push(doc, w as u64 + 1, batches[w], &update)

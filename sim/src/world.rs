@@ -272,7 +272,8 @@ impl World {
             }
             40..=64 => {
                 let ms = self.rng.random_range(1..3000);
-                self.advance(Duration::from_millis(ms), Duration::from_millis(20)).await?;
+                self.advance(Duration::from_millis(ms), Duration::from_millis(20))
+                    .await?;
             }
             65..=69 => {
                 let c = self.rng.random_range(0..n);
@@ -293,7 +294,8 @@ impl World {
                 // Time passes in a long stretch (coarse ticks; heartbeats keep flowing).
                 let minutes = self.rng.random_range(1..45);
                 self.log(format!("{minutes} min pass"));
-                self.advance(Duration::from_secs(minutes * 60), Duration::from_millis(1000)).await?;
+                self.advance(Duration::from_secs(minutes * 60), Duration::from_millis(1000))
+                    .await?;
             }
             73..=77 => {
                 let c = self.rng.random_range(0..n);
@@ -331,7 +333,9 @@ impl World {
                 self.count("commit-failure stretches");
             }
             83..=84 => {
-                let up: Vec<usize> = (0..self.instances.len()).filter(|&i| self.instances[i].is_some()).collect();
+                let up: Vec<usize> = (0..self.instances.len())
+                    .filter(|&i| self.instances[i].is_some())
+                    .collect();
                 if !up.is_empty() {
                     let i = up[self.rng.random_range(0..up.len())];
                     if let Some(instance) = self.instances[i].take() {
@@ -349,7 +353,8 @@ impl World {
             }
             _ => {
                 let ms = self.rng.random_range(1..300);
-                self.advance(Duration::from_millis(ms), Duration::from_millis(10)).await?;
+                self.advance(Duration::from_millis(ms), Duration::from_millis(10))
+                    .await?;
             }
         }
         Ok(())
@@ -374,7 +379,10 @@ impl World {
                 let update = match replica.replica(&doc) {
                     Some(Replica::Chat(room)) => {
                         let messages = room.messages();
-                        let own: Vec<_> = messages.iter().filter(|m| m.author == author.user && !m.deleted).collect();
+                        let own: Vec<_> = messages
+                            .iter()
+                            .filter(|m| m.author == author.user && !m.deleted)
+                            .collect();
                         if pick < 60 || messages.is_empty() {
                             Some(room.send(&author, &word, wall).1)
                         } else if pick < 70 && !own.is_empty() {
@@ -393,7 +401,10 @@ impl World {
                 };
                 let Some(update) = update else { return };
                 let outcome = replica.write(&doc, update);
-                let line = format!("c{c} writes {doc} (batch {})", replica.outbox().last().map_or(0, |e| e.batch));
+                let line = format!(
+                    "c{c} writes {doc} (batch {})",
+                    replica.outbox().last().map_or(0, |e| e.batch)
+                );
                 self.log(line);
                 self.count("writes");
                 self.send_native(c, outcome.send);
@@ -438,7 +449,10 @@ impl World {
         let client = &mut self.clients[c];
         if roll == 0 && client.presence {
             client.quiet = !client.quiet;
-            let line = format!("c{c} presence refreshes {}", if client.quiet { "stop" } else { "resume" });
+            let line = format!(
+                "c{c} presence refreshes {}",
+                if client.quiet { "stop" } else { "resume" }
+            );
             self.log(line);
             return;
         }
@@ -469,7 +483,9 @@ impl World {
     /// Records the presence states a native client is about to send.
     fn native_presence_sent(&mut self, c: usize, frames: &[ClientFrame]) {
         let now = self.now_ms();
-        let Kind::Native(replica) = &self.clients[c].kind else { return };
+        let Kind::Native(replica) = &self.clients[c].kind else {
+            return;
+        };
         let session = replica.session_id();
         for frame in frames {
             if let ClientFrame::Presence { doc, state: Some(_) } = frame {
@@ -481,7 +497,9 @@ impl World {
     /// Records the awareness states a Yjs client is about to send.
     fn yjs_presence_sent(&mut self, c: usize, messages: &[YMessage]) {
         let now = self.now_ms();
-        let Kind::Yjs(replica) = &self.clients[c].kind else { return };
+        let Kind::Yjs(replica) = &self.clients[c].kind else {
+            return;
+        };
         let doc = replica.doc_id.clone();
         for message in messages {
             if let YMessage::Awareness(entries) = message {
@@ -496,7 +514,9 @@ impl World {
         if frames.is_empty() {
             return;
         }
-        let Some(link) = self.clients[c].link.as_mut() else { return };
+        let Some(link) = self.clients[c].link.as_mut() else {
+            return;
+        };
         for frame in &frames {
             link.send(frame.encode());
         }
@@ -510,7 +530,9 @@ impl World {
         if messages.is_empty() {
             return;
         }
-        let Some(link) = self.clients[c].link.as_mut() else { return };
+        let Some(link) = self.clients[c].link.as_mut() else {
+            return;
+        };
         for message in &messages {
             link.send(message.encode());
         }
@@ -536,7 +558,10 @@ impl World {
             Kind::Native(r) => r.disconnect(),
             Kind::Yjs(r) => r.disconnect(),
         }
-        self.log(format!("c{c} {} its connection", if abandon { "abandons" } else { "cuts" }));
+        self.log(format!(
+            "c{c} {} its connection",
+            if abandon { "abandons" } else { "cuts" }
+        ));
         self.count(if abandon { "abandoned links" } else { "cut links" });
     }
 
@@ -588,13 +613,17 @@ impl World {
         if client.link.is_some() || now < client.offline_until || now < client.retry_at {
             return;
         }
-        let up: Vec<usize> = (0..self.instances.len()).filter(|&i| self.instances[i].is_some()).collect();
+        let up: Vec<usize> = (0..self.instances.len())
+            .filter(|&i| self.instances[i].is_some())
+            .collect();
         if up.is_empty() {
             self.clients[c].retry_at = now + 1000;
             return;
         }
         let i = up[self.rng.random_range(0..up.len())];
-        let Some(instance) = self.instances[i].as_ref() else { return };
+        let Some(instance) = self.instances[i].as_ref() else {
+            return;
+        };
         let stream = match &self.clients[c].kind {
             Kind::Native(_) => instance.connect_native(),
             Kind::Yjs(r) => instance.connect_yjs(&r.doc_id),
@@ -622,7 +651,9 @@ impl World {
     /// Hands client `c` what has arrived for it, and notices a closed connection.
     fn deliver(&mut self, c: usize) -> Result<(), Failure> {
         let now = self.now_ms();
-        let Some(link) = self.clients[c].link.as_mut() else { return Ok(()) };
+        let Some(link) = self.clients[c].link.as_mut() else {
+            return Ok(());
+        };
         let messages = link.deliverable();
         let closed = link.is_closed();
         for message in messages {
@@ -695,8 +726,10 @@ impl World {
                     client.last_presence_ms = now;
                     let state = Some(format!("{{\"user\":\"c{c}\",\"at\":{now}}}"));
                     let docs: Vec<String> = replica.docs().keys().cloned().collect();
-                    let frames: Vec<ClientFrame> =
-                        docs.iter().filter_map(|d| replica.presence_frame(d, state.clone())).collect();
+                    let frames: Vec<ClientFrame> = docs
+                        .iter()
+                        .filter_map(|d| replica.presence_frame(d, state.clone()))
+                        .collect();
                     self.native_presence_sent(c, &frames);
                     self.send_native(c, frames);
                 }

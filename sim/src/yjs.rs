@@ -108,7 +108,8 @@ impl YjsReplica {
                         continue;
                     }
                     let known = self.view.get(&entry.client_id).map(|(clock, _, _)| *clock);
-                    if known.is_none_or(|clock| entry.clock > clock || (entry.clock == clock && entry.state.is_none())) {
+                    if known.is_none_or(|clock| entry.clock > clock || (entry.clock == clock && entry.state.is_none()))
+                    {
                         self.view.insert(entry.client_id, (entry.clock, entry.state, now_ms));
                     }
                 }
@@ -162,7 +163,11 @@ impl YjsReplica {
     pub fn tick(&mut self, now_ms: u64, renew: bool) -> Vec<YMessage> {
         self.view
             .retain(|_, (_, state, at)| state.is_some() && now_ms.saturating_sub(*at) < AWARENESS_OUTDATED_MS);
-        if renew && self.connected && self.awareness_state.is_some() && now_ms >= self.last_renewal_ms + AWARENESS_RENEW_MS {
+        if renew
+            && self.connected
+            && self.awareness_state.is_some()
+            && now_ms >= self.last_renewal_ms + AWARENESS_RENEW_MS
+        {
             self.awareness_clock += 1;
             self.last_renewal_ms = now_ms;
             return vec![self.own_awareness()];
