@@ -28,7 +28,10 @@
 
 pub mod auth;
 mod commit;
+mod driver;
+mod event;
 pub mod fanout;
+mod handler;
 mod http;
 mod limits;
 mod metrics;
@@ -37,11 +40,15 @@ mod owners;
 mod presence;
 mod queue;
 mod room;
+mod rooms;
+#[doc(hidden)]
+pub mod sim;
 mod socket;
+mod tasks;
 mod yjs;
 
 use std::future::Future;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -58,7 +65,8 @@ use crate::commit::Committer;
 pub use crate::fanout::{Fanout, LocalFanout, NoFanout};
 pub use crate::limits::{RateLimit, RoomOpens};
 use crate::metrics::Metrics;
-use crate::room::{RoomCtx, Rooms};
+use crate::rooms::{RoomCtx, Rooms};
+use crate::tasks::Tasks;
 
 /// Documents whose id starts with this are chat rooms: updates to them must follow the chat
 /// rules of `driftsync_engine::chat` (ARCHITECTURE.md, "Chat and receipts schema").
@@ -233,6 +241,8 @@ struct Shared<S> {
     /// Writes pushed updates in groups (one transaction for many batches).
     committer: Committer,
     config: Config,
+    /// What native connections need of `config`.
+    native: Arc<native::Settings>,
     rooms: Rooms,
     /// Prometheus metrics, served at `/metrics`.
     metrics: Arc<Metrics>,
@@ -242,48 +252,77 @@ struct Shared<S> {
     next_session: AtomicU64,
     /// Cancelled at shutdown; every connection's token is a child of it.
     shutdown: CancellationToken,
+    /// Every task of the instance (connections tracked for shutdown).
+    tasks: Arc<Tasks>,
 }
 
-/// Serves `/healthz`, `/v1/sync` and `/yjs/{doc}` on `listener` until `shutdown` resolves.
-pub async fn serve<S: Store>(
-    listener: TcpListener,
-    store: S,
+impl<S> Shared<S> {
+    /// A new connection's session id.
+    fn next_session(&self) -> u64 {
+        self.next_session.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+/// An instance of the server without its HTTP listener: the shared state and the background
+/// tasks (committer, presence expiry, fan-in from other instances, sweeps). `serve` runs one
+/// behind the accept loop; the simulation runs several on in-memory streams.
+///
+/// Also returns the committer's task, which ends once every handle to the committer (the
+/// shared state's) is gone, after writing what was queued.
+fn start_instance<S: Store>(
+    store: Arc<S>,
     config: Config,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    let token = CancellationToken::new();
-    let store = Arc::new(store);
-    let (committer, committer_task) = Committer::start(Arc::clone(&store));
-    let metrics = Arc::new(Metrics::new());
-    let instance = fanout::instance_id();
-    let mut remote = config.fanout.join(instance);
-    let rooms = Rooms::new(RoomCtx {
-        metrics: Arc::clone(&metrics),
-        fanout: Arc::clone(&config.fanout),
-        instance,
-        owners: Arc::default(),
-        max_document_bytes: config.max_document_bytes,
-        max_clock_skew_ms: u64::try_from(config.max_clock_skew.as_millis()).unwrap_or(u64::MAX),
+    instance: u64,
+    token: CancellationToken,
+) -> (Arc<Shared<S>>, tokio::task::JoinHandle<()>) {
+    let tasks = Arc::new(Tasks::default());
+    let mut committer_task = None;
+    let committer = Committer::start(Arc::clone(&store), |run| {
+        committer_task = Some(tasks.spawn(run.run()));
     });
-    let http_limits = http::Limits::of(&config);
-    let open = config.auth.is_open();
+    let committer_task = committer_task.unwrap_or_else(|| tokio::spawn(async {}));
+    let metrics = Arc::new(Metrics::new());
+    let mut remote = config.fanout.join(instance);
+    let rooms = Rooms::new(RoomCtx::new(
+        Arc::clone(&metrics),
+        Arc::clone(&config.fanout),
+        instance,
+        config.max_document_bytes,
+        u64::try_from(config.max_clock_skew.as_millis()).unwrap_or(u64::MAX),
+    ));
     let shared = Arc::new(Shared {
         store,
         committer,
+        native: Arc::new(native::Settings::of(&config)),
         config,
         rooms,
         metrics,
         opens: limits::UserOpens::default(),
-        next_session: AtomicU64::new(1),
-        shutdown: token.clone(),
+        // Session ids name awareness clients across instances too: the instance's id in the
+        // high bits keeps them apart (and below 2^53, a JavaScript number).
+        next_session: AtomicU64::new(((instance & 0xF_FFFF) << 32) | 1),
+        shutdown: token,
+        tasks,
     });
-    // Expires silent presence until shutdown; it ends with the shutdown token.
-    tokio::spawn(presence::run_sweeper(Arc::clone(&shared)));
+    // Expires silent presence until shutdown.
+    let expiry = Arc::clone(&shared);
+    shared.tasks.spawn(async move {
+        let mut ticker = tokio::time::interval(presence::PRESENCE_SWEEP);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                biased;
+                () = expiry.shutdown.cancelled() => return,
+                _ = ticker.tick() => expiry.rooms.expire_presence(),
+            }
+        }
+    });
     // Updates stored by other instances, for the rooms loaded here.
     let fan_in = Arc::clone(&shared);
-    tokio::spawn(async move {
+    shared.tasks.spawn(async move {
         loop {
             let next = tokio::select! {
+                biased;
                 () = fan_in.shutdown.cancelled() => break,
                 next = remote.recv() => next,
             };
@@ -308,16 +347,31 @@ pub async fn serve<S: Store>(
     });
     // Unloads idle rooms and compacts grown logs.
     let sweeper = Arc::clone(&shared);
-    tokio::spawn(async move {
+    shared.tasks.spawn(async move {
         let mut tick = tokio::time::interval(sweeper.config.sweep_interval);
         tick.tick().await;
         loop {
             tokio::select! {
+                biased;
                 () = sweeper.shutdown.cancelled() => break,
                 _ = tick.tick() => sweeper.rooms.sweep(&*sweeper.store, &sweeper.config.compaction).await,
             }
         }
     });
+    (shared, committer_task)
+}
+
+/// Serves `/healthz`, `/v1/sync` and `/yjs/{doc}` on `listener` until `shutdown` resolves.
+pub async fn serve<S: Store>(
+    listener: TcpListener,
+    store: S,
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let token = CancellationToken::new();
+    let http_limits = http::Limits::of(&config);
+    let open = config.auth.is_open();
+    let (shared, committer_task) = start_instance(Arc::new(store), config, fanout::instance_id(), token.clone());
     let at_shutdown = Arc::clone(&shared);
     let mut app = Router::new()
         .route("/healthz", get(healthz))
@@ -344,12 +398,20 @@ pub async fn serve<S: Store>(
     if tokio::time::timeout(SHUTDOWN_COMPACTION, compaction).await.is_err() {
         tracing::warn!("compaction at shutdown did not finish in time");
     }
-    drop(at_shutdown);
-    // Connections were told to close; once they are gone, so is every handle to the committer,
-    // which then finishes what is queued and stops. Nothing is acknowledged before it is
-    // written, so nothing acknowledged can be lost here; the wait only lets in-flight batches land.
-    if tokio::time::timeout(SHUTDOWN_GRACE, committer_task).await.is_err() {
+    // Connections were told to close; they finish their in-flight batches (nothing is
+    // acknowledged before it is written, so nothing acknowledged can be lost here; the wait only
+    // lets in-flight batches land and their acknowledgements go out).
+    if tokio::time::timeout(SHUTDOWN_GRACE, at_shutdown.tasks.connections_ended())
+        .await
+        .is_err()
+    {
         tracing::warn!("connections still open after the shutdown grace period");
+    }
+    // Then the committer finishes what is queued and stops, once the background tasks have
+    // seen the shutdown and dropped their handles to the shared state.
+    drop(at_shutdown);
+    if tokio::time::timeout(SHUTDOWN_GRACE, committer_task).await.is_err() {
+        tracing::warn!("the committer did not finish in time");
     }
     result
 }
@@ -377,7 +439,13 @@ async fn metrics_text<S: Store>(State(shared): State<Arc<Shared<S>>>) -> impl In
 async fn sync<S: Store>(State(shared): State<Arc<Shared<S>>>, ws: socket::Upgrade) -> impl IntoResponse {
     // Small until the hello is accepted; `native::hello` raises it to `max_frame_size`.
     let max = shared.config.max_hello_frame.min(shared.config.max_frame_size);
-    ws.on_upgrade(max, move |socket| native::run(shared, socket))
+    let tasks = Arc::clone(&shared.tasks);
+    ws.on_upgrade(&tasks, max, move |socket| {
+        let settings = Arc::clone(&shared.native);
+        driver::run(shared, socket, move |session| {
+            native::NativeHandler::new(settings, session)
+        })
+    })
 }
 
 impl<S: Store> socket::OriginCheck for Arc<Shared<S>> {

@@ -3,7 +3,7 @@
 //! A frame that finds either bucket empty is refused with `ErrorCode::RateLimited` and not
 //! processed (a refused push is not stored; the client retries it from its outbox later).
 
-use std::time::Instant;
+use tokio::time::Instant;
 
 /// A token bucket: `rate` tokens per second, holding at most `burst`.
 #[derive(Debug, Clone)]

@@ -1,62 +1,28 @@
-//! The native endpoint, `/v1/sync`: one WebSocket connection speaking the postcard protocol of
-//! `driftsync-protocol`, multiplexing any number of documents.
+//! The native endpoint, `/v1/sync`: the postcard protocol of `driftsync-protocol`, one WebSocket
+//! multiplexing any number of documents. [`NativeHandler`] is its sans-IO state machine (see
+//! [`crate::handler`]): hello and authentication, resumes answered document by document (large
+//! answers in pieces), pipelined pushes acknowledged in order, presence, typing, reauth and
+//! token expiry.
 
-use std::collections::HashSet;
-use std::sync::atomic::Ordering;
-use std::sync::Arc;
-use std::time::Instant;
+use std::collections::{BTreeSet, HashSet, VecDeque};
+use std::time::Duration;
 
 use driftsync_engine::doc::MAX_CLIENT_ID;
-use driftsync_engine::store::{LogTail, Origin, Store};
-use driftsync_engine::sync::{answer_resume, ResumeAnswer};
+use driftsync_engine::store::Origin;
 use driftsync_protocol::{
-    ClientFrame, Cursor, DocId, DocResumed, ErrorCode, ResumeDoc, ServerFrame, CLOSE_PROTOCOL_ERROR, CLOSE_RESYNC,
+    ClientFrame, DocId, DocResumed, ErrorCode, ResumeDoc, ServerFrame, CLOSE_PROTOCOL_ERROR, CLOSE_RESYNC,
     CLOSE_UNAUTHORIZED, CLOSE_UNSUPPORTED_VERSION, PROTOCOL_VERSION,
 };
+use tokio::time::Instant;
 
-use crate::auth::{Access, Grant};
-use crate::limits::Limiter;
+use crate::auth::{Access, Auth, Grant};
+use crate::event::{Codec, RoomEvent};
+use crate::handler::{Action, Actions, Handler, Now, Reply, Request};
 use crate::owners::Ownership;
-use crate::room::{ConnCtl, Outbound, Protocol, RoomEvent, Subscriber};
-use crate::socket::{next_binary, Reader, Socket, DRAIN_BYTES, DRAIN_TIME};
-use crate::Shared;
 
 /// What a `Resumed` frame holding one document needs besides the document's update (its id,
 /// cursor, state vector, framing), with room to spare.
 const RESUMED_OVERHEAD: usize = 64 * 1024;
-
-/// The most log entries a resume reads; a client further behind gets a state-vector diff (the
-/// default compaction keeps 1,024 entries in the log for resumes).
-const MAX_TAIL_ENTRIES: u64 = 1024;
-
-/// What the connection knows about its peer after the hello.
-struct Peer {
-    session: u64,
-    client_id: u64,
-    user: String,
-    /// What the peer's token allows (replaced by a `Reauth`).
-    grant: Grant,
-    docs: HashSet<DocId>,
-}
-
-impl Peer {
-    /// Whether the peer may open `doc` now: its token has not expired and covers `doc`.
-    fn may_read(&self, doc: &DocId) -> Result<Access, ErrorCode> {
-        if self.grant.is_expired() {
-            return Err(ErrorCode::TokenExpired);
-        }
-        self.grant.access(doc).ok_or(ErrorCode::Forbidden)
-    }
-
-    /// Whether the peer may write `doc` now: as [`Peer::may_read`], and the token is not
-    /// read-only.
-    fn may_write(&self, doc: &DocId) -> Result<(), ErrorCode> {
-        match self.may_read(doc)? {
-            Access::Write => Ok(()),
-            Access::Read => Err(ErrorCode::ReadOnly),
-        }
-    }
-}
 
 /// Encodes a room event as a native frame.
 fn encode(event: &RoomEvent) -> Option<Vec<u8>> {
@@ -93,280 +59,277 @@ fn error(code: ErrorCode, doc: Option<DocId>, batch: Option<u64>) -> Vec<u8> {
     ServerFrame::Error { code, doc, batch }.encode()
 }
 
-pub(crate) async fn run<S: Store>(shared: Arc<Shared<S>>, socket: Socket) {
-    let ctl = Arc::new(ConnCtl::new(shared.shutdown.child_token(), Arc::clone(&shared.metrics)));
-    let (mut stream, out, writer) = socket.start(shared.config.outbound_queue, ctl, Protocol::Native, encode);
-    out.tx.set_max_bytes(shared.config.outbound_queue_bytes);
-
-    let session = shared.next_session.fetch_add(1, Ordering::Relaxed);
-    match Box::pin(hello(&shared, &mut stream, &out, session)).await {
-        Ok(mut peer) => {
-            read_loop(&shared, &mut stream, &out, &mut peer).await;
-            for doc in &peer.docs {
-                shared.rooms.get(doc).leave(peer.session).await;
-            }
-            out.ctl.close(driftsync_protocol::CLOSE_GOING_AWAY);
-        }
-        Err(code) => out.ctl.close(code),
-    }
-    // The reader holds a handle to the queue too (for pongs).
-    drop(out);
-    let _ = writer.await;
-    // Not at shutdown: the process is about to go, and closing fast matters more then.
-    if !shared.shutdown.is_cancelled() {
-        stream.drain(DRAIN_BYTES, DRAIN_TIME).await;
-    }
+/// What the native handler needs of the server's configuration.
+#[derive(Clone)]
+pub(crate) struct Settings {
+    pub(crate) auth: Auth,
+    pub(crate) max_frame_size: usize,
+    pub(crate) heartbeat: Duration,
+    pub(crate) hello_timeout: Duration,
+    pub(crate) token_grace: Duration,
+    pub(crate) max_docs_per_connection: usize,
 }
 
-async fn hello<S: Store>(shared: &Shared<S>, stream: &mut Reader, out: &Outbound, session: u64) -> Result<Peer, u16> {
-    let first = tokio::time::timeout(shared.config.hello_timeout, next_binary(stream)).await;
-    let Ok(Some(bytes)) = first else {
-        return Err(CLOSE_PROTOCOL_ERROR);
-    };
-    match ClientFrame::decode(&bytes, shared.config.max_frame_size) {
-        Ok(ClientFrame::Hello {
-            version,
-            token,
-            client_id,
-        }) => {
-            if version != PROTOCOL_VERSION {
-                out.frame(error(ErrorCode::UnsupportedVersion, None, None));
-                return Err(CLOSE_UNSUPPORTED_VERSION);
-            }
-            let grant = shared.config.auth.verify(&token).map_err(|code| {
-                tracing::info!(session, ?code, "hello refused");
-                out.frame(error(code, None, None));
-                CLOSE_UNAUTHORIZED
-            })?;
-            if client_id == 0 || client_id >= MAX_CLIENT_ID {
-                tracing::info!(session, client_id, "hello refused: client id not in 1..2^53");
-                out.frame(error(ErrorCode::Malformed, None, None));
-                return Err(CLOSE_PROTOCOL_ERROR);
-            }
-            // The client id keys the deduplication of this connection's batches: it must be the
-            // user's own, or anyone could make another's batches look like re-sends.
-            if let Some(user) = grant.identity() {
-                match shared.rooms.ctx().owners.claim(&*shared.store, client_id, user).await {
-                    Ok(Ownership::Mine) => {}
-                    Ok(Ownership::Taken) => {
-                        tracing::info!(
-                            session,
-                            client_id,
-                            user,
-                            "hello refused: the client id is another user's"
-                        );
-                        out.frame(error(ErrorCode::ClientIdTaken, None, None));
-                        return Err(CLOSE_UNAUTHORIZED);
-                    }
-                    Err(e) => {
-                        tracing::error!(session, error = %e, "store failed binding a client id");
-                        out.frame(error(ErrorCode::StoreUnavailable, None, None));
-                        return Err(CLOSE_RESYNC);
-                    }
-                }
-            }
-            // Authenticated: from here on frames up to the full size (the hello's limit was
-            // `max_hello_frame`). Raised before the welcome, after which the client may send.
-            stream.set_max_size(shared.config.max_frame_size);
-            out.frame(
-                ServerFrame::Welcome {
-                    version: PROTOCOL_VERSION,
-                    max_frame_size: u32::try_from(shared.config.max_frame_size).unwrap_or(u32::MAX),
-                    session,
-                    heartbeat_ms: u32::try_from(shared.config.heartbeat.as_millis()).unwrap_or(u32::MAX),
-                }
-                .encode(),
-            );
-            Ok(Peer {
-                session,
-                client_id,
-                user: grant.user.clone(),
-                grant,
-                docs: HashSet::new(),
-            })
-        }
-        Ok(_) => {
-            out.frame(error(ErrorCode::Malformed, None, None));
-            Err(CLOSE_PROTOCOL_ERROR)
-        }
-        Err(e) => {
-            tracing::info!(session, error = %e, "bad hello");
-            out.frame(error(ErrorCode::Malformed, None, None));
-            Err(CLOSE_PROTOCOL_ERROR)
+impl Settings {
+    pub(crate) fn of(config: &crate::Config) -> Settings {
+        Settings {
+            auth: config.auth.clone(),
+            max_frame_size: config.max_frame_size,
+            heartbeat: config.heartbeat,
+            hello_timeout: config.hello_timeout,
+            token_grace: config.token_grace,
+            max_docs_per_connection: config.max_docs_per_connection,
         }
     }
 }
 
-async fn read_loop<S: Store>(shared: &Shared<S>, stream: &mut Reader, out: &Outbound, peer: &mut Peer) {
-    let heartbeat = shared.config.heartbeat;
-    // The first tick one interval from now. (`interval` + a first `tick().await` cost every
-    // new connection up to a millisecond: an elapsed deadline still waits for the timer wheel's
-    // next tick, and the first message was read only after it.)
-    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + heartbeat, heartbeat);
-    let mut last_heard = Instant::now();
-    let mut limiter = Limiter::new(&shared.config.rate_limit, &shared.config.room_opens, last_heard);
-    let mut nonce = 0u64;
-    // When the token expires, and then when the grace for a `Reauth` ends.
-    let expiry = tokio::time::sleep_until(expiry_deadline(&peer.grant).unwrap_or_else(far_future));
-    tokio::pin!(expiry);
-    let mut expired = false;
-    loop {
-        let bytes = tokio::select! {
-            () = out.ctl.token.cancelled() => return,
-            () = &mut expiry, if peer.grant.expires_at.is_some() => {
-                if expired {
-                    tracing::info!(session = peer.session, "token expired and not renewed: closing");
-                    out.ctl.close(CLOSE_UNAUTHORIZED);
-                    return;
-                }
-                // Access ends with the token: nothing more is delivered (every document is
-                // left), and the client gets a short grace to `Reauth` (then resume) before
-                // the connection closes.
-                tracing::info!(session = peer.session, "token expired: unsubscribing, waiting for a reauth");
-                expired = true;
-                for doc in std::mem::take(&mut peer.docs) {
-                    shared.rooms.get(&doc).leave(peer.session).await;
-                }
-                out.frame(error(ErrorCode::TokenExpired, None, None));
-                expiry.as_mut().reset(tokio::time::Instant::now() + shared.config.token_grace);
-                continue;
-            }
-            _ = ticker.tick() => {
-                if last_heard.elapsed() > heartbeat * 3 {
-                    tracing::info!(session = peer.session, "peer silent for three heartbeats: closing");
-                    return;
-                }
-                nonce += 1;
-                out.frame(ServerFrame::Ping { nonce }.encode());
-                continue;
-            }
-            bytes = next_binary(stream) => match bytes {
-                Some(bytes) => bytes,
-                None => return,
+/// One native connection's protocol state.
+pub(crate) struct NativeHandler {
+    settings: std::sync::Arc<Settings>,
+    session: u64,
+    phase: Phase,
+}
+
+enum Phase {
+    /// Waiting for the hello, until `deadline`.
+    Hello { deadline: Instant },
+    /// The hello's client id is being bound to its user.
+    Claiming { grant: Grant, client_id: u64 },
+    /// Accepted.
+    Open(Box<Peer>),
+    /// Closing: nothing more is done.
+    Closed,
+}
+
+/// What the connection knows about its peer after the hello.
+struct Peer {
+    client_id: u64,
+    /// What the peer's token allows (replaced by a `Reauth`).
+    grant: Grant,
+    docs: HashSet<DocId>,
+    nonce: u64,
+    /// When the token expires or, once it has, when the grace for a `Reauth` ends.
+    expiry: Option<Instant>,
+    /// Whether the token has expired (and the connection waits for a `Reauth`).
+    expired: bool,
+    /// The resume being answered, if any.
+    resume: Option<Resume>,
+}
+
+/// A resume being answered, document by document.
+struct Resume {
+    todo: VecDeque<ResumeDoc>,
+    listed: HashSet<DocId>,
+    /// Entries of the `Resumed` frame being built, and its size.
+    answers: Vec<DocResumed>,
+    size: usize,
+    /// Documents resumed, whose presence is sent once the answer is complete.
+    resumed: BTreeSet<DocId>,
+}
+
+impl Peer {
+    /// Whether the peer may open `doc` now: its token has not expired and covers `doc`.
+    fn may_read(&self, doc: &DocId, now: Now) -> Result<Access, ErrorCode> {
+        if self.grant.is_expired_at(now.unix) {
+            return Err(ErrorCode::TokenExpired);
+        }
+        self.grant.access(doc).ok_or(ErrorCode::Forbidden)
+    }
+
+    /// Whether the peer may write `doc` now: as [`Peer::may_read`], and the token is not
+    /// read-only.
+    fn may_write(&self, doc: &DocId, now: Now) -> Result<(), ErrorCode> {
+        match self.may_read(doc, now)? {
+            Access::Write => Ok(()),
+            Access::Read => Err(ErrorCode::ReadOnly),
+        }
+    }
+}
+
+/// When `grant` expires (it is valid through its `exp` second), on tokio's clock.
+fn expiry_deadline(grant: &Grant, now: Now) -> Option<Instant> {
+    let exp = grant.expires_at?;
+    let left = (exp + 1).saturating_sub(now.unix);
+    Some(now.at + Duration::from_secs(left))
+}
+
+impl NativeHandler {
+    pub(crate) fn new(settings: std::sync::Arc<Settings>, session: u64) -> NativeHandler {
+        NativeHandler {
+            settings,
+            session,
+            // Set for real by `start`.
+            phase: Phase::Hello {
+                deadline: Instant::now(),
             },
-        };
-        last_heard = Instant::now();
-        limiter.charge_uncounted(stream.take_uncounted(), last_heard);
-        if !limiter.allow(bytes.len(), last_heard) {
-            // Refused, not silently dropped: a refused push is retried from the client's outbox.
-            tracing::debug!(session = peer.session, "rate limited");
-            out.frame(error(ErrorCode::RateLimited, None, None));
-            continue;
         }
-        let frame = match ClientFrame::decode(&bytes, shared.config.max_frame_size) {
+    }
+
+    fn refuse(&mut self, code: ErrorCode, close: u16, out: &mut Actions) {
+        out.push_back(Action::Send(error(code, None, None)));
+        out.push_back(Action::Close(close));
+        self.phase = Phase::Closed;
+    }
+
+    fn hello(&mut self, bytes: &[u8], now: Now, out: &mut Actions) {
+        let session = self.session;
+        let frame = match ClientFrame::decode(bytes, self.settings.max_frame_size) {
+            Ok(ClientFrame::Hello {
+                version,
+                token,
+                client_id,
+            }) => (version, token, client_id),
+            Ok(_) => return self.refuse(ErrorCode::Malformed, CLOSE_PROTOCOL_ERROR, out),
+            Err(e) => {
+                tracing::info!(session, error = %e, "bad hello");
+                return self.refuse(ErrorCode::Malformed, CLOSE_PROTOCOL_ERROR, out);
+            }
+        };
+        let (version, token, client_id) = frame;
+        if version != PROTOCOL_VERSION {
+            return self.refuse(ErrorCode::UnsupportedVersion, CLOSE_UNSUPPORTED_VERSION, out);
+        }
+        let grant = match self.settings.auth.verify_at(&token, now.unix) {
+            Ok(grant) => grant,
+            Err(code) => {
+                tracing::info!(session, ?code, "hello refused");
+                return self.refuse(code, CLOSE_UNAUTHORIZED, out);
+            }
+        };
+        if client_id == 0 || client_id >= MAX_CLIENT_ID {
+            tracing::info!(session, client_id, "hello refused: client id not in 1..2^53");
+            return self.refuse(ErrorCode::Malformed, CLOSE_PROTOCOL_ERROR, out);
+        }
+        // The client id keys the deduplication of this connection's batches: it must be the
+        // user's own, or anyone could make another's batches look like re-sends.
+        match grant.identity().map(str::to_owned) {
+            Some(user) => {
+                out.push_back(Action::Request(Request::Claim { client_id, user }));
+                self.phase = Phase::Claiming { grant, client_id };
+            }
+            None => self.welcome(grant, client_id, now, out),
+        }
+    }
+
+    fn welcome(&mut self, grant: Grant, client_id: u64, now: Now, out: &mut Actions) {
+        // Authenticated: from here on frames up to the full size (the hello's limit was
+        // `max_hello_frame`). Raised before the welcome, after which the client may send.
+        out.push_back(Action::FrameLimit(self.settings.max_frame_size));
+        out.push_back(Action::Send(
+            ServerFrame::Welcome {
+                version: PROTOCOL_VERSION,
+                max_frame_size: u32::try_from(self.settings.max_frame_size).unwrap_or(u32::MAX),
+                session: self.session,
+                heartbeat_ms: u32::try_from(self.settings.heartbeat.as_millis()).unwrap_or(u32::MAX),
+            }
+            .encode(),
+        ));
+        self.phase = Phase::Open(Box::new(Peer {
+            client_id,
+            expiry: expiry_deadline(&grant, now),
+            grant,
+            docs: HashSet::new(),
+            nonce: 0,
+            expired: false,
+            resume: None,
+        }));
+    }
+
+    fn frame(&mut self, bytes: &[u8], now: Now, out: &mut Actions) {
+        let session = self.session;
+        let settings = std::sync::Arc::clone(&self.settings);
+        let Phase::Open(peer) = &mut self.phase else { return };
+        let frame = match ClientFrame::decode(bytes, settings.max_frame_size) {
             Ok(frame) => frame,
             Err(e) => {
-                tracing::info!(session = peer.session, error = %e, "malformed frame");
-                out.frame(error(ErrorCode::Malformed, None, None));
-                continue;
+                tracing::info!(session, error = %e, "malformed frame");
+                out.push_back(Action::Send(error(ErrorCode::Malformed, None, None)));
+                return;
             }
         };
         match frame {
-            ClientFrame::Hello { .. } => {
-                out.frame(error(ErrorCode::Malformed, None, None));
+            ClientFrame::Hello { .. } => out.push_back(Action::Send(error(ErrorCode::Malformed, None, None))),
+            ClientFrame::Resume { docs } => {
+                peer.resume = Some(Resume {
+                    todo: docs.into(),
+                    listed: HashSet::new(),
+                    answers: Vec::new(),
+                    size: 0,
+                    resumed: BTreeSet::new(),
+                });
+                resume_next(peer, &settings, now, out);
             }
-            // Boxed, as every rarely used future holding store queries: a connection's task is
-            // allocated at the size of its largest await, and sqlx futures are large, so
-            // inlining them would make every idle connection pay for them.
-            ClientFrame::Resume { docs } => Box::pin(resume(shared, out, peer, &mut limiter, docs)).await,
             ClientFrame::Push { doc, batch, update } => {
                 if !peer.docs.contains(&doc) {
-                    out.frame(error(ErrorCode::NotSubscribed, Some(doc), Some(batch)));
-                    continue;
+                    out.push_back(Action::Send(error(ErrorCode::NotSubscribed, Some(doc), Some(batch))));
+                    return;
                 }
                 // Checked at every push: the token may have expired since the hello.
-                if let Err(code) = peer.may_write(&doc) {
-                    out.frame(error(code, Some(doc), Some(batch)));
-                    continue;
+                if let Err(code) = peer.may_write(&doc, now) {
+                    out.push_back(Action::Send(error(code, Some(doc), Some(batch))));
+                    return;
                 }
                 let origin = Some(Origin {
                     client_id: peer.client_id,
                     batch,
                 });
-                let room = shared.rooms.get(&doc);
-                let user = peer.grant.identity();
-                match Box::pin(room.push(&*shared.store, &shared.committer, peer.session, user, origin, update)).await {
-                    Ok(cursor) => out.frame(ServerFrame::Ack { doc, batch, cursor }.encode()),
-                    Err(refused) => {
-                        out.frame(error(refused.code, Some(doc), Some(batch)));
-                        // A refusal that made the room reload its document: the sender pays.
-                        if refused.reload_cost > 0 && !limiter.pay_reload(refused.reload_cost, Instant::now()) {
-                            tracing::info!(
-                                session = peer.session,
-                                "too many refused updates costing reloads: closing"
-                            );
-                            out.ctl.close(CLOSE_PROTOCOL_ERROR);
-                            return;
-                        }
-                        true
-                    }
-                };
+                out.push_back(Action::Request(Request::Push {
+                    doc,
+                    origin,
+                    update,
+                    skip_redundant: false,
+                    tag: batch,
+                }));
             }
             ClientFrame::Unsubscribe { doc } => {
                 if peer.docs.remove(&doc) {
-                    shared.rooms.get(&doc).leave(peer.session).await;
+                    out.push_back(Action::Request(Request::Leave { doc }));
                 }
             }
             ClientFrame::Presence { doc, state } => {
                 if !peer.docs.contains(&doc) {
-                    out.frame(error(ErrorCode::NotSubscribed, Some(doc), None));
-                    continue;
+                    out.push_back(Action::Send(error(ErrorCode::NotSubscribed, Some(doc), None)));
+                    return;
                 }
                 // Presence lives in the room's awareness table, shared with Yjs clients: it
                 // expires unless refreshed and is removed when this connection leaves.
-                if let Err(refused) = shared.rooms.get(&doc).presence(peer.session, &peer.user, state).await {
-                    out.frame(error(refused.code, Some(doc), None));
-                }
+                out.push_back(Action::Request(Request::Presence { doc, state }));
             }
             ClientFrame::Typing { doc, typing } => {
-                let event = RoomEvent::Typing {
-                    doc: doc.clone(),
-                    peer: peer.session,
-                    user: peer.user.clone(),
-                    typing,
-                };
-                relay(shared, out, peer, doc, event).await;
-            }
-            ClientFrame::Ping { nonce } => {
-                out.frame(ServerFrame::Pong { nonce }.encode());
-            }
-            ClientFrame::Reauth { token } => {
-                if let Err(code) = reauth(shared, out, peer, &token).await {
-                    tracing::info!(session = peer.session, ?code, "reauth refused");
-                    out.frame(error(code, None, None));
-                    out.ctl.close(CLOSE_UNAUTHORIZED);
+                if !peer.docs.contains(&doc) {
+                    out.push_back(Action::Send(error(ErrorCode::NotSubscribed, Some(doc), None)));
                     return;
                 }
-                expired = false;
-                expiry
-                    .as_mut()
-                    .reset(expiry_deadline(&peer.grant).unwrap_or_else(far_future));
+                let event = RoomEvent::Typing {
+                    doc: doc.clone(),
+                    peer: session,
+                    user: peer.grant.user.clone(),
+                    typing,
+                };
+                out.push_back(Action::Request(Request::Relay { doc, event }));
+            }
+            ClientFrame::Ping { nonce } => out.push_back(Action::Send(ServerFrame::Pong { nonce }.encode())),
+            ClientFrame::Reauth { token } => {
+                if let Err(code) = reauth(peer, &settings, &token, now, out) {
+                    tracing::info!(session, ?code, "reauth refused");
+                    self.refuse(code, CLOSE_UNAUTHORIZED, out);
+                }
             }
             ClientFrame::Pong { .. } => {}
         }
     }
 }
 
-/// When `grant` expires (it is valid through its `exp` second), on tokio's clock.
-fn expiry_deadline(grant: &Grant) -> Option<tokio::time::Instant> {
-    let exp = grant.expires_at?;
-    let left = (exp + 1).saturating_sub(crate::auth::now_secs());
-    Some(tokio::time::Instant::now() + std::time::Duration::from_secs(left))
-}
-
-/// A deadline that never comes in practice (a year away).
-fn far_future() -> tokio::time::Instant {
-    tokio::time::Instant::now() + std::time::Duration::from_secs(365 * 24 * 3600)
-}
-
 /// Replaces the peer's grant with `token`'s, which must name the same user. Documents the new
 /// grant does not cover are unsubscribed, each with a `Forbidden` error.
-async fn reauth<S: Store>(shared: &Shared<S>, out: &Outbound, peer: &mut Peer, token: &str) -> Result<(), ErrorCode> {
-    let grant = shared.config.auth.verify(token)?;
+fn reauth(peer: &mut Peer, settings: &Settings, token: &str, now: Now, out: &mut Actions) -> Result<(), ErrorCode> {
+    let grant = settings.auth.verify_at(token, now.unix)?;
     if grant.user != peer.grant.user {
         return Err(ErrorCode::Unauthorized);
     }
     peer.grant = grant;
+    peer.expired = false;
+    peer.expiry = expiry_deadline(&peer.grant, now);
     let lost: Vec<DocId> = peer
         .docs
         .iter()
@@ -375,191 +338,449 @@ async fn reauth<S: Store>(shared: &Shared<S>, out: &Outbound, peer: &mut Peer, t
         .collect();
     for doc in lost {
         peer.docs.remove(&doc);
-        shared.rooms.get(&doc).leave(peer.session).await;
-        out.frame(error(ErrorCode::Forbidden, Some(doc), None));
+        out.push_back(Action::Request(Request::Leave { doc: doc.clone() }));
+        out.push_back(Action::Send(error(ErrorCode::Forbidden, Some(doc), None)));
     }
     Ok(())
 }
 
-async fn relay<S: Store>(shared: &Shared<S>, out: &Outbound, peer: &Peer, doc: DocId, event: RoomEvent) {
-    if peer.docs.contains(&doc) {
-        shared.rooms.get(&doc).relay(peer.session, event).await;
-    } else {
-        out.frame(error(ErrorCode::NotSubscribed, Some(doc), None));
-    }
-}
-
-/// One document of a resume, under its room's lock: what the client lacks, and the connection
-/// subscribed to the room; or why the document is refused.
-async fn answer_one<S: Store>(
-    shared: &Shared<S>,
-    out: &Outbound,
-    session: u64,
-    doc: &DocId,
-    cursor: Cursor,
-    state_vector: &[u8],
-) -> Result<ResumeAnswer, ErrorCode> {
-    let room = shared.rooms.get(doc);
-    let mut guard = room.state.lock().await;
-    let state = room.ensure_loaded(&mut guard, &*shared.store).await.map_err(|e| {
-        tracing::error!(doc = %doc, error = %e, "refusing a document that failed to load");
-        ErrorCode::LoadFailed
-    })?;
-    // The log is read only when the client is behind: an unchanged document costs nothing.
-    // A client far behind gets the state diff straight away, as if the log were compacted:
-    // reading and merging thousands of entries took over 100 ms for 10,000 B4 operations,
-    // and the merged tail would exceed the diff anyway (answer_resume sends the smaller).
-    let tail = if cursor == 0 || cursor >= state.head {
-        Some(Vec::new())
-    } else if state.head - cursor > MAX_TAIL_ENTRIES {
-        None
-    } else if let Some(entries) = state.recent_after(cursor) {
-        Some(entries)
-    } else {
-        match shared.store.log_after(doc.as_str(), cursor).await {
-            Ok(LogTail::Entries(entries)) => Some(entries),
-            Ok(LogTail::Pruned) => None,
-            Err(e) => {
-                tracing::error!(doc = %doc, error = %e, "store failed reading the log");
-                return Err(ErrorCode::StoreUnavailable);
-            }
-        }
-    };
-    let live = state.doc().ok_or(ErrorCode::LoadFailed)?;
-    let answer = answer_resume(live, state.head, cursor, state_vector, tail.as_deref()).map_err(|e| {
-        tracing::info!(doc = %doc, error = %e, "bad resume entry");
-        ErrorCode::Malformed
-    })?;
-    state.subscribers.insert(session, Subscriber { out: out.clone() });
-    Ok(answer)
-}
-
-/// Answers a resume: every listed document in one `Resumed` frame (split only if it would
-/// exceed the frame size), subscribing the connection to each.
+/// Goes on with the resume in progress: refusals of single documents are answered (once the
+/// queue has room) and skipped, until a document needs its room — then that request is made
+/// and the reply continues the resume ([`resume_answered`]). Once every document is done, the
+/// last `Resumed` frame goes out, then the presence of the resumed documents.
 ///
 /// Updates to a document may be queued before the `Resumed` frame that covers it; clients apply
 /// them at once but advance their stored cursor only once the document's `Resumed` arrived.
-async fn resume<S: Store>(
-    shared: &Shared<S>,
-    out: &Outbound,
-    peer: &mut Peer,
-    limiter: &mut Limiter,
-    docs: Vec<ResumeDoc>,
-) {
-    let mut answers = Vec::new();
-    let mut resumed = Vec::new();
-    let mut listed: HashSet<DocId> = HashSet::new();
-    let mut size = 0usize;
-    // The answer is sent as it is built, each frame — refusals of single documents included —
-    // once the connection's queue has room: a peer that does not read stalls its own resume,
-    // not the server's memory, and a long list of refusals never overflows the queue.
-    let patience = shared.config.heartbeat * 3;
-    for ResumeDoc {
+fn resume_next(peer: &mut Peer, settings: &Settings, now: Now, out: &mut Actions) {
+    let Some(resume) = peer.resume.as_mut() else { return };
+    // Refusals are answers too: paced by the peer's reading, so that a long list of refusals
+    // never overflows the queue; not charged (they cost nothing to build).
+    let refuse = |out: &mut Actions, code, doc| {
+        out.push_back(Action::Answer {
+            bytes: error(code, Some(doc), None),
+            charge: false,
+        });
+    };
+    while let Some(ResumeDoc {
         doc,
         cursor,
         state_vector,
-    } in docs
+    }) = resume.todo.pop_front()
     {
         // A document the token does not cover is refused alone; the others proceed.
-        if let Err(code) = peer.may_read(&doc) {
-            if !out.answer(error(code, Some(doc), None), patience).await {
-                return;
-            }
+        if peer.grant.is_expired_at(now.unix) {
+            refuse(out, ErrorCode::TokenExpired, doc);
+            continue;
+        }
+        if peer.grant.access(&doc).is_none() {
+            refuse(out, ErrorCode::Forbidden, doc);
             continue;
         }
         // Listed twice in one resume: answering it twice would only cost the server.
-        if !listed.insert(doc.clone()) {
-            if !out.answer(error(ErrorCode::Malformed, Some(doc), None), patience).await {
-                return;
-            }
+        if !resume.listed.insert(doc.clone()) {
+            refuse(out, ErrorCode::Malformed, doc);
             continue;
         }
-        if !peer.docs.contains(&doc) {
-            if peer.docs.len() >= shared.config.max_docs_per_connection {
-                if !out
-                    .answer(error(ErrorCode::TooManyDocuments, Some(doc), None), patience)
-                    .await
-                {
-                    return;
-                }
-                continue;
-            }
-            // Opening a room loads a document: paced per connection and per user.
-            let now = Instant::now();
-            let user_allows = |user| shared.opens.allow(&shared.config.room_opens, user, now);
-            if !limiter.allow_open(now) || !peer.grant.identity().is_none_or(user_allows) {
-                if !out
-                    .answer(error(ErrorCode::RateLimited, Some(doc), None), patience)
-                    .await
-                {
-                    return;
-                }
-                continue;
-            }
+        let opening = !peer.docs.contains(&doc);
+        if opening && peer.docs.len() >= settings.max_docs_per_connection {
+            refuse(out, ErrorCode::TooManyDocuments, doc);
+            continue;
         }
-        // Under the room's lock; the answer (or refusal) is queued after it is released.
-        let answer = match Box::pin(answer_one(shared, out, peer.session, &doc, cursor, &state_vector)).await {
-            Ok(answer) => answer,
-            Err(code) => {
-                if !out.answer(error(code, Some(doc), None), patience).await {
-                    return;
-                }
-                continue;
-            }
-        };
-        peer.docs.insert(doc.clone());
-        resumed.push(doc.clone());
-        let mut entry = DocResumed {
+        out.push_back(Action::Request(Request::Resume {
             doc,
-            cursor: answer.cursor,
-            update: answer.update,
-            state_vector: answer.state_vector,
-        };
-        // An answer too large for one frame goes ahead in pieces (`ResumePart`), each once the
-        // queue has room; the entry then carries an empty update. (Only then: a client from
-        // before `ResumePart` still gets every answer that fits a frame whole.)
-        let piece = shared.config.max_frame_size / 2;
-        let whole_fits = shared.config.max_frame_size.saturating_sub(RESUMED_OVERHEAD);
-        if let Some(update) = entry.update.as_mut().filter(|update| update.len() > whole_fits) {
-            let whole = std::mem::take(update);
-            for bytes in whole.chunks(piece) {
-                let frame = ServerFrame::ResumePart {
-                    doc: entry.doc.clone(),
-                    bytes: bytes.to_vec(),
-                }
-                .encode();
-                limiter.charge(frame.len(), Instant::now());
-                if !out.answer(frame, patience).await {
-                    return;
-                }
-            }
-        }
-        let entry_size = entry.update.as_ref().map_or(0, Vec::len)
-            + entry.state_vector.as_ref().map_or(0, Vec::len)
-            + entry.doc.as_str().len()
-            + 32;
-        if size + entry_size > shared.config.max_frame_size / 2 && !answers.is_empty() {
-            let frame = ServerFrame::Resumed {
-                docs: std::mem::take(&mut answers),
-            }
-            .encode();
-            // What the answer costs is charged to the asker's rate limit.
-            limiter.charge(frame.len(), Instant::now());
-            if !out.answer(frame, patience).await {
-                return;
-            }
-            size = 0;
-        }
-        size += entry_size;
-        answers.push(entry);
-    }
-    let frame = ServerFrame::Resumed { docs: answers }.encode();
-    limiter.charge(frame.len(), Instant::now());
-    if !out.answer(frame, patience).await {
+            cursor,
+            state_vector,
+            opening,
+        }));
         return;
     }
+    let Some(resume) = peer.resume.take() else { return };
+    out.push_back(Action::Answer {
+        bytes: ServerFrame::Resumed { docs: resume.answers }.encode(),
+        charge: true,
+    });
     // Then who is there: the current presence states of the resumed documents.
-    for doc in resumed {
-        shared.rooms.get(&doc).send_presence(peer.session).await;
+    for doc in resume.resumed {
+        out.push_back(Action::Request(Request::SendPresence { doc }));
+    }
+}
+
+/// One document of the resume in progress was answered by its room (or refused).
+fn resume_answered(
+    peer: &mut Peer,
+    settings: &Settings,
+    doc: DocId,
+    result: Result<driftsync_engine::sync::ResumeAnswer, ErrorCode>,
+    now: Now,
+    out: &mut Actions,
+) {
+    match result {
+        Err(code) => out.push_back(Action::Answer {
+            bytes: error(code, Some(doc), None),
+            charge: false,
+        }),
+        Ok(answer) => {
+            peer.docs.insert(doc.clone());
+            let Some(resume) = peer.resume.as_mut() else { return };
+            resume.resumed.insert(doc.clone());
+            let mut entry = DocResumed {
+                doc,
+                cursor: answer.cursor,
+                update: answer.update,
+                state_vector: answer.state_vector,
+            };
+            // An answer too large for one frame goes ahead in pieces (`ResumePart`), each once
+            // the queue has room; the entry then carries an empty update. (Only then: a client
+            // from before `ResumePart` still gets every answer that fits a frame whole.)
+            let piece = settings.max_frame_size / 2;
+            let whole_fits = settings.max_frame_size.saturating_sub(RESUMED_OVERHEAD);
+            if let Some(update) = entry.update.as_mut().filter(|update| update.len() > whole_fits) {
+                let whole = std::mem::take(update);
+                for bytes in whole.chunks(piece.max(1)) {
+                    let frame = ServerFrame::ResumePart {
+                        doc: entry.doc.clone(),
+                        bytes: bytes.to_vec(),
+                    }
+                    .encode();
+                    out.push_back(Action::Answer {
+                        bytes: frame,
+                        charge: true,
+                    });
+                }
+            }
+            let entry_size = entry.update.as_ref().map_or(0, Vec::len)
+                + entry.state_vector.as_ref().map_or(0, Vec::len)
+                + entry.doc.as_str().len()
+                + 32;
+            if resume.size + entry_size > settings.max_frame_size / 2 && !resume.answers.is_empty() {
+                // What the answer costs is charged to the asker's rate limit.
+                out.push_back(Action::Answer {
+                    bytes: ServerFrame::Resumed {
+                        docs: std::mem::take(&mut resume.answers),
+                    }
+                    .encode(),
+                    charge: true,
+                });
+                resume.size = 0;
+            }
+            resume.size += entry_size;
+            resume.answers.push(entry);
+        }
+    }
+    resume_next(peer, settings, now, out);
+}
+
+impl Handler for NativeHandler {
+    const CODEC: Codec = Codec { slot: 0, encode };
+
+    fn start(&mut self, now: Now, _out: &mut Actions) {
+        self.phase = Phase::Hello {
+            deadline: now.at + self.settings.hello_timeout,
+        };
+    }
+
+    fn message(&mut self, bytes: Vec<u8>, now: Now, out: &mut Actions) {
+        match self.phase {
+            Phase::Hello { .. } => self.hello(&bytes, now, out),
+            Phase::Open(_) => self.frame(&bytes, now, out),
+            // The hello's client id is being bound: the client waits for the welcome.
+            Phase::Claiming { .. } => out.push_back(Action::Send(error(ErrorCode::Malformed, None, None))),
+            Phase::Closed => {}
+        }
+    }
+
+    fn reply(&mut self, reply: Reply, now: Now, out: &mut Actions) {
+        let session = self.session;
+        match reply {
+            Reply::Claimed(claimed) => {
+                let Phase::Claiming { grant, client_id } = std::mem::replace(&mut self.phase, Phase::Closed) else {
+                    return;
+                };
+                match claimed {
+                    Ok(Ownership::Mine) => self.welcome(grant, client_id, now, out),
+                    Ok(Ownership::Taken) => {
+                        tracing::info!(session, client_id, user = %grant.user, "hello refused: the client id is another user's");
+                        self.refuse(ErrorCode::ClientIdTaken, CLOSE_UNAUTHORIZED, out);
+                    }
+                    Err(()) => self.refuse(ErrorCode::StoreUnavailable, CLOSE_RESYNC, out),
+                }
+            }
+            Reply::Resumed { doc, result } => {
+                let settings = std::sync::Arc::clone(&self.settings);
+                if let Phase::Open(peer) = &mut self.phase {
+                    resume_answered(peer, &settings, doc, result, now, out);
+                }
+            }
+            Reply::Pushed { doc, tag, result } => match result {
+                Ok(cursor) => out.push_back(Action::Send(
+                    ServerFrame::Ack {
+                        doc,
+                        batch: tag,
+                        cursor,
+                    }
+                    .encode(),
+                )),
+                Err(refused) => {
+                    out.push_back(Action::Send(error(refused.code, Some(doc), Some(tag))));
+                    // A refusal that made the room reload its document: the sender pays.
+                    if refused.reload_cost > 0 {
+                        out.push_back(Action::ChargeReload(refused.reload_cost));
+                    }
+                }
+            },
+            Reply::Presence { doc, result } => {
+                if let Err(refused) = result {
+                    out.push_back(Action::Send(error(refused.code, Some(doc), None)));
+                }
+            }
+            Reply::Joined(_) | Reply::Diff(_) | Reply::AwarenessSnapshot(_) | Reply::Done => {}
+        }
+    }
+
+    fn heartbeat(&mut self, out: &mut Actions) {
+        if let Phase::Open(peer) = &mut self.phase {
+            peer.nonce += 1;
+            out.push_back(Action::Send(ServerFrame::Ping { nonce: peer.nonce }.encode()));
+        }
+    }
+
+    fn rate_limited(&mut self, out: &mut Actions) {
+        // Refused, not silently dropped: a refused push is retried from the client's outbox.
+        out.push_back(Action::Send(error(ErrorCode::RateLimited, None, None)));
+    }
+
+    fn deadline(&self) -> Option<Instant> {
+        match &self.phase {
+            Phase::Hello { deadline } => Some(*deadline),
+            Phase::Open(peer) => peer.expiry,
+            Phase::Claiming { .. } | Phase::Closed => None,
+        }
+    }
+
+    fn timer(&mut self, now: Now, out: &mut Actions) {
+        let session = self.session;
+        let grace = self.settings.token_grace;
+        match &mut self.phase {
+            Phase::Hello { .. } => {
+                tracing::info!(session, "no hello in time: closing");
+                out.push_back(Action::Close(CLOSE_PROTOCOL_ERROR));
+                self.phase = Phase::Closed;
+            }
+            Phase::Open(peer) if peer.expired => {
+                tracing::info!(session, "token expired and not renewed: closing");
+                out.push_back(Action::Close(CLOSE_UNAUTHORIZED));
+                self.phase = Phase::Closed;
+            }
+            Phase::Open(peer) => {
+                // Access ends with the token: nothing more is delivered (every document is
+                // left), and the client gets a short grace to `Reauth` (then resume) before
+                // the connection closes.
+                tracing::info!(session, "token expired: unsubscribing, waiting for a reauth");
+                peer.expired = true;
+                peer.expiry = Some(now.at + grace);
+                let mut docs: Vec<DocId> = peer.docs.drain().collect();
+                docs.sort();
+                for doc in docs {
+                    out.push_back(Action::Request(Request::Leave { doc }));
+                }
+                out.push_back(Action::Send(error(ErrorCode::TokenExpired, None, None)));
+            }
+            Phase::Claiming { .. } | Phase::Closed => {}
+        }
+    }
+
+    fn identity(&self) -> Option<&str> {
+        match &self.phase {
+            Phase::Open(peer) => peer.grant.identity(),
+            Phase::Claiming { grant, .. } => grant.identity(),
+            Phase::Hello { .. } | Phase::Closed => None,
+        }
+    }
+
+    fn user(&self) -> &str {
+        match &self.phase {
+            Phase::Open(peer) => &peer.grant.user,
+            Phase::Claiming { grant, .. } => &grant.user,
+            Phase::Hello { .. } | Phase::Closed => "",
+        }
+    }
+
+    fn subscriptions(&self) -> Vec<DocId> {
+        match &self.phase {
+            Phase::Open(peer) => peer.docs.iter().cloned().collect(),
+            _ => Vec::new(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+
+    fn settings() -> Arc<Settings> {
+        Arc::new(Settings::of(&crate::Config::default()))
+    }
+
+    fn now() -> Now {
+        Now::read()
+    }
+
+    fn sent(out: &mut Actions) -> Vec<ServerFrame> {
+        out.drain(..)
+            .filter_map(|action| match action {
+                Action::Send(bytes) | Action::Answer { bytes, .. } => ServerFrame::decode(&bytes, usize::MAX).ok(),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn hello(handler: &mut NativeHandler, out: &mut Actions) {
+        handler.start(now(), out);
+        let frame = ClientFrame::Hello {
+            version: PROTOCOL_VERSION,
+            token: String::new(),
+            client_id: 42,
+        };
+        handler.message(frame.encode(), now(), out);
+    }
+
+    #[test]
+    fn an_open_server_welcomes_a_hello_without_asking_the_store() {
+        let mut handler = NativeHandler::new(settings(), 3);
+        let mut out = Actions::new();
+        hello(&mut handler, &mut out);
+        assert!(matches!(out.front(), Some(Action::FrameLimit(_))));
+        assert!(matches!(
+            sent(&mut out).as_slice(),
+            [ServerFrame::Welcome { session: 3, .. }]
+        ));
+        assert!(handler.deadline().is_none(), "no hello deadline once open");
+    }
+
+    #[test]
+    fn a_resume_goes_document_by_document_and_refuses_duplicates() {
+        let mut handler = NativeHandler::new(settings(), 3);
+        let mut out = Actions::new();
+        hello(&mut handler, &mut out);
+        out.clear();
+        let doc = |id: &str| ResumeDoc {
+            doc: DocId::new(id).unwrap(),
+            cursor: 0,
+            state_vector: vec![0],
+        };
+        let resume = ClientFrame::Resume {
+            docs: vec![doc("a"), doc("a"), doc("b")],
+        };
+        handler.message(resume.encode(), now(), &mut out);
+        // One request at a time: the first document's.
+        assert!(matches!(
+            out.pop_front(),
+            Some(Action::Request(Request::Resume { opening: true, .. }))
+        ));
+        assert!(out.is_empty());
+        let answer = driftsync_engine::sync::ResumeAnswer {
+            cursor: 4,
+            update: None,
+            state_vector: None,
+            from_log: true,
+        };
+        handler.reply(
+            Reply::Resumed {
+                doc: DocId::new("a").unwrap(),
+                result: Ok(answer),
+            },
+            now(),
+            &mut out,
+        );
+        // The duplicate is refused, then the next document is asked for.
+        let refused = out.pop_front();
+        assert!(matches!(refused, Some(Action::Answer { charge: false, .. })));
+        assert!(matches!(out.pop_front(), Some(Action::Request(Request::Resume { .. }))));
+        handler.reply(
+            Reply::Resumed {
+                doc: DocId::new("b").unwrap(),
+                result: Err(ErrorCode::LoadFailed),
+            },
+            now(),
+            &mut out,
+        );
+        let frames = sent(
+            &mut out
+                .iter()
+                .filter(|a| !matches!(a, Action::Request(_)))
+                .map(|a| match a {
+                    Action::Answer { bytes, charge } => Action::Answer {
+                        bytes: bytes.clone(),
+                        charge: *charge,
+                    },
+                    Action::Send(bytes) => Action::Send(bytes.clone()),
+                    _ => Action::Ping,
+                })
+                .collect(),
+        );
+        assert!(matches!(
+            &frames[0],
+            ServerFrame::Error {
+                code: ErrorCode::LoadFailed,
+                ..
+            }
+        ));
+        match &frames[1] {
+            ServerFrame::Resumed { docs } => assert_eq!(docs.len(), 1),
+            other => panic!("expected the resumed frame, got {other:?}"),
+        }
+        assert!(out
+            .iter()
+            .any(|a| matches!(a, Action::Request(Request::SendPresence { .. }))));
+        assert_eq!(handler.subscriptions(), vec![DocId::new("a").unwrap()]);
+    }
+
+    #[test]
+    fn pushes_are_acknowledged_with_their_batch_and_refusals_charged() {
+        let mut handler = NativeHandler::new(settings(), 3);
+        let mut out = Actions::new();
+        hello(&mut handler, &mut out);
+        out.clear();
+        let doc = DocId::new("a").unwrap();
+        // Not subscribed: refused without asking the room.
+        let push = ClientFrame::Push {
+            doc: doc.clone(),
+            batch: 7,
+            update: vec![0, 0],
+        };
+        handler.message(push.encode(), now(), &mut out);
+        assert!(matches!(
+            sent(&mut out).as_slice(),
+            [ServerFrame::Error {
+                code: ErrorCode::NotSubscribed,
+                batch: Some(7),
+                ..
+            }]
+        ));
+        handler.reply(
+            Reply::Pushed {
+                doc: doc.clone(),
+                tag: 7,
+                result: Err(crate::room::Refused {
+                    code: ErrorCode::SchemaViolation,
+                    reload_cost: 100,
+                }),
+            },
+            now(),
+            &mut out,
+        );
+        assert!(matches!(out.back(), Some(Action::ChargeReload(100))));
+    }
+
+    #[test]
+    fn a_peer_without_a_hello_in_time_is_closed() {
+        let mut handler = NativeHandler::new(settings(), 3);
+        let mut out = Actions::new();
+        handler.start(now(), &mut out);
+        assert!(handler.deadline().is_some());
+        handler.timer(now(), &mut out);
+        assert!(matches!(out.pop_front(), Some(Action::Close(CLOSE_PROTOCOL_ERROR))));
     }
 }

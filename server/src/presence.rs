@@ -44,23 +44,20 @@
 //! Everything here is sans-IO: methods take the current time and return the room events to
 //! broadcast; the room holds its lock around them.
 
-use std::collections::{BTreeSet, HashMap};
-use std::sync::{Arc, OnceLock};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use driftsync_engine::store::Store;
 use driftsync_protocol::yjs::{AwarenessEntry, AwarenessTable};
 use driftsync_protocol::DocId;
 
-use crate::room::RoomEvent;
-use crate::Shared;
+use crate::event::RoomEvent;
 
 /// A presence state not refreshed for this long is removed and announced (y-protocols' value).
 pub(crate) const PRESENCE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How often the sweeper looks for expired states: a state lives at most this much longer than
 /// [`PRESENCE_TIMEOUT`].
-const PRESENCE_SWEEP: Duration = Duration::from_secs(5);
+pub(crate) const PRESENCE_SWEEP: Duration = Duration::from_secs(5);
 
 /// The most awareness clients one connection may control in one room. A Yjs client controls one
 /// (its own), a native connection one (its session); the bound keeps a misbehaving client from
@@ -89,13 +86,6 @@ pub(crate) const MAX_FIRST_CLOCK: u64 = 1 << 32;
 /// connection was dead but not yet detected (up to 45 s). With it, and the rate limit, a clock
 /// needs centuries to reach 2^53.
 pub(crate) const MAX_CLOCK_STEP: u64 = 10_000;
-
-/// Milliseconds on a monotonic clock shared by every room of the process.
-pub(crate) fn now_ms() -> u64 {
-    static EPOCH: OnceLock<Instant> = OnceLock::new();
-    let epoch = EPOCH.get_or_init(Instant::now);
-    u64::try_from(epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
-}
 
 /// Wall-clock milliseconds since the Unix epoch (0 if the clock is before it): the server's
 /// clock for the chat rules' stamp bound.
@@ -173,10 +163,10 @@ struct Client {
 pub(crate) struct Presence {
     table: AwarenessTable,
     /// Per session that set presence here.
-    owners: HashMap<u64, Owner>,
+    owners: BTreeMap<u64, Owner>,
     /// Per awareness client id the table remembers: its owner. (Every id the table remembers
     /// was applied through this type, so every one has an entry.)
-    clients: HashMap<u64, Client>,
+    clients: BTreeMap<u64, Client>,
 }
 
 impl Presence {
@@ -490,19 +480,6 @@ fn event(doc: &DocId, user: &str, entry: AwarenessEntry) -> RoomEvent {
         user: user.to_owned(),
         clock: entry.clock,
         state: entry.state,
-    }
-}
-
-/// Removes and announces expired presence in every loaded room every [`PRESENCE_SWEEP`], until
-/// the server shuts down.
-pub(crate) async fn run_sweeper<S: Store>(shared: Arc<Shared<S>>) {
-    let mut ticker = tokio::time::interval(PRESENCE_SWEEP);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            () = shared.shutdown.cancelled() => return,
-            _ = ticker.tick() => shared.rooms.expire_presence(now_ms()).await,
-        }
     }
 }
 

@@ -1,281 +1,74 @@
-//! Rooms: one live yrs document per active document id, shared by every connection subscribed
-//! to it whatever its protocol, with the document's head cursor and its subscribers' queues.
+//! A room: one document's live state, shared by every connection subscribed to it whatever its
+//! protocol — the live yrs document (loaded on demand), the head cursor, a window of recent
+//! updates for resumes, the subscribers' queues, presence, and the commits in flight.
 //!
-//! Everything done to a document goes through its room's async mutex, so updates are applied,
-//! broadcast and stored in cursor order (an update reaches the other subscribers before its
-//! commit; see [`Room::push`]). The room also holds the document's presence (see
-//! [`crate::presence`]), shared by native and Yjs connections.
+//! Every method takes the room's lock itself and holds it only for what must not interleave:
+//! a push is validated, applied, broadcast and queued for its commit under the lock, and its
+//! commit is awaited outside it (pipelined commits: a busy room has several commits in flight,
+//! settled strictly in the order they were queued). Connections never see the lock or the state.
 
-use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU16, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::collections::{BTreeMap, VecDeque};
+use std::future::Future;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Instant;
 
-use axum::body::Bytes;
 use driftsync_engine::chat::ChatGuard;
-use driftsync_engine::doc::load_document;
-use driftsync_engine::store::{Append, Appended, CompactionPolicy, LogEntry, LogTail, Origin, Store};
-use driftsync_engine::sync::{apply_checked, apply_remote, check_push, Applied, Limits, MAX_SQUASH_WORK};
+use driftsync_engine::doc::{decode_update, is_empty_update, load_document, state_vector};
+use driftsync_engine::store::{Append, Appended, LogEntry, LogTail, Origin, Store};
+use driftsync_engine::sync::{
+    answer_resume, apply_checked, apply_remote, check_push, missing_for, Applied, Limits, ResumeAnswer, MAX_SQUASH_WORK,
+};
 use driftsync_protocol::yjs::AwarenessEntry;
 use driftsync_protocol::{Cursor, DocId, ErrorCode, CLOSE_RESYNC};
-use tokio_util::sync::CancellationToken;
-use yrs::Doc;
+use futures_util::future::{FutureExt, Shared};
+use tokio::sync::oneshot;
+use yrs::{Doc, ReadTxn, StateVector, Transact};
 
-use crate::commit::Committer;
-use crate::fanout::{Fanout, FanoutEvent};
-use crate::metrics::Metrics;
-use crate::owners::{Owners, Ownership};
-use crate::presence::{now_ms, InvalidState, Presence};
-use crate::queue;
+use crate::commit::{CommitResult, Committer, Gate};
+use crate::event::{Outbound, Outgoing, RoomEvent, SharedEvent};
+use crate::fanout::FanoutEvent;
+use crate::owners::Ownership;
+use crate::presence::{InvalidState, Presence};
+use crate::rooms::RoomCtx;
 
 /// The server's documents never edit; any valid client id will do for them.
 const SERVER_CLIENT_ID: u64 = 1;
 
 /// A session id no connection has (they start at 1): broadcasting "to everyone but it" reaches
 /// every subscriber.
-const NO_SESSION: u64 = 0;
+pub(crate) const NO_SESSION: u64 = 0;
 
 /// The "session" of events that came from another instance: broadcasting them reaches every
 /// local subscriber and never publishes them again (no loops between instances).
-const REMOTE_SESSION: u64 = u64::MAX;
+pub(crate) const REMOTE_SESSION: u64 = u64::MAX;
 
-/// The registry of rooms.
-pub(crate) struct Rooms {
-    map: Mutex<HashMap<String, Arc<Room>>>,
-    /// What every room shares with the rest of the server.
-    ctx: Arc<RoomCtx>,
-}
+/// The most bytes of broadcast changes whose commit failed that a room keeps to store later;
+/// a larger one makes the room reload from the store instead.
+const MAX_UNSTORED_BYTES: usize = 4 * 1024 * 1024;
 
-/// What rooms share: metrics, the fan-out to other instances, client id ownership.
-pub(crate) struct RoomCtx {
-    pub(crate) metrics: Arc<Metrics>,
-    pub(crate) fanout: Arc<dyn Fanout>,
-    /// This instance's id on the fan-out.
-    pub(crate) instance: u64,
-    /// Who owns which yrs client id (see [`crate::owners`]).
-    pub(crate) owners: Arc<Owners>,
-    /// The largest a document may grow, in stored bytes (snapshot and log); a push beyond it is
-    /// refused with [`ErrorCode::DocumentTooLarge`].
-    pub(crate) max_document_bytes: u64,
-    /// How far ahead of the server's clock a new chat message's stamp may be.
-    pub(crate) max_clock_skew_ms: u64,
-}
+/// The most updates kept in a room's `recent` (as many as compaction keeps in the log).
+const RECENT_ENTRIES: usize = 1024;
+/// The most bytes of updates kept in a room's `recent`.
+const RECENT_BYTES: usize = 256 * 1024;
 
-impl Rooms {
-    pub(crate) fn new(ctx: RoomCtx) -> Self {
-        Rooms {
-            map: Mutex::default(),
-            ctx: Arc::new(ctx),
-        }
-    }
-
-    /// What every room shares.
-    pub(crate) fn ctx(&self) -> &RoomCtx {
-        &self.ctx
-    }
-
-    /// The room for `id`, created (not yet loaded) on first use.
-    pub(crate) fn get(&self, id: &DocId) -> Arc<Room> {
-        let mut map = self.map.lock().unwrap_or_else(PoisonError::into_inner);
-        Arc::clone(map.entry(id.as_str().to_string()).or_insert_with(|| {
-            Arc::new(Room {
-                id: id.clone(),
-                state: Default::default(),
-                ctx: Arc::clone(&self.ctx),
-            })
-        }))
-    }
-
-    /// The room for `id` if it exists.
-    fn existing(&self, id: &DocId) -> Option<Arc<Room>> {
-        self.map
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(id.as_str())
-            .cloned()
-    }
-
-    /// Takes in an update another instance stored (see [`crate::fanout`]). Only a loaded room
-    /// cares: an unloaded one will read it from the store when it loads.
-    pub(crate) async fn remote_update<S: Store>(&self, store: &S, doc: &DocId, cursor: Cursor, update: &[u8]) {
-        let Some(room) = self.existing(doc) else { return };
-        let mut guard = room.state.lock().await;
-        let Some(state) = guard.as_mut() else { return };
-        if cursor <= state.head {
-            return;
-        }
-        // Updates between our head and this one were missed (or are still on their way): read
-        // them from the shared store, so subscribers get every update in cursor order.
-        let entries = if cursor == state.head + 1 {
-            vec![LogEntry {
-                cursor,
-                update: update.to_vec(),
-            }]
-        } else {
-            match store.log_after(doc.as_str(), state.head).await {
-                Ok(LogTail::Entries(entries)) => entries,
-                Ok(LogTail::Pruned) | Err(_) => {
-                    tracing::warn!(doc = %doc, "fan-out gap not in the log: reloading the room");
-                    room.reload(&mut guard, store).await;
-                    if let Some(state) = guard.as_mut() {
-                        for sub in state.subscribers.values() {
-                            sub.out.ctl.close(CLOSE_RESYNC);
-                        }
-                    }
-                    return;
-                }
-            }
-        };
-        state.take_stored(doc, entries);
-    }
-
-    /// Passes presence from another instance to the local subscribers of a loaded room.
-    pub(crate) async fn remote_presence(
-        &self,
-        doc: &DocId,
-        peer: u64,
-        user: String,
-        clock: u64,
-        state: Option<String>,
-    ) {
-        let Some(room) = self.existing(doc) else { return };
-        let mut guard = room.state.lock().await;
-        if let Some(local) = guard.as_mut() {
-            let event = RoomEvent::Presence {
-                doc: doc.clone(),
-                peer,
-                user,
-                clock,
-                state,
-            };
-            local.broadcast(REMOTE_SESSION, event);
-        }
-    }
-
-    /// Compacts the logs of loaded rooms that grew, evicts the live documents of subscribed rooms
-    /// unused since the previous sweep, and unloads rooms nobody has been subscribed to for two
-    /// sweeps in a row. Only a room nothing else holds is removed (checked under the
-    /// map lock), so a document never has two live rooms. Every acknowledged write is already
-    /// committed, so unloading flushes nothing.
-    pub(crate) async fn sweep<S: Store>(&self, store: &S, policy: &CompactionPolicy) {
-        let rooms: Vec<Arc<Room>> = self
-            .map
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .values()
-            .cloned()
-            .collect();
-        for room in rooms {
-            let grown = {
-                let Ok(mut guard) = room.state.try_lock() else { continue };
-                if let Err(e) = room.flush_unstored(&mut guard, store).await {
-                    tracing::warn!(doc = %room.id, error = %e, "storing changes whose commit failed earlier failed again");
-                }
-                let Some(state) = guard.as_mut() else { continue };
-                if !state.subscribers.is_empty() {
-                    if state.active {
-                        state.active = false;
-                    } else if state.live.is_some() && state.unstored.is_empty() {
-                        // Subscribed, but nobody wrote to it or resumed it for a whole sweep
-                        // interval. (A room without subscribers is unloaded below instead.)
-                        state.evict();
-                        tracing::debug!(doc = %room.id, "evicted the live document of an idle room");
-                    }
-                }
-                if state.head > state.checked_head {
-                    state.checked_head = state.head;
-                    true
-                } else {
-                    false
-                }
-            };
-            if grown {
-                compact_if_due(store, room.id.as_str(), policy, &self.ctx.metrics).await;
-            }
-        }
-        let mut unloaded = Vec::new();
-        self.map
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .retain(|_, room| {
-                if Arc::strong_count(room) > 1 {
-                    return true;
-                }
-                let Ok(mut guard) = room.state.try_lock() else {
-                    return true;
-                };
-                match guard.as_mut() {
-                    None => false,
-                    Some(state) if state.subscribers.is_empty() && state.unstored.is_empty() => {
-                        state.idle_sweeps += 1;
-                        if state.idle_sweeps >= 2 {
-                            *guard = None;
-                            self.ctx.metrics.rooms.dec();
-                            unloaded.push(room.id.clone());
-                            false
-                        } else {
-                            true
-                        }
-                    }
-                    Some(state) => {
-                        state.idle_sweeps = 0;
-                        true
-                    }
-                }
-            });
-        // A room going idle is the moment to fold its log: the next load reads the snapshot.
-        for id in unloaded {
-            compact_grown(store, &id, policy).await;
-        }
-    }
-
-    /// At shutdown: folds into its snapshot the log of every room in memory that grew by at
-    /// least `policy.min_log_bytes` since its snapshot (whether or not the log outgrew the
-    /// snapshot, which is when the sweeps compact), so that the next start loads snapshots
-    /// instead of replaying logs. Rooms unloaded by a sweep were compacted the same way.
-    pub(crate) async fn compact_at_shutdown<S: Store>(&self, store: &S, policy: &CompactionPolicy) {
-        let ids: Vec<DocId> = self
-            .map
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .values()
-            .map(|room| room.id.clone())
-            .collect();
-        for id in ids {
-            compact_grown(store, &id, policy).await;
-        }
-    }
-
-    /// Removes and announces the presence states of every loaded room not refreshed in time.
-    /// A room busy right now (a commit in flight) is left for the next sweep.
-    pub(crate) async fn expire_presence(&self, now_ms: u64) {
-        let rooms: Vec<Arc<Room>> = self
-            .map
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .values()
-            .cloned()
-            .collect();
-        for room in rooms {
-            let Ok(mut guard) = room.state.try_lock() else { continue };
-            if let Some(state) = guard.as_mut() {
-                for event in state.presence.expire(&room.id, now_ms) {
-                    state.broadcast(NO_SESSION, event);
-                }
-            }
-        }
-    }
-}
+/// The most log entries a resume reads; a client further behind gets a state-vector diff (the
+/// default compaction keeps 1,024 entries in the log for resumes).
+const MAX_TAIL_ENTRIES: u64 = 1024;
 
 /// One document's live state.
 pub(crate) struct Room {
     pub(crate) id: DocId,
-    pub(crate) state: tokio::sync::Mutex<Option<RoomState>>,
+    state: tokio::sync::Mutex<Option<RoomState>>,
+    /// The document's commit gate (see [`crate::commit`]): it outlives unloads, since commits
+    /// queued before one may still be answered after it.
+    gate: Arc<Gate>,
     ctx: Arc<RoomCtx>,
 }
 
 /// A loaded room.
-pub(crate) struct RoomState {
+struct RoomState {
     /// The live document; `None` while evicted: a subscribed room nobody wrote to or resumed
     /// for a whole sweep interval keeps its subscribers and presence but not its yrs document
     /// (whose heap is 10-15 times its encoded size), and reloads it from the store on next use.
@@ -287,109 +80,51 @@ pub(crate) struct RoomState {
     recent_bytes: usize,
     /// Whether the room was used since the last sweep.
     active: bool,
-    /// Cursor of the last update stored for this document.
-    pub(crate) head: Cursor,
+    /// Cursor of the last update stored for this document and settled here.
+    head: Cursor,
     /// Stored bytes of the document (its snapshot and log when loaded, plus what was stored
     /// since): checked against [`RoomCtx::max_document_bytes`] before a push is applied.
     stored_bytes: u64,
+    /// Updates applied to the live document and broadcast, whose commits are in flight, in the
+    /// order they were queued (which is the order the store assigns their cursors).
+    inflight: VecDeque<InFlight>,
+    /// Bytes of update in `inflight`.
+    inflight_bytes: u64,
+    /// The epoch this room's appends are queued in (see [`crate::commit`]); a new one begins
+    /// once the room has recovered from a failed commit.
+    epoch: u64,
+    /// Counts the live documents installed (loads and reloads): an in-flight update applied to
+    /// an earlier one is not in the current one.
+    generation: u64,
     /// Updates the live document holds that were broadcast but whose commit failed, oldest
     /// first: the room stores them itself, before anything else, at its next use or sweep (see
-    /// [`Room::flush_unstored`]). At most [`MAX_UNSTORED_BYTES`].
+    /// [`Room::recover`]). At most [`MAX_UNSTORED_BYTES`].
     unstored: Vec<Vec<u8>>,
-    pub(crate) subscribers: HashMap<u64, Subscriber>,
-    /// Presence and awareness states of both protocols' connections.
-    pub(crate) presence: Presence,
-    /// In a chat room ([`crate::CHAT_PREFIX`]), the guard watching `doc` for the chat rules.
-    pub(crate) chat: Option<ChatGuard>,
-    /// What the room shares with the server (fan-out, metrics).
-    pub(crate) ctx: Arc<RoomCtx>,
+    /// The connections subscribed, by session id (ordered: broadcasts go out in one order).
+    subscribers: BTreeMap<u64, Outbound>,
+    /// Presence and awareness states of every protocol's connections.
+    presence: Presence,
+    /// In a chat room ([`crate::CHAT_PREFIX`]), the guard watching the live document.
+    chat: Option<ChatGuard>,
     /// The head when the sweeper last considered compacting the log.
-    pub(crate) checked_head: Cursor,
+    checked_head: Cursor,
     /// Consecutive sweeps that found the room without subscribers.
-    pub(crate) idle_sweeps: u8,
+    idle_sweeps: u8,
 }
 
-/// A connection subscribed to a room.
-pub(crate) struct Subscriber {
-    pub(crate) out: Outbound,
+/// An update whose commit is in flight.
+struct InFlight {
+    /// The committer's answer, which whoever settles the room first reads.
+    commit: Shared<oneshot::Receiver<CommitResult>>,
+    update: Vec<u8>,
+    /// The live document it was applied to (see [`RoomState::generation`]).
+    generation: u64,
+    /// Where the pusher waits for the outcome.
+    outcome: oneshot::Sender<Result<Cursor, Refused>>,
 }
 
-/// What a room sends its subscribers. Each connection's writer encodes it for its protocol.
-#[derive(Debug)]
-pub(crate) enum RoomEvent {
-    /// An update stored at `cursor`.
-    Update {
-        doc: DocId,
-        cursor: Cursor,
-        update: Vec<u8>,
-    },
-    /// An awareness client's presence changed (`None`: it left or expired). `peer` is the
-    /// awareness client id: a native connection's session id, or a Yjs client id; `clock` is its
-    /// awareness clock.
-    Presence {
-        doc: DocId,
-        peer: u64,
-        user: String,
-        clock: u64,
-        state: Option<String>,
-    },
-    /// A connection started or stopped typing.
-    Typing {
-        doc: DocId,
-        peer: u64,
-        user: String,
-        typing: bool,
-    },
-}
-
-/// The protocols a room event is encoded for; indexes [`SharedEvent`]'s cache.
-#[derive(Debug, Clone, Copy)]
-pub(crate) enum Protocol {
-    Native = 0,
-    Yjs = 1,
-}
-
-/// A room event as every subscriber shares it, with its encoding cached per protocol: a
-/// broadcast to N connections encodes the frame once per protocol, not N times, and every
-/// connection's writer sends the same bytes.
-#[derive(Debug)]
-pub(crate) struct SharedEvent {
-    pub(crate) event: RoomEvent,
-    encoded: [OnceLock<Option<Bytes>>; 2],
-}
-
-impl SharedEvent {
-    pub(crate) fn new(event: RoomEvent) -> Arc<Self> {
-        Arc::new(SharedEvent {
-            event,
-            encoded: [OnceLock::new(), OnceLock::new()],
-        })
-    }
-
-    /// The event encoded by `encode` for `protocol` (`None`: not sent in that protocol),
-    /// encoded on first use.
-    pub(crate) fn encoded(&self, protocol: Protocol, encode: fn(&RoomEvent) -> Option<Vec<u8>>) -> Option<Bytes> {
-        self.encoded[protocol as usize]
-            .get_or_init(|| encode(&self.event).map(Bytes::from))
-            .clone()
-    }
-}
-
-/// What goes into a connection's queue.
-#[derive(Debug)]
-pub(crate) enum Outgoing {
-    /// Bytes already encoded for this connection's protocol.
-    Frame(Vec<u8>),
-    /// A room event, shared by every subscriber.
-    Event(Arc<SharedEvent>),
-    /// A WebSocket ping frame: Yjs clients answer those, not protocol pings.
-    Ping,
-    /// A WebSocket pong frame answering the peer's ping, with its payload.
-    Pong(Vec<u8>),
-}
-
-/// Why a push was refused.
-#[derive(Debug)]
+/// Why a request to a room was refused.
+#[derive(Debug, Clone)]
 pub(crate) struct Refused {
     pub(crate) code: ErrorCode,
     /// The stored bytes of the document the room had to reload because of the refused update
@@ -399,57 +134,100 @@ pub(crate) struct Refused {
 }
 
 impl Refused {
-    fn new(code: ErrorCode) -> Self {
+    pub(crate) fn new(code: ErrorCode) -> Self {
         Refused { code, reload_cost: 0 }
     }
 }
 
+/// A push the room accepted and is committing: resolves once its commit settled, to the
+/// cursor it is stored at, or to why it was refused.
+pub(crate) type PushOutcome<'a> = Pin<Box<dyn Future<Output = Result<Cursor, Refused>> + Send + 'a>>;
+
+/// Who pushes: the connection, the user its token names (`None` on an open server), and for a
+/// native batch, its origin (client id and batch) for deduplication.
+pub(crate) struct Pusher<'a> {
+    pub(crate) session: u64,
+    pub(crate) user: Option<&'a str>,
+    pub(crate) origin: Option<Origin>,
+}
+
+/// What a Yjs connection is greeted with once subscribed.
+#[derive(Debug)]
+pub(crate) struct Joined {
+    /// The document's state vector (for SyncStep1).
+    pub(crate) state_vector: Vec<u8>,
+    /// The current awareness states.
+    pub(crate) awareness: Vec<AwarenessEntry>,
+}
+
+/// Logs a failure to load, and gives the code a connection reports.
+fn load_failed(doc: &DocId, e: &driftsync_engine::Error) -> ErrorCode {
+    tracing::error!(doc = %doc, error = %e, "refusing a document that failed to load");
+    ErrorCode::LoadFailed
+}
+
+type Guard<'a> = tokio::sync::MutexGuard<'a, Option<RoomState>>;
+
 impl Room {
-    /// Loads the room from the store if it is not loaded yet. A load failure refuses the room:
-    /// it is never served (nor later stored) as an empty document.
-    pub(crate) async fn ensure_loaded<'a, S: Store>(
-        &self,
-        state: &'a mut Option<RoomState>,
-        store: &S,
-    ) -> driftsync_engine::Result<&'a mut RoomState> {
-        if state.is_none() {
+    pub(crate) fn new(id: DocId, ctx: Arc<RoomCtx>) -> Room {
+        Room {
+            id,
+            state: tokio::sync::Mutex::default(),
+            gate: Arc::default(),
+            ctx,
+        }
+    }
+
+    // ----- loading -----
+
+    /// Loads the room from the store if it is not loaded (or its document was evicted), and
+    /// stores what a failed commit left unstored. A load failure refuses the room: it is never
+    /// served (nor later stored) as an empty document.
+    async fn ensure_loaded<S: Store>(&self, slot: &mut Option<RoomState>, store: &S) -> driftsync_engine::Result<()> {
+        if slot.is_none() {
             let (doc, head, stored_bytes) = self.load(store).await?;
-            let chat = self.chat_guard(&doc);
-            *state = Some(RoomState {
-                live: Some(doc),
+            let epoch = self.gate.failed_through() + 1;
+            *slot = Some(RoomState {
+                live: None,
                 recent: VecDeque::new(),
                 recent_bytes: 0,
                 active: true,
                 head,
                 stored_bytes,
+                inflight: VecDeque::new(),
+                inflight_bytes: 0,
+                epoch,
+                generation: 0,
                 unstored: Vec::new(),
-                subscribers: HashMap::new(),
+                subscribers: BTreeMap::new(),
                 presence: Presence::default(),
-                chat,
+                chat: None,
                 checked_head: head,
                 idle_sweeps: 0,
-                ctx: Arc::clone(&self.ctx),
             });
+            if let Some(state) = slot.as_mut() {
+                self.install(state, doc, head, stored_bytes);
+            }
             self.ctx.metrics.rooms.inc();
         }
-        let loaded = state
-            .as_mut()
-            .ok_or_else(|| driftsync_engine::Error::Invalid("room state vanished".into()))?;
-        loaded.active = true;
-        if loaded.live.is_none() {
+        let needs_doc = match slot.as_mut() {
+            Some(state) => {
+                state.active = true;
+                state.live.is_none()
+            }
+            None => return Err(driftsync_engine::Error::Invalid("room state vanished".into())),
+        };
+        if needs_doc {
             // Evicted while idle: every update is stored, so the store has exactly the document.
             let (doc, head, stored_bytes) = self.load(store).await?;
-            self.install(loaded, doc, head, stored_bytes);
-        }
-        if !loaded.unstored.is_empty() {
-            // Broadcast changes whose commit failed: store them before anything else happens.
-            if let Err(e) = self.flush_unstored(state, store).await {
-                tracing::warn!(doc = %self.id, error = %e, "storing changes whose commit failed earlier failed again");
+            if let Some(state) = slot.as_mut() {
+                self.install(state, doc, head, stored_bytes);
             }
         }
-        state
-            .as_mut()
-            .ok_or_else(|| driftsync_engine::Error::Invalid("room state vanished".into()))
+        if let Err(e) = self.recover(slot, store).await {
+            tracing::warn!(doc = %self.id, error = %e, "storing changes whose commit failed earlier failed again");
+        }
+        Ok(())
     }
 
     /// Loads the document: its yrs document, head cursor and stored bytes.
@@ -464,11 +242,17 @@ impl Room {
     /// Makes `doc`, loaded from the store at `head`, the room's live document. The window of
     /// recent updates stays only if the store holds nothing newer than it.
     fn install(&self, state: &mut RoomState, doc: Doc, head: Cursor, stored_bytes: u64) {
-        state.chat = self.chat_guard(&doc);
+        state.chat = self
+            .id
+            .as_str()
+            .starts_with(crate::CHAT_PREFIX)
+            .then(|| ChatGuard::attach(&doc).with_max_clock_skew(self.ctx.max_clock_skew_ms));
         state.live = Some(doc);
         state.stored_bytes = stored_bytes;
+        state.generation += 1;
         // What the store holds replaces everything: changes it lacks are gone from the room.
         state.unstored.clear();
+        state.epoch = state.epoch.max(self.gate.failed_through()) + 1;
         if head != state.head {
             state.recent.clear();
             state.recent_bytes = 0;
@@ -476,101 +260,133 @@ impl Room {
         }
     }
 
-    /// The guard of a chat room's live document; `None` for other documents.
-    fn chat_guard(&self, doc: &Doc) -> Option<ChatGuard> {
-        self.id
-            .as_str()
-            .starts_with(crate::CHAT_PREFIX)
-            .then(|| ChatGuard::attach(doc).with_max_clock_skew(self.ctx.max_clock_skew_ms))
+    /// Replaces the live document with what the store holds, keeping the subscribers, once
+    /// every commit in flight has settled (else the store would later hold an update the new
+    /// live document lacks). Used when the live document may hold something that is not stored
+    /// (a refused update, a failed commit). If the reload fails, every subscriber is told to
+    /// resync and the room is unloaded.
+    async fn reload<S: Store>(&self, slot: &mut Option<RoomState>, store: &S) {
+        self.settle(slot, store, true).await;
+        self.reload_now(slot, store).await;
     }
 
-    /// Replaces the live document with what the store holds, keeping the subscribers. Used when
-    /// the live document may hold something that is not stored (a refused update, a failed
-    /// commit). If the reload fails, every subscriber is told to resync and the room is unloaded.
-    pub(crate) async fn reload<S: Store>(&self, state: &mut Option<RoomState>, store: &S) {
-        match (self.load(store).await, state.as_mut()) {
+    /// [`Room::reload`] without waiting for the commits in flight: only for when those are
+    /// bound to fail (a commit before them failed).
+    async fn reload_now<S: Store>(&self, slot: &mut Option<RoomState>, store: &S) {
+        match (self.load(store).await, slot.as_mut()) {
             (Ok((doc, head, bytes)), Some(live)) => self.install(live, doc, head, bytes),
             (Ok(_), None) => {}
             (Err(e), _) => {
                 tracing::error!(doc = %self.id, error = %e, "reload failed; unloading the room");
-                if let Some(live) = state.take() {
-                    for sub in live.subscribers.values() {
-                        sub.out.ctl.close(CLOSE_RESYNC);
+                if let Some(live) = slot.take() {
+                    self.ctx.metrics.rooms.dec();
+                    for out in live.subscribers.values() {
+                        out.ctl.close(CLOSE_RESYNC);
+                    }
+                    for entry in live.inflight {
+                        let _ = entry.outcome.send(Err(Refused::new(ErrorCode::StoreUnavailable)));
                     }
                 }
             }
         }
     }
 
-    /// Validates, durably stores and broadcasts one update from connection `session`, written
-    /// by `user` (`None`: not authenticated, on an open server). Returns the cursor it is stored
-    /// at (for a re-sent batch, the original's or a later one).
+    // ----- pushes -----
+
+    /// Validates, applies, broadcasts and queues for its commit one update; the returned
+    /// outcome resolves once the commit settled (see the module documentation). Refusals come
+    /// back as an outcome too, so that a connection answers its pushes in order.
     ///
-    /// Nothing is stored unless yrs integrates the update completely and, in a chat room, the
-    /// update follows the chat rules for `user` (else it is refused whole with
-    /// [`ErrorCode::SchemaViolation`]). The other subscribers get it once it is validated, before
-    /// its commit; nothing is acknowledged before the group commit that stores it has finished.
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) async fn push<S: Store>(
-        &self,
-        store: &S,
+    /// Nothing is stored unless yrs integrates the update completely and, in a chat room, it
+    /// follows the chat rules for the pusher's user (else it is refused whole with
+    /// [`ErrorCode::SchemaViolation`]). The other subscribers get it once it is validated,
+    /// before its commit; nothing is acknowledged before the group commit that stores it has
+    /// finished. With `skip_redundant`, an update whose every insertion and deletion the
+    /// document holds already (a Yjs SyncStep2 on reconnect) is answered at once, unchecked.
+    pub(crate) async fn push<'a, S: Store>(
+        self: &Arc<Self>,
+        store: &'a S,
         committer: &Committer,
-        session: u64,
-        user: Option<&str>,
-        origin: Option<Origin>,
+        pusher: Pusher<'_>,
         update: Vec<u8>,
-    ) -> Result<Cursor, Refused> {
+        skip_redundant: bool,
+    ) -> PushOutcome<'a> {
         let received = Instant::now();
         self.ctx.metrics.updates_in.inc();
         self.ctx.metrics.bytes_in.inc_by(update.len() as u64);
-        let result = self.push_inner(store, committer, session, user, origin, update).await;
-        match &result {
-            Ok(_) => self.ctx.metrics.ack_latency.observe(received.elapsed().as_secs_f64()),
-            Err(_) => {
-                self.ctx.metrics.refused.inc();
-            }
-        }
-        result
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    async fn push_inner<S: Store>(
-        &self,
-        store: &S,
-        committer: &Committer,
-        session: u64,
-        user: Option<&str>,
-        origin: Option<Origin>,
-        update: Vec<u8>,
-    ) -> Result<Cursor, Refused> {
-        let mut guard = self.state.lock().await;
-        let state = match self.ensure_loaded(&mut guard, store).await {
-            Ok(state) => state,
-            Err(e) => {
-                tracing::error!(doc = %self.id, error = %e, "document failed to load");
-                self.ctx.metrics.store_errors.inc();
-                return Err(Refused::new(ErrorCode::LoadFailed));
+        let ready = |result: Result<Cursor, Refused>| -> PushOutcome<'a> { Box::pin(std::future::ready(result)) };
+        let begun = {
+            let mut guard = self.state.lock().await;
+            self.begin_push(&mut guard, store, committer, pusher, update, skip_redundant)
+                .await
+        };
+        let outcome = match begun {
+            Ok(Begun::Done(result)) => ready(result),
+            Err(refused) => ready(Err(refused)),
+            Ok(Begun::Committing { commit, outcome }) => {
+                let room = Arc::clone(self);
+                Box::pin(async move {
+                    let _ = commit.await;
+                    let mut guard = room.state.lock().await;
+                    room.settle(&mut guard, store, false).await;
+                    drop(guard);
+                    outcome
+                        .await
+                        .unwrap_or_else(|_| Err(Refused::new(ErrorCode::StoreUnavailable)))
+                })
             }
         };
-        if !state.unstored.is_empty() {
-            // A change broadcast earlier is still not stored (ensure_loaded just failed to store
+        let metrics = Arc::clone(&self.ctx.metrics);
+        Box::pin(outcome.map(move |result| {
+            match &result {
+                Ok(_) => metrics.ack_latency.observe(received.elapsed().as_secs_f64()),
+                Err(_) => {
+                    metrics.refused.inc();
+                }
+            }
+            result
+        }))
+    }
+
+    /// The part of a push done under the lock.
+    async fn begin_push<S: Store>(
+        &self,
+        guard: &mut Guard<'_>,
+        store: &S,
+        committer: &Committer,
+        pusher: Pusher<'_>,
+        update: Vec<u8>,
+        skip_redundant: bool,
+    ) -> Result<Begun, Refused> {
+        let slot: &mut Option<RoomState> = guard;
+        if let Err(e) = self.ensure_loaded(slot, store).await {
+            self.ctx.metrics.store_errors.inc();
+            return Err(Refused::new(load_failed(&self.id, &e)));
+        }
+        let state = slot.as_mut().ok_or(Refused::new(ErrorCode::LoadFailed))?;
+        if state.needs_recovery(&self.gate) {
+            // A change broadcast earlier is still not stored (`recover` just failed to store
             // it): nothing may be stored after it, and the store is failing anyway.
             return Err(Refused::new(ErrorCode::StoreUnavailable));
         }
+        if skip_redundant
+            && (is_empty_update(&update) || state.live.as_ref().is_some_and(|doc| already_integrated(doc, &update)))
+        {
+            return Ok(Begun::Done(Ok(state.head)));
+        }
         // Refused before anything is applied: a refusal after applying costs a reload.
-        if state.stored_bytes + update.len() as u64 > self.ctx.max_document_bytes {
+        let size = |state: &RoomState| state.stored_bytes + state.inflight_bytes + update.len() as u64;
+        if size(state) > self.ctx.max_document_bytes {
             // Compaction may have shrunk it since it was loaded: look again before refusing.
             if let Ok(Some(meta)) = store.meta(self.id.as_str()).await {
                 state.stored_bytes = meta.snapshot_bytes + meta.log_bytes;
             }
         }
-        if state.stored_bytes + update.len() as u64 > self.ctx.max_document_bytes {
+        if size(state) > self.ctx.max_document_bytes {
             tracing::info!(doc = %self.id, bytes = state.stored_bytes, "refusing an update: the document is at its maximum size");
             return Err(Refused::new(ErrorCode::DocumentTooLarge));
         }
-        let Some(doc) = state.live.as_ref() else {
-            return Err(Refused::new(ErrorCode::LoadFailed));
-        };
+        let doc = state.live.as_ref().ok_or(Refused::new(ErrorCode::LoadFailed))?;
         // Decoded and checked before anything is applied: a refusal here costs nobody else.
         let checked = check_push(doc, &update).map_err(|e| {
             tracing::info!(doc = %self.id, error = %e, "refusing an invalid update");
@@ -585,7 +401,7 @@ impl Room {
             tracing::info!(doc = %self.id, "refusing an update with missing dependencies");
             return Err(Refused::new(ErrorCode::MissingDependencies));
         }
-        if let Some(user) = user {
+        if let Some(user) = pusher.user {
             // Authorship: new structs under a client id only from its owner.
             for &client in &checked.writers {
                 match self.ctx.owners.claim(store, client, user).await {
@@ -602,12 +418,13 @@ impl Room {
                 }
             }
         }
+        let slot: &mut Option<RoomState> = guard;
+        let state = slot.as_mut().ok_or(Refused::new(ErrorCode::LoadFailed))?;
         if let Some(chat) = &state.chat {
             chat.reset();
         }
-        let Some(doc) = state.live.as_ref() else {
-            return Err(Refused::new(ErrorCode::LoadFailed));
-        };
+        let doc = state.live.as_ref().ok_or(Refused::new(ErrorCode::LoadFailed))?;
+        let reload_cost = state.stored_bytes;
         let changed = match apply_checked(doc, &update) {
             Ok(Applied::Integrated) => true,
             Ok(Applied::Unchanged) => false,
@@ -615,91 +432,149 @@ impl Room {
                 // The server never holds updates with missing dependencies (see engine::sync):
                 // refuse it and reload the live document, which now holds it, from the store.
                 tracing::info!(doc = %self.id, ?missing, "refusing an update with missing dependencies");
-                let reload_cost = state.stored_bytes;
-                self.reload(&mut guard, store).await;
+                self.reload(slot, store).await;
                 return Err(Refused {
                     code: ErrorCode::MissingDependencies,
                     reload_cost,
                 });
             }
+            Err(driftsync_engine::Error::TooManyPending { .. }) => {
+                return Err(Refused::new(ErrorCode::TooManyPending));
+            }
             Err(e) => {
+                // yrs may have applied part of it before failing: reload what is stored.
                 tracing::info!(doc = %self.id, error = %e, "refusing an update");
-                return Err(match e {
-                    driftsync_engine::Error::TooManyPending { .. } => Refused::new(ErrorCode::TooManyPending),
-                    // yrs may have applied part of it before failing: reload what is stored.
-                    _ => {
-                        let reload_cost = state.stored_bytes;
-                        self.reload(&mut guard, store).await;
-                        Refused {
-                            code: ErrorCode::InvalidUpdate,
-                            reload_cost,
-                        }
-                    }
+                self.reload(slot, store).await;
+                return Err(Refused {
+                    code: ErrorCode::InvalidUpdate,
+                    reload_cost,
                 });
             }
         };
         if let Some(Err(violation)) = state
             .chat
             .as_ref()
-            .map(|chat| chat.check(user, crate::presence::unix_ms()))
+            .map(|chat| chat.check(pusher.user, crate::presence::unix_ms()))
         {
             // The live document holds the refused update: reload it from the store.
-            tracing::info!(doc = %self.id, ?user, %violation, "refusing an update that breaks the chat rules");
-            let reload_cost = state.stored_bytes;
-            self.reload(&mut guard, store).await;
+            tracing::info!(doc = %self.id, user = ?pusher.user, %violation, "refusing an update that breaks the chat rules");
+            self.reload(slot, store).await;
             return Err(Refused {
                 code: ErrorCode::SchemaViolation,
                 reload_cost,
             });
         }
         if !changed {
-            // The document held all of it already (a re-sent batch, an echo), and the store
-            // holds everything the live document does: nothing to store, nothing to pass on.
-            // Acknowledged at the head, which covers it.
-            return Ok(state.head);
+            // The document held all of it already (a re-sent batch, an echo). Once every
+            // commit in flight has settled, the store holds everything the live document does:
+            // nothing to store, nothing to pass on; acknowledged at the head, which covers it.
+            if !state.inflight.is_empty() {
+                self.settle(slot, store, true).await;
+            }
+            return match slot.as_ref() {
+                Some(state) if !state.needs_recovery(&self.gate) => Ok(Begun::Done(Ok(state.head))),
+                _ => Err(Refused::new(ErrorCode::StoreUnavailable)),
+            };
         }
         // The other local subscribers get the update now, while it is being committed: the
         // durable commit (an fsync) stays out of their latency. Only the pusher's `Ack` waits
-        // for it. The cursor they get is the head before this update — every update logged up
-        // to it has been sent to them — so a subscriber never holds a cursor the store has not
-        // assigned; it reaches this update's cursor with the next update or resume. Should the
-        // commit fail, the room keeps the update and stores it itself before anything else
+        // for it. The cursor they get is the settled head — every update logged up to it has
+        // been sent to them — so a subscriber never holds a cursor the store has not assigned;
+        // it reaches this update's cursor with a later update or resume. Should the commit
+        // fail, the room keeps the update and stores it itself before anything else
         // (`unstored`): they never hold a change the server will not store while it runs.
         let event = RoomEvent::Update {
             doc: self.id.clone(),
             cursor: state.head,
             update: update.clone(),
         };
-        state.broadcast(session, event);
+        state.broadcast(&self.ctx, pusher.session, event);
         let append = Append {
             doc: self.id.as_str().to_string(),
-            origin,
-            update,
+            origin: pusher.origin,
+            update: update.clone(),
         };
-        match committer.append(append.clone()).await {
-            Ok(Appended::Stored(cursor)) => {
-                self.stored(&mut guard, store, cursor, append.update).await;
-                Ok(cursor)
-            }
-            Ok(Appended::Duplicate(cursor)) => Ok(cursor),
-            Err(e) => {
-                tracing::error!(doc = %self.id, error = %e, "store failed; update not acknowledged");
-                self.ctx.metrics.store_errors.inc();
-                match guard.as_mut() {
-                    Some(state) if append.update.len() <= MAX_UNSTORED_BYTES => {
-                        // Broadcast already: the room stores it itself at its next use or sweep,
-                        // so that readers never keep a change the server never stores. The
-                        // pusher gets no `Ack` and re-sends it; that re-send changes nothing.
-                        state.unstored.push(append.update);
-                    }
-                    _ => {
-                        // The live document holds an update the store does not: reload it, so
-                        // that nothing unacknowledged is ever served as stored.
-                        self.reload(&mut guard, store).await;
-                    }
+        // Queued under the lock: the store assigns cursors in the order updates were applied.
+        let commit = committer
+            .enqueue(append, Arc::clone(&self.gate), state.epoch)
+            .await
+            .shared();
+        let (tx, outcome) = oneshot::channel();
+        state.inflight_bytes += update.len() as u64;
+        state.inflight.push_back(InFlight {
+            commit: commit.clone(),
+            update,
+            generation: state.generation,
+            outcome: tx,
+        });
+        Ok(Begun::Committing {
+            commit: commit.map(|_| ()).boxed(),
+            outcome,
+        })
+    }
+
+    /// Settles the commits in flight, in the order they were queued: every one whose commit
+    /// has finished (with `wait`, every one, waiting for their commits). A stored update moves
+    /// the head, is remembered for resumes and published to the other instances; a failed one
+    /// is kept to be stored by the room itself (or, too large, makes the room reload).
+    async fn settle<S: Store>(&self, slot: &mut Option<RoomState>, store: &S, wait: bool) {
+        loop {
+            let Some(state) = slot.as_mut() else { return };
+            let Some(front) = state.inflight.front() else { return };
+            let result = if wait {
+                front.commit.clone().await
+            } else {
+                match front.commit.clone().now_or_never() {
+                    Some(result) => result,
+                    None => return,
                 }
-                Err(Refused::new(ErrorCode::StoreUnavailable))
-            }
+            };
+            let Some(entry) = state.inflight.pop_front() else {
+                return;
+            };
+            state.inflight_bytes -= entry.update.len() as u64;
+            let current = entry.generation == state.generation;
+            let result = result.unwrap_or_else(|_| {
+                Err(Arc::new(driftsync_engine::Error::Invalid(
+                    "the committer has stopped".into(),
+                )))
+            });
+            let outcome = match result {
+                Ok(Appended::Stored(cursor)) => {
+                    if current {
+                        Box::pin(self.stored(slot, store, cursor, entry.update)).await;
+                    } else {
+                        // Cannot happen (a reload waits for every commit in flight, and those
+                        // after a failed one fail), but if it did, the store would hold what
+                        // the live document lacks.
+                        tracing::error!(doc = %self.id, cursor, "an update was stored after its room reloaded; reloading again");
+                        self.reload_now(slot, store).await;
+                    }
+                    Ok(cursor)
+                }
+                Ok(Appended::Duplicate(cursor)) => Ok(cursor),
+                Err(e) => {
+                    tracing::error!(doc = %self.id, error = %e, "store failed; update not acknowledged");
+                    self.ctx.metrics.store_errors.inc();
+                    if current {
+                        let unstored: usize = state.unstored.iter().map(Vec::len).sum();
+                        if unstored + entry.update.len() <= MAX_UNSTORED_BYTES {
+                            // Broadcast already: the room stores it itself at its next use or
+                            // sweep, so that readers never keep a change the server never
+                            // stores. The pusher gets no `Ack` and re-sends it; that re-send
+                            // changes nothing.
+                            state.unstored.push(entry.update);
+                        } else {
+                            // The live document holds an update the store does not: reload it,
+                            // so that nothing unacknowledged is ever served as stored. (The
+                            // commits still in flight are bound to fail: see `crate::commit`.)
+                            self.reload_now(slot, store).await;
+                        }
+                    }
+                    Err(Refused::new(ErrorCode::StoreUnavailable))
+                }
+            };
+            let _ = entry.outcome.send(outcome);
         }
     }
 
@@ -708,6 +583,19 @@ impl Room {
     async fn stored<S: Store>(&self, slot: &mut Option<RoomState>, store: &S, cursor: Cursor, update: Vec<u8>) {
         let Some(state) = slot.as_mut() else { return };
         state.stored_bytes += update.len() as u64;
+        let publish = |update: Vec<u8>| {
+            // Other instances get what is stored only, with its cursor.
+            let shared = FanoutEvent::Update {
+                cursor,
+                update: Arc::from(update),
+            };
+            self.ctx.fanout.publish(self.ctx.instance, &self.id, shared);
+        };
+        if cursor <= state.head {
+            // Fan-in from another instance read it from the store already.
+            publish(update);
+            return;
+        }
         if cursor > state.head + 1 {
             // Another instance stored updates of this document in between, and their fan-in
             // has not arrived (or never will: no fan-out is configured). Once this commit moves
@@ -716,72 +604,149 @@ impl Room {
             match store.log_after(self.id.as_str(), state.head).await {
                 Ok(LogTail::Entries(entries)) => {
                     let gap = entries.into_iter().filter(|e| e.cursor < cursor).collect();
-                    state.take_stored(&self.id, gap);
+                    state.take_stored(&self.ctx, &self.id, gap);
                 }
                 Ok(LogTail::Pruned) | Err(_) => {
                     tracing::warn!(doc = %self.id, "updates of another instance not in the log: reloading the room");
-                    self.reload(slot, store).await;
+                    self.reload_now(slot, store).await;
                     if let Some(state) = slot.as_mut() {
-                        for sub in state.subscribers.values() {
-                            sub.out.ctl.close(CLOSE_RESYNC);
+                        for out in state.subscribers.values() {
+                            out.ctl.close(CLOSE_RESYNC);
                         }
                     }
-                    let shared = FanoutEvent::Update {
-                        cursor,
-                        update: Arc::from(update),
-                    };
-                    self.ctx.fanout.publish(self.ctx.instance, &self.id, shared);
+                    publish(update);
                     return;
                 }
             }
         }
+        let Some(state) = slot.as_mut() else { return };
         state.head = cursor;
         state.remember(cursor, &update);
-        // Other instances get what is stored only, with its cursor.
-        let shared = FanoutEvent::Update {
-            cursor,
-            update: Arc::from(update),
-        };
-        self.ctx.fanout.publish(self.ctx.instance, &self.id, shared);
+        publish(update);
     }
 
     /// Stores the changes the room broadcast but failed to commit (see `RoomState::unstored`),
-    /// in one transaction, as the server's own (no client batch). On failure they stay.
-    pub(crate) async fn flush_unstored<S: Store>(
-        &self,
-        slot: &mut Option<RoomState>,
-        store: &S,
-    ) -> driftsync_engine::Result<()> {
-        let Some(state) = slot.as_mut() else { return Ok(()) };
-        if state.unstored.is_empty() {
+    /// in one transaction, as the server's own (no client batch), once every commit in flight
+    /// has settled (those after a failed one fail too, and join them). Then the room queues
+    /// its appends in a new epoch. On failure they stay.
+    async fn recover<S: Store>(&self, slot: &mut Option<RoomState>, store: &S) -> driftsync_engine::Result<()> {
+        if !slot.as_ref().is_some_and(|state| state.needs_recovery(&self.gate)) {
             return Ok(());
         }
-        let appends: Vec<Append> = state
-            .unstored
-            .iter()
-            .map(|update| Append {
-                doc: self.id.as_str().to_string(),
-                origin: None,
-                update: update.clone(),
-            })
-            .collect();
-        let appended = store.append(&appends).await?;
-        let updates = std::mem::take(&mut state.unstored);
-        tracing::info!(doc = %self.id, count = updates.len(), "stored changes whose commit had failed");
-        for (appended, update) in appended.into_iter().zip(updates) {
-            if let Appended::Stored(cursor) = appended {
-                Box::pin(self.stored(slot, store, cursor, update)).await;
+        self.settle(slot, store, true).await;
+        let Some(state) = slot.as_mut() else { return Ok(()) };
+        if !state.unstored.is_empty() {
+            let appends: Vec<Append> = state
+                .unstored
+                .iter()
+                .map(|update| Append {
+                    doc: self.id.as_str().to_string(),
+                    origin: None,
+                    update: update.clone(),
+                })
+                .collect();
+            let appended = store.append(&appends).await?;
+            let updates = std::mem::take(&mut state.unstored);
+            tracing::info!(doc = %self.id, count = updates.len(), "stored changes whose commit had failed");
+            for (appended, update) in appended.into_iter().zip(updates) {
+                if let Appended::Stored(cursor) = appended {
+                    Box::pin(self.stored(slot, store, cursor, update)).await;
+                }
             }
+        }
+        if let Some(state) = slot.as_mut() {
+            state.epoch = state.epoch.max(self.gate.failed_through()) + 1;
         }
         Ok(())
     }
 
-    /// Sends an ephemeral event (presence, typing) to every other subscriber.
-    pub(crate) async fn relay(&self, session: u64, event: RoomEvent) {
+    // ----- subscribing -----
+
+    /// Answers one document of a native resume — what the client lacks after `cursor` given
+    /// its state vector — and subscribes connection `session` (queue `out`) to the room.
+    pub(crate) async fn resume<S: Store>(
+        &self,
+        store: &S,
+        session: u64,
+        out: &Outbound,
+        cursor: Cursor,
+        client_sv: &[u8],
+    ) -> Result<ResumeAnswer, ErrorCode> {
         let mut guard = self.state.lock().await;
-        if let Some(state) = guard.as_mut() {
-            state.broadcast(session, event);
+        let slot: &mut Option<RoomState> = &mut guard;
+        self.ensure_loaded(slot, store)
+            .await
+            .map_err(|e| load_failed(&self.id, &e))?;
+        // Commits in flight first: their updates are in the live document but not yet at a
+        // cursor, and were broadcast before this connection subscribed. Settled, they are in
+        // the log and the head: the answer covers them.
+        self.settle(slot, store, true).await;
+        let state = slot.as_mut().ok_or(ErrorCode::LoadFailed)?;
+        // The log is read only when the client is behind: an unchanged document costs nothing.
+        // A client far behind gets the state diff straight away, as if the log were compacted:
+        // reading and merging thousands of entries took over 100 ms for 10,000 B4 operations,
+        // and the merged tail would exceed the diff anyway (answer_resume sends the smaller).
+        let tail = if cursor == 0 || cursor >= state.head {
+            Some(Vec::new())
+        } else if state.head - cursor > MAX_TAIL_ENTRIES {
+            None
+        } else if let Some(entries) = state.recent_after(cursor) {
+            Some(entries)
+        } else {
+            match store.log_after(self.id.as_str(), cursor).await {
+                Ok(LogTail::Entries(entries)) => Some(entries),
+                Ok(LogTail::Pruned) => None,
+                Err(e) => {
+                    tracing::error!(doc = %self.id, error = %e, "store failed reading the log");
+                    return Err(ErrorCode::StoreUnavailable);
+                }
+            }
+        };
+        let live = state.live.as_ref().ok_or(ErrorCode::LoadFailed)?;
+        let answer = answer_resume(live, state.head, cursor, client_sv, tail.as_deref()).map_err(|e| {
+            tracing::info!(doc = %self.id, error = %e, "bad resume entry");
+            ErrorCode::Malformed
+        })?;
+        state.subscribers.insert(session, out.clone());
+        Ok(answer)
+    }
+
+    /// Subscribes Yjs connection `session` (queue `out`) and returns its greeting: the
+    /// document's state vector and the awareness states.
+    pub(crate) async fn join<S: Store>(&self, store: &S, session: u64, out: &Outbound) -> Result<Joined, ErrorCode> {
+        let mut guard = self.state.lock().await;
+        let slot: &mut Option<RoomState> = &mut guard;
+        self.ensure_loaded(slot, store)
+            .await
+            .map_err(|e| load_failed(&self.id, &e))?;
+        let state = slot.as_mut().ok_or(ErrorCode::LoadFailed)?;
+        let live = state.live.as_ref().ok_or(ErrorCode::LoadFailed)?;
+        let joined = Joined {
+            state_vector: state_vector(live),
+            awareness: state.presence.snapshot(),
+        };
+        state.subscribers.insert(session, out.clone());
+        Ok(joined)
+    }
+
+    /// What a client with state vector `sv` lacks (a y-protocols SyncStep2 payload). Commits
+    /// in flight are in the live document already: Yjs clients have no cursors to keep.
+    pub(crate) async fn diff<S: Store>(&self, store: &S, sv: &StateVector) -> Result<Vec<u8>, ErrorCode> {
+        let mut guard = self.state.lock().await;
+        let slot: &mut Option<RoomState> = &mut guard;
+        if slot.is_none() {
+            // Unloaded under the connection: a reload failed and it has been told to resync.
+            return Err(ErrorCode::LoadFailed);
         }
+        self.ensure_loaded(slot, store).await.map_err(|e| {
+            tracing::error!(doc = %self.id, error = %e, "reloading an evicted document failed");
+            ErrorCode::LoadFailed
+        })?;
+        let live = slot
+            .as_ref()
+            .and_then(|state| state.live.as_ref())
+            .ok_or(ErrorCode::LoadFailed)?;
+        Ok(missing_for(live, sv))
     }
 
     /// Removes a subscriber, and removes and announces every presence state it set, so no ghost
@@ -792,9 +757,19 @@ impl Room {
             state.subscribers.remove(&session);
             // Also when the subscriber is gone already (dropped as a slow consumer): its states
             // must not outlive it.
-            for event in state.presence.leave(&self.id, session, now_ms()) {
-                state.broadcast(session, event);
+            for event in state.presence.leave(&self.id, session, self.ctx.now_ms()) {
+                state.broadcast(&self.ctx, session, event);
             }
+        }
+    }
+
+    // ----- presence and ephemeral events -----
+
+    /// Sends an ephemeral event (typing) to every other subscriber.
+    pub(crate) async fn relay(&self, session: u64, event: RoomEvent) {
+        let mut guard = self.state.lock().await;
+        if let Some(state) = guard.as_mut() {
+            state.broadcast(&self.ctx, session, event);
         }
     }
 
@@ -807,13 +782,23 @@ impl Room {
             // A Yjs connection may not introduce the session id of a subscriber: native
             // connections use theirs as their awareness client id.
             let subscribers = &state.subscribers;
-            let events = state.presence.apply(&self.id, session, user, entries, now_ms(), |id| {
-                subscribers.contains_key(&id)
-            });
+            let events = state
+                .presence
+                .apply(&self.id, session, user, entries, self.ctx.now_ms(), |id| {
+                    subscribers.contains_key(&id)
+                });
             for event in events {
-                state.broadcast(NO_SESSION, event);
+                state.broadcast(&self.ctx, NO_SESSION, event);
             }
         }
+    }
+
+    /// The current awareness states and their size in bytes (`None`: the room is not loaded).
+    pub(crate) async fn awareness_snapshot(&self) -> Option<(Vec<AwarenessEntry>, usize)> {
+        let guard = self.state.lock().await;
+        guard
+            .as_ref()
+            .map(|state| (state.presence.snapshot(), state.presence.snapshot_bytes()))
     }
 
     /// Sets (or with `None`, clears) native connection `session`'s presence and sends it to the
@@ -825,7 +810,7 @@ impl Room {
         if let Some(state) = guard.as_mut() {
             let events = state
                 .presence
-                .set_native(&self.id, session, user, presence, now_ms())
+                .set_native(&self.id, session, user, presence, self.ctx.now_ms())
                 .map_err(|invalid| {
                     Refused::new(match invalid {
                         InvalidState::NotJson => ErrorCode::Malformed,
@@ -834,7 +819,7 @@ impl Room {
                     })
                 })?;
             for event in events {
-                state.broadcast(session, event);
+                state.broadcast(&self.ctx, session, event);
             }
         }
         Ok(())
@@ -845,30 +830,148 @@ impl Room {
     pub(crate) async fn send_presence(&self, session: u64) {
         let guard = self.state.lock().await;
         if let Some(state) = guard.as_ref() {
-            if let Some(sub) = state.subscribers.get(&session) {
+            if let Some(out) = state.subscribers.get(&session) {
                 for event in state.presence.snapshot_for(&self.id, session) {
-                    if !sub.out.send(Outgoing::Event(SharedEvent::new(event))) {
+                    if !out.send(Outgoing::Event(SharedEvent::new(event))) {
                         break;
                     }
                 }
             }
         }
     }
+
+    // ----- what the registry does to rooms -----
+
+    /// Takes in an update another instance stored. Only a loaded room cares: an unloaded one
+    /// will read it from the store when it loads.
+    pub(crate) async fn remote_update<S: Store>(&self, store: &S, cursor: Cursor, update: &[u8]) {
+        let mut guard = self.state.lock().await;
+        let slot: &mut Option<RoomState> = &mut guard;
+        let Some(state) = slot.as_mut() else { return };
+        if cursor <= state.head {
+            return;
+        }
+        // Updates between our head and this one were missed (or are still on their way): read
+        // them from the shared store, so subscribers get every update in cursor order.
+        let entries = if cursor == state.head + 1 {
+            vec![LogEntry {
+                cursor,
+                update: update.to_vec(),
+            }]
+        } else {
+            match store.log_after(self.id.as_str(), state.head).await {
+                Ok(LogTail::Entries(entries)) => entries,
+                Ok(LogTail::Pruned) | Err(_) => {
+                    tracing::warn!(doc = %self.id, "fan-out gap not in the log: reloading the room");
+                    self.reload(slot, store).await;
+                    if let Some(state) = slot.as_mut() {
+                        for out in state.subscribers.values() {
+                            out.ctl.close(CLOSE_RESYNC);
+                        }
+                    }
+                    return;
+                }
+            }
+        };
+        if let Some(state) = slot.as_mut() {
+            state.take_stored(&self.ctx, &self.id, entries);
+        }
+    }
+
+    /// Passes presence from another instance to the local subscribers, if the room is loaded.
+    pub(crate) async fn remote_presence(&self, event: RoomEvent) {
+        let mut guard = self.state.lock().await;
+        if let Some(state) = guard.as_mut() {
+            state.broadcast(&self.ctx, REMOTE_SESSION, event);
+        }
+    }
+
+    /// Removes and announces the presence states not refreshed in time. A room busy right now
+    /// is left for the next sweep.
+    pub(crate) fn expire_presence(&self, now_ms: u64) {
+        let Ok(mut guard) = self.state.try_lock() else { return };
+        if let Some(state) = guard.as_mut() {
+            for event in state.presence.expire(&self.id, now_ms) {
+                state.broadcast(&self.ctx, NO_SESSION, event);
+            }
+        }
+    }
+
+    /// One sweep of the room (skipped if it is busy): settles finished commits, stores what
+    /// failed commits left, and evicts the live document of a subscribed room unused since the
+    /// previous sweep. Returns whether the log grew since the last sweep (time to consider
+    /// compacting it).
+    pub(crate) async fn sweep<S: Store>(&self, store: &S) -> bool {
+        let Ok(mut guard) = self.state.try_lock() else {
+            return false;
+        };
+        let slot: &mut Option<RoomState> = &mut guard;
+        self.settle(slot, store, false).await;
+        if let Err(e) = self.recover(slot, store).await {
+            tracing::warn!(doc = %self.id, error = %e, "storing changes whose commit failed earlier failed again");
+        }
+        let Some(state) = slot.as_mut() else { return false };
+        if !state.subscribers.is_empty() {
+            if state.active {
+                state.active = false;
+            } else if state.live.is_some() && state.unstored.is_empty() && state.inflight.is_empty() {
+                // Subscribed, but nobody wrote to it or resumed it for a whole sweep interval.
+                // (A room without subscribers is unloaded instead.)
+                state.evict();
+                tracing::debug!(doc = %self.id, "evicted the live document of an idle room");
+            }
+        }
+        if state.head > state.checked_head {
+            state.checked_head = state.head;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Unloads the room if nobody has been subscribed to it for two sweeps in a row and it
+    /// holds nothing unstored. Returns whether the room may be removed from the registry
+    /// (unloaded now, or never loaded). Never waits: a busy room stays.
+    pub(crate) fn try_unload(&self) -> bool {
+        let Ok(mut guard) = self.state.try_lock() else {
+            return false;
+        };
+        match guard.as_mut() {
+            None => true,
+            Some(state) if state.subscribers.is_empty() && state.unstored.is_empty() && state.inflight.is_empty() => {
+                state.idle_sweeps += 1;
+                if state.idle_sweeps >= 2 {
+                    *guard = None;
+                    self.ctx.metrics.rooms.dec();
+                    true
+                } else {
+                    false
+                }
+            }
+            Some(state) => {
+                state.idle_sweeps = 0;
+                false
+            }
+        }
+    }
 }
 
-/// The most bytes of broadcast changes whose commit failed that a room keeps to store later;
-/// a larger one makes the room reload from the store instead.
-const MAX_UNSTORED_BYTES: usize = 4 * 1024 * 1024;
-
-/// The most updates kept in a room's `recent` (as many as compaction keeps in the log).
-const RECENT_ENTRIES: usize = 1024;
-/// The most bytes of updates kept in a room's `recent`.
-const RECENT_BYTES: usize = 256 * 1024;
+/// The part of a push done under the lock: answered at once, or committing.
+enum Begun {
+    Done(Result<Cursor, Refused>),
+    Committing {
+        /// Resolves when the commit has finished (whatever its result).
+        commit: futures_util::future::BoxFuture<'static, ()>,
+        /// The outcome, once the room settled the commit.
+        outcome: oneshot::Receiver<Result<Cursor, Refused>>,
+    },
+}
 
 impl RoomState {
-    /// The live document, loaded by [`Room::ensure_loaded`]; `None` only while evicted.
-    pub(crate) fn doc(&self) -> Option<&Doc> {
-        self.live.as_ref()
+    /// Whether a failed commit left something to recover before anything else is stored: an
+    /// update the room must store itself, or a failure not settled yet.
+    fn needs_recovery(&self, gate: &Gate) -> bool {
+        !self.unstored.is_empty() || gate.failed_through() >= self.epoch
     }
 
     /// Drops the live document and the recent updates of an idle room.
@@ -882,7 +985,7 @@ impl RoomState {
     /// Takes in updates the shared store holds beyond the head (written by other instances), in
     /// cursor order: applied to the live document, remembered, and sent to every subscriber
     /// with their own cursors.
-    fn take_stored(&mut self, doc: &DocId, entries: Vec<LogEntry>) {
+    fn take_stored(&mut self, ctx: &RoomCtx, doc: &DocId, entries: Vec<LogEntry>) {
         for entry in entries {
             if entry.cursor <= self.head {
                 continue;
@@ -900,13 +1003,14 @@ impl RoomState {
                 }
             }
             self.head = entry.cursor;
+            self.stored_bytes += entry.update.len() as u64;
             self.remember(entry.cursor, &entry.update);
             let event = RoomEvent::Update {
                 doc: doc.clone(),
                 cursor: entry.cursor,
                 update: entry.update,
             };
-            self.broadcast(NO_SESSION, event);
+            self.broadcast(ctx, NO_SESSION, event);
         }
     }
 
@@ -930,7 +1034,7 @@ impl RoomState {
     }
 
     /// The stored updates after `cursor` up to the head, if `recent` holds all of them.
-    pub(crate) fn recent_after(&self, cursor: Cursor) -> Option<Vec<LogEntry>> {
+    fn recent_after(&self, cursor: Cursor) -> Option<Vec<LogEntry>> {
         let first = self.recent.front()?;
         let last = self.recent.back()?;
         if last.cursor != self.head || first.cursor > cursor + 1 {
@@ -941,9 +1045,9 @@ impl RoomState {
 
     /// Sends `event` to every subscriber but `except`. A subscriber whose queue is full is told
     /// to resync and dropped from the room: never silently left behind.
-    pub(crate) fn broadcast(&mut self, except: u64, event: RoomEvent) {
+    fn broadcast(&mut self, ctx: &RoomCtx, except: u64, event: RoomEvent) {
         // Presence is shared with the other instances here, where every presence change of the
-        // room passes; updates are published by `Room::push` after their commit.
+        // room passes; updates are published once stored (`Room::stored`).
         if let (
             RoomEvent::Presence {
                 doc,
@@ -961,228 +1065,201 @@ impl RoomState {
                 clock: *clock,
                 state: state.clone(),
             };
-            self.ctx.fanout.publish(self.ctx.instance, doc, shared);
+            ctx.fanout.publish(ctx.instance, doc, shared);
         }
         let event = SharedEvent::new(event);
         self.subscribers
-            .retain(|session, sub| *session == except || sub.out.send(Outgoing::Event(Arc::clone(&event))));
+            .retain(|session, out| *session == except || out.send(Outgoing::Event(Arc::clone(&event))));
     }
 }
 
-/// Closes a connection from anywhere, with a WebSocket close code.
-pub(crate) struct ConnCtl {
-    pub(crate) token: CancellationToken,
-    code: AtomicU16,
-    /// The server's metrics (frames and bytes out, slow consumers).
-    pub(crate) metrics: Arc<Metrics>,
-}
-
-impl ConnCtl {
-    pub(crate) fn new(token: CancellationToken, metrics: Arc<Metrics>) -> Self {
-        metrics.connections.inc();
-        ConnCtl {
-            token,
-            code: AtomicU16::new(driftsync_protocol::CLOSE_GOING_AWAY),
-            metrics,
+/// Whether every block `update` inserts is integrated in `doc` and every deletion it carries is
+/// applied. A y-protocols SyncStep2 always carries the sender's whole delete set (deletions have
+/// no clock), so without this check every reconnect of a Yjs client would be checked, applied
+/// and its delete set logged again. Anything this cannot prove redundant (including undecodable
+/// bytes, which the push then refuses) counts as new.
+fn already_integrated(doc: &Doc, update: &[u8]) -> bool {
+    let Ok(update) = decode_update(update) else {
+        return false;
+    };
+    catch_unwind(AssertUnwindSafe(|| {
+        let txn = doc.transact();
+        let have = txn.state_vector();
+        let inserts_known = update
+            .insertions(true)
+            .iter()
+            .all(|(client, ranges)| ranges.iter().all(|range| range.end <= have.get(client)));
+        if !inserts_known {
+            return false;
         }
-    }
-
-    /// Asks the connection to close with `code` (the first code asked for wins).
-    pub(crate) fn close(&self, code: u16) {
-        if !self.token.is_cancelled() {
-            self.code.store(code, Ordering::Relaxed);
-            self.token.cancel();
+        let deleted = update.delete_set();
+        if deleted.is_empty() {
+            return true;
         }
-    }
-
-    pub(crate) fn code(&self) -> u16 {
-        self.code.load(Ordering::Relaxed)
-    }
-}
-
-/// A connection's bounded outbound queue.
-#[derive(Clone)]
-pub(crate) struct Outbound {
-    pub(crate) tx: queue::Sender<Outgoing>,
-    pub(crate) ctl: Arc<ConnCtl>,
-}
-
-impl Outbound {
-    /// Queues an item; on overflow (in frames or bytes) closes the connection with
-    /// [`CLOSE_RESYNC`] and returns false: a slow consumer is disconnected with a reason, never
-    /// silently left behind.
-    pub(crate) fn send(&self, item: Outgoing) -> bool {
-        let weight = item.weight();
-        match self.tx.try_send_weighted(item, weight) {
-            Ok(()) => true,
-            Err(queue::TrySendError::Full) => {
-                tracing::warn!("slow consumer: outbound queue full, closing with resync");
-                self.ctl.metrics.slow_consumers.inc();
-                self.ctl.close(CLOSE_RESYNC);
-                false
-            }
-            Err(queue::TrySendError::Closed) => false,
-        }
-    }
-
-    /// Queues an encoded frame.
-    pub(crate) fn frame(&self, bytes: Vec<u8>) -> bool {
-        self.send(Outgoing::Frame(bytes))
-    }
-
-    /// Queues the answer to this connection's own request once its queue has room (see
-    /// [`queue::Sender::send_waiting`]): a large answer goes out as fast as the peer reads it,
-    /// never all at once into memory, and never crowds out broadcasts. A peer that reads
-    /// nothing for `patience` is closed with [`CLOSE_RESYNC`]. Returns false if the frame was
-    /// not queued (the connection is closing).
-    pub(crate) async fn answer(&self, bytes: Vec<u8>, patience: std::time::Duration) -> bool {
-        let weight = bytes.len() + ITEM_OVERHEAD;
-        tokio::select! {
-            () = self.ctl.token.cancelled() => false,
-            sent = tokio::time::timeout(patience, self.tx.send_waiting(Outgoing::Frame(bytes), weight)) => match sent {
-                Ok(Ok(())) => true,
-                Ok(Err(_)) => false,
-                Err(_) => {
-                    tracing::info!("peer reads none of its answers: closing with resync");
-                    self.ctl.metrics.slow_consumers.inc();
-                    self.ctl.close(CLOSE_RESYNC);
-                    false
-                }
-            }
-        }
-    }
-}
-
-/// What a queued item costs besides its payload (its slot, the frame header, bookkeeping).
-const ITEM_OVERHEAD: usize = 64;
-
-impl Outgoing {
-    /// What holding this item in a queue costs, in bytes, for the queue's byte bound. A shared
-    /// event counts whole in every queue that holds it: each would keep it alive alone.
-    fn weight(&self) -> usize {
-        ITEM_OVERHEAD
-            + match self {
-                Outgoing::Frame(bytes) | Outgoing::Pong(bytes) => bytes.len(),
-                Outgoing::Ping => 0,
-                Outgoing::Event(shared) => match &shared.event {
-                    RoomEvent::Update { doc, update, .. } => doc.as_str().len() + update.len(),
-                    RoomEvent::Presence { doc, user, state, .. } => {
-                        doc.as_str().len() + user.len() + state.as_ref().map_or(0, String::len)
-                    }
-                    RoomEvent::Typing { doc, user, .. } => doc.as_str().len() + user.len(),
-                },
-            }
-    }
-}
-
-impl Drop for ConnCtl {
-    fn drop(&mut self) {
-        self.metrics.connections.dec();
-    }
-}
-
-/// Compacts a document whose log grew by at least `policy.min_log_bytes` since its snapshot,
-/// whether or not the log outgrew the snapshot (used when a room unloads and at shutdown).
-async fn compact_grown<S: Store>(store: &S, doc: &DocId, policy: &CompactionPolicy) {
-    match store.meta(doc.as_str()).await {
-        Ok(Some(meta)) if meta.log_bytes >= policy.min_log_bytes => {
-            if let Err(e) = store.compact(doc.as_str(), policy).await {
-                tracing::warn!(doc = %doc, error = %e, "compaction failed");
-            }
-        }
-        Ok(_) => {}
-        Err(e) => tracing::warn!(doc = %doc, error = %e, "reading document metadata failed"),
-    }
-}
-
-/// Compacts a document's log when the policy says it is due. Failures are logged and counted:
-/// compaction is an optimisation, the log stays correct without it.
-async fn compact_if_due<S: Store>(store: &S, doc: &str, policy: &CompactionPolicy, metrics: &Metrics) {
-    match store.meta(doc).await {
-        Ok(Some(meta)) if policy.due(&meta) => match store.compact(doc, policy).await {
-            Ok(Some(done)) => tracing::debug!(doc, ?done, "compacted"),
-            Ok(None) => {}
-            Err(e) => {
-                metrics.store_errors.inc();
-                tracing::warn!(doc, error = %e, "compaction failed");
-            }
-        },
-        Ok(_) => {}
-        Err(e) => {
-            metrics.store_errors.inc();
-            tracing::warn!(doc, error = %e, "reading document metadata failed");
-        }
-    }
+        let missing = deleted.diff(&txn.snapshot().delete_set);
+        missing
+            .iter()
+            .all(|(_, ranges)| ranges.iter().all(|range| range.is_empty()))
+    }))
+    .unwrap_or(false)
 }
 
 #[cfg(test)]
 mod tests {
-    use driftsync_engine::doc::{new_doc, text, text_insert};
-    use driftsync_engine::store::SqliteStore;
+    use driftsync_engine::doc::{encode_state, new_doc, text, text_delete, text_insert};
+    use driftsync_engine::store::{CompactionPolicy, SqliteStore};
+    use tokio_util::sync::CancellationToken;
 
     use super::*;
+    use crate::commit::RunCommitter;
+    use crate::event::ConnCtl;
     use crate::fanout::NoFanout;
+    use crate::metrics::Metrics;
+    use crate::queue;
+    use crate::rooms::Rooms;
 
     fn rooms() -> Rooms {
-        Rooms::new(RoomCtx {
-            metrics: Arc::new(Metrics::new()),
-            fanout: Arc::new(NoFanout),
-            instance: 1,
-            owners: Arc::default(),
-            max_document_bytes: u64::MAX,
-            max_clock_skew_ms: driftsync_engine::clock::DEFAULT_MAX_CLOCK_SKEW_MS,
+        Rooms::new(RoomCtx::new(
+            Arc::new(Metrics::new()),
+            Arc::new(NoFanout),
+            1,
+            u64::MAX,
+            driftsync_engine::clock::DEFAULT_MAX_CLOCK_SKEW_MS,
+        ))
+    }
+
+    fn committer(store: &Arc<SqliteStore>) -> Committer {
+        Committer::start(Arc::clone(store), |run: RunCommitter<SqliteStore>| {
+            tokio::spawn(run.run());
         })
     }
 
-    /// A subscriber so that sweeps keep the room (and evict its document instead of unloading it).
-    fn subscribe(state: &mut RoomState, metrics: &Arc<Metrics>) -> queue::Receiver<Outgoing> {
+    fn pusher() -> Pusher<'static> {
+        Pusher {
+            session: 1,
+            user: None,
+            origin: None,
+        }
+    }
+
+    /// A subscriber's queue, so that sweeps keep the room (and evict its document instead of
+    /// unloading it).
+    fn subscriber(metrics: &Arc<Metrics>) -> (Outbound, queue::Receiver<Outgoing>) {
         let (tx, rx) = queue::channel(16);
         let ctl = Arc::new(ConnCtl::new(CancellationToken::new(), Arc::clone(metrics)));
-        state.subscribers.insert(
-            7,
-            Subscriber {
-                out: Outbound { tx, ctl },
-            },
-        );
-        rx
+        (Outbound { tx, ctl }, rx)
     }
 
     #[tokio::test]
     async fn an_idle_room_evicts_its_document_and_reloads_it_on_the_next_push() {
         let store = Arc::new(SqliteStore::open_in_memory().await.unwrap());
-        let (committer, _task) = Committer::start(Arc::clone(&store));
+        let committer = committer(&store);
         let rooms = rooms();
         let id = DocId::new("notes").unwrap();
         let room = rooms.get(&id);
         let writer = new_doc(5).unwrap();
         let a = text_insert(&writer, 0, "hello").unwrap();
         let b = text_insert(&writer, 5, " world").unwrap();
-        assert_eq!(room.push(&*store, &committer, 1, None, None, a).await.unwrap(), 1);
-        let _rx = {
-            let mut guard = room.state.lock().await;
-            let state = guard.as_mut().unwrap();
-            subscribe(state, &rooms.ctx.metrics)
-        };
+        let pushed = room.push(&*store, &committer, pusher(), a, false).await;
+        assert_eq!(pushed.await.unwrap(), 1);
+        let (out, _rx) = subscriber(&rooms.ctx().metrics);
+        room.resume(&*store, 7, &out, 1, &state_vector(&new_doc(9).unwrap()))
+            .await
+            .unwrap();
         // The first sweep sees the push, the second finds the room unused and evicts.
         let policy = CompactionPolicy::default();
         rooms.sweep(&*store, &policy).await;
-        assert!(room.state.lock().await.as_ref().unwrap().doc().is_some());
+        assert!(room.state.lock().await.as_ref().unwrap().live.is_some());
         rooms.sweep(&*store, &policy).await;
         {
             let guard = room.state.lock().await;
             let state = guard.as_ref().unwrap();
-            assert!(state.doc().is_none(), "evicted");
+            assert!(state.live.is_none(), "evicted");
             assert_eq!(state.head, 1);
             assert_eq!(state.subscribers.len(), 1, "subscribers stay");
         }
         // The next push reloads the document from the store and applies on top of it.
-        assert_eq!(room.push(&*store, &committer, 1, None, None, b).await.unwrap(), 2);
+        let pushed = room.push(&*store, &committer, pusher(), b, false).await;
+        assert_eq!(pushed.await.unwrap(), 2);
         let guard = room.state.lock().await;
         let state = guard.as_ref().unwrap();
-        assert_eq!(text(state.doc().unwrap()), "hello world");
+        assert_eq!(text(state.live.as_ref().unwrap()), "hello world");
         // Recent updates restart after an eviction: only what they hold is answered from them.
         assert_eq!(state.recent_after(1).map(|e| e.len()), Some(1));
         assert!(state.recent_after(0).is_none());
         assert_eq!(state.recent_after(2).map(|e| e.len()), Some(0));
+    }
+
+    #[tokio::test]
+    async fn pushes_pipeline_and_settle_in_order() {
+        let store = Arc::new(SqliteStore::open_in_memory().await.unwrap());
+        let committer = committer(&store);
+        let rooms = rooms();
+        let room = rooms.get(&DocId::new("chat-ish").unwrap());
+        let writer = new_doc(5).unwrap();
+        let mut outcomes = Vec::new();
+        // Every push is applied and queued before any commit is awaited.
+        for i in 0..20u32 {
+            let update = text_insert(&writer, i, "x").unwrap();
+            outcomes.push(room.push(&*store, &committer, pusher(), update, false).await);
+        }
+        assert!(
+            !room.state.lock().await.as_ref().unwrap().inflight.is_empty(),
+            "commits in flight"
+        );
+        // Awaited in reverse: whoever settles first settles everything before it.
+        let mut cursors = Vec::new();
+        for outcome in outcomes.into_iter().rev() {
+            cursors.push(outcome.await.unwrap());
+        }
+        cursors.reverse();
+        assert_eq!(cursors, (1..=20).collect::<Vec<_>>());
+        let guard = room.state.lock().await;
+        let state = guard.as_ref().unwrap();
+        assert_eq!(state.head, 20);
+        assert!(state.inflight.is_empty());
+        assert_eq!(text(state.live.as_ref().unwrap()).len(), 20);
+    }
+
+    #[tokio::test]
+    async fn a_resume_waits_for_the_commits_in_flight() {
+        let store = Arc::new(SqliteStore::open_in_memory().await.unwrap());
+        let committer = committer(&store);
+        let rooms = rooms();
+        let room = rooms.get(&DocId::new("notes").unwrap());
+        let writer = new_doc(5).unwrap();
+        let a = text_insert(&writer, 0, "abc").unwrap();
+        let outcome = room.push(&*store, &committer, pusher(), a, false).await;
+        // A reader at the head before the push: its answer must hold the update in flight
+        // (it was broadcast before the reader subscribed) and a cursor covering it.
+        let (out, _rx) = subscriber(&rooms.ctx().metrics);
+        let reader = new_doc(6).unwrap();
+        let answer = room.resume(&*store, 9, &out, 0, &state_vector(&reader)).await.unwrap();
+        assert_eq!(answer.cursor, 1);
+        driftsync_engine::doc::apply_bytes(&reader, &answer.update.unwrap()).unwrap();
+        assert_eq!(text(&reader), "abc");
+        assert_eq!(outcome.await.unwrap(), 1);
+    }
+
+    #[test]
+    fn a_resent_state_is_recognised_as_redundant() {
+        let server = new_doc(1).unwrap();
+        let client = new_doc(2).unwrap();
+        let a = text_insert(&client, 0, "hello world").unwrap();
+        let b = text_delete(&client, 0, 6).unwrap();
+        driftsync_engine::doc::apply_bytes(&server, &a).unwrap();
+        // The insertion is known, the deletion is not.
+        assert!(!already_integrated(&server, &encode_state(&client)));
+        driftsync_engine::doc::apply_bytes(&server, &b).unwrap();
+        // What a reconnecting client sends: a diff against the server's state vector, which
+        // still carries the whole delete set.
+        let sv = server.transact().state_vector();
+        let step2 = client.transact().encode_diff_v1(&sv);
+        assert!(already_integrated(&server, &step2));
+        assert!(already_integrated(&server, &encode_state(&client)));
+        // A new insertion is not redundant, nor is garbage.
+        let c = text_insert(&client, 0, "!").unwrap();
+        assert!(!already_integrated(&server, &c));
+        assert!(!already_integrated(&server, &[0xff, 0xff, 0x01]));
     }
 }

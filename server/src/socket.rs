@@ -28,8 +28,9 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 
+use crate::event::{Codec, ConnCtl, Outbound, Outgoing};
 use crate::queue;
-use crate::room::{ConnCtl, Outbound, Outgoing, Protocol, RoomEvent};
+use crate::tasks::Tasks;
 
 /// How long a closing connection may take to flush what is queued and send its close frame.
 /// A peer that does not read (dead or slow) is cut off after this.
@@ -76,7 +77,13 @@ const OP_CLOSE: u8 = 0x8;
 const OP_PING: u8 = 0x9;
 const OP_PONG: u8 = 0xA;
 
-type Io = TokioIo<Upgraded>;
+/// What a connection runs on: an upgraded HTTP connection, or (in a simulation) any in-memory
+/// byte stream.
+pub(crate) trait Stream: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
+
+impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Stream for T {}
+
+type Io = Box<dyn Stream>;
 
 /// A WebSocket upgrade request (HTTP/1.1, RFC 6455 §4.2.1), checked as axum's own extractor
 /// checks it; what it upgrades to is ours (see the module documentation).
@@ -161,14 +168,14 @@ impl<S: OriginCheck + Send + Sync> FromRequestParts<S> for Upgrade {
 impl Upgrade {
     /// Answers `101 Switching Protocols` and, once the connection is upgraded, runs `callback`
     /// on it in a task of its own. Incoming frames and messages are limited to `max_size` bytes.
-    pub(crate) fn on_upgrade<F, Fut>(self, max_size: usize, callback: F) -> Response
+    pub(crate) fn on_upgrade<F, Fut>(self, tasks: &Arc<Tasks>, max_size: usize, callback: F) -> Response
     where
         F: FnOnce(Socket) -> Fut + Send + 'static,
         Fut: std::future::Future<Output = ()> + Send + 'static,
     {
         let accept = derive_accept_key(self.key.as_bytes());
         let on_upgrade = self.on_upgrade;
-        tokio::spawn(async move {
+        tasks.spawn_connection(async move {
             let upgraded = match on_upgrade.await {
                 Ok(upgraded) => upgraded,
                 Err(e) => {
@@ -176,7 +183,7 @@ impl Upgrade {
                     return;
                 }
             };
-            callback(Socket::new(TokioIo::new(upgraded), max_size)).await;
+            callback(Socket::new(Box::new(TokioIo::<Upgraded>::new(upgraded)), max_size)).await;
         });
         let Ok(accept) = HeaderValue::from_str(&accept) else {
             return refuse(StatusCode::INTERNAL_SERVER_ERROR, "bad accept key");
@@ -198,7 +205,8 @@ pub(crate) struct Socket {
 }
 
 impl Socket {
-    fn new(io: Io, max_size: usize) -> Socket {
+    /// A WebSocket already upgraded on `io`, reading frames of at most `max_size` bytes.
+    pub(crate) fn new(io: Io, max_size: usize) -> Socket {
         let (read, writer) = tokio::io::split(io);
         Socket {
             reader: Reader::new(read, max_size),
@@ -207,19 +215,19 @@ impl Socket {
     }
 
     /// Starts the connection's writer on a queue of `queue` items, sending room events encoded
-    /// by `encode` (`None` skips an event). Returns the reader and the queue.
+    /// by `codec`. Returns the reader and the queue.
     pub(crate) fn start(
         self,
+        tasks: &Arc<Tasks>,
         queue: usize,
         ctl: Arc<ConnCtl>,
-        protocol: Protocol,
-        encode: fn(&RoomEvent) -> Option<Vec<u8>>,
+        codec: Codec,
     ) -> (Reader, Outbound, tokio::task::JoinHandle<()>) {
         let Socket { mut reader, writer } = self;
         let (tx, rx) = queue::channel(queue);
         let out = Outbound { tx, ctl };
         reader.out = Some(out.clone());
-        let writer = spawn_writer(writer, rx, Arc::clone(&out.ctl), protocol, encode);
+        let writer = tasks.spawn_connection(write_loop(writer, rx, Arc::clone(&out.ctl), codec));
         (reader, out, writer)
     }
 }
@@ -637,34 +645,22 @@ fn encode_header(header: &mut [u8; 10], opcode: u8, len: usize) -> usize {
     }
 }
 
-/// Spawns the writer: it sends queued items (room events encoded by `encode`; `None` skips an
-/// event) until the queue closes or the connection is told to close, then — within
-/// [`CLOSE_FLUSH_TIMEOUT`] — finishes the frame it was writing, flushes what is still queued
-/// (acknowledgements matter) and sends a close frame with the connection's close code. A slow
-/// consumer told to resync gets no flush, only the close frame: it will resume anyway. A blocked
-/// write never keeps the writer from noticing the close.
-fn spawn_writer(
-    io: WriteHalf<Io>,
-    rx: queue::Receiver<Outgoing>,
-    ctl: Arc<ConnCtl>,
-    protocol: Protocol,
-    encode: fn(&RoomEvent) -> Option<Vec<u8>>,
-) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(write_loop(io, rx, ctl, protocol, encode))
-}
-
-/// The writer of [`spawn_writer`]. Every connection holds one for its whole life, idle or not:
+/// The writer: it sends queued items (room events encoded by its codec) until the queue closes
+/// or the connection is told to close, then — within [`CLOSE_FLUSH_TIMEOUT`] — finishes the frame
+/// it was writing, flushes what is still queued (acknowledgements matter) and sends a close frame
+/// with the connection's close code. A slow consumer told to resync gets no flush, only the close
+/// frame: it will resume anyway. A blocked write never keeps the writer from noticing the close.
+/// Every connection holds one for its whole life, idle or not:
 /// its size is part of the memory of an idle connection.
 async fn write_loop<W: AsyncWrite + Unpin>(
     mut io: W,
     mut rx: queue::Receiver<Outgoing>,
     ctl: Arc<ConnCtl>,
-    protocol: Protocol,
-    encode: fn(&RoomEvent) -> Option<Vec<u8>>,
+    codec: Codec,
 ) {
     let frame_of = |item: Outgoing| match item {
         Outgoing::Frame(bytes) => Some((OP_BINARY, Bytes::from(bytes))),
-        Outgoing::Event(event) => event.encoded(protocol, encode).map(|bytes| (OP_BINARY, bytes)),
+        Outgoing::Event(event) => event.encoded(codec).map(|bytes| (OP_BINARY, bytes)),
         Outgoing::Ping => Some((OP_PING, Bytes::new())),
         Outgoing::Pong(payload) => Some((OP_PONG, Bytes::from(payload))),
     };
@@ -810,16 +806,6 @@ fn reserve_within(vec: &mut Vec<u8>, additional: usize, max: usize) {
     vec.reserve_exact(target - vec.len());
 }
 
-/// The next binary message, skipping WebSocket pings and pongs; `None` at close or error.
-pub(crate) async fn next_binary(reader: &mut Reader) -> Option<Vec<u8>> {
-    loop {
-        match next_incoming(reader).await? {
-            Incoming::Binary(bytes) => return Some(bytes),
-            Incoming::Control => continue,
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -920,7 +906,15 @@ mod tests {
         let (_tx, rx) = queue::channel(8);
         let metrics = Arc::new(crate::metrics::Metrics::new());
         let ctl = Arc::new(ConnCtl::new(tokio_util::sync::CancellationToken::new(), metrics));
-        let writer = write_loop(write, rx, ctl, Protocol::Native, |_| None);
+        let writer = write_loop(
+            write,
+            rx,
+            ctl,
+            Codec {
+                slot: 0,
+                encode: |_| None,
+            },
+        );
         // Every connection holds one, idle or not (BENCHMARKS.md, "per idle connection"): the
         // slices of a vectored write held across an await once made it 2 KiB larger.
         let size = std::mem::size_of_val(&writer);

@@ -1,0 +1,318 @@
+//! The connection driver: the one place a connection's I/O happens, whatever its protocol.
+//!
+//! It runs a [`Handler`] on an upgraded socket: starts the writer, reads messages (pings
+//! answered and control frames counted by the socket), applies the rate limit, keeps the
+//! heartbeat (a peer silent for three intervals is closed), fires the handler's timers (hello
+//! deadline, token expiry), carries the handler's requests to the rooms and brings the replies
+//! back, paces answers by the peer's reading, and when the connection ends — the peer left, a
+//! handler or room closed it, or the server shuts down (the connection's token is a child of
+//! the server's) — leaves every room it joined and lets the writer flush.
+//!
+//! Pushes are pipelined: the driver starts a push (validated, applied, broadcast and queued for
+//! its commit by the room) and goes on reading while the commit is in flight; replies come back
+//! to the handler in the order the pushes were made. At most [`MAX_PUSHES_IN_FLIGHT`] per
+//! connection: beyond, the driver stops reading until the oldest settles.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use driftsync_engine::store::Store;
+use driftsync_protocol::CLOSE_PROTOCOL_ERROR;
+use futures_util::future::BoxFuture;
+use futures_util::stream::FuturesOrdered;
+use futures_util::{FutureExt, StreamExt};
+use tokio::time::Instant;
+
+use crate::event::{ConnCtl, Outbound, Outgoing};
+use crate::handler::{Action, Actions, Handler, Now, Reply, Request};
+use crate::limits::Limiter;
+use crate::room::Pusher;
+use crate::socket::{next_incoming, Incoming, Reader, Socket, DRAIN_BYTES, DRAIN_TIME};
+use crate::Shared;
+
+/// The most pushes of one connection whose commits may be in flight at once.
+pub(crate) const MAX_PUSHES_IN_FLIGHT: usize = 64;
+
+/// Runs one connection with `handler` until it ends.
+pub(crate) async fn run<S: Store, H: Handler>(shared: Arc<Shared<S>>, socket: Socket, handler: impl FnOnce(u64) -> H) {
+    let ctl = Arc::new(ConnCtl::new(shared.shutdown.child_token(), Arc::clone(&shared.metrics)));
+    let (stream, out, writer) = socket.start(&shared.tasks, shared.config.outbound_queue, ctl, H::CODEC);
+    out.tx.set_max_bytes(shared.config.outbound_queue_bytes);
+    let session = shared.next_session();
+    let now = Instant::now();
+    let mut conn = Conn {
+        shared: &shared,
+        store: &*shared.store,
+        out,
+        stream,
+        session,
+        limiter: Limiter::new(&shared.config.rate_limit, &shared.config.room_opens, now),
+        actions: Actions::new(),
+        pushes: FuturesOrdered::new(),
+    };
+    let mut handler = handler(session);
+    // Boxed: the loop's future holds store queries and room futures, which idle connections
+    // must not pay for in their task's size.
+    Box::pin(conn.serve(&mut handler)).await;
+    // Pushes whose commits are in flight still get their acknowledgements, if they come soon
+    // (the writer flushes what is queued when the connection closes, unless told to resync).
+    let _ = tokio::time::timeout(FINISH_PUSHES, conn.finish_pushes(&mut handler)).await;
+    for doc in handler.subscriptions() {
+        shared.rooms.get(&doc).leave(session).await;
+    }
+    conn.out.ctl.close(driftsync_protocol::CLOSE_GOING_AWAY);
+    let Conn { out, mut stream, .. } = conn;
+    // The reader holds a handle to the queue too (for pongs).
+    drop(out);
+    let _ = writer.await;
+    // Not at shutdown: the process is about to go, and closing fast matters more then.
+    if !shared.shutdown.is_cancelled() {
+        stream.drain(DRAIN_BYTES, DRAIN_TIME).await;
+    }
+}
+
+/// One connection, while it runs.
+struct Conn<'a, S> {
+    shared: &'a Shared<S>,
+    store: &'a S,
+    out: Outbound,
+    stream: Reader,
+    session: u64,
+    limiter: Limiter,
+    /// What the handler asked for and the driver has not done yet.
+    actions: Actions,
+    /// Pushes whose commits are in flight, in the order they were made.
+    pushes: FuturesOrdered<BoxFuture<'a, Reply>>,
+}
+
+/// How long a closing connection waits for the commits of its pushes in flight.
+const FINISH_PUSHES: Duration = Duration::from_secs(2);
+
+impl<'a, S: Store> Conn<'a, S> {
+    /// Passes the outcomes of the pushes in flight to the handler and queues the frames it
+    /// answers them with; nothing else is done any more.
+    async fn finish_pushes<H: Handler>(&mut self, handler: &mut H) {
+        while let Some(reply) = self.pushes.next().await {
+            handler.reply(reply, Now::read(), &mut self.actions);
+            for action in self.actions.drain(..) {
+                if let Action::Send(bytes) = action {
+                    self.out.frame(bytes);
+                }
+            }
+        }
+    }
+
+    async fn serve<H: Handler>(&mut self, handler: &mut H) {
+        let heartbeat = self.shared.config.heartbeat;
+        // The first tick one interval from now. (`interval` + a first `tick().await` cost every
+        // new connection up to a millisecond: an elapsed deadline still waits for the timer
+        // wheel's next tick, and the first message was read only after it.)
+        let mut ticker = tokio::time::interval_at(Instant::now() + heartbeat, heartbeat);
+        let mut last_heard = Instant::now();
+        handler.start(Now::read(), &mut self.actions);
+        if !self.act(handler).await {
+            return;
+        }
+        loop {
+            let deadline = handler.deadline();
+            let reading = self.pushes.len() < MAX_PUSHES_IN_FLIGHT;
+            let token = self.out.ctl.token.clone();
+            tokio::select! {
+                biased;
+                () = token.cancelled() => return,
+                Some(reply) = self.pushes.next(), if !self.pushes.is_empty() => {
+                    handler.reply(reply, Now::read(), &mut self.actions);
+                }
+                () = sleep_until(deadline) => handler.timer(Now::read(), &mut self.actions),
+                _ = ticker.tick() => {
+                    if last_heard.elapsed() > heartbeat * 3 {
+                        tracing::info!(session = self.session, "peer silent for three heartbeats: closing");
+                        return;
+                    }
+                    handler.heartbeat(&mut self.actions);
+                }
+                incoming = next_incoming(&mut self.stream), if reading => {
+                    let Some(incoming) = incoming else { return };
+                    // Any message, a pong included, shows the peer is alive.
+                    last_heard = Instant::now();
+                    self.limiter.charge_uncounted(self.stream.take_uncounted(), last_heard);
+                    let Incoming::Binary(bytes) = incoming else { continue };
+                    if self.limiter.allow(bytes.len(), last_heard) {
+                        handler.message(bytes, Now::read(), &mut self.actions);
+                    } else {
+                        tracing::debug!(session = self.session, "rate limited");
+                        handler.rate_limited(&mut self.actions);
+                    }
+                }
+            }
+            if !self.act(handler).await {
+                return;
+            }
+        }
+    }
+
+    /// Carries out the handler's actions, feeding replies back, until none is left. Returns
+    /// false when the connection is closing.
+    async fn act<H: Handler>(&mut self, handler: &mut H) -> bool {
+        let patience = self.shared.config.heartbeat * 3;
+        while let Some(action) = self.actions.pop_front() {
+            match action {
+                Action::Send(bytes) => {
+                    self.out.frame(bytes);
+                }
+                Action::Answer { bytes, charge } => {
+                    if charge {
+                        self.limiter.charge(bytes.len(), Instant::now());
+                    }
+                    if !self.out.answer(bytes, patience).await {
+                        return false;
+                    }
+                }
+                Action::Ping => {
+                    self.out.send(Outgoing::Ping);
+                }
+                Action::FrameLimit(size) => self.stream.set_max_size(size),
+                Action::ChargeReload(cost) => {
+                    if !self.limiter.pay_reload(cost, Instant::now()) {
+                        tracing::info!(
+                            session = self.session,
+                            "too many refused updates costing reloads: closing"
+                        );
+                        self.out.ctl.close(CLOSE_PROTOCOL_ERROR);
+                        return false;
+                    }
+                }
+                Action::Close(code) => {
+                    self.out.ctl.close(code);
+                    return false;
+                }
+                Action::Request(Request::Push {
+                    doc,
+                    origin,
+                    update,
+                    skip_redundant,
+                    tag,
+                }) => {
+                    let room = self.shared.rooms.get(&doc);
+                    let pusher = Pusher {
+                        session: self.session,
+                        user: handler.identity(),
+                        origin,
+                    };
+                    let outcome = room
+                        .push(self.store, &self.shared.committer, pusher, update, skip_redundant)
+                        .await;
+                    self.pushes
+                        .push_back(outcome.map(move |result| Reply::Pushed { doc, tag, result }).boxed());
+                }
+                Action::Request(request) => {
+                    let reply = Box::pin(self.execute(handler, request)).await;
+                    handler.reply(reply, Now::read(), &mut self.actions);
+                }
+            }
+            if self.out.ctl.token.is_cancelled() {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Carries out one request (not a push) for the connection.
+    async fn execute<H: Handler>(&mut self, handler: &H, request: Request) -> Reply {
+        let shared = self.shared;
+        match request {
+            Request::Claim { client_id, user } => {
+                let claimed = shared.rooms.ctx().owners.claim(self.store, client_id, &user).await;
+                Reply::Claimed(claimed.map_err(|e| {
+                    tracing::error!(session = self.session, error = %e, "store failed binding a client id");
+                }))
+            }
+            Request::Resume {
+                doc,
+                cursor,
+                state_vector,
+                opening,
+            } => {
+                if opening && !self.may_open(handler.identity()) {
+                    return Reply::Resumed {
+                        doc,
+                        result: Err(driftsync_protocol::ErrorCode::RateLimited),
+                    };
+                }
+                let room = shared.rooms.get(&doc);
+                let result = room
+                    .resume(self.store, self.session, &self.out, cursor, &state_vector)
+                    .await;
+                Reply::Resumed { doc, result }
+            }
+            Request::Join { doc } => {
+                if !self.may_open(handler.identity()) {
+                    tracing::info!(session = self.session, doc = %doc, "connection refused: opening rooms too fast");
+                    return Reply::Joined(Err(driftsync_protocol::ErrorCode::RateLimited));
+                }
+                let room = shared.rooms.get(&doc);
+                Reply::Joined(room.join(self.store, self.session, &self.out).await)
+            }
+            Request::Diff { doc, state_vector } => {
+                Reply::Diff(shared.rooms.get(&doc).diff(self.store, &state_vector).await)
+            }
+            Request::Leave { doc } => {
+                shared.rooms.get(&doc).leave(self.session).await;
+                Reply::Done
+            }
+            Request::Presence { doc, state } => {
+                let result = shared
+                    .rooms
+                    .get(&doc)
+                    .presence(self.session, handler.user(), state)
+                    .await;
+                Reply::Presence { doc, result }
+            }
+            Request::Awareness { doc, entries } => {
+                shared
+                    .rooms
+                    .get(&doc)
+                    .awareness(self.session, handler.user(), &entries)
+                    .await;
+                Reply::Done
+            }
+            Request::Relay { doc, event } => {
+                shared.rooms.get(&doc).relay(self.session, event).await;
+                Reply::Done
+            }
+            Request::SendPresence { doc } => {
+                shared.rooms.get(&doc).send_presence(self.session).await;
+                Reply::Done
+            }
+            Request::AwarenessSnapshot { doc } => Reply::AwarenessSnapshot(
+                shared
+                    .rooms
+                    .get(&doc)
+                    .awareness_snapshot()
+                    .await
+                    .map(|(entries, _)| entries),
+            ),
+            Request::Push { .. } => {
+                // Pushes are pipelined by `act`; never sent here.
+                Reply::Done
+            }
+        }
+    }
+
+    /// Whether the connection may open one more room now: paced per connection and, for an
+    /// authenticated user, across their connections.
+    fn may_open(&mut self, identity: Option<&str>) -> bool {
+        let now = Instant::now();
+        let shared = self.shared;
+        self.limiter.allow_open(now)
+            && identity.is_none_or(|user| shared.opens.allow(&shared.config.room_opens, user, now))
+    }
+}
+
+/// Sleeps until `deadline`; never returns without one.
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}

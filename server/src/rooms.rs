@@ -1,0 +1,219 @@
+//! The registry of rooms: finds or creates the room of a document, passes in what other
+//! instances stored or announced, and sweeps — unloading idle rooms, evicting the live documents
+//! of subscribed rooms unused for a sweep interval, compacting logs that grew.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use driftsync_engine::store::{CompactionPolicy, Store};
+use driftsync_protocol::{Cursor, DocId};
+
+use crate::event::RoomEvent;
+use crate::fanout::Fanout;
+use crate::metrics::Metrics;
+use crate::owners::Owners;
+use crate::room::Room;
+
+/// What rooms share: metrics, the fan-out to other instances, client id ownership, limits, and
+/// the instance's monotonic clock.
+pub(crate) struct RoomCtx {
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) fanout: Arc<dyn Fanout>,
+    /// This instance's id on the fan-out.
+    pub(crate) instance: u64,
+    /// Who owns which yrs client id (see [`crate::owners`]).
+    pub(crate) owners: Arc<Owners>,
+    /// The largest a document may grow, in stored bytes (snapshot and log); a push beyond it is
+    /// refused with `ErrorCode::DocumentTooLarge`.
+    pub(crate) max_document_bytes: u64,
+    /// How far ahead of the server's clock a new chat message's stamp may be.
+    pub(crate) max_clock_skew_ms: u64,
+    /// When the instance started, on tokio's clock (virtual in a simulation).
+    epoch: tokio::time::Instant,
+}
+
+impl RoomCtx {
+    pub(crate) fn new(
+        metrics: Arc<Metrics>,
+        fanout: Arc<dyn Fanout>,
+        instance: u64,
+        max_document_bytes: u64,
+        max_clock_skew_ms: u64,
+    ) -> RoomCtx {
+        RoomCtx {
+            metrics,
+            fanout,
+            instance,
+            owners: Arc::default(),
+            max_document_bytes,
+            max_clock_skew_ms,
+            epoch: tokio::time::Instant::now(),
+        }
+    }
+
+    /// Milliseconds since the instance started, on tokio's monotonic clock: presence timing.
+    pub(crate) fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+}
+
+/// The registry of rooms.
+pub(crate) struct Rooms {
+    /// Ordered, so that sweeps visit rooms in one order.
+    map: Mutex<BTreeMap<String, Arc<Room>>>,
+    /// What every room shares with the rest of the server.
+    ctx: Arc<RoomCtx>,
+}
+
+impl Rooms {
+    pub(crate) fn new(ctx: RoomCtx) -> Self {
+        Rooms {
+            map: Mutex::default(),
+            ctx: Arc::new(ctx),
+        }
+    }
+
+    /// What every room shares.
+    pub(crate) fn ctx(&self) -> &RoomCtx {
+        &self.ctx
+    }
+
+    /// The room for `id`, created (not yet loaded) on first use.
+    pub(crate) fn get(&self, id: &DocId) -> Arc<Room> {
+        let mut map = self.map.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(room) = map.get(id.as_str()) {
+            return Arc::clone(room);
+        }
+        let room = Arc::new(Room::new(id.clone(), Arc::clone(&self.ctx)));
+        map.insert(id.as_str().to_string(), Arc::clone(&room));
+        room
+    }
+
+    /// The room for `id` if it exists.
+    fn existing(&self, id: &DocId) -> Option<Arc<Room>> {
+        self.map
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(id.as_str())
+            .cloned()
+    }
+
+    /// Every room, in id order.
+    fn all(&self) -> Vec<Arc<Room>> {
+        self.map
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// Takes in an update another instance stored (see [`crate::fanout`]). Only a loaded room
+    /// cares: an unloaded one will read it from the store when it loads.
+    pub(crate) async fn remote_update<S: Store>(&self, store: &S, doc: &DocId, cursor: Cursor, update: &[u8]) {
+        if let Some(room) = self.existing(doc) {
+            room.remote_update(store, cursor, update).await;
+        }
+    }
+
+    /// Passes presence from another instance to the local subscribers of a loaded room.
+    pub(crate) async fn remote_presence(
+        &self,
+        doc: &DocId,
+        peer: u64,
+        user: String,
+        clock: u64,
+        state: Option<String>,
+    ) {
+        if let Some(room) = self.existing(doc) {
+            let event = RoomEvent::Presence {
+                doc: doc.clone(),
+                peer,
+                user,
+                clock,
+                state,
+            };
+            room.remote_presence(event).await;
+        }
+    }
+
+    /// Sweeps every room (see [`Room::sweep`]), compacts the logs of loaded rooms that grew,
+    /// and unloads rooms nobody has been subscribed to for two sweeps in a row. Only a room
+    /// nothing else holds is removed (checked under the map lock), so a document never has two
+    /// live rooms. Every acknowledged write is already committed, so unloading flushes nothing.
+    pub(crate) async fn sweep<S: Store>(&self, store: &S, policy: &CompactionPolicy) {
+        for room in self.all() {
+            if room.sweep(store).await {
+                compact_if_due(store, room.id.as_str(), policy, &self.ctx.metrics).await;
+            }
+        }
+        let mut unloaded = Vec::new();
+        self.map
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .retain(|_, room| {
+                if Arc::strong_count(room) > 1 || !room.try_unload() {
+                    return true;
+                }
+                unloaded.push(room.id.clone());
+                false
+            });
+        // A room going idle is the moment to fold its log: the next load reads the snapshot.
+        for id in unloaded {
+            compact_grown(store, &id, policy).await;
+        }
+    }
+
+    /// At shutdown: folds into its snapshot the log of every room in memory that grew by at
+    /// least `policy.min_log_bytes` since its snapshot (whether or not the log outgrew the
+    /// snapshot, which is when the sweeps compact), so that the next start loads snapshots
+    /// instead of replaying logs. Rooms unloaded by a sweep were compacted the same way.
+    pub(crate) async fn compact_at_shutdown<S: Store>(&self, store: &S, policy: &CompactionPolicy) {
+        for room in self.all() {
+            compact_grown(store, &room.id, policy).await;
+        }
+    }
+
+    /// Removes and announces the presence states of every loaded room not refreshed in time.
+    /// A room busy right now is left for the next sweep.
+    pub(crate) fn expire_presence(&self) {
+        let now = self.ctx.now_ms();
+        for room in self.all() {
+            room.expire_presence(now);
+        }
+    }
+}
+
+/// Compacts a document whose log grew by at least `policy.min_log_bytes` since its snapshot,
+/// whether or not the log outgrew the snapshot (used when a room unloads and at shutdown).
+async fn compact_grown<S: Store>(store: &S, doc: &DocId, policy: &CompactionPolicy) {
+    match store.meta(doc.as_str()).await {
+        Ok(Some(meta)) if meta.log_bytes >= policy.min_log_bytes => {
+            if let Err(e) = store.compact(doc.as_str(), policy).await {
+                tracing::warn!(doc = %doc, error = %e, "compaction failed");
+            }
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(doc = %doc, error = %e, "reading document metadata failed"),
+    }
+}
+
+/// Compacts a document's log when the policy says it is due. Failures are logged and counted:
+/// compaction is an optimisation, the log stays correct without it.
+async fn compact_if_due<S: Store>(store: &S, doc: &str, policy: &CompactionPolicy, metrics: &Metrics) {
+    match store.meta(doc).await {
+        Ok(Some(meta)) if policy.due(&meta) => match store.compact(doc, policy).await {
+            Ok(Some(done)) => tracing::debug!(doc, ?done, "compacted"),
+            Ok(None) => {}
+            Err(e) => {
+                metrics.store_errors.inc();
+                tracing::warn!(doc, error = %e, "compaction failed");
+            }
+        },
+        Ok(_) => {}
+        Err(e) => {
+            metrics.store_errors.inc();
+            tracing::warn!(doc, error = %e, "reading document metadata failed");
+        }
+    }
+}
