@@ -65,7 +65,7 @@ pub struct Failure {
 
 /// The one command that replays a seed with its whole trace.
 pub fn replay_command(seed: u64) -> String {
-    format!("cargo run -p driftsync-sim --release --features seam -- --seed {seed} --verbose")
+    format!("cargo run -p driftsync-sim --release -- --seed {seed} --verbose")
 }
 
 impl fmt::Display for Failure {

@@ -2,7 +2,7 @@
 //!
 //! * `driftsync-sim --seed N [--verbose]`: one run (with `--verbose`, its whole trace);
 //! * `driftsync-sim --seeds A..B`: every seed from A up to (not including) B; stops at the first
-//!   failure and prints the command that replays it.
+//!   failure and prints the command that replays it (`--keep-going`: one line per failure).
 
 use std::process::ExitCode;
 use std::time::Instant;
@@ -10,7 +10,7 @@ use std::time::Instant;
 use driftsync_sim::{run, Options};
 
 fn usage() -> ExitCode {
-    eprintln!("usage: driftsync-sim --seed N [--verbose] | --seeds A..B");
+    eprintln!("usage: driftsync-sim --seed N [--verbose] | --seeds A..B [--keep-going]");
     ExitCode::from(2)
 }
 
@@ -38,18 +38,31 @@ fn main() -> ExitCode {
         let (Ok(a), Ok(b)) = (a.parse::<u64>(), b.parse::<u64>()) else {
             return usage();
         };
+        let keep_going = args.iter().any(|a| a == "--keep-going");
         let started = Instant::now();
+        let mut failed = 0u64;
         for seed in a..b {
             if let Err(failure) = run(seed, Options { verbose }) {
-                eprintln!("{failure}");
-                return ExitCode::FAILURE;
+                if !keep_going {
+                    eprintln!("{failure}");
+                    return ExitCode::FAILURE;
+                }
+                failed += 1;
+                eprintln!("seed {seed}: {}", failure.violation);
             }
             if (seed - a + 1) % 100 == 0 {
                 println!("{} seeds ok ({:.0} s)", seed - a + 1, started.elapsed().as_secs_f64());
             }
         }
-        println!("seeds {a}..{b} ok in {:.1} s", started.elapsed().as_secs_f64());
-        return ExitCode::SUCCESS;
+        println!(
+            "seeds {a}..{b}: {failed} failed, {:.1} s",
+            started.elapsed().as_secs_f64()
+        );
+        return if failed == 0 {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        };
     }
     usage()
 }

@@ -226,6 +226,17 @@ impl NativeReplica {
         })
     }
 
+    /// The last update pushed on this connection as `batch` of `doc`.
+    pub fn sent_update(&self, doc: &str, batch: u64) -> Option<Vec<u8>> {
+        let session = self.session.as_ref()?;
+        session
+            .sent
+            .iter()
+            .rev()
+            .find(|(d, b, _)| d == doc && *b == batch)
+            .map(|(_, _, u)| u.clone())
+    }
+
     /// Sets or clears this replica's presence in a document.
     pub fn presence_frame(&self, doc: &str, state: Option<String>) -> Option<ClientFrame> {
         let session = self.session.as_ref()?;

@@ -108,6 +108,8 @@ pub(crate) struct World {
     max_latency_ms: u64,
     trace: Trace,
     links_opened: u64,
+    /// Fan-out ids handed out so far (every start gets a new one).
+    instance_ids: u64,
     next_check_ms: u64,
     stats: BTreeMap<&'static str, u64>,
 }
@@ -191,6 +193,7 @@ impl World {
                 lines: 0,
             },
             links_opened: 0,
+            instance_ids: 0,
             next_check_ms: 1000,
             stats: BTreeMap::new(),
         }
@@ -258,8 +261,10 @@ impl World {
     }
 
     fn start_instance(&mut self, i: usize) {
-        self.instances[i] = Some(Instance::start(Arc::clone(&self.store), self.config.clone()));
-        self.log(format!("instance {i} starts"));
+        self.instance_ids += 1;
+        let id = self.instance_ids;
+        self.instances[i] = Some(Instance::start(Arc::clone(&self.store), self.config.clone(), id));
+        self.log(format!("instance {i} starts (fan-out id {id})"));
     }
 
     /// One step of the schedule.
@@ -667,7 +672,17 @@ impl World {
                         Ok(frame) => frame,
                         Err(e) => return Err(self.fail(format!("c{c} got an undecodable frame: {e}"))),
                     };
-                    let line = format!("c{c} <- {}", describe_server(&frame));
+                    let mut line = format!("c{c} <- {}", describe_server(&frame));
+                    if let ServerFrame::Error {
+                        code: driftsync_protocol::ErrorCode::MissingDependencies,
+                        doc: Some(doc),
+                        batch: Some(batch),
+                    } = &frame
+                    {
+                        if let Some(update) = replica.sent_update(doc.as_str(), *batch) {
+                            line.push_str(&missing_detail(&self.store, doc.as_str(), &update));
+                        }
+                    }
                     let outcome = replica.receive(frame);
                     self.log(line);
                     if let Some(violation) = outcome.violation {
@@ -949,5 +964,28 @@ fn describe_yjs(message: &YMessage) -> String {
                 .collect::<Vec<_>>()
         ),
         other => format!("{other:?}"),
+    }
+}
+
+/// Why the store's document cannot take `update` (for a `MissingDependencies` in the trace).
+fn missing_detail(store: &MemStore, doc: &str, update: &[u8]) -> String {
+    let Ok(stored) = store_doc(store, doc) else {
+        return String::new();
+    };
+    let sv: Vec<(u64, u32)> = {
+        use yrs::{ReadTxn as _, Transact as _};
+        stored
+            .transact()
+            .state_vector()
+            .iter()
+            .map(|(c, k)| (c.get(), *k))
+            .collect()
+    };
+    match driftsync_engine::validate::check_update(update) {
+        Ok(summary) => format!(
+            " [store sv {sv:?}; push carries {:?}, references {:?}, deletes {:?}]",
+            summary.carried, summary.references, summary.deletes
+        ),
+        Err(e) => format!(" [push does not validate: {e}]"),
     }
 }
