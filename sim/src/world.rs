@@ -663,7 +663,11 @@ impl World {
         let closed = link.is_closed();
         for message in messages {
             let Message::Binary(bytes) = message else {
-                self.log(format!("c{c} <- close"));
+                let why = match &message {
+                    Message::Close(Some(frame)) => format!(" {} {:?}", u16::from(frame.code), frame.reason.as_str()),
+                    _ => String::new(),
+                };
+                self.log(format!("c{c} <- close{why}"));
                 continue;
             };
             match &mut self.clients[c].kind {
