@@ -1,0 +1,68 @@
+//! `driftsync-sim`: runs simulation seeds.
+//!
+//! * `driftsync-sim --seed N [--verbose]`: one run (with `--verbose`, its whole trace);
+//! * `driftsync-sim --seeds A..B`: every seed from A up to (not including) B; stops at the first
+//!   failure and prints the command that replays it (`--keep-going`: one line per failure).
+
+use std::process::ExitCode;
+use std::time::Instant;
+
+use driftsync_sim::{run, Options};
+
+fn usage() -> ExitCode {
+    eprintln!("usage: driftsync-sim --seed N [--verbose] | --seeds A..B [--keep-going]");
+    ExitCode::from(2)
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let verbose = args.iter().any(|a| a == "--verbose");
+    let value = |flag: &str| args.iter().position(|a| a == flag).and_then(|i| args.get(i + 1));
+    if let Some(seed) = value("--seed") {
+        let Ok(seed) = seed.parse::<u64>() else { return usage() };
+        return match run(seed, Options { verbose }) {
+            Ok(report) => {
+                println!("seed {seed} ok (digest {:016x}): {}", report.digest, report.summary);
+                ExitCode::SUCCESS
+            }
+            Err(failure) => {
+                eprintln!("{failure}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    if let Some(range) = value("--seeds") {
+        let Some((a, b)) = range.split_once("..") else {
+            return usage();
+        };
+        let (Ok(a), Ok(b)) = (a.parse::<u64>(), b.parse::<u64>()) else {
+            return usage();
+        };
+        let keep_going = args.iter().any(|a| a == "--keep-going");
+        let started = Instant::now();
+        let mut failed = 0u64;
+        for seed in a..b {
+            if let Err(failure) = run(seed, Options { verbose }) {
+                if !keep_going {
+                    eprintln!("{failure}");
+                    return ExitCode::FAILURE;
+                }
+                failed += 1;
+                eprintln!("seed {seed}: {}", failure.violation);
+            }
+            if (seed - a + 1) % 100 == 0 {
+                println!("{} seeds ok ({:.0} s)", seed - a + 1, started.elapsed().as_secs_f64());
+            }
+        }
+        println!(
+            "seeds {a}..{b}: {failed} failed, {:.1} s",
+            started.elapsed().as_secs_f64()
+        );
+        return if failed == 0 {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        };
+    }
+    usage()
+}
