@@ -388,6 +388,16 @@ impl Machine {
                 conn.next_ping = Some(now + heartbeat);
                 self.nonce += 1;
                 actions.push(Action::Send(ClientFrame::Ping { nonce: self.nonce }));
+                // The server forgets presence not refreshed for 30 s (as y-protocols peers do);
+                // the heartbeat (15 s by default) renews it, like a Yjs client's awareness.
+                if self.options.mode == Mode::Live && conn.listed {
+                    for (doc, state) in &self.presence {
+                        if state.is_some() {
+                            let state = state.clone();
+                            push_frame(&mut actions, doc, |doc| ClientFrame::Presence { doc, state });
+                        }
+                    }
+                }
             }
         }
         if conn.retry_at.is_some_and(|at| now >= at) {

@@ -176,11 +176,14 @@ pub fn check_push(doc: &Doc, bytes: &[u8]) -> Result<CheckedPush> {
         .collect();
     writers.dedup();
     // Deletions of items the document lacks would wait in yrs's pending delete set: for the
-    // server, which never holds anything pending, they are missing dependencies too.
-    let deletes_known = summary
-        .deletes
-        .iter()
-        .all(|&(client, clock, len)| clock.saturating_add(len) <= has(client) || summary.carries(client, clock));
+    // server, which never holds anything pending, they are missing dependencies too. A range may
+    // span items the document has and items the push carries (text written offline, then one
+    // deletion across old and new): only its part beyond the document must be carried.
+    let deletes_known = summary.deletes.iter().all(|&(client, clock, len)| {
+        let end = clock.saturating_add(len);
+        let known = has(client);
+        end <= known || summary.carries_range(client, clock.max(known), end)
+    });
     let complete = deletes_known && dependencies_satisfied(&summary, has);
     Ok(CheckedPush {
         writers,

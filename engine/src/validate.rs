@@ -219,6 +219,21 @@ impl UpdateSummary {
         self.carried.is_empty() && self.deletes.is_empty()
     }
 
+    /// Whether the update carries every struct of `client` at clocks `start..end`.
+    pub fn carries_range(&self, client: u64, start: u32, end: u32) -> bool {
+        if start >= end {
+            return true;
+        }
+        // Adjacent structs are merged, so a covered range lies within one carried range.
+        let i = self
+            .carried
+            .partition_point(|&(c, first, _)| (c, first) <= (client, start));
+        i > 0 && {
+            let (c, _, last) = self.carried[i - 1];
+            c == client && start < last && end <= last
+        }
+    }
+
     /// Whether the update carries the struct of `client` at `clock`.
     pub fn carries(&self, client: u64, clock: u32) -> bool {
         // `carried` is sorted by (client, start) and its ranges are disjoint.

@@ -6,8 +6,8 @@
 //! native connection uses its session id as client id and the room keeps its clock. Knowing which
 //! connection controls which client lets the room remove and announce every state of a connection
 //! that leaves, so no ghost remains, whatever protocol the watchers speak. States not refreshed
-//! for [`PRESENCE_TIMEOUT`] are removed and announced by a per-server sweeper
-//! ([`run_sweeper`]).
+//! for [`PRESENCE_TIMEOUT`] are removed and announced by a per-server sweeper (every
+//! [`PRESENCE_SWEEP`]).
 //!
 //! # Who may set what
 //! A connection sets and clears only the awareness entries it introduced:
@@ -35,11 +35,15 @@
 //! clients send them for every peer they timed out. Read-only connections set their own
 //! presence like any other: presence is not document content, and a viewer's cursor is normal.
 //!
-//! Presence of other server instances does not enter this table: it arrives through
-//! `Rooms::remote_presence` (room.rs), which only relays it to the local subscribers. That is
-//! enough because every instance applies these same rules to its own connections before
-//! broadcasting (and so publishing) anything: what arrives from another instance was checked
-//! there. (An instance cannot see, though, the ids that connections of *other* instances own.)
+//! Presence of other server instances does not enter this table: it arrives through the
+//! fan-out (`Room::remote_presence`) and is kept beside it ([`Presence::remote`]): relayed to
+//! the local subscribers, shown to new ones, and expired like local states when not refreshed
+//! for [`PRESENCE_TIMEOUT`] — an instance that crashed announces no departures, and its
+//! connections' states must not outlive it. The rules are not applied again: every instance
+//! applies them to its own connections before broadcasting (and so publishing) anything, so
+//! what arrives was checked there. (An instance cannot see, though, the ids that connections of
+//! *other* instances own.) The remote states of a room are bounded by
+//! [`MAX_ROOM_STATE_BYTES`] too.
 //!
 //! Everything here is sans-IO: methods take the current time and return the room events to
 //! broadcast; the room holds its lock around them.
@@ -167,6 +171,20 @@ pub(crate) struct Presence {
     /// Per awareness client id the table remembers: its owner. (Every id the table remembers
     /// was applied through this type, so every one has an entry.)
     clients: BTreeMap<u64, Client>,
+    /// States of other instances' connections, by awareness client id.
+    remote: BTreeMap<u64, Remote>,
+    /// Bytes of state in `remote`.
+    remote_bytes: usize,
+}
+
+/// A state set through another instance.
+#[derive(Debug)]
+struct Remote {
+    user: String,
+    clock: u64,
+    state: String,
+    /// When it was last set or refreshed here.
+    seen_ms: u64,
 }
 
 impl Presence {
@@ -396,9 +414,109 @@ impl Presence {
             .collect()
     }
 
-    /// Every current state as one awareness entry list (for Yjs clients).
+    /// Takes in a state another instance announced (`None`: removed) and returns the event to
+    /// pass to the local subscribers, if it changes what they see. A state older than the one
+    /// known (a lower clock) is ignored; one that would take the room's remote states beyond
+    /// [`MAX_ROOM_STATE_BYTES`] too.
+    pub(crate) fn remote(
+        &mut self,
+        doc: &DocId,
+        peer: u64,
+        user: String,
+        clock: u64,
+        state: Option<String>,
+        now_ms: u64,
+    ) -> Option<RoomEvent> {
+        if self.remote.get(&peer).is_some_and(|known| clock < known.clock) {
+            return None;
+        }
+        let old = self.remote.remove(&peer);
+        let old_bytes = old.as_ref().map_or(0, |old| old.state.len());
+        self.remote_bytes -= old_bytes;
+        match state {
+            Some(state) => {
+                if self.remote_bytes + state.len() > MAX_ROOM_STATE_BYTES {
+                    tracing::info!(doc = %doc, peer, "presence from another instance dropped: the room's remote states are full");
+                    if let Some(old) = old {
+                        self.remote_bytes += old.state.len();
+                        self.remote.insert(peer, old);
+                    }
+                    return None;
+                }
+                self.remote_bytes += state.len();
+                self.remote.insert(
+                    peer,
+                    Remote {
+                        user: user.clone(),
+                        clock,
+                        state: state.clone(),
+                        seen_ms: now_ms,
+                    },
+                );
+                Some(event(
+                    doc,
+                    &user,
+                    AwarenessEntry {
+                        client_id: peer,
+                        clock,
+                        state: Some(state),
+                    },
+                ))
+            }
+            None => old.map(|_| {
+                event(
+                    doc,
+                    &user,
+                    AwarenessEntry {
+                        client_id: peer,
+                        clock,
+                        state: None,
+                    },
+                )
+            }),
+        }
+    }
+
+    /// Removes the remote states not refreshed for [`PRESENCE_TIMEOUT`] and returns the events
+    /// announcing the removals to the local subscribers (each instance expires its own copy).
+    pub(crate) fn expire_remote(&mut self, doc: &DocId, now_ms: u64) -> Vec<RoomEvent> {
+        let timeout = u64::try_from(PRESENCE_TIMEOUT.as_millis()).unwrap_or(u64::MAX);
+        let mut removed = Vec::new();
+        let mut freed = 0;
+        self.remote.retain(|&peer, remote| {
+            if now_ms.saturating_sub(remote.seen_ms) < timeout {
+                return true;
+            }
+            freed += remote.state.len();
+            removed.push(event(
+                doc,
+                &remote.user,
+                AwarenessEntry {
+                    client_id: peer,
+                    clock: remote.clock,
+                    state: None,
+                },
+            ));
+            false
+        });
+        self.remote_bytes -= freed;
+        removed
+    }
+
+    /// The remote states as awareness entries.
+    fn remote_entries(&self) -> impl Iterator<Item = AwarenessEntry> + '_ {
+        self.remote.iter().map(|(&client_id, remote)| AwarenessEntry {
+            client_id,
+            clock: remote.clock,
+            state: Some(remote.state.clone()),
+        })
+    }
+
+    /// Every current state, local and remote, as one awareness entry list (for Yjs clients).
     pub(crate) fn snapshot(&self) -> Vec<AwarenessEntry> {
-        self.table.snapshot()
+        let mut entries = self.table.snapshot();
+        entries.extend(self.remote_entries());
+        entries
     }
 
     /// The size in bytes of the awareness message holding every current state, as
@@ -408,21 +526,35 @@ impl Presence {
     /// connection, [`snapshot_for`](Self::snapshot_for) sends the same states as one frame each,
     /// a few dozen bytes more per state (document id, user).
     pub(crate) fn snapshot_bytes(&self) -> usize {
-        self.table.snapshot_encoded_len()
+        // Remote states: their bytes and, per entry, at most 10 + 10 bytes of varints and 5 of
+        // length (an upper bound; the table's own part is exact).
+        self.table.snapshot_encoded_len() + self.remote_bytes + 25 * self.remote.len()
     }
 
     /// Every current state not controlled by `session`, as presence events (for a native
     /// connection that just resumed the document).
     pub(crate) fn snapshot_for(&self, doc: &DocId, session: u64) -> Vec<RoomEvent> {
-        self.table
+        let local = self
+            .table
             .snapshot()
             .into_iter()
             .filter(|entry| self.clients.get(&entry.client_id).and_then(|c| c.controller) != Some(session))
             .map(|entry| {
                 let user = self.user_of(entry.client_id);
                 event(doc, &user, entry)
-            })
-            .collect()
+            });
+        let remote = self.remote.iter().map(|(&client_id, remote)| {
+            event(
+                doc,
+                &remote.user,
+                AwarenessEntry {
+                    client_id,
+                    clock: remote.clock,
+                    state: Some(remote.state.clone()),
+                },
+            )
+        });
+        local.chain(remote).collect()
     }
 
     /// The record of `session`, created on first use; it is present again if it had left.
@@ -486,6 +618,28 @@ fn event(doc: &DocId, user: &str, entry: AwarenessEntry) -> RoomEvent {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn remote_states_are_shown_to_newcomers_and_expire_unless_refreshed() {
+        let mut p = Presence::default();
+        let doc = doc();
+        let shown = p.remote(&doc, 9, "ada".into(), 1, Some("{}".into()), 0);
+        assert!(shown.is_some());
+        // An older clock changes nothing; a newer one refreshes.
+        assert!(p.remote(&doc, 9, "ada".into(), 0, None, 10).is_none());
+        assert_eq!(p.snapshot().len(), 1);
+        assert_eq!(p.snapshot_for(&doc, 1).len(), 1);
+        assert!(p
+            .remote(&doc, 9, "ada".into(), 2, Some("{\"x\":1}".into()), 20_000)
+            .is_some());
+        assert!(p.expire_remote(&doc, 40_000).is_empty(), "refreshed at 20 s");
+        // Its instance crashed: nothing more comes, and the state goes at the timeout.
+        let gone = p.expire_remote(&doc, 50_000);
+        assert_eq!(seen(&gone), vec![(9, 2, None)]);
+        assert!(p.snapshot().is_empty());
+        // A removal of an unknown state announces nothing.
+        assert!(p.remote(&doc, 9, "ada".into(), 3, None, 50_001).is_none());
+    }
 
     fn doc() -> DocId {
         DocId::new("notes/a").expect("valid id")

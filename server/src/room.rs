@@ -923,11 +923,15 @@ impl Room {
         }
     }
 
-    /// Passes presence from another instance to the local subscribers, if the room is loaded.
-    pub(crate) async fn remote_presence(&self, event: RoomEvent) {
+    /// Takes in presence from another instance, if the room is loaded: kept (expired unless
+    /// refreshed, see `Presence::remote`) and passed to the local subscribers.
+    pub(crate) async fn remote_presence(&self, peer: u64, user: String, clock: u64, presence: Option<String>) {
         let mut guard = self.state.lock().await;
         if let Some(state) = guard.as_mut() {
-            state.broadcast(&self.ctx, REMOTE_SESSION, event);
+            let now = self.ctx.now_ms();
+            if let Some(event) = state.presence.remote(&self.id, peer, user, clock, presence, now) {
+                state.broadcast(&self.ctx, REMOTE_SESSION, event);
+            }
         }
     }
 
@@ -938,6 +942,10 @@ impl Room {
         if let Some(state) = guard.as_mut() {
             for event in state.presence.expire(&self.id, now_ms) {
                 state.broadcast(&self.ctx, NO_SESSION, event);
+            }
+            // Each instance expires its own copy of the other instances' states.
+            for event in state.presence.expire_remote(&self.id, now_ms) {
+                state.broadcast(&self.ctx, REMOTE_SESSION, event);
             }
         }
     }

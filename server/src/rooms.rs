@@ -8,7 +8,6 @@ use std::sync::{Arc, Mutex, PoisonError};
 use driftsync_engine::store::{CompactionPolicy, Store};
 use driftsync_protocol::{Cursor, DocId};
 
-use crate::event::RoomEvent;
 use crate::metrics::Metrics;
 use crate::room::{Room, RoomCtx};
 
@@ -81,14 +80,7 @@ impl Rooms {
         state: Option<String>,
     ) {
         if let Some(room) = self.existing(doc) {
-            let event = RoomEvent::Presence {
-                doc: doc.clone(),
-                peer,
-                user,
-                clock,
-                state,
-            };
-            room.remote_presence(event).await;
+            room.remote_presence(peer, user, clock, state).await;
         }
     }
 

@@ -1,5 +1,5 @@
-//! Minimal reproductions of what the simulation found, outside the simulation. Each asserts the
-//! correct behaviour and is ignored until the bug is fixed: run them with `--ignored`.
+//! Minimal reproductions of what the simulation found, outside the simulation: each asserts the
+//! correct behaviour and stays as a regression test once the bug is fixed.
 
 use driftsync_engine::doc::{new_doc, text_delete, text_insert};
 use driftsync_engine::sync::{apply_checked, check_push, merge};
@@ -9,7 +9,6 @@ use driftsync_engine::sync::{apply_checked, check_push, merge};
 /// is judged incomplete (`MissingDependencies`) by `check_push`, for ever: the client's merged
 /// outbox (or a Yjs client's SyncStep2) is refused on every reconnect and never drains.
 #[test]
-#[ignore = "engine bug found by the simulation: check_push judges a delete range as a whole"]
 fn a_deletion_spanning_stored_and_carried_items_is_complete() {
     let server = new_doc(1).expect("doc");
     let client = new_doc(2).expect("doc");
