@@ -10,7 +10,8 @@ use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
-use driftsync_protocol::{Cursor, DocId, CLOSE_RESYNC};
+use driftsync_protocol::yjs::AwarenessEntry;
+use driftsync_protocol::{Cursor, DocId, ErrorCode, CLOSE_RESYNC};
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
@@ -208,4 +209,29 @@ impl Outbound {
             }
         }
     }
+}
+
+/// Why a request to a room was refused.
+#[derive(Debug, Clone)]
+pub(crate) struct Refused {
+    pub(crate) code: ErrorCode,
+    /// The stored bytes of the document the room had to reload because of the refused update
+    /// (0: no reload). A reload costs the whole document, so the sender pays for it: the
+    /// connection charges it to its rate limit and closes a peer that keeps causing them.
+    pub(crate) reload_cost: u64,
+}
+
+impl Refused {
+    pub(crate) fn new(code: ErrorCode) -> Self {
+        Refused { code, reload_cost: 0 }
+    }
+}
+
+/// What a Yjs connection is greeted with once subscribed.
+#[derive(Debug)]
+pub(crate) struct Joined {
+    /// The document's state vector (for SyncStep1).
+    pub(crate) state_vector: Vec<u8>,
+    /// The current awareness states.
+    pub(crate) awareness: Vec<AwarenessEntry>,
 }

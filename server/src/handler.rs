@@ -14,9 +14,8 @@ use driftsync_protocol::{Cursor, DocId, ErrorCode};
 use tokio::time::Instant;
 use yrs::StateVector;
 
-use crate::event::{Codec, RoomEvent};
+use crate::event::{Codec, Joined, Refused, RoomEvent};
 use crate::owners::Ownership;
-use crate::room::{Joined, Refused};
 
 /// The time as a handler sees it: tokio's monotonic clock (virtual in a simulation) and the
 /// wall clock in Unix seconds (for token expiry).

@@ -53,7 +53,11 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::State;
+use std::collections::HashMap;
+
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Query, State};
+use axum::http::Uri;
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
@@ -87,7 +91,7 @@ pub async fn serve<S: Store>(
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics_text::<S>))
         .route("/v1/sync", get(sync::<S>))
-        .route("/yjs/{*doc}", get(yjs::upgrade::<S>))
+        .route("/yjs/{*doc}", get(yjs_upgrade::<S>))
         .with_state(shared);
     if open {
         // Against DNS rebinding: a web page cannot reach an open server under its own name.
@@ -131,6 +135,31 @@ const SHUTDOWN_COMPACTION: Duration = Duration::from_secs(5);
 
 /// How long shutdown waits for connections to finish their in-flight batches.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// Upgrades `GET /yjs/{doc}?token=…` to a y-websocket connection, with the same frame limits and
+/// small write buffer as the native endpoint.
+async fn yjs_upgrade<S: Store>(
+    State(shared): State<Arc<Shared<S>>>,
+    uri: Uri,
+    query: Result<Query<HashMap<String, String>>, QueryRejection>,
+    ws: socket::Upgrade,
+) -> impl IntoResponse {
+    // The raw path, not axum's percent-decoded capture: the reference server names the room by
+    // the raw path too, so both servers agree on which document a client opens.
+    let raw_doc = uri.path().strip_prefix(ROUTE_PREFIX).unwrap_or_default().to_owned();
+    let token = query.ok().and_then(|Query(mut params)| params.remove("token"));
+    let max = shared.config.max_frame_size;
+    let tasks = Arc::clone(&shared.tasks);
+    ws.on_upgrade(&tasks, max, move |socket| {
+        let auth = shared.config.auth.clone();
+        crate::driver::run(shared, socket, move |session| {
+            yjs::YjsHandler::new(auth, max, session, raw_doc, token)
+        })
+    })
+}
+
+/// The path the y-websocket route is mounted at; the document id follows it.
+const ROUTE_PREFIX: &str = "/yjs/";
 
 async fn healthz() -> &'static str {
     "ok"

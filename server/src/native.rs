@@ -706,20 +706,13 @@ mod tests {
             now(),
             &mut out,
         );
-        let frames = sent(
-            &mut out
-                .iter()
-                .filter(|a| !matches!(a, Action::Request(_)))
-                .map(|a| match a {
-                    Action::Answer { bytes, charge } => Action::Answer {
-                        bytes: bytes.clone(),
-                        charge: *charge,
-                    },
-                    Action::Send(bytes) => Action::Send(bytes.clone()),
-                    _ => Action::Ping,
-                })
-                .collect(),
-        );
+        let frames: Vec<ServerFrame> = out
+            .iter()
+            .filter_map(|action| match action {
+                Action::Send(bytes) | Action::Answer { bytes, .. } => ServerFrame::decode(bytes, usize::MAX).ok(),
+                _ => None,
+            })
+            .collect();
         assert!(matches!(
             &frames[0],
             ServerFrame::Error {
@@ -763,7 +756,7 @@ mod tests {
             Reply::Pushed {
                 doc: doc.clone(),
                 tag: 7,
-                result: Err(crate::room::Refused {
+                result: Err(crate::event::Refused {
                     code: ErrorCode::SchemaViolation,
                     reload_cost: 100,
                 }),

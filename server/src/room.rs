@@ -28,7 +28,7 @@ use tokio::sync::oneshot;
 use yrs::{Doc, ReadTxn, StateVector, Transact};
 
 use crate::commit::{CommitResult, Committer, Gate};
-use crate::event::{Outbound, Outgoing, RoomEvent, SharedEvent};
+use crate::event::{Joined, Outbound, Outgoing, Refused, RoomEvent, SharedEvent};
 use crate::fanout::{Fanout, FanoutEvent};
 use crate::metrics::Metrics;
 use crate::owners::{Owners, Ownership};
@@ -168,22 +168,6 @@ struct InFlight {
     outcome: oneshot::Sender<Result<Cursor, Refused>>,
 }
 
-/// Why a request to a room was refused.
-#[derive(Debug, Clone)]
-pub(crate) struct Refused {
-    pub(crate) code: ErrorCode,
-    /// The stored bytes of the document the room had to reload because of the refused update
-    /// (0: no reload). A reload costs the whole document, so the sender pays for it: the
-    /// connection charges it to its rate limit and closes a peer that keeps causing them.
-    pub(crate) reload_cost: u64,
-}
-
-impl Refused {
-    pub(crate) fn new(code: ErrorCode) -> Self {
-        Refused { code, reload_cost: 0 }
-    }
-}
-
 /// A push the room accepted and is committing: resolves once its commit settled, to the
 /// cursor it is stored at, or to why it was refused.
 pub(crate) type PushOutcome<'a> = Pin<Box<dyn Future<Output = Result<Cursor, Refused>> + Send + 'a>>;
@@ -194,15 +178,6 @@ pub(crate) struct Pusher<'a> {
     pub(crate) session: u64,
     pub(crate) user: Option<&'a str>,
     pub(crate) origin: Option<Origin>,
-}
-
-/// What a Yjs connection is greeted with once subscribed.
-#[derive(Debug)]
-pub(crate) struct Joined {
-    /// The document's state vector (for SyncStep1).
-    pub(crate) state_vector: Vec<u8>,
-    /// The current awareness states.
-    pub(crate) awareness: Vec<AwarenessEntry>,
 }
 
 /// Logs a failure to load, and gives the code a connection reports.
@@ -1291,6 +1266,131 @@ mod tests {
         driftsync_engine::doc::apply_bytes(&reader, &answer.update.unwrap()).unwrap();
         assert_eq!(text(&reader), "abc");
         assert_eq!(outcome.await.unwrap(), 1);
+    }
+
+    /// A store whose appends can be held (until released) and made to fail.
+    struct GatedStore {
+        inner: SqliteStore,
+        fail: std::sync::atomic::AtomicBool,
+        /// Appends wait for a permit while `hold` is set.
+        hold: std::sync::atomic::AtomicBool,
+        permits: tokio::sync::Semaphore,
+        appends: std::sync::atomic::AtomicUsize,
+    }
+
+    impl Store for GatedStore {
+        async fn append(&self, batch: &[Append]) -> driftsync_engine::Result<Vec<Appended>> {
+            use std::sync::atomic::Ordering::SeqCst;
+            self.appends.fetch_add(1, SeqCst);
+            if self.hold.load(SeqCst) {
+                self.permits.acquire().await.expect("semaphore").forget();
+            }
+            if self.fail.load(SeqCst) {
+                return Err(driftsync_engine::Error::Invalid("appends are failing (test)".into()));
+            }
+            self.inner.append(batch).await
+        }
+        async fn load(&self, doc: &str) -> driftsync_engine::Result<Option<driftsync_engine::store::StoredDoc>> {
+            self.inner.load(doc).await
+        }
+        async fn log_after(&self, doc: &str, after: Cursor) -> driftsync_engine::Result<LogTail> {
+            self.inner.log_after(doc, after).await
+        }
+        async fn meta(&self, doc: &str) -> driftsync_engine::Result<Option<driftsync_engine::store::DocMeta>> {
+            self.inner.meta(doc).await
+        }
+        async fn compact(
+            &self,
+            doc: &str,
+            policy: &CompactionPolicy,
+        ) -> driftsync_engine::Result<Option<driftsync_engine::store::Compacted>> {
+            self.inner.compact(doc, policy).await
+        }
+        async fn documents(&self) -> driftsync_engine::Result<Vec<String>> {
+            self.inner.documents().await
+        }
+        async fn claim_client(&self, client_id: u64, owner: &str) -> driftsync_engine::Result<String> {
+            self.inner.claim_client(client_id, owner).await
+        }
+        async fn device(&self) -> driftsync_engine::Result<driftsync_engine::store::DeviceIdentity> {
+            self.inner.device().await
+        }
+        async fn record_local(&self, doc: &str, update: &[u8]) -> driftsync_engine::Result<u64> {
+            self.inner.record_local(doc, update).await
+        }
+        async fn outbox(
+            &self,
+            doc: Option<&str>,
+        ) -> driftsync_engine::Result<Vec<driftsync_engine::store::OutboxEntry>> {
+            self.inner.outbox(doc).await
+        }
+        async fn acknowledge(&self, doc: &str, batch: u64) -> driftsync_engine::Result<()> {
+            self.inner.acknowledge(doc, batch).await
+        }
+        async fn server_cursor(&self, doc: &str) -> driftsync_engine::Result<Cursor> {
+            self.inner.server_cursor(doc).await
+        }
+        async fn record_remote(&self, doc: &str, cursor: Cursor, updates: &[Vec<u8>]) -> driftsync_engine::Result<()> {
+            self.inner.record_remote(doc, cursor, updates).await
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failed_commit_fails_the_later_ones_in_flight_and_the_room_stores_them_in_order() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let store = Arc::new(GatedStore {
+            inner: SqliteStore::open_in_memory().await.unwrap(),
+            fail: false.into(),
+            hold: false.into(),
+            permits: tokio::sync::Semaphore::new(0),
+            appends: 0.into(),
+        });
+        let committer = Committer::start(Arc::clone(&store), |run: RunCommitter<GatedStore>| {
+            tokio::spawn(run.run());
+        });
+        let rooms = rooms();
+        let room = rooms.get(&DocId::new("notes").unwrap());
+        let writer = new_doc(5).unwrap();
+        let a = text_insert(&writer, 0, "a").unwrap();
+        let b = text_insert(&writer, 1, "b").unwrap();
+        let c = text_insert(&writer, 2, "c").unwrap();
+        // A's commit is held in the store; B, which builds on A, is queued behind it.
+        store.hold.store(true, SeqCst);
+        let first = room.push(&*store, &committer, pusher(), a, false).await;
+        while store.appends.load(SeqCst) == 0 {
+            tokio::task::yield_now().await;
+        }
+        let second = room.push(&*store, &committer, pusher(), b, false).await;
+        // A fails. B's commit would succeed on its own, but must not be stored without A.
+        store.fail.store(true, SeqCst);
+        store.hold.store(false, SeqCst);
+        store.permits.add_permits(1);
+        let refused = |r: Result<Cursor, Refused>| {
+            matches!(
+                r,
+                Err(Refused {
+                    code: ErrorCode::StoreUnavailable,
+                    ..
+                })
+            )
+        };
+        assert!(refused(first.await));
+        store.fail.store(false, SeqCst);
+        assert!(refused(second.await), "B must fail with A");
+        assert_eq!(store.appends.load(SeqCst), 1, "B was never written");
+        {
+            let guard = room.state.lock().await;
+            let state = guard.as_ref().unwrap();
+            assert_eq!(state.unstored.len(), 2, "both kept to be stored by the room, in order");
+            assert_eq!(text(state.live.as_ref().unwrap()), "ab");
+        }
+        // The next push stores A and B first (as the server's own), then itself.
+        let third = room.push(&*store, &committer, pusher(), c, false).await;
+        assert_eq!(third.await.unwrap(), 3);
+        let stored = store.load("notes").await.unwrap().unwrap();
+        let loaded = driftsync_engine::doc::load_document("notes", &stored, 1).unwrap();
+        assert_eq!(text(&loaded), "abc");
+        assert_eq!(stored.head, 3);
     }
 
     #[test]

@@ -23,52 +23,17 @@
 //!   Yjs applications that want one keep it in their awareness state.
 
 //!
-//! [`YjsHandler`] is the endpoint's sans-IO state machine (see [`crate::handler`]); [`upgrade`]
-//! hands the upgraded socket to the connection driver with it.
+//! [`YjsHandler`] is the endpoint's sans-IO state machine (see [`crate::handler`]); the route in
+//! `lib.rs` hands the upgraded socket to the connection driver with it.
 
-use std::collections::HashMap;
-use std::sync::Arc;
-
-use axum::extract::rejection::QueryRejection;
-use axum::extract::{Query, State};
-use axum::http::Uri;
-use axum::response::IntoResponse;
 use driftsync_engine::doc::{decode_state_vector, is_empty_update};
-use driftsync_engine::store::Store;
 use driftsync_protocol::yjs::{AuthMessage, AwarenessEntry, YMessage};
 use driftsync_protocol::{DocId, ErrorCode, CLOSE_PROTOCOL_ERROR, CLOSE_RESYNC, CLOSE_UNAUTHORIZED};
 use tokio::time::Instant;
 
 use crate::auth::{Access, Auth, Grant};
-use crate::event::{Codec, RoomEvent};
+use crate::event::{Codec, Refused, RoomEvent};
 use crate::handler::{Action, Actions, Handler, Now, Reply, Request};
-use crate::instance::Shared;
-use crate::socket::Upgrade;
-
-/// The path the route is mounted at; the document id follows it.
-const ROUTE_PREFIX: &str = "/yjs/";
-
-/// Upgrades `GET /yjs/{doc}?token=…` to a y-websocket connection, with the same frame limits and
-/// small write buffer as the native endpoint.
-pub(crate) async fn upgrade<S: Store>(
-    State(shared): State<Arc<Shared<S>>>,
-    uri: Uri,
-    query: Result<Query<HashMap<String, String>>, QueryRejection>,
-    ws: Upgrade,
-) -> impl IntoResponse {
-    // The raw path, not axum's percent-decoded capture: the reference server names the room by
-    // the raw path too, so both servers agree on which document a client opens.
-    let raw_doc = uri.path().strip_prefix(ROUTE_PREFIX).unwrap_or_default().to_owned();
-    let token = query.ok().and_then(|Query(mut params)| params.remove("token"));
-    let max = shared.config.max_frame_size;
-    let tasks = Arc::clone(&shared.tasks);
-    ws.on_upgrade(&tasks, max, move |socket| {
-        let auth = shared.config.auth.clone();
-        crate::driver::run(shared, socket, move |session| {
-            YjsHandler::new(auth, max, session, raw_doc, token)
-        })
-    })
-}
 
 /// Encodes a room event as a y-protocols message, one per frame.
 fn encode(event: &RoomEvent) -> Option<Vec<u8>> {
@@ -165,7 +130,7 @@ impl YjsHandler {
 
     /// A refused update: y-protocols has no acknowledgement, so a refusal the client cannot act
     /// on is only said; one that a fresh sync repairs closes the connection for a resync.
-    fn refused(&self, refused: crate::room::Refused, out: &mut Actions) {
+    fn refused(&self, refused: Refused, out: &mut Actions) {
         let session = self.session;
         let doc = self.conn.as_ref().map(|c| c.doc.as_str()).unwrap_or_default();
         if refused.reload_cost > 0 {
@@ -380,7 +345,7 @@ mod tests {
         // Nothing is read before the join.
         h.message(YMessage::QueryAwareness.encode(), Now::read(), &mut out);
         assert!(out.is_empty());
-        let joined = crate::room::Joined {
+        let joined = crate::event::Joined {
             state_vector: vec![0],
             awareness: Vec::new(),
         };
