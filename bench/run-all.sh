@@ -8,7 +8,8 @@
 #
 # Environment: SYSTEMS (default: native ds-yjs y-websocket hocuspocus y-sweet relay), WORKLOADS
 # (default: fanout idle resync throughput writers; resync includes the cold load; writers = many
-# writers: one room of 50 writers + 50 readers, and 1,000 rooms of 5 writers), ANCHORS (where
+# writers: one room of 50 writers + 50 readers at 2 and at 10 updates/s each, and 1,000 rooms
+# of 5 writers), ANCHORS (where
 # the anchors are installed; default ~/.cache/driftsync-anchors; those a run needs and lacks are
 # installed there first by bench/anchors/install.sh, at the versions its manifests pin),
 # OUT (default bench/results), DRIFTSYNC_BIN, BENCH_BIN, FANOUT_READERS (quick runs; default 10,100).
@@ -43,6 +44,7 @@ if [[ $QUICK == 1 ]]; then
   # Many writers: one room of 50 writers (2 updates/s each) and 50 readers; many small rooms
   # of 5 writers (0.2 updates/s each), 200 rooms instead of 1,000.
   WRITERS_ROOM_ARGS=(--rooms 1 --writers 50 --readers 50 --rate 2 --secs 3)
+  WRITERS_BUSY_ARGS=(--rooms 1 --writers 50 --readers 50 --rate 10 --secs 3)
   WRITERS_ROOMS_ARGS=(--rooms 200 --writers 5 --readers 0 --rate 0.2 --secs 5)
 else
   FANOUT_ARGS=(--readers 10,100,500 --secs 10)
@@ -50,6 +52,9 @@ else
   TP_ARGS=(--rooms 100 --step-secs 5)
   RESYNC_ARGS=(--runs 5)
   WRITERS_ROOM_ARGS=(--rooms 1 --writers 50 --readers 50 --rate 2 --secs 20)
+  # The same room five times busier: 500 updates/s into one document, where every writer
+  # waited behind the previous commit before commits were pipelined.
+  WRITERS_BUSY_ARGS=(--rooms 1 --writers 50 --readers 50 --rate 10 --secs 20)
   WRITERS_ROOMS_ARGS=(--rooms 1000 --writers 5 --readers 0 --rate 0.2 --secs 30)
 fi
 
@@ -171,6 +176,8 @@ run_for() {
       writers)
         # Each shape on a freshly started server, for its RSS.
         start_server "$system" "$data"; bench writers --system "$system" "${WRITERS_ROOM_ARGS[@]}"; stop_server
+        rm -rf "$data"
+        start_server "$system" "$data"; bench writers --system "$system" "${WRITERS_BUSY_ARGS[@]}"; stop_server
         rm -rf "$data"
         start_server "$system" "$data"
         bench writers --system "$system" "${WRITERS_ROOMS_ARGS[@]}" --source-ips 16

@@ -220,9 +220,10 @@ impl<'a, S: Store> Conn<'a, S> {
                         user: handler.identity(),
                         origin,
                     };
-                    let outcome = room
-                        .push(self.store, &self.shared.committer, pusher, update, skip_redundant)
-                        .await;
+                    // Boxed, as every future that may query the store: a connection's task is
+                    // allocated at the size of its largest await, for its whole life, and the
+                    // store's futures are large.
+                    let outcome = Box::pin(room.push(self.store, &self.shared.committer, pusher, update, skip_redundant)).await;
                     self.pushes
                         .get_or_insert_with(FuturesOrdered::new)
                         .push_back(outcome.map(move |result| Reply::Pushed { doc, tag, result }).boxed());
@@ -235,6 +236,10 @@ impl<'a, S: Store> Conn<'a, S> {
             if self.out.ctl.token.is_cancelled() {
                 return false;
             }
+        }
+        // An idle connection keeps no actions queue: a resume leaves it holding dozens.
+        if self.actions.capacity() > 4 {
+            self.actions = Actions::new();
         }
         true
     }
@@ -336,5 +341,46 @@ async fn next_of<F: std::future::Future>(pushes: &mut Option<FuturesOrdered<F>>)
     match pushes {
         Some(pushes) => pushes.next().await,
         None => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use driftsync_engine::store::SqliteStore;
+    use tokio_util::sync::CancellationToken;
+
+    use super::*;
+    use crate::config::Config;
+    use crate::instance::start_instance;
+    use crate::native::NativeHandler;
+
+    #[tokio::test]
+    async fn a_connection_stays_small() {
+        let store = Arc::new(SqliteStore::open_in_memory().await.unwrap());
+        let (shared, _committer) = start_instance(store, Config::default(), 1, CancellationToken::new());
+        let socket = Socket::new(Box::new(tokio::io::duplex(64).0), 1024);
+        let settings = Arc::clone(&shared.native);
+        let run = run(Arc::clone(&shared), socket, move |session| NativeHandler::new(settings, session));
+        let socket = Socket::new(Box::new(tokio::io::duplex(64).0), 1024);
+        let ctl = Arc::new(ConnCtl::new(CancellationToken::new(), Arc::clone(&shared.metrics)));
+        let (stream, out, _writer) = socket.start(&shared.tasks, 8, ctl, NativeHandler::CODEC);
+        let mut conn = Conn {
+            shared: &shared,
+            store: &*shared.store,
+            out,
+            stream,
+            session: 1,
+            limiter: Limiter::new(&shared.config.rate_limit, &shared.config.room_opens, Instant::now()),
+            actions: Actions::new(),
+            pushes: None,
+        };
+        let mut handler = NativeHandler::new(Arc::clone(&shared.native), 1);
+        let serve = conn.serve(&mut handler);
+        // Every connection holds both for its whole life, idle or not (BENCHMARKS.md, "per idle
+        // connection"): the store's futures held inline once made every connection pay for them.
+        let (run, serve) = (std::mem::size_of_val(&run), std::mem::size_of_val(&serve));
+        eprintln!("connection task {run} B, its loop {serve} B");
+        assert!(run <= 2048, "a connection's task takes {run} bytes");
+        assert!(serve <= 2048, "a connection's loop takes {serve} bytes");
     }
 }

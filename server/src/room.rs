@@ -595,6 +595,10 @@ impl Room {
                 }
             };
             let _ = entry.outcome.send(outcome);
+            if let Some(state) = slot.as_mut().filter(|state| state.inflight.is_empty()) {
+                // An idle room keeps no queue of commits in flight.
+                state.inflight = VecDeque::new();
+            }
         }
     }
 
