@@ -183,3 +183,73 @@ mod resume_while_unstored {
         });
     }
 }
+
+mod refused_presence_cancels_a_retry {
+    //! Found with the server's resume-while-unstored bug patched (so that such a resume is
+    //! refused with `StoreUnavailable`): seeds 32, 74, 81, 122, 148, 152, … of 0..1000 ended
+    //! "not synced …: online true, outbox […]" — the client's machine had stopped resuming a
+    //! document. A resume refused for a passing reason puts the document in `retry` (resumed
+    //! again after `LIVE_RETRY_DELAY`); the presence the machine sent with the resume (and the
+    //! renewal every heartbeat) reaches the server after that refusal and is refused with
+    //! `NotSubscribed`, naming the document, no batch; `Machine::refused` takes that lasting
+    //! refusal as one of the document itself (its last match arm) and drops it from `retry`:
+    //! the document is never resumed again on this connection, the machine says synced, the
+    //! outbox waits for the next connection (for ever on a healthy one).
+
+    use std::time::Duration;
+
+    use driftsync_client::machine::{Action, Effect, Machine, MachineOptions, Outcome, LIVE_RETRY_DELAY};
+    use driftsync_protocol::{ClientFrame, DocId, ErrorCode, ResumeDoc, ServerFrame, PROTOCOL_VERSION};
+
+    fn error(code: ErrorCode) -> ServerFrame {
+        ServerFrame::Error {
+            code,
+            doc: Some(DocId::new("notes").expect("id")),
+            batch: None,
+        }
+    }
+
+    #[test]
+    #[ignore = "client bug: a NotSubscribed refusal of a presence frame cancels the document's retry (client/src/machine.rs Machine::refused)"]
+    fn a_refused_presence_does_not_cancel_the_retry_of_its_document() {
+        let t0 = Duration::ZERO;
+        let mut m = Machine::new(42, MachineOptions::live());
+        assert!(m.presence("notes", Some("{}".into())).is_empty(), "offline: noted");
+        m.connected(String::new(), t0);
+        m.receive(
+            ServerFrame::Welcome {
+                version: PROTOCOL_VERSION,
+                max_frame_size: 1 << 20,
+                session: 7,
+                heartbeat_ms: 15_000,
+            },
+            t0,
+        );
+        let a = m.feed(Outcome::Documents(vec!["notes".into()]));
+        assert!(
+            matches!(
+                &a[..],
+                [
+                    Action::Effect(Effect::ResumeRequest { .. }),
+                    Action::Send(ClientFrame::Presence { .. })
+                ]
+            ),
+            "{a:?}"
+        );
+        m.feed(Outcome::ResumeRequest(vec![ResumeDoc {
+            doc: DocId::new("notes").expect("id"),
+            cursor: 0,
+            state_vector: vec![0],
+        }]));
+        // The server refuses the resume for a passing reason, then the presence sent after it.
+        m.receive(error(ErrorCode::StoreUnavailable), t0);
+        m.receive(error(ErrorCode::NotSubscribed), t0);
+        assert!(!m.is_synced(), "notes was never answered");
+        let a = m.tick(LIVE_RETRY_DELAY);
+        assert!(
+            a.iter()
+                .any(|a| matches!(a, Action::Effect(Effect::ResumeRequest { docs }) if docs == &["notes"])),
+            "notes is resumed again: {a:?}"
+        );
+    }
+}
