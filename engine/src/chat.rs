@@ -167,11 +167,18 @@ impl ChatRoom {
     /// Sends a message at wall time `now_ms`. Returns its id (at once: the caller stores the
     /// update and shows the message before any network round trip) and the update to store.
     pub fn send(&self, author: &Author, text: &str, now_ms: u64) -> (String, Vec<u8>) {
-        let id = uuid::Uuid::now_v7().to_string();
+        self.send_with_id(author, uuid::Uuid::now_v7().to_string(), text, now_ms)
+    }
+
+    /// [`send`](Self::send) with the message id chosen by the caller instead of a new UUIDv7
+    /// (which reads the wall clock and a random generator): for deterministic simulations and
+    /// tests. The id must be unique in the room; a UUIDv7 is what peers expect.
+    #[doc(hidden)]
+    pub fn send_with_id(&self, author: &Author, id: String, text: &str, now_ms: u64) -> (String, Vec<u8>) {
         let hlc = self.clock.lock().unwrap_or_else(PoisonError::into_inner).tick(now_ms);
         let client = self.doc.client_id().get();
         let sort = sort_key(hlc, client, &id);
-        let prelim = MapPrelim::from([
+        let fields = [
             ("id", Any::from(id.as_str())),
             ("author", Any::from(author.user.as_str())),
             ("device", Any::from(author.device.as_str())),
@@ -180,9 +187,16 @@ impl ChatRoom {
             ("created", Any::from(now_ms as f64)),
             ("hlc", Any::from(hlc.key())),
             ("sort", Any::from(sort)),
-        ]);
+        ];
         let ((), update) = edit(&self.doc, |txn| {
-            self.messages.insert(txn, id.as_str(), prelim);
+            // The fields one by one, in this order, in the same transaction: a `MapPrelim` holds
+            // them in a `HashMap` with a random hasher, which would give them clocks in a
+            // different order every time (the same message, but different bytes — and delete
+            // sets of different sizes when fields are replaced later).
+            let message = self.messages.insert(txn, id.as_str(), MapPrelim::default());
+            for (key, value) in fields {
+                message.insert(txn, key, value);
+            }
         });
         (id, update)
     }

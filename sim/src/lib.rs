@@ -23,7 +23,7 @@
 //! it ([`replay_command`]).
 
 pub mod check;
-pub mod native;
+pub mod client;
 pub mod net;
 pub mod server;
 pub mod store;

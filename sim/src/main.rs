@@ -2,7 +2,8 @@
 //!
 //! * `driftsync-sim --seed N [--verbose]`: one run (with `--verbose`, its whole trace);
 //! * `driftsync-sim --seeds A..B`: every seed from A up to (not including) B; stops at the first
-//!   failure and prints the command that replays it (`--keep-going`: one line per failure).
+//!   failure and prints the command that replays it (`--keep-going`: one line per failure;
+//!   `--twice`: every seed runs twice and must give the same digest).
 
 use std::process::ExitCode;
 use std::time::Instant;
@@ -10,7 +11,7 @@ use std::time::Instant;
 use driftsync_sim::{run, Options};
 
 fn usage() -> ExitCode {
-    eprintln!("usage: driftsync-sim --seed N [--verbose] | --seeds A..B [--keep-going]");
+    eprintln!("usage: driftsync-sim --seed N [--verbose] | --seeds A..B [--keep-going] [--twice]");
     ExitCode::from(2)
 }
 
@@ -39,10 +40,36 @@ fn main() -> ExitCode {
             return usage();
         };
         let keep_going = args.iter().any(|a| a == "--keep-going");
+        let twice = args.iter().any(|a| a == "--twice");
         let started = Instant::now();
         let mut failed = 0u64;
         for seed in a..b {
-            if let Err(failure) = run(seed, Options { verbose }) {
+            let mut result = run(seed, Options { verbose });
+            if twice {
+                // The determinism check: the same seed again must give the same digest.
+                if let Ok(first) = &result {
+                    match run(seed, Options { verbose }) {
+                        Ok(again) if again.digest != first.digest => {
+                            result = Err(driftsync_sim::Failure {
+                                seed,
+                                violation: format!(
+                                    "ran differently twice (digests {:016x} and {:016x})",
+                                    first.digest, again.digest
+                                ),
+                                trace_tail: Vec::new(),
+                            });
+                        }
+                        Ok(_) => {}
+                        Err(failure) => {
+                            result = Err(driftsync_sim::Failure {
+                                violation: format!("failed only the second time: {}", failure.violation),
+                                ..failure
+                            });
+                        }
+                    }
+                }
+            }
+            if let Err(failure) = result {
                 if !keep_going {
                     eprintln!("{failure}");
                     return ExitCode::FAILURE;

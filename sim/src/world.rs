@@ -18,7 +18,7 @@ use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::check::{contains, fingerprint, store_doc, Fingerprint};
-use crate::native::{NativeReplica, Replica};
+use crate::client::{Ended, NativeClient, Outcome as NativeOutcome, Replica};
 use crate::net::{Latency, Link};
 use crate::server::Instance;
 use crate::store::MemStore;
@@ -30,17 +30,21 @@ use crate::{Failure, Options, Report};
 const BASE_WALL_MS: u64 = 1_700_000_000_000;
 /// How long presence may be shown after its last refresh: the TTL and the server's sweep.
 const PRESENCE_BOUND_MS: u64 = 30_000 + 5_000;
-/// How often a native client re-sends its presence state while it keeps one.
-const PRESENCE_REFRESH_MS: u64 = 15_000;
 /// How long the healed system may take to sync everybody.
 const QUIESCE_DEADLINE: Duration = Duration::from_secs(600);
+/// How long every client may be synced by the protocol while a replica still differs from the
+/// store: nothing but heartbeats happens then (presence aside), so the run has failed. (A room
+/// stores what it failed to commit at its next sweep; this covers several.)
+const QUIET_DEADLINE: Duration = Duration::from_secs(60);
+/// How long after healing the run ticks finely (50 ms) at most; then once a second.
+const HEAL_FINE: Duration = Duration::from_secs(60);
 /// Trace lines kept for a failure report.
 const TRACE_TAIL: usize = 60;
 
 /// What kind of client, with its replica.
 #[derive(Debug)]
 enum Kind {
-    Native(Box<NativeReplica>),
+    Native(Box<NativeClient>),
     Yjs(Box<YjsReplica>),
 }
 
@@ -62,10 +66,16 @@ struct Client {
     presence: bool,
     /// Stopped refreshing its presence (a frozen tab), still connected.
     quiet: bool,
-    last_presence_ms: u64,
 }
 
 /// The trace: every line hashed into the digest, the last ones kept.
+///
+/// One thing is hashed with less than its whole line: which document a native peer's presence
+/// was removed from. When a native connection ends, the server announces that it left each of
+/// its documents in the iteration order of a `HashSet` with a random hasher
+/// (`server/src/native.rs`, `Peer::docs`, read by `subscriptions()` in `driver.rs`), so the
+/// documents of those removals come in an order that differs between runs (the frames and their
+/// delivery times do not). Nothing the simulation does depends on that order.
 #[derive(Debug)]
 struct Trace {
     hasher: DefaultHasher,
@@ -77,11 +87,13 @@ struct Trace {
 impl Trace {
     fn add(&mut self, now_ms: u64, line: String) {
         let line = format!("{:>10.3}s {line}", now_ms as f64 / 1000.0);
-        // The server announces several presence changes at once in the iteration order of its
-        // hash maps, which differs between runs; what the simulation does never depends on
-        // that order, so presence frames stay out of the digest (not out of the trace).
-        if !line.contains("<- Presence ") {
-            line.hash(&mut self.hasher);
+        match line.split_once(" <- Presence ") {
+            Some((head, rest)) if rest.ends_with(" false") => {
+                // "<doc> peer <id> false": the document left out.
+                let peer = rest.split_once(' ').map_or(rest, |(_, peer)| peer);
+                (head, peer).hash(&mut self.hasher);
+            }
+            _ => line.hash(&mut self.hasher),
         }
         self.lines += 1;
         if self.verbose {
@@ -91,6 +103,11 @@ impl Trace {
             self.tail.pop_front();
         }
         self.tail.push_back(line);
+    }
+
+    /// The digest of everything traced.
+    fn digest(&self) -> u64 {
+        self.hasher.finish()
     }
 }
 
@@ -155,7 +172,7 @@ impl World {
                     user: format!("user{}", i % 3),
                     device: format!("device{i}"),
                 };
-                Kind::Native(Box::new(NativeReplica::new(client_id, author, &subscribed)))
+                Kind::Native(Box::new(NativeClient::new(client_id, author, &subscribed)))
             } else {
                 let doc = docs[rng.random_range(1..docs.len())].clone();
                 Kind::Yjs(Box::new(YjsReplica::new(&doc, client_id)))
@@ -170,7 +187,6 @@ impl World {
                 skew_ms: rng.random_range(-120_000..120_000),
                 presence: false,
                 quiet: false,
-                last_presence_ms: 0,
             });
         }
         let max_latency_ms = clients
@@ -260,7 +276,7 @@ impl World {
         );
         Ok(Report {
             seed: self.seed,
-            digest: self.trace.hasher.finish(),
+            digest: self.trace.digest(),
             summary,
         })
     }
@@ -278,7 +294,7 @@ impl World {
         match self.rng.random_range(0..100) {
             0..=39 => {
                 let c = self.rng.random_range(0..n);
-                self.write(c);
+                self.write(c)?;
             }
             40..=64 => {
                 let ms = self.rng.random_range(1..3000);
@@ -359,7 +375,7 @@ impl World {
             }
             85..=92 => {
                 let c = self.rng.random_range(0..n);
-                self.presence(c);
+                self.presence(c)?;
             }
             _ => {
                 let ms = self.rng.random_range(1..300);
@@ -371,7 +387,7 @@ impl World {
     }
 
     /// A random local change by client `c` (online or not).
-    fn write(&mut self, c: usize) {
+    fn write(&mut self, c: usize) -> Result<(), Failure> {
         let now = self.now_ms();
         let wall = BASE_WALL_MS.saturating_add_signed(self.clients[c].skew_ms) + now;
         let pick: u32 = self.rng.random_range(0..100);
@@ -381,6 +397,7 @@ impl World {
             .collect();
         let pos_seed: u32 = self.rng.random();
         let len_seed: u32 = self.rng.random();
+        let id_bits: u128 = self.rng.random();
         match &mut self.clients[c].kind {
             Kind::Native(replica) => {
                 let docs: Vec<String> = replica.docs().keys().cloned().collect();
@@ -394,7 +411,7 @@ impl World {
                             .filter(|m| m.author == author.user && !m.deleted)
                             .collect();
                         if pick < 60 || messages.is_empty() {
-                            Some(room.send(&author, &word, wall).1)
+                            Some(room.send_with_id(&author, uuid_v7(wall, id_bits), &word, wall).1)
                         } else if pick < 70 && !own.is_empty() {
                             let m = own[len_seed as usize % own.len()];
                             room.edit(&author, &m.id, &word, wall).ok()
@@ -409,7 +426,7 @@ impl World {
                     Some(Replica::Text(doc)) => text_edit(doc, pick, &word, pos_seed, len_seed),
                     None => None,
                 };
-                let Some(update) = update else { return };
+                let Some(update) = update else { return Ok(()) };
                 let outcome = replica.write(&doc, update);
                 let line = format!(
                     "c{c} writes {doc} (batch {})",
@@ -417,11 +434,11 @@ impl World {
                 );
                 self.log(line);
                 self.count("writes");
-                self.send_native(c, outcome.send);
+                self.native_outcome(c, outcome)?;
             }
             Kind::Yjs(replica) => {
                 let Some(update) = text_edit(replica.doc(), pick, &word, pos_seed, len_seed) else {
-                    return;
+                    return Ok(());
                 };
                 let messages = replica.write(update);
                 let line = format!("c{c} writes {} (yjs)", replica.doc_id);
@@ -430,6 +447,7 @@ impl World {
                 self.send_yjs(c, messages);
             }
         }
+        Ok(())
     }
 
     fn duplicate(&mut self, c: usize) {
@@ -453,7 +471,7 @@ impl World {
         }
     }
 
-    fn presence(&mut self, c: usize) {
+    fn presence(&mut self, c: usize) -> Result<(), Failure> {
         let now = self.now_ms();
         let roll = self.rng.random_range(0..10);
         let client = &mut self.clients[c];
@@ -464,21 +482,16 @@ impl World {
                 if client.quiet { "stop" } else { "resume" }
             );
             self.log(line);
-            return;
+            return Ok(());
         }
         let state = (roll < 7).then(|| format!("{{\"user\":\"c{c}\",\"at\":{now}}}"));
         client.presence = state.is_some();
         client.quiet = false;
         match &mut client.kind {
             Kind::Native(replica) => {
-                let docs: Vec<String> = replica.docs().keys().cloned().collect();
-                let frames: Vec<ClientFrame> = docs
-                    .iter()
-                    .filter_map(|d| replica.presence_frame(d, state.clone()))
-                    .collect();
-                self.native_presence_sent(c, &frames);
+                let outcome = replica.set_presence(state.clone());
                 self.log(format!("c{c} presence {state:?}"));
-                self.send_native(c, frames);
+                self.native_outcome(c, outcome)?;
             }
             Kind::Yjs(replica) => {
                 let messages = replica.set_awareness(state.clone(), now);
@@ -487,7 +500,38 @@ impl World {
                 self.send_yjs(c, messages);
             }
         }
-        self.clients[c].last_presence_ms = now;
+        Ok(())
+    }
+
+    /// Carries out what a native client wants: its frames sent (presence states noted), a
+    /// violation reported, the connection closed and retried after the client's delay when the
+    /// machine ended it (a resync almost at once, a failure after a backoff). Returns whether
+    /// the connection was closed.
+    fn native_outcome(&mut self, c: usize, outcome: NativeOutcome) -> Result<bool, Failure> {
+        if let Some(violation) = outcome.violation {
+            return Err(self.fail(violation));
+        }
+        self.native_presence_sent(c, &outcome.send);
+        self.send_native(c, outcome.send);
+        let Some(end) = outcome.end else { return Ok(false) };
+        let backoff = match &end {
+            Ended::Resync => self.rng.random_range(0..=250),
+            Ended::Failed(_) => self.rng.random_range(200..3000),
+        };
+        self.log(format!(
+            "c{c} client ends its connection ({end:?}), retries in {backoff} ms"
+        ));
+        let now = self.now_ms();
+        let client = &mut self.clients[c];
+        client.retry_at = now + backoff;
+        // A clean close: what was sent still arrives; nothing more is read.
+        if let Some(link) = client.link.take() {
+            link.abandon();
+        }
+        if let Kind::Native(r) = &mut client.kind {
+            r.disconnect();
+        }
+        Ok(true)
     }
 
     /// Records the presence states a native client is about to send.
@@ -606,9 +650,9 @@ impl World {
             self.log("commits succeed again".into());
         }
         for c in 0..self.clients.len() {
-            self.connect_if_due(c).await;
+            self.connect_if_due(c).await?;
             self.deliver(c)?;
-            self.upkeep(c);
+            self.upkeep(c)?;
         }
         if now >= self.next_check_ms {
             self.next_check_ms = now + 1000;
@@ -617,22 +661,22 @@ impl World {
         Ok(())
     }
 
-    async fn connect_if_due(&mut self, c: usize) {
+    async fn connect_if_due(&mut self, c: usize) -> Result<(), Failure> {
         let now = self.now_ms();
         let client = &self.clients[c];
         if client.link.is_some() || now < client.offline_until || now < client.retry_at {
-            return;
+            return Ok(());
         }
         let up: Vec<usize> = (0..self.instances.len())
             .filter(|&i| self.instances[i].is_some())
             .collect();
         if up.is_empty() {
             self.clients[c].retry_at = now + 1000;
-            return;
+            return Ok(());
         }
         let i = up[self.rng.random_range(0..up.len())];
         let Some(instance) = self.instances[i].as_ref() else {
-            return;
+            return Ok(());
         };
         let stream = match &self.clients[c].kind {
             Kind::Native(_) => instance.connect_native(),
@@ -647,8 +691,8 @@ impl World {
         self.log(format!("c{c} connects to instance {i}"));
         match &mut self.clients[c].kind {
             Kind::Native(r) => {
-                let outcome = r.connect("");
-                self.send_native(c, outcome.send);
+                let outcome = r.connect("", Duration::from_millis(now));
+                self.native_outcome(c, outcome)?;
             }
             Kind::Yjs(r) => {
                 let messages = r.connect(now);
@@ -656,6 +700,7 @@ impl World {
                 self.send_yjs(c, messages);
             }
         }
+        Ok(())
     }
 
     /// Hands client `c` what has arrived for it, and notices a closed connection.
@@ -668,11 +713,20 @@ impl World {
         let closed = link.is_closed();
         for message in messages {
             let Message::Binary(bytes) = message else {
-                let why = match &message {
-                    Message::Close(Some(frame)) => format!(" {} {:?}", u16::from(frame.code), frame.reason.as_str()),
-                    _ => String::new(),
+                let (why, code) = match &message {
+                    Message::Close(Some(frame)) => (
+                        format!(" {} {:?}", u16::from(frame.code), frame.reason.as_str()),
+                        Some(u16::from(frame.code)),
+                    ),
+                    _ => (String::new(), None),
                 };
                 self.log(format!("c{c} <- close{why}"));
+                if let Kind::Native(replica) = &mut self.clients[c].kind {
+                    let outcome = replica.closed(code);
+                    if self.native_outcome(c, outcome)? {
+                        return Ok(());
+                    }
+                }
                 continue;
             };
             match &mut self.clients[c].kind {
@@ -692,15 +746,9 @@ impl World {
                             line.push_str(&missing_detail(&self.store, doc.as_str(), &update));
                         }
                     }
-                    let outcome = replica.receive(frame);
+                    let outcome = replica.receive(frame, Duration::from_millis(now));
                     self.log(line);
-                    if let Some(violation) = outcome.violation {
-                        return Err(self.fail(violation));
-                    }
-                    self.send_native(c, outcome.send);
-                    if outcome.reconnect {
-                        let backoff = self.rng.random_range(200..3000);
-                        self.drop_link(c, false, backoff);
+                    if self.native_outcome(c, outcome)? {
                         return Ok(());
                     }
                 }
@@ -734,31 +782,27 @@ impl World {
         Ok(())
     }
 
-    /// Presence renewal.
-    fn upkeep(&mut self, c: usize) {
+    /// Time passes for client `c`: a Yjs client renews its awareness; a native client's machine
+    /// ticks (heartbeats, which renew its presence, silence, documents to resume again). A
+    /// quiet client's renewals are dropped (a frozen tab).
+    fn upkeep(&mut self, c: usize) -> Result<(), Failure> {
         let now = self.now_ms();
         let client = &mut self.clients[c];
-        let renew = client.presence && !client.quiet;
+        let renew = !client.quiet;
         match &mut client.kind {
             Kind::Yjs(replica) => {
-                let messages = replica.tick(now, !client.quiet);
+                let messages = replica.tick(now, renew);
                 self.yjs_presence_sent(c, &messages);
                 self.send_yjs(c, messages);
             }
             Kind::Native(replica) => {
-                if renew && now >= client.last_presence_ms + PRESENCE_REFRESH_MS && replica.online() {
-                    client.last_presence_ms = now;
-                    let state = Some(format!("{{\"user\":\"c{c}\",\"at\":{now}}}"));
-                    let docs: Vec<String> = replica.docs().keys().cloned().collect();
-                    let frames: Vec<ClientFrame> = docs
-                        .iter()
-                        .filter_map(|d| replica.presence_frame(d, state.clone()))
-                        .collect();
-                    self.native_presence_sent(c, &frames);
-                    self.send_native(c, frames);
+                if client.link.is_some() {
+                    let outcome = replica.tick(Duration::from_millis(now), renew);
+                    self.native_outcome(c, outcome)?;
                 }
             }
         }
+        Ok(())
     }
 
     /// No client shows a presence state longer than its bound after its owner last sent it.
@@ -808,13 +852,43 @@ impl World {
             }
         }
         self.tick(true).await?;
-        let deadline = Instant::now() + QUIESCE_DEADLINE;
+        let started = Instant::now();
+        let deadline = started + QUIESCE_DEADLINE;
+        // Since when every client has been synced by the protocol, with replicas that still
+        // differ from the store (compared once a virtual second).
+        let mut quiet_since: Option<Instant> = None;
+        let mut compared_at = started;
         loop {
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            // Fine ticks while things happen; coarse ones once nothing will but heartbeats (a
+            // failing seed costs little), or after a long wait.
+            let quiet = quiet_since.is_some() || Instant::now() >= started + HEAL_FINE;
+            let tick = if quiet {
+                Duration::from_millis(1000)
+            } else {
+                Duration::from_millis(50)
+            };
+            tokio::time::sleep(tick).await;
             self.tick(true).await?;
-            if self.settled()? {
-                self.log("everybody is synced".into());
-                return Ok(());
+            if !self.protocol_unsettled().is_empty() {
+                quiet_since = None;
+            } else if Instant::now() >= compared_at + Duration::from_secs(1) || quiet_since.is_none() {
+                compared_at = Instant::now();
+                match self.compare_replicas() {
+                    Ok(()) => {
+                        self.log("everybody is synced".into());
+                        return Ok(());
+                    }
+                    Err(difference) => {
+                        let since = *quiet_since.get_or_insert_with(Instant::now);
+                        if Instant::now() >= since + QUIET_DEADLINE {
+                            return Err(self.fail(format!(
+                                "synced but not converged {} s after healing (every client synced for {} s): {difference}",
+                                (Instant::now() - started).as_secs(),
+                                QUIET_DEADLINE.as_secs(),
+                            )));
+                        }
+                    }
+                }
             }
             if Instant::now() >= deadline {
                 return Err(self.fail(format!(
@@ -826,12 +900,9 @@ impl World {
         }
     }
 
-    /// Every native client synced, every Yjs client synced, every replica equal to the store.
-    fn settled(&self) -> Result<bool, Failure> {
-        Ok(self.unsettled_reason().is_empty())
-    }
-
-    fn unsettled_reason(&self) -> String {
+    /// Why not everybody is synced by the protocol (empty: they are): a native client not
+    /// synced by its machine or with an outbox, a Yjs client not connected and synced.
+    fn protocol_unsettled(&self) -> String {
         for (c, client) in self.clients.iter().enumerate() {
             match &client.kind {
                 Kind::Native(r) if !r.synced() => {
@@ -846,6 +917,15 @@ impl World {
                 }
                 _ => {}
             }
+        }
+        String::new()
+    }
+
+    /// Why the run is not settled: the protocol's reason, or how a replica differs.
+    fn unsettled_reason(&self) -> String {
+        let reason = self.protocol_unsettled();
+        if !reason.is_empty() {
+            return reason;
         }
         match self.compare_replicas() {
             Ok(()) => String::new(),
@@ -912,6 +992,21 @@ impl World {
         self.stats.insert("acknowledged batches", acked);
         self.check_presence()
     }
+}
+
+/// A UUIDv7 (what `ChatRoom::send` makes) from a wall time in ms and random bits the seed
+/// drew: message ids stay the same run after run.
+fn uuid_v7(wall_ms: u64, bits: u128) -> String {
+    let rand_a = (bits >> 64) as u16 & 0x0fff;
+    let rand_b = (bits as u64) & 0x3fff_ffff_ffff_ffff;
+    format!(
+        "{:08x}-{:04x}-7{:03x}-{:04x}-{:012x}",
+        (wall_ms >> 16) & 0xffff_ffff,
+        wall_ms & 0xffff,
+        rand_a,
+        0x8000 | (rand_b >> 48),
+        rand_b & 0xffff_ffff_ffff
+    )
 }
 
 /// A random text edit of `doc`: mostly inserts, some deletions.

@@ -24,3 +24,232 @@ fn a_deletion_spanning_stored_and_carried_items_is_complete() {
         "the server has clocks 0..7 of client 2 and the push carries 7..14, yet its deletion of 1..11 is called missing"
     );
 }
+
+mod resume_while_unstored {
+    //! Seeds 16, 24, 29, 32, 54, 63, 81, 85, 91, 119, 124, … (every "replica … differs from the
+    //! store" of seeds 0..300 after the two fixes of 5cf3c4f): a native resume answered while
+    //! the room holds an update whose commit failed (`RoomState::unstored`, `recover` failing
+    //! again because the store still fails) is answered from the log only — here "nothing" at
+    //! cursor == head — yet the live document holds more. When the room later stores that update
+    //! itself (`Room::recover` → `Room::stored`), it publishes it to other instances but does
+    //! not broadcast it locally (the subscribers of the time got it by the early broadcast);
+    //! the connection that resumed in between never gets it, and its cursor moves past it with
+    //! the next `Update`/`Ack`: its replica lacks the change for ever.
+
+    use driftsync_engine::doc::{new_doc, state_vector, text, text_insert};
+    use driftsync_engine::sync::{apply_remote, Limits};
+    use driftsync_protocol::{
+        ClientFrame, Cursor, DocId, ErrorCode, ResumeDoc, ServerFrame, DEFAULT_MAX_FRAME_SIZE, PROTOCOL_VERSION,
+    };
+    use driftsync_sim::check::store_doc;
+    use driftsync_sim::server::Instance;
+    use driftsync_sim::store::MemStore;
+    use futures_util::{SinkExt, StreamExt};
+    use std::sync::Arc;
+    use std::time::Duration;
+    use tokio::io::DuplexStream;
+    use tokio_tungstenite::tungstenite::protocol::Role;
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::WebSocketStream;
+    use yrs::Doc;
+
+    const DOC: &str = "notes/0";
+
+    struct Conn(WebSocketStream<DuplexStream>);
+
+    impl Conn {
+        async fn open(instance: &Instance, client_id: u64) -> Conn {
+            let ws = WebSocketStream::from_raw_socket(instance.connect_native(), Role::Client, None).await;
+            let mut conn = Conn(ws);
+            conn.send(ClientFrame::Hello {
+                version: PROTOCOL_VERSION,
+                token: String::new(),
+                client_id,
+            })
+            .await;
+            conn.expect(|f| matches!(f, ServerFrame::Welcome { .. })).await;
+            conn
+        }
+
+        async fn send(&mut self, frame: ClientFrame) {
+            self.0.send(Message::Binary(frame.encode().into())).await.expect("send");
+        }
+
+        /// The next frame `want` accepts (pings, presence and the like are skipped).
+        async fn expect(&mut self, want: impl Fn(&ServerFrame) -> bool) -> ServerFrame {
+            loop {
+                let message = tokio::time::timeout(Duration::from_secs(30), self.0.next())
+                    .await
+                    .expect("a frame within 30 s")
+                    .expect("the connection is open")
+                    .expect("a message");
+                let Message::Binary(bytes) = message else { continue };
+                let frame = ServerFrame::decode(&bytes, DEFAULT_MAX_FRAME_SIZE).expect("decode");
+                if want(&frame) {
+                    return frame;
+                }
+            }
+        }
+
+        /// Resumes `DOC` at `cursor`; applies the answer to `doc`, returns the answer's cursor.
+        async fn resume(&mut self, doc: &Doc, cursor: Cursor) -> Cursor {
+            self.send(ClientFrame::Resume {
+                docs: vec![ResumeDoc {
+                    doc: DocId::new(DOC).expect("id"),
+                    cursor,
+                    state_vector: state_vector(doc),
+                }],
+            })
+            .await;
+            let ServerFrame::Resumed { docs } = self
+                .expect(|f| matches!(f, ServerFrame::Resumed { docs } if !docs.is_empty()))
+                .await
+            else {
+                unreachable!()
+            };
+            if let Some(update) = &docs[0].update {
+                apply_remote(doc, update, &Limits::default()).expect("apply");
+            }
+            docs[0].cursor
+        }
+
+        async fn push(&mut self, batch: u64, update: &[u8]) -> ServerFrame {
+            self.send(ClientFrame::Push {
+                doc: DocId::new(DOC).expect("id"),
+                batch,
+                update: update.to_vec(),
+            })
+            .await;
+            self.expect(|f| matches!(f, ServerFrame::Ack { .. } | ServerFrame::Error { .. }))
+                .await
+        }
+    }
+
+    #[test]
+    #[ignore = "server bug: a resume is answered from the log while the room holds an unstored update (room.rs Room::resume)"]
+    fn a_resume_while_a_failed_commit_is_unstored_still_gets_it() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .start_paused(true)
+            .build()
+            .expect("runtime");
+        runtime.block_on(async {
+            let store = Arc::new(MemStore::new(0));
+            let instance = Instance::start(Arc::clone(&store), driftsync_server::Config::default(), 1);
+            // The writer stores "base" (cursor 1).
+            let writer = new_doc(11).expect("doc");
+            let mut w = Conn::open(&instance, 11).await;
+            w.resume(&writer, 0).await;
+            let base = text_insert(&writer, 0, "base").expect("insert");
+            assert!(matches!(w.push(1, &base).await, ServerFrame::Ack { cursor: 1, .. }));
+            // The reader holds "base" at cursor 1.
+            let reader = new_doc(22).expect("doc");
+            apply_remote(&reader, &base, &Limits::default()).expect("apply");
+            // The store fails: the writer's X is applied, broadcast (to nobody) and unstored.
+            store.set_commit_failures(1.0);
+            let x = text_insert(&writer, 4, " X").expect("insert");
+            assert!(matches!(
+                w.push(2, &x).await,
+                ServerFrame::Error {
+                    code: ErrorCode::StoreUnavailable,
+                    ..
+                }
+            ));
+            // The reader resumes meanwhile: the room fails to store X again and answers from the
+            // log: nothing, at cursor 1 == head. The live document holds X.
+            let mut r = Conn::open(&instance, 22).await;
+            let mut cursor = r.resume(&reader, 1).await;
+            // The store works again; the writer's re-send makes the room store X itself
+            // (cursor 2) and is acknowledged; the reader is not sent X.
+            store.set_commit_failures(0.0);
+            assert!(matches!(w.push(2, &x).await, ServerFrame::Ack { cursor: 2, .. }));
+            // The writer's next change reaches the reader with the settled head, cursor 2,
+            // which the reader may keep (its `Resumed` arrived on this connection).
+            let y = text_insert(&writer, 6, " Y").expect("insert");
+            assert!(matches!(w.push(3, &y).await, ServerFrame::Ack { cursor: 3, .. }));
+            if let ServerFrame::Update { cursor: c, update, .. } =
+                r.expect(|f| matches!(f, ServerFrame::Update { .. })).await
+            {
+                apply_remote(&reader, &update, &Limits::default()).expect("apply");
+                cursor = cursor.max(c);
+            }
+            // A later resume from that cursor does not bring X either.
+            drop(r);
+            let mut r = Conn::open(&instance, 22).await;
+            r.resume(&reader, cursor).await;
+            let stored = store_doc(&store, DOC).expect("stored");
+            assert_eq!(text(&stored), "base X Y");
+            assert_eq!(text(&reader), text(&stored), "the reader lacks X (or holds Y pending)");
+        });
+    }
+}
+
+mod refused_presence_cancels_a_retry {
+    //! Found with the server's resume-while-unstored bug patched (so that such a resume is
+    //! refused with `StoreUnavailable`): seeds 32, 74, 81, 122, 148, 152, … of 0..1000 ended
+    //! "not synced …: online true, outbox […]" — the client's machine had stopped resuming a
+    //! document. A resume refused for a passing reason puts the document in `retry` (resumed
+    //! again after `LIVE_RETRY_DELAY`); the presence the machine sent with the resume (and the
+    //! renewal every heartbeat) reaches the server after that refusal and is refused with
+    //! `NotSubscribed`, naming the document, no batch; `Machine::refused` takes that lasting
+    //! refusal as one of the document itself (its last match arm) and drops it from `retry`:
+    //! the document is never resumed again on this connection, the machine says synced, the
+    //! outbox waits for the next connection (for ever on a healthy one).
+
+    use std::time::Duration;
+
+    use driftsync_client::machine::{Action, Effect, Machine, MachineOptions, Outcome, LIVE_RETRY_DELAY};
+    use driftsync_protocol::{ClientFrame, DocId, ErrorCode, ResumeDoc, ServerFrame, PROTOCOL_VERSION};
+
+    fn error(code: ErrorCode) -> ServerFrame {
+        ServerFrame::Error {
+            code,
+            doc: Some(DocId::new("notes").expect("id")),
+            batch: None,
+        }
+    }
+
+    #[test]
+    #[ignore = "client bug: a NotSubscribed refusal of a presence frame cancels the document's retry (client/src/machine.rs Machine::refused)"]
+    fn a_refused_presence_does_not_cancel_the_retry_of_its_document() {
+        let t0 = Duration::ZERO;
+        let mut m = Machine::new(42, MachineOptions::live());
+        assert!(m.presence("notes", Some("{}".into())).is_empty(), "offline: noted");
+        m.connected(String::new(), t0);
+        m.receive(
+            ServerFrame::Welcome {
+                version: PROTOCOL_VERSION,
+                max_frame_size: 1 << 20,
+                session: 7,
+                heartbeat_ms: 15_000,
+            },
+            t0,
+        );
+        let a = m.feed(Outcome::Documents(vec!["notes".into()]));
+        assert!(
+            matches!(
+                &a[..],
+                [
+                    Action::Effect(Effect::ResumeRequest { .. }),
+                    Action::Send(ClientFrame::Presence { .. })
+                ]
+            ),
+            "{a:?}"
+        );
+        m.feed(Outcome::ResumeRequest(vec![ResumeDoc {
+            doc: DocId::new("notes").expect("id"),
+            cursor: 0,
+            state_vector: vec![0],
+        }]));
+        // The server refuses the resume for a passing reason, then the presence sent after it.
+        m.receive(error(ErrorCode::StoreUnavailable), t0);
+        m.receive(error(ErrorCode::NotSubscribed), t0);
+        assert!(!m.is_synced(), "notes was never answered");
+        let a = m.tick(LIVE_RETRY_DELAY);
+        assert!(
+            a.iter()
+                .any(|a| matches!(a, Action::Effect(Effect::ResumeRequest { docs }) if docs == &["notes"])),
+            "notes is resumed again: {a:?}"
+        );
+    }
+}
