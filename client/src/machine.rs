@@ -721,6 +721,13 @@ impl Machine {
                 return;
             }
         };
+        if code == ErrorCode::NotSubscribed && batch.is_none() {
+            // Presence or typing sent for a document the server does not count this connection
+            // in (its resume is being retried, or was refused): the document's own resume
+            // decides what happens to it; this cancels nothing (found by the simulation: it
+            // cancelled the retry of a refused resume, and the outbox waited for ever).
+            return;
+        }
         let retries = conn.retries.entry(id.clone()).or_default();
         if error.is_retryable() && self.options.max_retries.is_none_or(|max| *retries < max) {
             // Resume the document again shortly: the answer shows what the server has, and the

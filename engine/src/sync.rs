@@ -239,14 +239,35 @@ pub fn answer_resume(
     client_sv: &[u8],
     tail: Option<&[LogEntry]>,
 ) -> Result<ResumeAnswer> {
+    answer(doc, head, Some(client_cursor), client_sv, tail)
+}
+
+/// Answers one document of a resume with the state-vector diff of `doc`, whatever the client's
+/// cursor: for a live document that holds more than the store's log up to `head` says (updates
+/// whose commit failed and that the server has not stored yet), where an answer from the log,
+/// or "nothing" at the head, would leave the client without them for good.
+pub fn answer_resume_from_state(doc: &Doc, head: Cursor, client_sv: &[u8]) -> Result<ResumeAnswer> {
+    answer(doc, head, None, client_sv, None)
+}
+
+/// [`answer_resume`], or with `client_cursor` `None` the state diff in any case.
+fn answer(
+    doc: &Doc,
+    head: Cursor,
+    client_cursor: Option<Cursor>,
+    client_sv: &[u8],
+    tail: Option<&[LogEntry]>,
+) -> Result<ResumeAnswer> {
     let client_sv = decode_state_vector(client_sv)?;
     let server_sv = doc.transact().state_vector();
     let server_lacks = client_sv.iter().any(|(client, &clock)| clock > server_sv.get(client));
     let state_vector = server_lacks.then(|| server_sv.encode_v1());
 
-    let (update, from_log) = if client_cursor == head {
+    let (update, from_log) = if client_cursor == Some(head) {
         (None, true)
-    } else if let (true, Some(entries)) = (client_cursor > 0 && client_cursor < head, tail) {
+    } else if let (Some(client_cursor), true, Some(entries)) =
+        (client_cursor, client_cursor.is_some_and(|c| c > 0 && c < head), tail)
+    {
         let parts: Vec<&[u8]> = entries
             .iter()
             .filter(|e| e.cursor > client_cursor)

@@ -223,7 +223,8 @@ impl<'a, S: Store> Conn<'a, S> {
                     // Boxed, as every future that may query the store: a connection's task is
                     // allocated at the size of its largest await, for its whole life, and the
                     // store's futures are large.
-                    let outcome = Box::pin(room.push(self.store, &self.shared.committer, pusher, update, skip_redundant)).await;
+                    let outcome =
+                        Box::pin(room.push(self.store, &self.shared.committer, pusher, update, skip_redundant)).await;
                     self.pushes
                         .get_or_insert_with(FuturesOrdered::new)
                         .push_back(outcome.map(move |result| Reply::Pushed { doc, tag, result }).boxed());
@@ -357,10 +358,18 @@ mod tests {
     #[tokio::test]
     async fn a_connection_stays_small() {
         let store = Arc::new(SqliteStore::open_in_memory().await.unwrap());
-        let (shared, _committer) = start_instance(store, Config::default(), 1, CancellationToken::new());
+        let (shared, _committer) = start_instance(
+            store,
+            Config::default(),
+            1,
+            CancellationToken::new(),
+            crate::tasks::Tasks::default(),
+        );
         let socket = Socket::new(Box::new(tokio::io::duplex(64).0), 1024);
         let settings = Arc::clone(&shared.native);
-        let run = run(Arc::clone(&shared), socket, move |session| NativeHandler::new(settings, session));
+        let run = run(Arc::clone(&shared), socket, move |session| {
+            NativeHandler::new(settings, session)
+        });
         let socket = Socket::new(Box::new(tokio::io::duplex(64).0), 1024);
         let ctl = Arc::new(ConnCtl::new(CancellationToken::new(), Arc::clone(&shared.metrics)));
         let (stream, out, _writer) = socket.start(&shared.tasks, 8, ctl, NativeHandler::CODEC);

@@ -56,8 +56,9 @@ pub(crate) fn start_instance<S: Store>(
     config: Config,
     instance: u64,
     token: CancellationToken,
+    tasks: Tasks,
 ) -> (Arc<Shared<S>>, tokio::task::JoinHandle<()>) {
-    let tasks = Arc::new(Tasks::default());
+    let tasks = Arc::new(tasks);
     let mut committer_task = None;
     let committer = Committer::start(Arc::clone(&store), |run| {
         committer_task = Some(tasks.spawn(run.run()));

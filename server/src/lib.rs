@@ -85,7 +85,13 @@ pub async fn serve<S: Store>(
     let token = CancellationToken::new();
     let http_limits = http::Limits::of(&config);
     let open = config.auth.is_open();
-    let (shared, committer_task) = start_instance(Arc::new(store), config, fanout::instance_id(), token.clone());
+    let (shared, committer_task) = start_instance(
+        Arc::new(store),
+        config,
+        fanout::instance_id(),
+        token.clone(),
+        tasks::Tasks::default(),
+    );
     let at_shutdown = Arc::clone(&shared);
     let mut app = Router::new()
         .route("/healthz", get(healthz))

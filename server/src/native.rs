@@ -106,7 +106,8 @@ struct Peer {
     client_id: u64,
     /// What the peer's token allows (replaced by a `Reauth`).
     grant: Grant,
-    docs: HashSet<DocId>,
+    /// The documents subscribed (ordered: they are left in one order, run after run).
+    docs: BTreeSet<DocId>,
     nonce: u64,
     /// When the token expires or, once it has, when the grace for a `Reauth` ends.
     expiry: Option<Instant>,
@@ -228,7 +229,7 @@ impl NativeHandler {
             client_id,
             expiry: expiry_deadline(&grant, now),
             grant,
-            docs: HashSet::new(),
+            docs: BTreeSet::new(),
             nonce: 0,
             expired: false,
             resume: None,
@@ -578,9 +579,7 @@ impl Handler for NativeHandler {
                 tracing::info!(session, "token expired: unsubscribing, waiting for a reauth");
                 peer.expired = true;
                 peer.expiry = Some(now.at + grace);
-                let mut docs: Vec<DocId> = peer.docs.drain().collect();
-                docs.sort();
-                for doc in docs {
+                for doc in std::mem::take(&mut peer.docs) {
                     out.push_back(Action::Request(Request::Leave { doc }));
                 }
                 out.push_back(Action::Send(error(ErrorCode::TokenExpired, None, None)));

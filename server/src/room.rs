@@ -19,7 +19,8 @@ use driftsync_engine::chat::ChatGuard;
 use driftsync_engine::doc::{decode_update, is_empty_update, load_document, state_vector};
 use driftsync_engine::store::{Append, Appended, LogEntry, LogTail, Origin, Store};
 use driftsync_engine::sync::{
-    answer_resume, apply_checked, apply_remote, check_push, missing_for, Applied, Limits, ResumeAnswer, MAX_SQUASH_WORK,
+    answer_resume, answer_resume_from_state, apply_checked, apply_remote, check_push, missing_for, Applied, Limits,
+    ResumeAnswer, MAX_SQUASH_WORK,
 };
 use driftsync_protocol::yjs::AwarenessEntry;
 use driftsync_protocol::{Cursor, DocId, ErrorCode, CLOSE_RESYNC};
@@ -727,7 +728,17 @@ impl Room {
             }
         };
         let live = state.live.as_ref().ok_or(ErrorCode::LoadFailed)?;
-        let answer = answer_resume(live, state.head, cursor, client_sv, tail.as_deref()).map_err(|e| {
+        let answer = if state.needs_recovery(&self.gate) {
+            // The live document holds updates whose commit failed and that the room could not
+            // store yet (`recover` failed again): they were broadcast before this connection
+            // subscribed, and the log does not hold them. The state diff does; once the room
+            // stores them, the client holds them already (found by the simulation: a client
+            // answered from the log here never got them).
+            answer_resume_from_state(live, state.head, client_sv)
+        } else {
+            answer_resume(live, state.head, cursor, client_sv, tail.as_deref())
+        }
+        .map_err(|e| {
             tracing::info!(doc = %self.id, error = %e, "bad resume entry");
             ErrorCode::Malformed
         })?;

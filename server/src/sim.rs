@@ -14,6 +14,7 @@ use crate::driver;
 use crate::instance::{start_instance, Shared};
 use crate::native::NativeHandler;
 use crate::socket::Socket;
+use crate::tasks::Tasks;
 use crate::yjs::YjsHandler;
 
 /// Bytes buffered in each direction of an in-memory connection.
@@ -77,7 +78,7 @@ impl Instance {
     /// also keeps the instances' session ids apart).
     pub fn start_with_id<S: Store>(store: Arc<S>, config: Config, instance: u64) -> Instance {
         let token = CancellationToken::new();
-        let (shared, _committer) = start_instance(store, config, instance, token.clone());
+        let (shared, _committer) = start_instance(store, config, instance, token.clone(), Tasks::abortable());
         Instance {
             connect: Box::new(shared),
             token,

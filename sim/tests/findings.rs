@@ -126,7 +126,6 @@ mod resume_while_unstored {
     }
 
     #[test]
-    #[ignore = "server bug: a resume is answered from the log while the room holds an unstored update (room.rs Room::resume)"]
     fn a_resume_while_a_failed_commit_is_unstored_still_gets_it() {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_time()
@@ -210,7 +209,6 @@ mod refused_presence_cancels_a_retry {
     }
 
     #[test]
-    #[ignore = "client bug: a NotSubscribed refusal of a presence frame cancels the document's retry (client/src/machine.rs Machine::refused)"]
     fn a_refused_presence_does_not_cancel_the_retry_of_its_document() {
         let t0 = Duration::ZERO;
         let mut m = Machine::new(42, MachineOptions::live());
