@@ -52,13 +52,9 @@ impl Error {
     /// Whether trying again later may succeed (network trouble, a server going away or overloaded),
     /// as opposed to a refusal that a retry repeats (bad token, forbidden document, bad data).
     pub fn is_retryable(&self) -> bool {
-        use driftsync_protocol::ErrorCode as C;
         match self {
             Error::Connection(_) | Error::Closed | Error::Timeout(_) | Error::Silent(_) => true,
-            Error::Server { code, .. } => matches!(
-                code,
-                C::StoreUnavailable | C::Unavailable | C::RateLimited | C::Internal | C::MissingDependencies
-            ),
+            Error::Server { code, .. } => code.is_transient(),
             Error::Engine(_) | Error::DocId(_) | Error::Protocol(_) | Error::Invalid(_) | Error::Stopped => false,
         }
     }

@@ -353,6 +353,24 @@ pub enum ErrorCode {
     DocumentTooLarge,
 }
 
+impl ErrorCode {
+    /// Whether the refusal passes: the same request may succeed later (the store or the
+    /// server failed for a while, the connection was rate limited, a dependency has not arrived
+    /// yet). A client resumes the document and pushes again; a server that refused a push for
+    /// such a reason stores none of that connection's later pushes of the document until it
+    /// resumed, since an `Ack` covers every older batch of the document.
+    pub fn is_transient(self) -> bool {
+        matches!(
+            self,
+            ErrorCode::StoreUnavailable
+                | ErrorCode::Unavailable
+                | ErrorCode::RateLimited
+                | ErrorCode::Internal
+                | ErrorCode::MissingDependencies
+        )
+    }
+}
+
 impl ClientFrame {
     /// Encodes the frame as one WebSocket binary message.
     pub fn encode(&self) -> Vec<u8> {

@@ -157,7 +157,7 @@ impl<'a, S: Store> Conn<'a, S> {
                         handler.message(bytes, Now::read(), &mut self.actions);
                     } else {
                         tracing::debug!(session = self.session, "rate limited");
-                        handler.rate_limited(&mut self.actions);
+                        handler.rate_limited(bytes, &mut self.actions);
                     }
                 }
             }

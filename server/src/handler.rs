@@ -147,7 +147,7 @@ pub(crate) trait Handler: Send {
     fn heartbeat(&mut self, out: &mut Actions);
 
     /// A message was refused by the rate limit (and not given to [`Handler::message`]).
-    fn rate_limited(&mut self, out: &mut Actions);
+    fn rate_limited(&mut self, bytes: Vec<u8>, out: &mut Actions);
 
     /// When [`Handler::timer`] is next due (a hello's deadline, a token's expiry), if ever.
     fn deadline(&self) -> Option<Instant>;

@@ -108,6 +108,9 @@ struct Peer {
     grant: Grant,
     /// The documents subscribed (ordered: they are left in one order, run after run).
     docs: BTreeSet<DocId>,
+    /// Documents a push of which was refused here for a passing reason (the rate limit): their
+    /// later pushes are refused too until the client resumes them (see `rate_limited`).
+    fenced: BTreeSet<DocId>,
     nonce: u64,
     /// When the token expires or, once it has, when the grace for a `Reauth` ends.
     expiry: Option<Instant>,
@@ -230,6 +233,7 @@ impl NativeHandler {
             expiry: expiry_deadline(&grant, now),
             grant,
             docs: BTreeSet::new(),
+            fenced: BTreeSet::new(),
             nonce: 0,
             expired: false,
             resume: None,
@@ -263,6 +267,10 @@ impl NativeHandler {
             ClientFrame::Push { doc, batch, update } => {
                 if !peer.docs.contains(&doc) {
                     out.push_back(Action::Send(error(ErrorCode::NotSubscribed, Some(doc), Some(batch))));
+                    return;
+                }
+                if peer.fenced.contains(&doc) {
+                    out.push_back(Action::Send(error(ErrorCode::RateLimited, Some(doc), Some(batch))));
                     return;
                 }
                 // Checked at every push: the token may have expired since the hello.
@@ -387,6 +395,8 @@ fn resume_next(peer: &mut Peer, settings: &Settings, now: Now, out: &mut Actions
             refuse(out, ErrorCode::TooManyDocuments, doc);
             continue;
         }
+        // The client resumes it: what it pushes next is planned from its whole outbox.
+        peer.fenced.remove(&doc);
         out.push_back(Action::Request(Request::Resume {
             doc,
             cursor,
@@ -545,8 +555,23 @@ impl Handler for NativeHandler {
         }
     }
 
-    fn rate_limited(&mut self, out: &mut Actions) {
-        // Refused, not silently dropped: a refused push is retried from the client's outbox.
+    fn rate_limited(&mut self, bytes: Vec<u8>, out: &mut Actions) {
+        // Refused, not silently dropped. A refused push is named (document and batch), so that
+        // the client resumes the document and pushes again from its outbox; and the
+        // connection's later pushes of that document are refused until then, since an `Ack`
+        // covers every older batch of the document (the one refused here would be lost).
+        if let (Phase::Open(peer), Ok(ClientFrame::Push { doc, batch, .. })) = (
+            &mut self.phase,
+            ClientFrame::decode(&bytes, self.settings.max_frame_size),
+        ) {
+            out.push_back(Action::Send(error(
+                ErrorCode::RateLimited,
+                Some(doc.clone()),
+                Some(batch),
+            )));
+            peer.fenced.insert(doc);
+            return;
+        }
         out.push_back(Action::Send(error(ErrorCode::RateLimited, None, None)));
     }
 
@@ -764,6 +789,70 @@ mod tests {
             &mut out,
         );
         assert!(matches!(out.back(), Some(Action::ChargeReload(100))));
+    }
+
+    #[test]
+    fn a_rate_limited_push_is_named_and_fences_its_document_until_a_resume() {
+        let mut handler = NativeHandler::new(settings(), 3);
+        let mut out = Actions::new();
+        hello(&mut handler, &mut out);
+        let doc = DocId::new("a").unwrap();
+        let resume = ClientFrame::Resume {
+            docs: vec![ResumeDoc {
+                doc: doc.clone(),
+                cursor: 0,
+                state_vector: vec![0],
+            }],
+        };
+        handler.message(resume.encode(), now(), &mut out);
+        let answer = driftsync_engine::sync::ResumeAnswer {
+            cursor: 0,
+            update: None,
+            state_vector: None,
+            from_log: true,
+        };
+        handler.reply(
+            Reply::Resumed {
+                doc: doc.clone(),
+                result: Ok(answer),
+            },
+            now(),
+            &mut out,
+        );
+        out.clear();
+        let push = |batch| ClientFrame::Push {
+            doc: doc.clone(),
+            batch,
+            update: vec![0, 0],
+        };
+        handler.rate_limited(push(7).encode(), &mut out);
+        assert!(matches!(
+            sent(&mut out).as_slice(),
+            [ServerFrame::Error {
+                code: ErrorCode::RateLimited,
+                batch: Some(7),
+                ..
+            }]
+        ));
+        // Batch 8 was sent before the client heard of the refusal: storing it would let its
+        // `Ack` cover batch 7, which was never stored.
+        handler.message(push(8).encode(), now(), &mut out);
+        assert!(matches!(
+            sent(&mut out).as_slice(),
+            [ServerFrame::Error {
+                code: ErrorCode::RateLimited,
+                batch: Some(8),
+                ..
+            }]
+        ));
+        // Once the client resumes the document, its pushes go through again.
+        handler.message(resume.encode(), now(), &mut out);
+        out.clear();
+        handler.message(push(9).encode(), now(), &mut out);
+        assert!(matches!(
+            out.pop_front(),
+            Some(Action::Request(Request::Push { tag: 9, .. }))
+        ));
     }
 
     #[test]

@@ -7,7 +7,7 @@
 //! commit is awaited outside it (pipelined commits: a busy room has several commits in flight,
 //! settled strictly in the order they were queued). Connections never see the lock or the state.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::hash::{BuildHasherDefault, DefaultHasher};
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -145,6 +145,14 @@ struct RoomState {
     /// first: the room stores them itself, before anything else, at its next use or sweep (see
     /// [`Room::recover`]). At most [`MAX_UNSTORED_BYTES`].
     unstored: Vec<Vec<u8>>,
+    /// Native sessions a push of which was refused for a passing reason (or whose failed commit
+    /// the room could not keep): none of their later pushes of this document is stored until
+    /// they resume it. A client's `Ack` covers its batch and every older one of the document,
+    /// and the store takes a batch at or below the last one stored for a re-send: a later batch
+    /// stored after a refused one would lose the refused one for good (found by the simulation:
+    /// a refused deletion, acknowledged by the next batch's `Ack`, never stored). The client
+    /// resumes the document after such a refusal and pushes its whole outbox again, in order.
+    fenced: HashSet<u64, BuildHasherDefault<DefaultHasher>>,
     /// The connections subscribed, by session id. A fixed hasher: the same subscriptions give
     /// the same broadcast order, run after run (the simulation replays seeds).
     subscribers: HashMap<u64, Outbound, BuildHasherDefault<DefaultHasher>>,
@@ -163,6 +171,9 @@ struct InFlight {
     /// The committer's answer, which whoever settles the room first reads.
     commit: Shared<oneshot::Receiver<CommitResult>>,
     update: Vec<u8>,
+    /// The native session that pushed it, fenced should its commit fail and the room not keep
+    /// it (see [`RoomState::fenced`]).
+    session: Option<u64>,
     /// The live document it was applied to (see [`RoomState::generation`]).
     generation: u64,
     /// Where the pusher waits for the outcome.
@@ -220,6 +231,7 @@ impl Room {
                 epoch,
                 generation: 0,
                 unstored: Vec::new(),
+                fenced: HashSet::default(),
                 subscribers: HashMap::default(),
                 presence: Presence::default(),
                 chat: None,
@@ -338,8 +350,17 @@ impl Room {
         let ready = |result: Result<Cursor, Refused>| -> PushOutcome<'a> { Box::pin(std::future::ready(result)) };
         let begun = {
             let mut guard = self.state.lock().await;
-            self.begin_push(&mut guard, store, committer, pusher, update, skip_redundant)
-                .await
+            let (session, native) = (pusher.session, pusher.origin.is_some());
+            let begun = self
+                .begin_push(&mut guard, store, committer, pusher, update, skip_redundant)
+                .await;
+            if let (true, Err(refused) | Ok(Begun::Done(Err(refused))), Some(state)) = (native, &begun, guard.as_mut())
+            {
+                if refused.code.is_transient() {
+                    state.fenced.insert(session);
+                }
+            }
+            begun
         };
         let outcome = match begun {
             Ok(Begun::Done(result)) => ready(result),
@@ -385,6 +406,11 @@ impl Room {
             return Err(Refused::new(load_failed(&self.id, &e)));
         }
         let state = slot.as_mut().ok_or(Refused::new(ErrorCode::LoadFailed))?;
+        if pusher.origin.is_some() && state.fenced.contains(&pusher.session) {
+            // An earlier push of this connection was refused and not stored: nothing of its may
+            // be stored before the client has resumed and pushed again (see `fenced`).
+            return Err(Refused::new(ErrorCode::StoreUnavailable));
+        }
         if state.needs_recovery(&self.gate) {
             // A change broadcast earlier is still not stored (`recover` just failed to store
             // it): nothing may be stored after it, and the store is failing anyway.
@@ -525,6 +551,7 @@ impl Room {
         state.inflight.push_back(InFlight {
             commit: commit.clone(),
             update,
+            session: pusher.origin.is_some().then_some(pusher.session),
             generation: state.generation,
             outcome: tx,
         });
@@ -577,9 +604,15 @@ impl Room {
                 Err(e) => {
                     tracing::error!(doc = %self.id, error = %e, "store failed; update not acknowledged");
                     self.ctx.metrics.store_errors.inc();
+                    let unstored: usize = state.unstored.iter().map(Vec::len).sum();
+                    let kept = current && unstored + entry.update.len() <= MAX_UNSTORED_BYTES;
+                    if let (false, Some(session)) = (kept, entry.session) {
+                        // Dropped, not stored by the room: the pusher's later pushes wait for
+                        // its resume (see `RoomState::fenced`).
+                        state.fenced.insert(session);
+                    }
                     if current {
-                        let unstored: usize = state.unstored.iter().map(Vec::len).sum();
-                        if unstored + entry.update.len() <= MAX_UNSTORED_BYTES {
+                        if kept {
                             // Broadcast already: the room stores it itself at its next use or
                             // sweep, so that readers never keep a change the server never
                             // stores. The pusher gets no `Ack` and re-sends it; that re-send
@@ -707,6 +740,8 @@ impl Room {
         // the log and the head: the answer covers them.
         self.settle(slot, store, true).await;
         let state = slot.as_mut().ok_or(ErrorCode::LoadFailed)?;
+        // The client resumes: what it pushes next is planned from its whole outbox.
+        state.fenced.remove(&session);
         // The log is read only when the client is behind: an unchanged document costs nothing.
         // A client far behind gets the state diff straight away, as if the log were compacted:
         // reading and merging thousands of entries took over 100 ms for 10,000 B4 operations,
@@ -790,6 +825,7 @@ impl Room {
         let mut guard = self.state.lock().await;
         if let Some(state) = guard.as_mut() {
             state.subscribers.remove(&session);
+            state.fenced.remove(&session);
             // Also when the subscriber is gone already (dropped as a slow consumer): its states
             // must not outlive it.
             for event in state.presence.leave(&self.id, session, self.ctx.now_ms()) {

@@ -296,7 +296,7 @@ impl Handler for YjsHandler {
 
     /// y-protocols has no "slow down" message: close with the resync code; the client
     /// reconnects (with its own backoff) and syncs again. Nothing it sent is lost.
-    fn rate_limited(&mut self, out: &mut Actions) {
+    fn rate_limited(&mut self, _bytes: Vec<u8>, out: &mut Actions) {
         tracing::info!(session = self.session, "rate limit exceeded: closing");
         out.push_back(Action::Close(CLOSE_RESYNC));
     }

@@ -291,7 +291,6 @@ mod refused_push_covered_by_a_later_ack {
     }
 
     #[test]
-    #[ignore = "server bug: a push refused before it is applied (needs_recovery) does not stop the connection's later pushes of the document from being stored and acknowledged; fix proposed (room fences the session until it resumes)"]
     fn a_batch_refused_before_a_later_acknowledged_one_is_not_lost() {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_time()
