@@ -371,7 +371,7 @@ pub fn plan_pushes(
     // carried another replica's changes would be refused whole. Theirs are restored by them.
     let own = local_sv.get(&me);
     let gap = server_sv.get(&me) < outbox_floor.unwrap_or(own).min(own);
-    let mut plan: Vec<PlannedPush> = merge_outbox(outbox, max_bytes)?
+    let mut plan: Vec<PlannedPush> = merge_outbox_for(outbox, max_bytes, Some((&server_sv, ClientID::get(&me))))?
         .into_iter()
         .map(PlannedPush::Outbox)
         .collect();
@@ -427,6 +427,22 @@ fn deletions_known_to(update: &[u8], server_sv: &StateVector, me: u64) -> Result
 /// push the server refuses for good (a chat rule broken, say) is refused with every batch merged
 /// into it; all of them stay in the outbox, as the refused batch alone did before.
 pub fn merge_outbox(outbox: Vec<OutboxEntry>, max_bytes: usize) -> Result<Vec<OutboxEntry>> {
+    merge_outbox_for(outbox, max_bytes, None)
+}
+
+/// [`merge_outbox`], knowing what the server holds (its state vector, and `me`, this replica's
+/// client id): an entry that builds on another client's changes the server lacks — references
+/// or deletes their items — starts a new push. Those changes came by an early broadcast whose
+/// commit was lost, and their owner re-sends them; but they may build on this replica's older
+/// entries in turn (A's batch 1, then B's batch on it, then A's batch 2 on B's): merged with
+/// those, this push would need B's, B's would need this one, and neither would ever be stored.
+/// Split there, every push builds only on pushes begun earlier, and some order stores them all
+/// (found by the simulation: two outboxes that never drained).
+fn merge_outbox_for(
+    outbox: Vec<OutboxEntry>,
+    max_bytes: usize,
+    server: Option<(&StateVector, u64)>,
+) -> Result<Vec<OutboxEntry>> {
     let mut merged: Vec<OutboxEntry> = Vec::new();
     let mut group: Vec<OutboxEntry> = Vec::new();
     let mut group_bytes = 0;
@@ -450,16 +466,29 @@ pub fn merge_outbox(outbox: Vec<OutboxEntry>, max_bytes: usize) -> Result<Vec<Ou
         // yrs's merge keeps every keystroke's item, one after another, and the server bounds
         // what squashing them costs (`MAX_SQUASH_WORK`, quadratic in a run's length): a group
         // also ends before its items could cost more, counted as if they all formed one run.
-        let clocks = check_update(&entry.update).map_or(0, |summary| {
+        let summary = check_update(&entry.update).ok();
+        let clocks = summary.as_ref().map_or(0, |summary| {
             summary
                 .carried
                 .iter()
                 .map(|&(_, start, end)| u64::from(end - start))
                 .sum::<u64>()
         });
+        let lacked = |client: u64, clock: u32| {
+            server.is_some_and(|(sv, me)| client != me && clock >= sv.get(&ClientID::new(client)))
+        };
+        let builds_on_lacked = summary.as_ref().is_some_and(|summary| {
+            summary.references.iter().any(|&(client, clock)| lacked(client, clock))
+                || summary
+                    .deletes
+                    .iter()
+                    .any(|&(client, clock, len)| lacked(client, clock.saturating_add(len).saturating_sub(1)))
+        });
         let run = group_clocks + clocks;
         if !group.is_empty()
-            && (group_bytes + entry.update.len() > max_bytes || run.saturating_mul(run + 1) / 2 > MAX_SQUASH_WORK)
+            && (builds_on_lacked
+                || group_bytes + entry.update.len() > max_bytes
+                || run.saturating_mul(run + 1) / 2 > MAX_SQUASH_WORK)
         {
             flush(&mut group)?;
             group_bytes = 0;

@@ -44,6 +44,10 @@ pub(crate) enum RoomEvent {
         user: String,
         typing: bool,
     },
+    /// To the pusher only: its batch is stored at `cursor`. Queued by the room when it settles
+    /// the commit, under its lock, so that it reaches the pusher in order with the updates the
+    /// room broadcasts: no later update's cursor (nor a resume answer's) overtakes it.
+    Ack { doc: DocId, batch: u64, cursor: Cursor },
 }
 
 /// How many protocols may encode one event (slots of [`SharedEvent`]'s cache).
@@ -115,6 +119,7 @@ impl Outgoing {
                         doc.as_str().len() + user.len() + state.as_ref().map_or(0, String::len)
                     }
                     RoomEvent::Typing { doc, user, .. } => doc.as_str().len() + user.len(),
+                    RoomEvent::Ack { doc, .. } => doc.as_str().len(),
                 },
             }
     }

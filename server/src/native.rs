@@ -51,6 +51,11 @@ fn encode(event: &RoomEvent) -> Option<Vec<u8>> {
             user: user.clone(),
             typing: *typing,
         },
+        RoomEvent::Ack { doc, batch, cursor } => ServerFrame::Ack {
+            doc: doc.clone(),
+            batch: *batch,
+            cursor: *cursor,
+        },
     };
     Some(frame.encode())
 }
@@ -523,14 +528,8 @@ impl Handler for NativeHandler {
                 }
             }
             Reply::Pushed { doc, tag, result } => match result {
-                Ok(cursor) => out.push_back(Action::Send(
-                    ServerFrame::Ack {
-                        doc,
-                        batch: tag,
-                        cursor,
-                    }
-                    .encode(),
-                )),
+                // The room queued the `Ack` itself, in order with its broadcasts.
+                Ok(_) => {}
                 Err(refused) => {
                     out.push_back(Action::Send(error(refused.code, Some(doc), Some(tag))));
                     // A refusal that made the room reload its document: the sender pays.

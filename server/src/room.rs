@@ -7,7 +7,7 @@
 //! commit is awaited outside it (pipelined commits: a busy room has several commits in flight,
 //! settled strictly in the order they were queued). Connections never see the lock or the state.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::hash::{BuildHasherDefault, DefaultHasher};
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -146,13 +146,13 @@ struct RoomState {
     /// [`Room::recover`]). At most [`MAX_UNSTORED_BYTES`].
     unstored: Vec<Vec<u8>>,
     /// Native sessions a push of which was refused for a passing reason (or whose failed commit
-    /// the room could not keep): none of their later pushes of this document is stored until
-    /// they resume it. A client's `Ack` covers its batch and every older one of the document,
+    /// the room could not keep), with that reason: none of their later pushes of this document
+    /// is stored until they resume it (each is refused for the same reason). A client's `Ack` covers its batch and every older one of the document,
     /// and the store takes a batch at or below the last one stored for a re-send: a later batch
     /// stored after a refused one would lose the refused one for good (found by the simulation:
     /// a refused deletion, acknowledged by the next batch's `Ack`, never stored). The client
     /// resumes the document after such a refusal and pushes its whole outbox again, in order.
-    fenced: HashSet<u64, BuildHasherDefault<DefaultHasher>>,
+    fenced: HashMap<u64, ErrorCode, BuildHasherDefault<DefaultHasher>>,
     /// The connections subscribed, by session id. A fixed hasher: the same subscriptions give
     /// the same broadcast order, run after run (the simulation replays seeds).
     subscribers: HashMap<u64, Outbound, BuildHasherDefault<DefaultHasher>>,
@@ -171,9 +171,9 @@ struct InFlight {
     /// The committer's answer, which whoever settles the room first reads.
     commit: Shared<oneshot::Receiver<CommitResult>>,
     update: Vec<u8>,
-    /// The native session that pushed it, fenced should its commit fail and the room not keep
-    /// it (see [`RoomState::fenced`]).
-    session: Option<u64>,
+    /// The native session that pushed it and its batch: acknowledged once stored, fenced
+    /// should its commit fail and the room not keep it (see [`RoomState::fenced`]).
+    pusher: Option<(u64, u64)>,
     /// The live document it was applied to (see [`RoomState::generation`]).
     generation: u64,
     /// Where the pusher waits for the outcome.
@@ -231,7 +231,7 @@ impl Room {
                 epoch,
                 generation: 0,
                 unstored: Vec::new(),
-                fenced: HashSet::default(),
+                fenced: HashMap::default(),
                 subscribers: HashMap::default(),
                 presence: Presence::default(),
                 chat: None,
@@ -350,15 +350,21 @@ impl Room {
         let ready = |result: Result<Cursor, Refused>| -> PushOutcome<'a> { Box::pin(std::future::ready(result)) };
         let begun = {
             let mut guard = self.state.lock().await;
-            let (session, native) = (pusher.session, pusher.origin.is_some());
+            let (session, origin) = (pusher.session, pusher.origin);
             let begun = self
                 .begin_push(&mut guard, store, committer, pusher, update, skip_redundant)
                 .await;
-            if let (true, Err(refused) | Ok(Begun::Done(Err(refused))), Some(state)) = (native, &begun, guard.as_mut())
-            {
-                if refused.code.is_transient() {
-                    state.fenced.insert(session);
+            match (&begun, guard.as_mut()) {
+                (Err(refused) | Ok(Begun::Done(Err(refused))), Some(state))
+                    if origin.is_some() && refused.code.is_transient() =>
+                {
+                    state.fenced.entry(session).or_insert(refused.code);
                 }
+                (Ok(Begun::Done(Ok(cursor))), Some(state)) => {
+                    // Acknowledged at once (it changed nothing): in order with the broadcasts.
+                    state.ack(&self.id, origin.map(|o| (session, o.batch)), *cursor);
+                }
+                _ => {}
             }
             begun
         };
@@ -406,10 +412,11 @@ impl Room {
             return Err(Refused::new(load_failed(&self.id, &e)));
         }
         let state = slot.as_mut().ok_or(Refused::new(ErrorCode::LoadFailed))?;
-        if pusher.origin.is_some() && state.fenced.contains(&pusher.session) {
+        if let Some(&code) = pusher.origin.and(state.fenced.get(&pusher.session)) {
             // An earlier push of this connection was refused and not stored: nothing of its may
-            // be stored before the client has resumed and pushed again (see `fenced`).
-            return Err(Refused::new(ErrorCode::StoreUnavailable));
+            // be stored before the client has resumed and pushed again (see `fenced`). Refused
+            // for the same reason, which the client retries.
+            return Err(Refused::new(code));
         }
         if state.needs_recovery(&self.gate) {
             // A change broadcast earlier is still not stored (`recover` just failed to store
@@ -551,7 +558,7 @@ impl Room {
         state.inflight.push_back(InFlight {
             commit: commit.clone(),
             update,
-            session: pusher.origin.is_some().then_some(pusher.session),
+            pusher: pusher.origin.map(|origin| (pusher.session, origin.batch)),
             generation: state.generation,
             outcome: tx,
         });
@@ -591,6 +598,9 @@ impl Room {
                 Ok(Appended::Stored(cursor)) => {
                     if current {
                         Box::pin(self.stored(slot, store, cursor, entry.update)).await;
+                        if let Some(state) = slot.as_ref() {
+                            state.ack(&self.id, entry.pusher, cursor);
+                        }
                     } else {
                         // Cannot happen (a reload waits for every commit in flight, and those
                         // after a failed one fail), but if it did, the store would hold what
@@ -600,16 +610,19 @@ impl Room {
                     }
                     Ok(cursor)
                 }
-                Ok(Appended::Duplicate(cursor)) => Ok(cursor),
+                Ok(Appended::Duplicate(cursor)) => {
+                    state.ack(&self.id, entry.pusher, cursor);
+                    Ok(cursor)
+                }
                 Err(e) => {
                     tracing::error!(doc = %self.id, error = %e, "store failed; update not acknowledged");
                     self.ctx.metrics.store_errors.inc();
                     let unstored: usize = state.unstored.iter().map(Vec::len).sum();
                     let kept = current && unstored + entry.update.len() <= MAX_UNSTORED_BYTES;
-                    if let (false, Some(session)) = (kept, entry.session) {
+                    if let (false, Some((session, _))) = (kept, entry.pusher) {
                         // Dropped, not stored by the room: the pusher's later pushes wait for
                         // its resume (see `RoomState::fenced`).
-                        state.fenced.insert(session);
+                        state.fenced.entry(session).or_insert(ErrorCode::StoreUnavailable);
                     }
                     if current {
                         if kept {
@@ -1047,6 +1060,21 @@ enum Begun {
 }
 
 impl RoomState {
+    /// Queues, for the native session that pushed `batch` (if it is still subscribed), the
+    /// `Ack` of its batch at `cursor`: under the room's lock, so that it reaches the pusher in
+    /// order with the updates the room broadcasts (no later cursor overtakes it).
+    fn ack(&self, doc: &DocId, pusher: Option<(u64, u64)>, cursor: Cursor) {
+        let Some((session, batch)) = pusher else { return };
+        if let Some(out) = self.subscribers.get(&session) {
+            let ack = RoomEvent::Ack {
+                doc: doc.clone(),
+                batch,
+                cursor,
+            };
+            out.send(Outgoing::Event(SharedEvent::new(ack)));
+        }
+    }
+
     /// Whether a failed commit left something to recover before anything else is stored: an
     /// update the room must store itself, or a failure not settled yet.
     fn needs_recovery(&self, gate: &Gate) -> bool {
