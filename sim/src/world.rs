@@ -69,13 +69,6 @@ struct Client {
 }
 
 /// The trace: every line hashed into the digest, the last ones kept.
-///
-/// One thing is hashed with less than its whole line: which document a native peer's presence
-/// was removed from. When a native connection ends, the server announces that it left each of
-/// its documents in the iteration order of a `HashSet` with a random hasher
-/// (`server/src/native.rs`, `Peer::docs`, read by `subscriptions()` in `driver.rs`), so the
-/// documents of those removals come in an order that differs between runs (the frames and their
-/// delivery times do not). Nothing the simulation does depends on that order.
 #[derive(Debug)]
 struct Trace {
     hasher: DefaultHasher,
@@ -87,14 +80,7 @@ struct Trace {
 impl Trace {
     fn add(&mut self, now_ms: u64, line: String) {
         let line = format!("{:>10.3}s {line}", now_ms as f64 / 1000.0);
-        match line.split_once(" <- Presence ") {
-            Some((head, rest)) if rest.ends_with(" false") => {
-                // "<doc> peer <id> false": the document left out.
-                let peer = rest.split_once(' ').map_or(rest, |(_, peer)| peer);
-                (head, peer).hash(&mut self.hasher);
-            }
-            _ => line.hash(&mut self.hasher),
-        }
+        line.hash(&mut self.hasher);
         self.lines += 1;
         if self.verbose {
             println!("{line}");
