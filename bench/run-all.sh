@@ -216,7 +216,7 @@ echo "load average at end: $(cut -d' ' -f1-3 /proc/loadavg)" >> "$OUT/machine-$S
 read -r STEAL1 TOTAL1 < <(cpu_ticks)
 echo "steal during the run: $(( (STEAL1 - STEAL0) * 100 / (TOTAL1 - TOTAL0 + 1) )) % of CPU time (the hypervisor running other guests)" >> "$OUT/machine-$STAMP.txt"
 
-"$BENCH" report --results "$RESULTS" --md "$OUT/report-$STAMP.md" --chart "$OUT/fanout.png"
+"$BENCH" report --results "$RESULTS" --md "$OUT/report-$STAMP.md" --chart "$OUT/fanout-$STAMP.png"
 cp "$RESULTS" "$OUT/latest.jsonl"
 cp "$OUT/report-$STAMP.md" "$OUT/latest.md"
-echo "results: $RESULTS; report: $OUT/report-$STAMP.md; chart: $OUT/fanout.png; logs: $LOGS"
+echo "results: $RESULTS; report: $OUT/report-$STAMP.md; chart: $OUT/fanout-$STAMP.png; logs: $LOGS"
