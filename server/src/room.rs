@@ -611,6 +611,13 @@ impl Room {
                     Ok(cursor)
                 }
                 Ok(Appended::Duplicate(cursor)) => {
+                    // The batch id was stored before, yet this update changed the live document
+                    // (only a client re-using a batch id for other content does that): the store
+                    // lacks what readers got. The room stores it itself, as for a failed commit,
+                    // so that the live document never holds more than the store will.
+                    if current {
+                        state.unstored.push(entry.update);
+                    }
                     state.ack(&self.id, entry.pusher, cursor);
                     Ok(cursor)
                 }
@@ -1470,6 +1477,37 @@ mod tests {
         let loaded = driftsync_engine::doc::load_document("notes", &stored, 1).unwrap();
         assert_eq!(text(&loaded), "abc");
         assert_eq!(stored.head, 3);
+    }
+
+    #[tokio::test]
+    async fn other_content_under_a_stored_batch_id_is_stored_by_the_room() {
+        let store = Arc::new(SqliteStore::open_in_memory().await.unwrap());
+        let committer = committer(&store);
+        let rooms = rooms();
+        let room = rooms.get(&DocId::new("notes").unwrap());
+        let writer = new_doc(5).unwrap();
+        let batch = |n| Pusher {
+            session: 1,
+            user: None,
+            origin: Some(Origin { client_id: 5, batch: n }),
+        };
+        let a = text_insert(&writer, 0, "a").unwrap();
+        let b = text_insert(&writer, 1, "b").unwrap();
+        assert_eq!(
+            room.push(&*store, &committer, batch(1), a, false).await.await.unwrap(),
+            1
+        );
+        // Batch 1 again, with other content: acknowledged at the original's cursor…
+        assert_eq!(
+            room.push(&*store, &committer, batch(1), b, false).await.await.unwrap(),
+            1
+        );
+        // …and stored by the room before anything else, so that the store holds what readers got.
+        let c = text_insert(&writer, 2, "c").unwrap();
+        room.push(&*store, &committer, batch(2), c, false).await.await.unwrap();
+        let stored = store.load("notes").await.unwrap().unwrap();
+        let loaded = driftsync_engine::doc::load_document("notes", &stored, 1).unwrap();
+        assert_eq!(text(&loaded), "abc");
     }
 
     #[test]
