@@ -568,7 +568,11 @@ impl Handler for NativeHandler {
                 Some(doc.clone()),
                 Some(batch),
             )));
-            peer.fenced.insert(doc);
+            // Only documents the connection follows: the set stays bounded by those, whatever
+            // document ids a flood names.
+            if peer.docs.contains(&doc) {
+                peer.fenced.insert(doc);
+            }
             return;
         }
         out.push_back(Action::Send(error(ErrorCode::RateLimited, None, None)));
@@ -844,6 +848,20 @@ mod tests {
                 ..
             }]
         ));
+        // A flood naming documents the connection does not follow fences nothing more.
+        for batch in 0..100 {
+            let other = ClientFrame::Push {
+                doc: DocId::new(format!("other/{batch}")).unwrap(),
+                batch,
+                update: vec![0, 0],
+            };
+            handler.rate_limited(other.encode(), &mut out);
+        }
+        out.clear();
+        match &handler.phase {
+            Phase::Open(peer) => assert_eq!(peer.fenced.len(), 1),
+            _ => panic!("the connection is open"),
+        }
         // Once the client resumes the document, its pushes go through again.
         handler.message(resume.encode(), now(), &mut out);
         out.clear();

@@ -80,6 +80,10 @@ pub(crate) const MAX_CONNECTION_STATE_BYTES: usize = 256 * 1024;
 /// resume) costs.
 pub(crate) const MAX_ROOM_STATE_BYTES: usize = 2 * 1024 * 1024;
 
+/// The most states of other instances' connections one room keeps (each instance already bounds
+/// its own; this bounds what small or empty states could add up to).
+const MAX_REMOTE_STATES: usize = 4096;
+
 /// The largest clock a client id may be announced with when the table knows no state of it (a
 /// new id, or one whose state was removed). y-protocols clients start at 0 and add one per
 /// change, so legitimate clocks stay far below it.
@@ -435,7 +439,8 @@ impl Presence {
         self.remote_bytes -= old_bytes;
         match state {
             Some(state) => {
-                if self.remote_bytes + state.len() > MAX_ROOM_STATE_BYTES {
+                let full = old.is_none() && self.remote.len() >= MAX_REMOTE_STATES;
+                if full || self.remote_bytes + state.len() > MAX_ROOM_STATE_BYTES {
                     tracing::info!(doc = %doc, peer, "presence from another instance dropped: the room's remote states are full");
                     if let Some(old) = old {
                         self.remote_bytes += old.state.len();
