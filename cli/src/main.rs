@@ -164,6 +164,19 @@ struct ServeArgs {
     /// or d [default: 5m].
     #[arg(long, env = "DRIFTSYNC_MAX_CLOCK_SKEW", value_parser = parse_ttl)]
     max_clock_skew: Option<Duration>,
+    /// Redis, to share rooms live with the other instances on the same PostgreSQL:
+    /// redis://[user:password@]host[:port][/db]. Without it, other instances' updates reach
+    /// this one's live rooms only by the head check.
+    #[arg(long, env = "DRIFTSYNC_REDIS_URL", hide_env_values = true)]
+    redis_url: Option<String>,
+    /// Prefix of the Redis channel names; the instances of one deployment share it.
+    #[arg(long, env = "DRIFTSYNC_REDIS_PREFIX", default_value = "driftsync")]
+    redis_prefix: String,
+    /// How often the live rooms are compared with the store, to catch up on what other
+    /// instances stored and Redis did not bring: a number with s, m, h or d [default: 1s with
+    /// PostgreSQL or Redis, never for the embedded store alone].
+    #[arg(long, env = "DRIFTSYNC_HEAD_CHECK_INTERVAL", value_parser = parse_ttl)]
+    head_check_interval: Option<Duration>,
 }
 
 #[derive(clap::Args)]
@@ -404,7 +417,36 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     // One plain line on stdout, for scripts and tests that start the server on port 0.
     println!("driftsync listening on {local}");
     let defaults = driftsync_server::Config::default();
+    let shared_store = matches!(store, AnyStore::Postgres(_));
+    let fanout: std::sync::Arc<dyn driftsync_server::Fanout> = match &args.redis_url {
+        Some(url) => {
+            let fanout = driftsync_server::RedisFanout::new(url, &args.redis_prefix).map_err(|e| {
+                anyhow::anyhow!(
+                    "invalid --redis-url {}: {}",
+                    redact_url(url),
+                    redact_password(&e.to_string(), url)
+                )
+            })?;
+            tracing::info!(redis = %redact_url(url), prefix = %args.redis_prefix, "sharing rooms with other instances through Redis");
+            std::sync::Arc::new(fanout)
+        }
+        None => {
+            if shared_store {
+                tracing::warn!(
+                    "a shared PostgreSQL store without --redis-url: if other instances serve it, their \
+                     updates reach this instance's clients only by the head check (every second), and \
+                     presence does not cross instances; give every instance the same --redis-url"
+                );
+            }
+            std::sync::Arc::new(driftsync_server::NoFanout)
+        }
+    };
+    let head_check = args.head_check_interval.or_else(|| {
+        (shared_store || args.redis_url.is_some()).then_some(driftsync_server::DEFAULT_HEAD_CHECK)
+    });
     let config = driftsync_server::Config {
+        fanout,
+        head_check,
         auth: driftsync_server::Auth::new(args.secret.as_deref()),
         max_connections: args.max_connections.unwrap_or(defaults.max_connections),
         header_read_timeout: args.header_read_timeout.unwrap_or(defaults.header_read_timeout),

@@ -119,6 +119,11 @@ pub struct Config {
     pub sweep_interval: Duration,
     /// How rooms reach the other instances sharing the store (none by default).
     pub fanout: Arc<dyn Fanout>,
+    /// How often the heads of the live rooms are compared with the store's, to catch up on
+    /// what other instances stored and the fan-out did not bring (a lost last message, a broker
+    /// down or absent). `None`: never (one instance alone on its store). `serve` sets it for a
+    /// store other instances may share.
+    pub head_check: Option<Duration>,
     /// Most connections open at once, WebSockets and plain HTTP alike; one more is answered
     /// `503` and closed at once. Default: [`default_max_connections`] (the open-files limit less
     /// [`FD_RESERVE`]).
@@ -159,6 +164,7 @@ impl Default for Config {
             compaction: CompactionPolicy::default(),
             sweep_interval: Duration::from_secs(10),
             fanout: Arc::new(NoFanout),
+            head_check: None,
             max_connections: default_max_connections(),
             header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
@@ -167,6 +173,9 @@ impl Default for Config {
         }
     }
 }
+
+/// The default [`Config::head_check`] for a store other instances may share.
+pub const DEFAULT_HEAD_CHECK: Duration = Duration::from_secs(1);
 
 /// The default [`Config::max_document_bytes`]: 16 MiB of stored bytes. A live yrs document
 /// takes 10–15 times its encoded size in memory, so this keeps one room well below memory; a

@@ -100,32 +100,90 @@ pub(crate) fn start_instance<S: Store>(
             }
         }
     });
-    // Updates stored by other instances, for the rooms loaded here.
+    // What other instances publish, for the rooms loaded here; this instance's heartbeat; the
+    // other instances' liveness.
     let fan_in = Arc::clone(&shared);
+    let catch_up = Arc::new(tokio::sync::Notify::new());
+    let resync = Arc::clone(&catch_up);
     shared.tasks.spawn(async move {
+        let mut peers = fanout::Peers::default();
+        let mut heartbeat = tokio::time::interval(fanout::HEARTBEAT);
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let next = tokio::select! {
                 biased;
                 () = fan_in.shutdown.cancelled() => break,
                 next = remote.recv() => next,
+                _ = heartbeat.tick() => {
+                    fan_in.config.fanout.heartbeat(instance);
+                    let now = tokio::time::Instant::now();
+                    for dead in peers.expire(now) {
+                        tracing::warn!(instance = dead, "another instance went silent: removing its connections' presence");
+                        fan_in.rooms.drop_origin(dead).await;
+                    }
+                    fan_in.metrics.peer_instances.set(i64::try_from(peers.len()).unwrap_or(i64::MAX));
+                    continue;
+                }
             };
-            match next {
-                Some((doc, fanout::FanoutEvent::Update { cursor, update })) => {
-                    fan_in.rooms.remote_update(&*fan_in.store, &doc, cursor, &update).await;
+            let Some(message) = next else { break };
+            fan_in.metrics.fanout_in.inc();
+            let now = tokio::time::Instant::now();
+            match message {
+                fanout::Inbound::Event { origin, doc, event } => {
+                    if origin == instance {
+                        continue;
+                    }
+                    if peers.seen(origin, now) {
+                        fan_in.rooms.exchange_presence().await;
+                    }
+                    match event {
+                        fanout::FanoutEvent::Update { cursor, update } => {
+                            fan_in.rooms.remote_update(&*fan_in.store, &doc, cursor, update.as_deref()).await;
+                        }
+                        fanout::FanoutEvent::Presence {
+                            peer,
+                            user,
+                            clock,
+                            state,
+                        } => fan_in.rooms.remote_presence(&doc, origin, peer, user, clock, state).await,
+                        fanout::FanoutEvent::PresenceQuery => fan_in.rooms.presence_query(&doc).await,
+                    }
                 }
-                Some((
-                    doc,
-                    fanout::FanoutEvent::Presence {
-                        peer,
-                        user,
-                        clock,
-                        state,
-                    },
-                )) => {
-                    fan_in.rooms.remote_presence(&doc, peer, user, clock, state).await;
+                fanout::Inbound::Alive { origin } => {
+                    if origin != instance && peers.seen(origin, now) {
+                        // New, or back after it was thought dead: exchange presence with it.
+                        fan_in.rooms.exchange_presence().await;
+                    }
                 }
-                None => break,
+                fanout::Inbound::Subscribed { doc } => fan_in.rooms.subscribed(&*fan_in.store, &doc).await,
+                fanout::Inbound::Resync => {
+                    tracing::info!("fan-out resync: catching up every live room and exchanging presence");
+                    resync.notify_one();
+                    fan_in.rooms.exchange_presence().await;
+                }
             }
+        }
+    });
+    // The head check: the repair path for what the fan-out lost (or, without one, the only way
+    // other instances' updates reach the live rooms here).
+    let checker = Arc::clone(&shared);
+    shared.tasks.spawn(async move {
+        let period = checker.config.head_check;
+        let mut tick = tokio::time::interval(period.unwrap_or(std::time::Duration::from_secs(3600)));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        loop {
+            tokio::select! {
+                biased;
+                () = checker.shutdown.cancelled() => break,
+                () = catch_up.notified() => {}
+                _ = tick.tick() => {
+                    if period.is_none() {
+                        continue;
+                    }
+                }
+            }
+            checker.rooms.catch_up_all(&*checker.store).await;
         }
     });
     // Unloads idle rooms and compacts grown logs.

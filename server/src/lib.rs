@@ -32,6 +32,7 @@ mod config;
 mod driver;
 mod event;
 pub mod fanout;
+pub mod redis_fanout;
 mod handler;
 mod http;
 mod instance;
@@ -69,9 +70,10 @@ pub use crate::auth::{mint, Access, Auth, Claims, Grant};
 pub use crate::config::{
     default_max_connections, raise_open_files_limit, Config, CHAT_PREFIX, DEFAULT_HEADER_READ_TIMEOUT,
     DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_DOCUMENT_BYTES, DEFAULT_MAX_HELLO_FRAME, DEFAULT_OUTBOUND_QUEUE_BYTES,
-    FD_RESERVE,
+    DEFAULT_HEAD_CHECK, FD_RESERVE,
 };
-pub use crate::fanout::{Fanout, LocalFanout, NoFanout};
+pub use crate::fanout::{Fanout, FanoutEvent, Inbound, LocalFanout, NoFanout};
+pub use crate::redis_fanout::RedisFanout;
 use crate::instance::{start_instance, Shared};
 pub use crate::limits::{RateLimit, RoomOpens};
 

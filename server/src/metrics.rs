@@ -32,6 +32,14 @@ pub(crate) struct Metrics {
     pub(crate) slow_consumers: Counter,
     /// Updates refused (invalid, unauthorized, schema violations, missing dependencies).
     pub(crate) refused: Counter,
+    /// Messages received from other instances through the fan-out.
+    pub(crate) fanout_in: Counter,
+    /// Gaps in the fan-out filled from the store (a lost or oversized update).
+    pub(crate) fanout_repairs: Counter,
+    /// Rooms found behind the store by the periodic head check or a resync, and caught up.
+    pub(crate) head_check_repairs: Counter,
+    /// Other instances heard from within the instance timeout.
+    pub(crate) peer_instances: Gauge,
 }
 
 impl Metrics {
@@ -50,6 +58,10 @@ impl Metrics {
         let store_errors = Counter::default();
         let slow_consumers = Counter::default();
         let refused = Counter::default();
+        let fanout_in = Counter::default();
+        let fanout_repairs = Counter::default();
+        let head_check_repairs = Counter::default();
+        let peer_instances = Gauge::default();
         registry.register("connections", "Open WebSocket connections", connections.clone());
         registry.register("rooms", "Rooms loaded in memory", rooms.clone());
         registry.register("updates_in", "Updates received from clients", updates_in.clone());
@@ -72,6 +84,26 @@ impl Metrics {
             slow_consumers.clone(),
         );
         registry.register("updates_refused", "Updates refused and not stored", refused.clone());
+        registry.register(
+            "fanout_messages_in",
+            "Messages received from other instances",
+            fanout_in.clone(),
+        );
+        registry.register(
+            "fanout_repairs",
+            "Fan-out gaps filled from the store",
+            fanout_repairs.clone(),
+        );
+        registry.register(
+            "head_check_repairs",
+            "Rooms found behind the store and caught up",
+            head_check_repairs.clone(),
+        );
+        registry.register(
+            "peer_instances",
+            "Other instances heard from recently",
+            peer_instances.clone(),
+        );
         Metrics {
             registry,
             connections,
@@ -84,6 +116,10 @@ impl Metrics {
             store_errors,
             slow_consumers,
             refused,
+            fanout_in,
+            fanout_repairs,
+            head_check_repairs,
+            peer_instances,
         }
     }
 

@@ -184,6 +184,8 @@ pub(crate) struct Presence {
 /// A state set through another instance.
 #[derive(Debug)]
 struct Remote {
+    /// The instance its connection is on.
+    origin: u64,
     user: String,
     clock: u64,
     state: String,
@@ -422,9 +424,11 @@ impl Presence {
     /// pass to the local subscribers, if it changes what they see. A state older than the one
     /// known (a lower clock) is ignored; one that would take the room's remote states beyond
     /// [`MAX_ROOM_STATE_BYTES`] too.
+    #[allow(clippy::too_many_arguments)] // One event's fields, passed through.
     pub(crate) fn remote(
         &mut self,
         doc: &DocId,
+        origin: u64,
         peer: u64,
         user: String,
         clock: u64,
@@ -433,6 +437,14 @@ impl Presence {
     ) -> Option<RoomEvent> {
         if self.remote.get(&peer).is_some_and(|known| clock < known.clock) {
             return None;
+        }
+        if let (Some(known), Some(state)) = (self.remote.get_mut(&peer), state.as_ref()) {
+            if known.clock == clock && known.state == *state {
+                // Re-announced (an answer to a presence query): still there, nothing new.
+                known.seen_ms = now_ms;
+                known.origin = origin;
+                return None;
+            }
         }
         let old = self.remote.remove(&peer);
         let old_bytes = old.as_ref().map_or(0, |old| old.state.len());
@@ -452,6 +464,7 @@ impl Presence {
                 self.remote.insert(
                     peer,
                     Remote {
+                        origin,
                         user: user.clone(),
                         clock,
                         state: state.clone(),
@@ -506,6 +519,41 @@ impl Presence {
         });
         self.remote_bytes -= freed;
         removed
+    }
+
+    /// Removes the remote states of connections on instance `origin` (found dead) and returns
+    /// the events announcing the removals to the local subscribers.
+    pub(crate) fn drop_origin(&mut self, doc: &DocId, origin: u64) -> Vec<RoomEvent> {
+        let mut removed = Vec::new();
+        let mut freed = 0;
+        self.remote.retain(|&peer, remote| {
+            if remote.origin != origin {
+                return true;
+            }
+            freed += remote.state.len();
+            removed.push(event(
+                doc,
+                &remote.user,
+                AwarenessEntry {
+                    client_id: peer,
+                    clock: remote.clock,
+                    state: None,
+                },
+            ));
+            false
+        });
+        self.remote_bytes -= freed;
+        removed
+    }
+
+    /// The states of this instance's own connections, with their users: what it re-announces
+    /// to the other instances.
+    pub(crate) fn local_states(&self) -> Vec<(String, AwarenessEntry)> {
+        self.table
+            .snapshot()
+            .into_iter()
+            .map(|entry| (self.user_of(entry.client_id), entry))
+            .collect()
     }
 
     /// The remote states as awareness entries.
@@ -628,14 +676,14 @@ mod tests {
     fn remote_states_are_shown_to_newcomers_and_expire_unless_refreshed() {
         let mut p = Presence::default();
         let doc = doc();
-        let shown = p.remote(&doc, 9, "ada".into(), 1, Some("{}".into()), 0);
+        let shown = p.remote(&doc, 1, 9, "ada".into(), 1, Some("{}".into()), 0);
         assert!(shown.is_some());
         // An older clock changes nothing; a newer one refreshes.
-        assert!(p.remote(&doc, 9, "ada".into(), 0, None, 10).is_none());
+        assert!(p.remote(&doc, 1, 9, "ada".into(), 0, None, 10).is_none());
         assert_eq!(p.snapshot().len(), 1);
         assert_eq!(p.snapshot_for(&doc, 1).len(), 1);
         assert!(p
-            .remote(&doc, 9, "ada".into(), 2, Some("{\"x\":1}".into()), 20_000)
+            .remote(&doc, 1, 9, "ada".into(), 2, Some("{\"x\":1}".into()), 20_000)
             .is_some());
         assert!(p.expire_remote(&doc, 40_000).is_empty(), "refreshed at 20 s");
         // Its instance crashed: nothing more comes, and the state goes at the timeout.
@@ -643,7 +691,7 @@ mod tests {
         assert_eq!(seen(&gone), vec![(9, 2, None)]);
         assert!(p.snapshot().is_empty());
         // A removal of an unknown state announces nothing.
-        assert!(p.remote(&doc, 9, "ada".into(), 3, None, 50_001).is_none());
+        assert!(p.remote(&doc, 1, 9, "ada".into(), 3, None, 50_001).is_none());
     }
 
     fn doc() -> DocId {

@@ -30,7 +30,7 @@ use yrs::{Doc, ReadTxn, StateVector, Transact};
 
 use crate::commit::{CommitResult, Committer, Gate};
 use crate::event::{Joined, Outbound, Outgoing, Refused, RoomEvent, SharedEvent};
-use crate::fanout::{Fanout, FanoutEvent};
+use crate::fanout::{Fanout, FanoutEvent, MAX_CARRIED_UPDATE};
 use crate::metrics::Metrics;
 use crate::owners::{Owners, Ownership};
 use crate::presence::{InvalidState, Presence};
@@ -665,7 +665,7 @@ impl Room {
             // Other instances get what is stored only, with its cursor.
             let shared = FanoutEvent::Update {
                 cursor,
-                update: Arc::from(update),
+                update: (update.len() <= MAX_CARRIED_UPDATE).then(|| Arc::from(update)),
             };
             self.ctx.fanout.publish(self.ctx.instance, &self.id, shared);
         };
@@ -933,34 +933,27 @@ impl Room {
 
     // ----- what the registry does to rooms -----
 
-    /// Takes in an update another instance stored. Only a loaded room cares: an unloaded one
-    /// will read it from the store when it loads.
-    pub(crate) async fn remote_update<S: Store>(&self, store: &S, cursor: Cursor, update: &[u8]) {
+    /// Takes in an update another instance stored at `cursor` (`None`: announced without its
+    /// bytes, read from the store). Only a loaded room cares: an unloaded one will read it
+    /// from the store when it loads. An old cursor is ignored; `head + 1` is applied; anything
+    /// further ahead is a gap, filled from the store in cursor order.
+    pub(crate) async fn remote_update<S: Store>(&self, store: &S, cursor: Cursor, update: Option<&[u8]>) {
         let mut guard = self.state.lock().await;
         let slot: &mut Option<RoomState> = &mut guard;
         let Some(state) = slot.as_mut() else { return };
         if cursor <= state.head {
             return;
         }
-        // Updates between our head and this one were missed (or are still on their way): read
-        // them from the shared store, so subscribers get every update in cursor order.
-        let entries = if cursor == state.head + 1 {
-            vec![LogEntry {
+        let entries = match update {
+            Some(update) if cursor == state.head + 1 => vec![LogEntry {
                 cursor,
                 update: update.to_vec(),
-            }]
-        } else {
-            match store.log_after(self.id.as_str(), state.head).await {
-                Ok(LogTail::Entries(entries)) => entries,
-                Ok(LogTail::Pruned) | Err(_) => {
-                    tracing::warn!(doc = %self.id, "fan-out gap not in the log: reloading the room");
-                    self.reload(slot, store).await;
-                    if let Some(state) = slot.as_mut() {
-                        for out in state.subscribers.values() {
-                            out.ctl.close(CLOSE_RESYNC);
-                        }
-                    }
-                    return;
+            }],
+            _ => {
+                self.ctx.metrics.fanout_repairs.inc();
+                match self.read_after_head(slot, store).await {
+                    Some(entries) => entries,
+                    None => return,
                 }
             }
         };
@@ -969,14 +962,90 @@ impl Room {
         }
     }
 
-    /// Takes in presence from another instance, if the room is loaded: kept (expired unless
+    /// The room's head, if it is loaded and has no commit in flight (its own commits settling
+    /// move the head and fill any gap before them): what the periodic head check compares with
+    /// the store. A busy room is skipped.
+    pub(crate) fn idle_head(&self) -> Option<Cursor> {
+        let guard = self.state.try_lock().ok()?;
+        guard
+            .as_ref()
+            .filter(|state| state.inflight.is_empty())
+            .map(|state| state.head)
+    }
+
+    /// Catches the room up with the store, whose head for this document is `store_head`: reads
+    /// and applies what other instances stored that the fan-out has not brought (a lost last
+    /// message, a lost subscription, a dead broker). Returns whether it was behind.
+    pub(crate) async fn catch_up<S: Store>(&self, store: &S, store_head: Cursor) -> bool {
+        let mut guard = self.state.lock().await;
+        let slot: &mut Option<RoomState> = &mut guard;
+        let Some(state) = slot.as_ref() else { return false };
+        if store_head <= state.head || !state.inflight.is_empty() {
+            return false;
+        }
+        if let Some(entries) = self.read_after_head(slot, store).await {
+            if let Some(state) = slot.as_mut() {
+                state.take_stored(&self.ctx, &self.id, entries);
+            }
+        }
+        true
+    }
+
+    /// The stored entries after the room's head. When the store no longer has them (compacted
+    /// meanwhile) or cannot be read, the room reloads and tells its subscribers to resync.
+    async fn read_after_head<S: Store>(&self, slot: &mut Option<RoomState>, store: &S) -> Option<Vec<LogEntry>> {
+        let head = slot.as_ref()?.head;
+        match store.log_after(self.id.as_str(), head).await {
+            Ok(LogTail::Entries(entries)) => Some(entries),
+            Ok(LogTail::Pruned) | Err(_) => {
+                tracing::warn!(doc = %self.id, "updates of another instance not in the log: reloading the room");
+                self.reload(slot, store).await;
+                if let Some(state) = slot.as_mut() {
+                    for out in state.subscribers.values() {
+                        out.ctl.close(CLOSE_RESYNC);
+                    }
+                }
+                None
+            }
+        }
+    }
+
+    /// Takes in presence from instance `origin`, if the room is loaded: kept (expired unless
     /// refreshed, see `Presence::remote`) and passed to the local subscribers.
-    pub(crate) async fn remote_presence(&self, peer: u64, user: String, clock: u64, presence: Option<String>) {
+    pub(crate) async fn remote_presence(&self, origin: u64, peer: u64, user: String, clock: u64, presence: Option<String>) {
         let mut guard = self.state.lock().await;
         if let Some(state) = guard.as_mut() {
             let now = self.ctx.now_ms();
-            if let Some(event) = state.presence.remote(&self.id, peer, user, clock, presence, now) {
+            if let Some(event) = state.presence.remote(&self.id, origin, peer, user, clock, presence, now) {
                 state.broadcast(&self.ctx, REMOTE_SESSION, event);
+            }
+        }
+    }
+
+    /// Removes the presence of instance `origin`'s connections (the instance is dead) and
+    /// tells the local subscribers.
+    pub(crate) async fn drop_origin(&self, origin: u64) {
+        let mut guard = self.state.lock().await;
+        if let Some(state) = guard.as_mut() {
+            for event in state.presence.drop_origin(&self.id, origin) {
+                state.broadcast(&self.ctx, REMOTE_SESSION, event);
+            }
+        }
+    }
+
+    /// Publishes the presence of this instance's own connections in the room to the other
+    /// instances (asked by one that just took the room up, or after a reconnect).
+    pub(crate) async fn announce_presence(&self) {
+        let guard = self.state.lock().await;
+        if let Some(state) = guard.as_ref() {
+            for (user, entry) in state.presence.local_states() {
+                let shared = FanoutEvent::Presence {
+                    peer: entry.client_id,
+                    user,
+                    clock: entry.clock,
+                    state: entry.state,
+                };
+                self.ctx.fanout.publish(self.ctx.instance, &self.id, shared);
             }
         }
     }

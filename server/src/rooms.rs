@@ -11,6 +11,9 @@ use driftsync_protocol::{Cursor, DocId};
 use crate::metrics::Metrics;
 use crate::room::{Room, RoomCtx};
 
+/// How many rooms one store query of the head check covers.
+const HEAD_CHECK_CHUNK: usize = 500;
+
 /// The registry of rooms.
 pub(crate) struct Rooms {
     /// Ordered, so that sweeps visit rooms in one order.
@@ -40,6 +43,9 @@ impl Rooms {
         }
         let room = Arc::new(Room::new(id.clone(), Arc::clone(&self.ctx)));
         map.insert(id.as_str().to_string(), Arc::clone(&room));
+        // Before the room loads: whatever another instance stores after the subscription is
+        // active arrives through the fan-out, what it stored before is in the store.
+        self.ctx.fanout.subscribe(self.ctx.instance, id);
         room
     }
 
@@ -62,26 +68,100 @@ impl Rooms {
             .collect()
     }
 
-    /// Takes in an update another instance stored (see [`crate::fanout`]). Only a loaded room
-    /// cares: an unloaded one will read it from the store when it loads.
-    pub(crate) async fn remote_update<S: Store>(&self, store: &S, doc: &DocId, cursor: Cursor, update: &[u8]) {
+    /// Takes in an update another instance stored at `cursor` (see [`crate::fanout`]). Only a
+    /// loaded room cares: an unloaded one will read it from the store when it loads.
+    pub(crate) async fn remote_update<S: Store>(&self, store: &S, doc: &DocId, cursor: Cursor, update: Option<&[u8]>) {
         if let Some(room) = self.existing(doc) {
             room.remote_update(store, cursor, update).await;
         }
     }
 
-    /// Passes presence from another instance to the local subscribers of a loaded room.
+    /// Passes presence from instance `origin` to the local subscribers of a loaded room.
     pub(crate) async fn remote_presence(
         &self,
         doc: &DocId,
+        origin: u64,
         peer: u64,
         user: String,
         clock: u64,
         state: Option<String>,
     ) {
         if let Some(room) = self.existing(doc) {
-            room.remote_presence(peer, user, clock, state).await;
+            room.remote_presence(origin, peer, user, clock, state).await;
         }
+    }
+
+    /// Another instance took up `doc`: announce this instance's connections in it.
+    pub(crate) async fn presence_query(&self, doc: &DocId) {
+        if let Some(room) = self.existing(doc) {
+            room.announce_presence().await;
+        }
+    }
+
+    /// The subscription to `doc`'s events became active: the room catches up with the store
+    /// (what was published before may have been missed) and asks the other instances for the
+    /// presence of their connections in it.
+    pub(crate) async fn subscribed<S: Store>(&self, store: &S, doc: &DocId) {
+        let Some(room) = self.existing(doc) else { return };
+        if let Ok(heads) = store.heads(&[doc.as_str()]).await {
+            if let Some(&head) = heads.first() {
+                if room.catch_up(store, head).await {
+                    self.ctx.metrics.head_check_repairs.inc();
+                }
+            }
+        }
+        self.ctx
+            .fanout
+            .publish(self.ctx.instance, doc, crate::fanout::FanoutEvent::PresenceQuery);
+    }
+
+    /// Instance `origin` is dead: its connections' presence is removed from every room.
+    pub(crate) async fn drop_origin(&self, origin: u64) {
+        for room in self.all() {
+            room.drop_origin(origin).await;
+        }
+    }
+
+    /// After events may have been lost in bulk (a reconnect, a full queue), or when an instance
+    /// thought dead is back: every room re-announces its connections and asks for the others'.
+    pub(crate) async fn exchange_presence(&self) {
+        for room in self.all() {
+            room.announce_presence().await;
+            self.ctx
+                .fanout
+                .publish(self.ctx.instance, &room.id, crate::fanout::FanoutEvent::PresenceQuery);
+        }
+    }
+
+    /// Compares the heads of the loaded rooms without commits in flight with the store's, in
+    /// one query per few hundred rooms, and catches up those behind: the repair path for a
+    /// lost last message or a fan-out that is down. Returns how many were behind.
+    pub(crate) async fn catch_up_all<S: Store>(&self, store: &S) -> usize {
+        let live: Vec<(Arc<Room>, Cursor)> = self
+            .all()
+            .into_iter()
+            .filter_map(|room| room.idle_head().map(|head| (room, head)))
+            .collect();
+        let mut behind = 0;
+        for chunk in live.chunks(HEAD_CHECK_CHUNK) {
+            let ids: Vec<&str> = chunk.iter().map(|(room, _)| room.id.as_str()).collect();
+            let heads = match store.heads(&ids).await {
+                Ok(heads) => heads,
+                Err(e) => {
+                    tracing::warn!(error = %e, "head check: reading the store's heads failed");
+                    self.ctx.metrics.store_errors.inc();
+                    return behind;
+                }
+            };
+            for ((room, head), store_head) in chunk.iter().zip(heads) {
+                if store_head > *head && room.catch_up(store, store_head).await {
+                    tracing::debug!(doc = %room.id, from = head, to = store_head, "caught up with the store");
+                    self.ctx.metrics.head_check_repairs.inc();
+                    behind += 1;
+                }
+            }
+        }
+        behind
     }
 
     /// Sweeps every room (see [`Room::sweep`]), compacts the logs of loaded rooms that grew,
@@ -102,6 +182,7 @@ impl Rooms {
                 if Arc::strong_count(room) > 1 || !room.try_unload() {
                     return true;
                 }
+                self.ctx.fanout.unsubscribe(self.ctx.instance, &room.id);
                 unloaded.push(room.id.clone());
                 false
             });

@@ -67,6 +67,10 @@ impl Store for AnyStore {
         dispatch!(self, s => s.meta(doc).await)
     }
 
+    async fn heads(&self, docs: &[&str]) -> Result<Vec<Cursor>> {
+        dispatch!(self, s => s.heads(docs).await)
+    }
+
     async fn compact(&self, doc: &str, policy: &CompactionPolicy) -> Result<Option<Compacted>> {
         dispatch!(self, s => s.compact(doc, policy).await)
     }

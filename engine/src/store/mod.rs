@@ -193,6 +193,19 @@ pub trait Store: Send + Sync + 'static {
     /// A document's bookkeeping (`None` if it was never stored).
     fn meta(&self, doc: &str) -> impl Future<Output = Result<Option<DocMeta>>> + Send;
 
+    /// The heads of several documents, in the order given (0 for one never stored): what a
+    /// server instance compares its live rooms with to catch up on what other instances
+    /// stored. The SQL stores answer in one query per few hundred documents.
+    fn heads(&self, docs: &[&str]) -> impl Future<Output = Result<Vec<Cursor>>> + Send {
+        async move {
+            let mut heads = Vec::with_capacity(docs.len());
+            for doc in docs {
+                heads.push(self.meta(doc).await?.map_or(0, |meta| meta.head));
+            }
+            Ok(heads)
+        }
+    }
+
     /// Folds the log into the snapshot (see the module docs). Updates appended while it runs are
     /// kept in the log. Returns `None` when there was nothing to fold.
     fn compact(&self, doc: &str, policy: &CompactionPolicy) -> impl Future<Output = Result<Option<Compacted>>> + Send;

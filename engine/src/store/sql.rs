@@ -60,6 +60,10 @@ pub(super) fn corrupt(doc: &str, reason: impl Into<String>) -> Error {
 
 /// Maps a failed read of `doc`'s rows: a value that does not decode (a NULL, a text where an
 /// integer belongs) is corrupt data, anything else is a database failure.
+/// How many documents one query of `Store::heads` asks about (SQLite allows 32,766 bound
+/// parameters, PostgreSQL 65,535).
+pub(super) const HEADS_PER_QUERY: usize = 500;
+
 pub(super) fn read_error(doc: &str) -> impl FnOnce(sqlx::Error) -> Error + '_ {
     move |e| match e {
         sqlx::Error::ColumnDecode { .. } | sqlx::Error::Decode(_) => corrupt(doc, e.to_string()),
@@ -547,7 +551,7 @@ macro_rules! sql_store {
             use driftsync_protocol::Cursor;
             use $crate::store::sql::{
                 check_counters, corrupt, device_identity, fold, from_sql, log_entries, read_error, to_sql,
-                AppendPlan, ReadRow, Row, Statement, Swap, Value, CLIENT_OWNERS, DEVICE_ROW, OUTBOX_INSERT, PRUNE_LOG,
+                AppendPlan, ReadRow, Row, Statement, Swap, Value, CLIENT_OWNERS, DEVICE_ROW, HEADS_PER_QUERY, OUTBOX_INSERT, PRUNE_LOG,
                 RECOUNT_LOG_BYTES, SWAP_SNAPSHOT, SYNC_STATE_ADVANCE,
             };
             use $crate::store::{
@@ -845,6 +849,29 @@ macro_rules! sql_store {
                             .map_err(read_error(doc))?;
                     tx.commit().await?;
                     Ok(LogTail::Entries(log_entries(doc, after, head, rows)?))
+                }
+
+                /// One query per [`HEADS_PER_QUERY`] documents.
+                async fn heads(&self, docs: &[&str]) -> Result<Vec<Cursor>> {
+                    let mut found: ::std::collections::HashMap<String, Cursor> =
+                        ::std::collections::HashMap::with_capacity(docs.len());
+                    for chunk in docs.chunks(HEADS_PER_QUERY) {
+                        let placeholders: Vec<String> = (1..=chunk.len()).map(|i| format!("${i}")).collect();
+                        let sql = format!(
+                            "SELECT doc, head FROM documents WHERE doc IN ({})",
+                            placeholders.join(", ")
+                        );
+                        let mut query = ::sqlx::query_as::<_, (String, i64)>(&sql);
+                        for doc in chunk {
+                            query = query.bind(*doc);
+                        }
+                        let rows = query.fetch_all(&self.pool).await.map_err(read_error("(heads)"))?;
+                        for (doc, head) in rows {
+                            let head = from_sql(head, &doc, "head")?;
+                            found.insert(doc, head);
+                        }
+                    }
+                    Ok(docs.iter().map(|doc| found.get(*doc).copied().unwrap_or(0)).collect())
                 }
 
                 async fn meta(&self, doc: &str) -> Result<Option<DocMeta>> {
