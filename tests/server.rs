@@ -562,3 +562,112 @@ async fn an_update_stored_by_another_instance_is_read_from_the_store_at_the_next
     one.stop().await;
     two.stop().await;
 }
+
+/// A fan-out between instances of this process that loses what `lose` says.
+#[derive(Debug, Clone)]
+struct Lossy {
+    inner: driftsync_server::LocalFanout,
+    /// Drop every update (the head check alone carries them).
+    drop_updates: bool,
+}
+
+impl driftsync_server::Fanout for Lossy {
+    fn join(&self, instance: u64) -> tokio::sync::mpsc::Receiver<driftsync_server::Inbound> {
+        self.inner.join(instance)
+    }
+
+    fn publish(&self, instance: u64, doc: &DocId, event: driftsync_server::FanoutEvent) {
+        if self.drop_updates && matches!(event, driftsync_server::FanoutEvent::Update { .. }) {
+            return;
+        }
+        self.inner.publish(instance, doc, event);
+    }
+
+    fn heartbeat(&self, instance: u64) {
+        self.inner.heartbeat(instance);
+    }
+
+    fn subscribe(&self, instance: u64, doc: &DocId) {
+        self.inner.subscribe(instance, doc);
+    }
+
+    fn unsubscribe(&self, instance: u64, doc: &DocId) {
+        self.inner.unsubscribe(instance, doc);
+    }
+}
+
+/// Two instances on one SQLite file, with a fan-out and a head check as configured.
+async fn two_instances(
+    fanout: std::sync::Arc<dyn driftsync_server::Fanout>,
+    head_check: Option<std::time::Duration>,
+) -> (tempfile::TempDir, TestServer, TestServer) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("shared.db");
+    let config = || driftsync_server::Config {
+        fanout: fanout.clone(),
+        head_check,
+        ..Default::default()
+    };
+    let one = TestServer::start(driftsync_engine::store::SqliteStore::open(&path).await.unwrap(), config()).await;
+    let two = TestServer::start(driftsync_engine::store::SqliteStore::open(&path).await.unwrap(), config()).await;
+    (dir, one, two)
+}
+
+/// Receives updates on `c` until its replica `local` holds `text`.
+async fn receive_until_text(c: &mut NativeClient, local: &yrs::Doc, text: &str) -> Vec<u64> {
+    let mut cursors = Vec::new();
+    while doc::text(local) != text {
+        let (cursor, update) = c
+            .recv_until(|f| match f {
+                ServerFrame::Update { cursor, update, .. } => Some((*cursor, update.clone())),
+                _ => None,
+            })
+            .await;
+        apply_remote(local, &update, &Limits::default()).unwrap();
+        cursors.push(cursor);
+    }
+    cursors
+}
+
+#[tokio::test]
+async fn a_fanout_losing_every_update_is_repaired_by_the_head_check() {
+    let fanout = std::sync::Arc::new(Lossy {
+        inner: driftsync_server::LocalFanout::default(),
+        drop_updates: true,
+    });
+    let (_dir, one, two) = two_instances(fanout, Some(std::time::Duration::from_millis(100))).await;
+    let d = doc_id("notes/lossy");
+    let mut a = NativeClient::connect(&one.url(), "", 71).await;
+    let mut b = NativeClient::connect(&two.url(), "", 72).await;
+    subscribe(&mut a, &d).await;
+    subscribe(&mut b, &d).await;
+    let writer = new_doc(71).unwrap();
+    for (batch, chunk) in ["one ", "two ", "three"].iter().enumerate() {
+        let update = doc::text_insert(&writer, doc::text_len(&writer), chunk).unwrap();
+        a.push(&d, batch as u64 + 1, update).await.unwrap();
+    }
+    // The last update too: no later message reveals a gap, only the head check finds it.
+    let reader = new_doc(72).unwrap();
+    let cursors = receive_until_text(&mut b, &reader, "one two three").await;
+    assert!(cursors.windows(2).all(|w| w[0] < w[1]), "in cursor order: {cursors:?}");
+    assert_eq!(cursors.last(), Some(&3));
+}
+
+#[tokio::test]
+async fn an_update_too_large_to_carry_is_read_from_the_store_by_the_other_instance() {
+    let fanout = std::sync::Arc::new(driftsync_server::LocalFanout::default());
+    // No head check: only the announcement by cursor brings it.
+    let (_dir, one, two) = two_instances(fanout, None).await;
+    let d = doc_id("notes/large");
+    let mut a = NativeClient::connect(&one.url(), "", 73).await;
+    let mut b = NativeClient::connect(&two.url(), "", 74).await;
+    subscribe(&mut a, &d).await;
+    subscribe(&mut b, &d).await;
+    let writer = new_doc(73).unwrap();
+    let big = "x".repeat(driftsync_server::fanout::MAX_CARRIED_UPDATE + 1000);
+    let update = doc::text_insert(&writer, 0, &big).unwrap();
+    a.push(&d, 1, update).await.unwrap();
+    let reader = new_doc(74).unwrap();
+    let cursors = receive_until_text(&mut b, &reader, &big).await;
+    assert_eq!(cursors, vec![1]);
+}

@@ -229,6 +229,7 @@ cases!(
     outbox_and_acknowledge,
     server_cursor_never_moves_backwards,
     reopen_keeps_everything,
+    heads_of_many_documents_in_one_call,
 );
 
 // ----- helpers -----
@@ -320,6 +321,29 @@ fn assert_corrupt<T: std::fmt::Debug>(result: Result<T>, doc: &str) {
 }
 
 // ----- cases -----
+
+async fn heads_of_many_documents_in_one_call<F: Fixture>(fixture: &F) {
+    let store = fixture.open().await;
+    let editor = Editor::new(41);
+    // More documents than one query asks about, some never stored, one with a quote in its id.
+    let docs: Vec<String> = (0..1203).map(|i| format!("heads/{i}'x")).collect();
+    for (i, doc) in docs.iter().enumerate().filter(|(i, _)| i % 3 != 0) {
+        let updates: Vec<Vec<u8>> = (0..=i % 4).map(|_| editor.type_text("h")).collect();
+        append_each(&store, doc, &updates).await;
+    }
+    let ids: Vec<&str> = docs.iter().map(String::as_str).collect();
+    let heads = store.heads(&ids).await.unwrap();
+    assert_eq!(heads.len(), docs.len());
+    for (i, head) in heads.iter().enumerate() {
+        let expected = if i % 3 == 0 { 0 } else { (i % 4 + 1) as u64 };
+        assert_eq!(*head, expected, "head of {}", docs[i]);
+    }
+    // The same answers as one `meta` call per document, in the order asked.
+    let reversed: Vec<&str> = ids.iter().rev().copied().collect();
+    let heads_reversed = store.heads(&reversed).await.unwrap();
+    assert_eq!(heads_reversed, heads.iter().rev().copied().collect::<Vec<_>>());
+    assert!(store.heads(&[]).await.unwrap().is_empty());
+}
 
 async fn append_assigns_cursors_per_document<F: Fixture>(fixture: &F) {
     let store = fixture.open().await;

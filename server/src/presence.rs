@@ -694,6 +694,31 @@ mod tests {
         assert!(p.remote(&doc, 1, 9, "ada".into(), 3, None, 50_001).is_none());
     }
 
+    #[test]
+    fn a_dead_instance_takes_its_states_along_and_a_reannounced_state_is_no_news() {
+        let mut p = Presence::default();
+        let doc = doc();
+        assert!(p.remote(&doc, 1, 10, "ada".into(), 1, Some("{}".into()), 0).is_some());
+        assert!(p.remote(&doc, 1, 11, "bo".into(), 1, Some("{}".into()), 0).is_some());
+        assert!(p.remote(&doc, 2, 20, "cy".into(), 1, Some("{}".into()), 0).is_some());
+        // The same state again (an answer to a presence query): refreshed, not re-broadcast.
+        assert!(p.remote(&doc, 2, 20, "cy".into(), 1, Some("{}".into()), 25_000).is_none());
+        let gone = p.drop_origin(&doc, 1);
+        let peers: Vec<u64> = gone
+            .iter()
+            .map(|e| match e {
+                RoomEvent::Presence { peer, state: None, .. } => *peer,
+                other => panic!("not a removal: {other:?}"),
+            })
+            .collect();
+        assert_eq!(peers, vec![10, 11]);
+        assert_eq!(p.snapshot().len(), 1);
+        // Refreshed at 25 s: still there at 50 s, gone at 55 s.
+        assert!(p.expire_remote(&doc, 50_000).is_empty());
+        assert_eq!(p.expire_remote(&doc, 55_000).len(), 1);
+        assert!(p.drop_origin(&doc, 2).is_empty());
+    }
+
     fn doc() -> DocId {
         DocId::new("notes/a").expect("valid id")
     }
