@@ -535,6 +535,16 @@ async fn three_instances_share_one_room_live_with_native_and_yjs_clients() {
         "live updates did not reach every instance:\n{}",
         report(&[&on_a, &on_b, &on_c], &tokens)
     );
+    // A published through Redis and C received through it.
+    let metric = |text: &str, name: &str| -> u64 {
+        text.lines()
+            .find_map(|line| line.strip_prefix(name).and_then(|rest| rest.trim().parse().ok()))
+            .unwrap_or(0)
+    };
+    let on_a_metrics = driftsync_tests::http_get(a.addr, "/metrics").await;
+    assert!(metric(&on_a_metrics, "driftsync_redis_published_total ") >= 20, "{on_a_metrics}");
+    let on_c_metrics = driftsync_tests::http_get(c.addr, "/metrics").await;
+    assert!(metric(&on_c_metrics, "driftsync_fanout_messages_in_total ") >= 20, "{on_c_metrics}");
     // A's presence reached the readers on B and C.
     for (name, r) in [("B", &on_b), ("C", &on_c)] {
         assert!(

@@ -102,6 +102,10 @@ pub trait Fanout: std::fmt::Debug + Send + Sync + 'static {
     fn connects_instances(&self) -> bool {
         true
     }
+    /// The fan-out's own metrics, in the Prometheus text format (appended to `/metrics`).
+    fn metrics_text(&self) -> String {
+        String::new()
+    }
 }
 
 /// How often an instance announces that it is alive.

@@ -81,9 +81,11 @@ pub(crate) fn start_instance<S: Store>(
         rooms,
         metrics,
         opens: UserOpens::default(),
-        // Session ids name awareness clients across instances too: the instance's id in the
-        // high bits keeps them apart (and below 2^53, a JavaScript number).
-        next_session: AtomicU64::new(((instance & 0xF_FFFF) << 32) | 1),
+        // Session ids name awareness clients across instances too: 21 random bits of the
+        // instance's id, never zero, above 32 bits of counter keep them apart from other
+        // instances' (three instances collide with odds of about 3 in a million), from Yjs
+        // clients' 32-bit awareness ids, and below 2^53 (a JavaScript number).
+        next_session: AtomicU64::new(((instance % 0x1F_FFFF + 1) << 32) | 1),
         shutdown: token,
         tasks,
     });

@@ -179,7 +179,17 @@ async fn metrics_text<S: Store>(State(shared): State<Arc<Shared<S>>>) -> impl In
             axum::http::header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        shared.metrics.render(),
+        {
+            let mut text = shared.metrics.render();
+            // The registry ends with "# EOF": the fan-out's lines go before it.
+            let fanout = shared.config.fanout.metrics_text();
+            if let Some(body) = text.strip_suffix("# EOF\n") {
+                text = format!("{body}{fanout}# EOF\n");
+            } else {
+                text.push_str(&fanout);
+            }
+            text
+        },
     )
 }
 

@@ -201,6 +201,27 @@ impl Fanout for RedisFanout {
         }
     }
 
+    fn metrics_text(&self) -> String {
+        let stats = &self.inner.stats;
+        let mut out = String::new();
+        for (name, help, value) in [
+            ("published", "Fan-out messages published to Redis", &stats.published),
+            ("dropped", "Fan-out messages dropped (queue full or Redis unreachable)", &stats.dropped),
+            ("connects", "Redis subscriber connections established", &stats.connects),
+            ("malformed", "Fan-out messages received that were not understood", &stats.malformed),
+        ] {
+            out.push_str(&format!(
+                "# HELP driftsync_redis_{name} {help}.\n# TYPE driftsync_redis_{name} counter\ndriftsync_redis_{name}_total {}\n",
+                value.load(Ordering::Relaxed)
+            ));
+        }
+        out.push_str(&format!(
+            "# HELP driftsync_redis_queued_bytes Bytes waiting to be published.\n# TYPE driftsync_redis_queued_bytes gauge\ndriftsync_redis_queued_bytes {}\n",
+            self.inner.queued_bytes.load(Ordering::Relaxed)
+        ));
+        out
+    }
+
     fn unsubscribe(&self, instance: u64, doc: &DocId) {
         if let Some(wanted) = self.wanted(instance) {
             wanted
