@@ -192,12 +192,14 @@ async fn ping(addr: &str) -> bool {
     ) && &buf == b"+PONG\r\n"
 }
 
-/// A TCP proxy in front of a Redis that can cut everyone off (open connections are closed,
-/// new ones closed at once) and let them through again.
+/// A TCP proxy in front of a Redis that can black-hole everyone: while cut, nothing is
+/// forwarded either way and new connections are accepted and left hanging (no reset, no FIN:
+/// only timeouts and pings can tell); when the cut ends, the connections held meanwhile are
+/// closed.
 struct Proxy {
     port: u16,
     cut: Arc<AtomicBool>,
-    cuts: tokio::sync::watch::Sender<u64>,
+    changes: tokio::sync::watch::Sender<bool>,
 }
 
 impl Proxy {
@@ -205,26 +207,32 @@ impl Proxy {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let cut = Arc::new(AtomicBool::new(false));
-        let (cuts, _) = tokio::sync::watch::channel(0u64);
-        let (is_cut, cut_now) = (Arc::clone(&cut), cuts.clone());
+        let (changes, _) = tokio::sync::watch::channel(false);
+        let (is_cut, watch) = (Arc::clone(&cut), changes.clone());
         tokio::spawn(async move {
             while let Ok((mut inbound, _)) = listener.accept().await {
-                if is_cut.load(Ordering::SeqCst) {
-                    continue; // dropped: closed at once
-                }
-                let mut cut_rx = cut_now.subscribe();
+                let mut cut_rx = watch.subscribe();
+                let is_cut = Arc::clone(&is_cut);
                 tokio::spawn(async move {
+                    if is_cut.load(Ordering::SeqCst) {
+                        // Held open, silent, until the cut ends; then closed.
+                        let _ = cut_rx.wait_for(|cut| !*cut).await;
+                        return;
+                    }
                     let Ok(mut outbound) = tokio::net::TcpStream::connect(("127.0.0.1", target)).await else {
                         return;
                     };
                     tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
-                        _ = cut_rx.changed() => {}
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => return,
+                        _ = cut_rx.wait_for(|cut| *cut) => {}
                     }
+                    // Black-holed: both sockets stay open and unread until the cut ends.
+                    let _ = cut_rx.wait_for(|cut| !*cut).await;
+                    drop((inbound, outbound));
                 });
             }
         });
-        Proxy { port, cut, cuts }
+        Proxy { port, cut, changes }
     }
 
     fn url(&self) -> String {
@@ -233,9 +241,7 @@ impl Proxy {
 
     fn set_cut(&self, cut: bool) {
         self.cut.store(cut, Ordering::SeqCst);
-        if cut {
-            self.cuts.send_modify(|n| *n += 1);
-        }
+        self.changes.send_replace(cut);
     }
 }
 
@@ -690,11 +696,12 @@ async fn redis_restarted_and_an_instance_cut_off_from_it_lose_nothing() {
         report(&all, &tokens)
     );
 
-    // C cut off from Redis (not from PostgreSQL) for three seconds: C's writer keeps being
-    // acknowledged, and the replicas converge even meanwhile (the head check).
+    // C cut off from Redis (not from PostgreSQL) for six seconds, silently (packets vanish, no
+    // connection closes): C's writer keeps being acknowledged, and the replicas converge even
+    // meanwhile (the head check).
     proxy.set_cut(true);
     let during = counts(&writers);
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    tokio::time::sleep(Duration::from_secs(6)).await;
     let cut_tokens: BTreeSet<String> = writers.iter().flat_map(Writer::acked).collect();
     assert!(counts(&writers)[2] > during[2], "C's writer was not acknowledged while cut off");
     assert!(
@@ -711,6 +718,19 @@ async fn redis_restarted_and_an_instance_cut_off_from_it_lose_nothing() {
         .unwrap_or(0);
     assert!(repairs > 0, "C's head check repaired nothing:\n{metrics}");
     proxy.set_cut(false);
+    // C found the silent cut (its pings went unanswered) and subscribed again once it ended.
+    let connects = || async {
+        let text = driftsync_tests::http_get(c.addr, "/metrics").await;
+        text.lines()
+            .find_map(|line| line.strip_prefix("driftsync_redis_connects_total "))
+            .and_then(|n| n.trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    assert!(
+        eventually(|| async { connects().await >= 2 }).await,
+        "C did not reconnect to Redis after the cut ({} connects)",
+        connects().await
+    );
 
     let mut tokens = BTreeSet::new();
     for w in writers {
