@@ -231,7 +231,11 @@ pub async fn cross(
     let acks = tracker.ack_latencies(measured.clone());
     let (mut same, mut other) = (Vec::new(), Vec::new());
     for reader in 0..readers {
-        let into = if instance_of(reader, k) == 0 { &mut same } else { &mut other };
+        let into = if instance_of(reader, k) == 0 {
+            &mut same
+        } else {
+            &mut other
+        };
         into.extend(receipts.latencies(reader, measured.clone()));
     }
     for mut p in pushers {

@@ -494,10 +494,12 @@ fn delta_ms(us: f64) -> String {
 
 fn cross_section(out: &mut String, rows: &[(System, CrossResult)]) -> anyhow::Result<()> {
     let rate = rows.first().map_or(0.0, |r| r.1.rate);
+    let updates = rows.first().map_or(0, |r| r.1.updates);
     writeln!(
         out,
         "### Cross-instance fan-out: one writer, N readers spread over instances, {rate:.0} updates/s\n"
     )?;
+    writeln!(out, "{updates} updates measured per run, after a warm-up.")?;
     writeln!(
         out,
         "Instances of one deployment: `driftsync serve` on one PostgreSQL database, sharing rooms through Redis pub/sub. The writer is on the first instance, the readers round-robin over all of them (with three: a third on the writer's instance), all in one room. Latency from the writer's send to each reader's receipt, every delivery counted (not only the last reader's, as in the fan-out table). Writer's instance / other instances: the readers on the writer's instance and those whose updates took the hop between instances; hop = other instances' p50 minus the writer's instance's, in the same run: driftsync sends an update to the writer's instance's readers before its commit and publishes it to the other instances once stored, so the hop includes the durable commit to PostgreSQL, which the writer's ack p50 (from its send to its `Ack`, after the commit; native only) shows. Against one instance: the same workload on one instance of the same PostgreSQL and Redis, started alone. Every instance is pinned to core 0 (on 2 cores, the three instances share that core), the generator to core 1; PostgreSQL and Redis are the machine's services, not pinned. Server CPU = utime + stime of all the instances, per delivered message. @y/hub's figures are as published (on a laptop), not measured here.\n"
@@ -514,7 +516,11 @@ fn cross_section(out: &mut String, rows: &[(System, CrossResult)]) -> anyhow::Re
     keys.sort_unstable();
     keys.dedup();
     // The last run of each configuration counts.
-    let find = |s: usize, n: usize, k: usize| rows.iter().rev().find(|(x, r)| idx(*x) == s && r.readers == n && r.instances == k);
+    let find = |s: usize, n: usize, k: usize| {
+        rows.iter()
+            .rev()
+            .find(|(x, r)| idx(*x) == s && r.readers == n && r.instances == k)
+    };
     let mut verdicts = Vec::new();
     for (s, n, k) in keys {
         let k = usize::MAX - k;
@@ -605,7 +611,11 @@ fn cross_verdict(s: System, r: &CrossResult, one: Option<&CrossResult>) -> Strin
     );
     if let Some(o) = one {
         let d = (r.latency.p50_us - o.latency.p50_us) / 1000.0;
-        let _ = write!(v, "; p50 {d:+.2} ms against one instance (at most 1 ms): {}", met(d <= 1.0));
+        let _ = write!(
+            v,
+            "; p50 {d:+.2} ms against one instance (at most 1 ms): {}",
+            met(d <= 1.0)
+        );
     }
     v.push('.');
     v
@@ -824,18 +834,37 @@ mod tests {
         ];
         let mut out = String::new();
         cross_section(&mut out, &rows).unwrap();
-        let table: Vec<&str> = out.lines().filter(|l| l.starts_with("| 1") && !l.starts_with("| N")).collect();
+        let table: Vec<&str> = out
+            .lines()
+            .filter(|l| l.starts_with("| 1") && !l.starts_with("| N"))
+            .collect();
         // 100 × 3, then 1,500 × 3 and 1,500 × 1, then @y/hub.
         assert_eq!(table.len(), 4, "{out}");
-        assert!(table[0].starts_with("| 100 | 3 | driftsync native | 0.50 | 0.90 |"), "{}", table[0]);
-        assert!(table[0].contains("| +0.07 | 2.00 | — |"), "no one-instance run at 100: {}", table[0]);
+        assert!(
+            table[0].starts_with("| 100 | 3 | driftsync native | 0.50 | 0.90 |"),
+            "{}",
+            table[0]
+        );
+        assert!(
+            table[0].contains("| +0.07 | 2.00 | — |"),
+            "no one-instance run at 100: {}",
+            table[0]
+        );
         assert_eq!(
             table[1],
             "| 1,500 | 3 | driftsync native | 3.50 | 9.00 | 18.00 | 3.00 / 9.00 | 3.80 / 9.00 | +0.80 | 2.00 | +0.50 / +3.00 | 100.0 % | 3.3 |"
         );
-        assert!(table[2].starts_with("| 1,500 | 1 | driftsync native | 3.00 | 6.00 |"), "{}", table[2]);
+        assert!(
+            table[2].starts_with("| 1,500 | 1 | driftsync native | 3.00 | 6.00 |"),
+            "{}",
+            table[2]
+        );
         assert!(table[2].contains("| 3.00 / 6.00 | — | — | 2.00 | — |"), "{}", table[2]);
-        assert!(table[3].contains("@y/hub") && table[3].contains("| 13.70 | 41.30 |"), "{}", table[3]);
+        assert!(
+            table[3].contains("@y/hub") && table[3].contains("| 13.70 | 41.30 |"),
+            "{}",
+            table[3]
+        );
         assert!(
             out.contains("p99 9.00 ms against at most 20.65 ms (half of @y/hub's 41.3 ms): met; hop at p50 +0.80 ms within the run (at most 1 ms): met; p50 +0.50 ms against one instance (at most 1 ms): met."),
             "{out}"
