@@ -499,7 +499,7 @@ fn cross_section(out: &mut String, rows: &[(System, CrossResult)]) -> anyhow::Re
         out,
         "### Cross-instance fan-out: one writer, N readers spread over instances, {rate:.0} updates/s\n"
     )?;
-    writeln!(out, "{updates} updates measured per run, after a warm-up.")?;
+    writeln!(out, "{updates} updates measured per run, after a warm-up.\n")?;
     writeln!(
         out,
         "Instances of one deployment: `driftsync serve` on one PostgreSQL database, sharing rooms through Redis pub/sub. The writer is on the first instance, the readers round-robin over all of them (with three: a third on the writer's instance), all in one room. Latency from the writer's send to each reader's receipt, every delivery counted (not only the last reader's, as in the fan-out table). Writer's instance / other instances: the readers on the writer's instance and those whose updates took the hop between instances; hop = other instances' p50 minus the writer's instance's, in the same run: driftsync sends an update to the writer's instance's readers before its commit and publishes it to the other instances once stored, so the hop includes the durable commit to PostgreSQL, which the writer's ack p50 (from its send to its `Ack`, after the commit; native only) shows. Against one instance: the same workload on one instance of the same PostgreSQL and Redis, started alone. Every instance is pinned to core 0 (on 2 cores, the three instances share that core), the generator to core 1; PostgreSQL and Redis are the machine's services, not pinned. Server CPU = utime + stime of all the instances, per delivered message. @y/hub's figures are as published (on a laptop), not measured here.\n"
