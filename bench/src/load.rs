@@ -21,7 +21,7 @@ use crate::procfs;
 use crate::stats::{summarize, Summary};
 
 /// How many connections are opened at once.
-const CONNECT_CONCURRENCY: usize = 64;
+pub(crate) const CONNECT_CONCURRENCY: usize = 64;
 
 /// Send and receive times per sequence number.
 pub struct Tracker {
@@ -62,6 +62,12 @@ impl Tracker {
         if let Some(s) = self.sent.get(seq as usize) {
             s.store(self.now().max(1), Ordering::Relaxed);
         }
+    }
+
+    /// Nanoseconds since `seq` was sent (`None` if it was not).
+    pub(crate) fn since_sent(&self, seq: u32) -> Option<u64> {
+        let sent = self.sent.get(seq as usize)?.load(Ordering::Relaxed);
+        (sent != 0).then(|| self.now().saturating_sub(sent))
     }
 
     /// Records the server's acknowledgement of `seq` (the first one counts).
@@ -220,7 +226,7 @@ fn spawn_reader(mut client: Client, tracker: Arc<Tracker>) -> JoinHandle<()> {
 }
 
 /// Drains what a writer receives (acknowledgements, echoes).
-fn spawn_drain(mut stream: SplitStream<Ws>) -> JoinHandle<()> {
+pub(crate) fn spawn_drain(mut stream: SplitStream<Ws>) -> JoinHandle<()> {
     tokio::spawn(async move { while let Some(Ok(_)) = stream.next().await {} })
 }
 

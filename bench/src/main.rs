@@ -10,14 +10,14 @@
 
 use std::io::Write;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use serde_json::json;
 
 use driftsync_bench::clients::{Endpoint, System};
-use driftsync_bench::{b4, load, relay, report, writers};
+use driftsync_bench::{b4, cross, load, relay, report, writers};
 
 #[derive(Parser)]
 #[command(
@@ -44,6 +44,38 @@ enum Command {
         /// Seconds measured per run (after a one-second warm-up).
         #[arg(long, default_value_t = 10.0)]
         secs: f64,
+    },
+    /// Cross-instance fan-out: one writer on the first URL, readers round-robin over all of
+    /// them (instances sharing rooms, e.g. through Redis), all in one room; latency from the
+    /// send to each reader, for the readers on the writer's instance and on the others.
+    Cross {
+        /// The systems' protocol (driftsync's: native or ds-yjs).
+        #[arg(long, value_enum, default_value = "native")]
+        system: System,
+        /// The instances, `ws://IP:PORT`, comma-separated; the writer connects to the first.
+        #[arg(long, value_delimiter = ',', required = true)]
+        urls: Vec<String>,
+        /// The instances' process ids, for CPU time and RSS from /proc (summed).
+        #[arg(long, value_delimiter = ',')]
+        pids: Vec<u32>,
+        /// Reader counts (over all instances), one run each.
+        #[arg(long, value_delimiter = ',', default_value = "100,1500")]
+        readers: Vec<usize>,
+        /// Updates per second from the writer.
+        #[arg(long, default_value_t = 20.0)]
+        rate: f64,
+        /// Seconds measured per run (after a warm-up).
+        #[arg(long, default_value_t = 10.0)]
+        secs: f64,
+        /// Append results here, one JSON object per line.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// A tag making document names unique to this run.
+        #[arg(long, default_value = "run")]
+        tag: String,
+        /// Spread connections over source addresses 127.0.0.1 ..= 127.0.0.N.
+        #[arg(long, default_value_t = 1)]
+        source_ips: u8,
     },
     /// Chat-like rooms of many writers: acknowledgement (native) and delivery latency,
     /// committed and delivered updates per second, server CPU and RSS.
@@ -211,23 +243,34 @@ impl Target {
 
     /// Prints a result and appends it to the results file.
     fn emit(&self, workload: &str, params: serde_json::Value, result: impl serde::Serialize) -> anyhow::Result<()> {
-        let line = json!({
-            "workload": workload,
-            "system": self.system,
-            "params": params,
-            "result": result,
-        });
-        println!("{}", serde_json::to_string_pretty(&line)?);
-        if let Some(out) = &self.out {
-            let mut f = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(out)
-                .with_context(|| format!("opening {}", out.display()))?;
-            writeln!(f, "{}", serde_json::to_string(&line)?)?;
-        }
-        Ok(())
+        emit(self.out.as_deref(), self.system, workload, params, result)
     }
+}
+
+/// Prints a result and appends it to the results file `out`, if any.
+fn emit(
+    out: Option<&Path>,
+    system: System,
+    workload: &str,
+    params: serde_json::Value,
+    result: impl serde::Serialize,
+) -> anyhow::Result<()> {
+    let line = json!({
+        "workload": workload,
+        "system": system,
+        "params": params,
+        "result": result,
+    });
+    println!("{}", serde_json::to_string_pretty(&line)?);
+    if let Some(out) = out {
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(out)
+            .with_context(|| format!("opening {}", out.display()))?;
+        writeln!(f, "{}", serde_json::to_string(&line)?)?;
+    }
+    Ok(())
 }
 
 fn main() {
@@ -264,6 +307,57 @@ async fn run(command: Command) -> anyhow::Result<()> {
                     u64::from(r.updates) * n as u64
                 );
                 target.emit("fanout", json!({"readers": n, "rate": rate, "secs": secs}), &r)?;
+            }
+        }
+        Command::Cross {
+            system,
+            urls,
+            pids,
+            readers,
+            rate,
+            secs,
+            out,
+            tag,
+            source_ips,
+        } => {
+            let endpoints = urls
+                .iter()
+                .map(|u| {
+                    Ok(Endpoint {
+                        system,
+                        addr: cross::parse_addr(u)?,
+                        source_ips: source_ips.max(1),
+                    })
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            for n in readers {
+                eprintln!(
+                    "cross {} N={n} over {} instance(s), rate={rate}/s for {secs} s",
+                    system.name(),
+                    endpoints.len()
+                );
+                let r = cross::cross(&endpoints, &pids, n, rate, secs, &tag).await?;
+                eprintln!(
+                    "  p50 {:.0} us  p99 {:.0} us  max {:.0} us; writer's instance p50 {:.0} us p99 {:.0} us, others p50 {:.0} us p99 {:.0} us; cpu/msg {:.2} us  delivered {}/{}  lag {:.0} us",
+                    r.latency.p50_us,
+                    r.latency.p99_us,
+                    r.latency.max_us,
+                    r.same_instance.p50_us,
+                    r.same_instance.p99_us,
+                    r.other_instances.p50_us,
+                    r.other_instances.p99_us,
+                    r.cpu_per_delivery_us,
+                    r.deliveries,
+                    r.expected_deliveries,
+                    r.generator_lag_us
+                );
+                emit(
+                    out.as_deref(),
+                    system,
+                    "cross",
+                    json!({"readers": n, "instances": endpoints.len(), "rate": rate, "secs": secs, "urls": urls}),
+                    &r,
+                )?;
             }
         }
         Command::Writers {

@@ -1,5 +1,6 @@
 //! The report: markdown tables of every workload (each system from the same results file, with
-//! ratios to the best anchor, and for fan-out to the bare relay, the floor) and the fan-out chart (PNG, drawn with plotters; text uses a TTF
+//! ratios to the best anchor, and for fan-out to the bare relay, the floor; cross-instance fan-out
+//! against one instance and @y/hub's published figures) and the fan-out chart (PNG, drawn with plotters; text uses a TTF
 //! font found on the machine through ab_glyph, and is left out if none is found).
 
 use std::collections::BTreeMap;
@@ -11,6 +12,7 @@ use serde_json::Value;
 
 use crate::b4::ResyncResult;
 use crate::clients::System;
+use crate::cross::CrossResult;
 use crate::load::{FanoutResult, IdleResult, ThroughputResult};
 use crate::writers::WritersResult;
 
@@ -139,6 +141,10 @@ pub fn report(results: &Path, md: &Path, chart: &Path, chart_link: &str) -> anyh
     let writers: Vec<(System, WritersResult)> = results_of(&lines, "writers");
     if !writers.is_empty() {
         writers_section(&mut out, &writers)?;
+    }
+    let cross: Vec<(System, CrossResult)> = results_of(&lines, "cross");
+    if !cross.is_empty() {
+        cross_section(&mut out, &cross)?;
     }
     std::fs::write(md, out)?;
     Ok(())
@@ -471,6 +477,150 @@ fn writers_row(s: System, r: &WritersResult, best: Option<f64>) -> String {
     )
 }
 
+/// @y/hub's published cross-instance run (its README, on a laptop; not measured here): 1,500
+/// observers over three instances, p50 and p99 in milliseconds.
+pub const YHUB_READERS: usize = 1500;
+/// See [`YHUB_READERS`].
+pub const YHUB_INSTANCES: usize = 3;
+/// See [`YHUB_READERS`].
+pub const YHUB_P50_MS: f64 = 13.7;
+/// See [`YHUB_READERS`].
+pub const YHUB_P99_MS: f64 = 41.3;
+
+/// Signed milliseconds, `+1.23` / `-0.40`.
+fn delta_ms(us: f64) -> String {
+    format!("{:+.2}", us / 1000.0)
+}
+
+fn cross_section(out: &mut String, rows: &[(System, CrossResult)]) -> anyhow::Result<()> {
+    let rate = rows.first().map_or(0.0, |r| r.1.rate);
+    let updates = rows.first().map_or(0, |r| r.1.updates);
+    writeln!(
+        out,
+        "### Cross-instance fan-out: one writer, N readers spread over instances, {rate:.0} updates/s\n"
+    )?;
+    writeln!(out, "{updates} updates measured per run, after a warm-up.\n")?;
+    writeln!(
+        out,
+        "Instances of one deployment: `driftsync serve` on one PostgreSQL database, sharing rooms through Redis pub/sub. The writer is on the first instance, the readers round-robin over all of them (with three: a third on the writer's instance), all in one room. Latency from the writer's send to each reader's receipt, every delivery counted (not only the last reader's, as in the fan-out table). Writer's instance / other instances: the readers on the writer's instance and those whose updates took the hop between instances; hop = other instances' p50 minus the writer's instance's, in the same run: driftsync sends an update to the writer's instance's readers before its commit and publishes it to the other instances once stored, so the hop includes the durable commit to PostgreSQL, which the writer's ack p50 (from its send to its `Ack`, after the commit; native only) shows. Against one instance: the same workload on one instance of the same PostgreSQL and Redis, started alone. Every instance is pinned to core 0 (on 2 cores, the three instances share that core), the generator to core 1; PostgreSQL and Redis are the machine's services, not pinned. Server CPU = utime + stime of all the instances, per delivered message. @y/hub's figures are as published (on a laptop), not measured here.\n"
+    )?;
+    writeln!(
+        out,
+        "| N readers | instances | system | p50 ms | p99 ms | max ms | writer's instance p50 / p99 ms | other instances p50 / p99 ms | hop p50 ms | writer's ack p50 ms | against one instance: Δ p50 / Δ p99 ms | delivered | server CPU µs/msg |"
+    )?;
+    writeln!(out, "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")?;
+    let mut keys: Vec<(usize, usize, usize)> = rows
+        .iter()
+        .map(|(s, r)| (idx(*s), r.readers, usize::MAX - r.instances))
+        .collect();
+    keys.sort_unstable();
+    keys.dedup();
+    // The last run of each configuration counts.
+    let find = |s: usize, n: usize, k: usize| {
+        rows.iter()
+            .rev()
+            .find(|(x, r)| idx(*x) == s && r.readers == n && r.instances == k)
+    };
+    let mut verdicts = Vec::new();
+    for (s, n, k) in keys {
+        let k = usize::MAX - k;
+        let Some((system, r)) = find(s, n, k) else { continue };
+        let one = if k > 1 { find(s, n, 1).map(|x| &x.1) } else { None };
+        writeln!(out, "{}", cross_row(*system, r, one))?;
+        if k == YHUB_INSTANCES && n == YHUB_READERS {
+            verdicts.push(cross_verdict(*system, r, one));
+        }
+    }
+    writeln!(
+        out,
+        "| {} | {} | @y/hub (published, on a laptop; not measured here) | {:.2} | {:.2} | — | — | — | — | — | — | — | — |",
+        thousands(YHUB_READERS as u64),
+        YHUB_INSTANCES,
+        YHUB_P50_MS,
+        YHUB_P99_MS
+    )?;
+    writeln!(out)?;
+    for v in verdicts {
+        writeln!(out, "{v}\n")?;
+    }
+    Ok(())
+}
+
+/// One row of the cross-instance table; `one`: the same workload on one instance.
+fn cross_row(s: System, r: &CrossResult, one: Option<&CrossResult>) -> String {
+    let split = |x: &crate::stats::Summary| {
+        if x.count == 0 {
+            "—".to_string()
+        } else {
+            format!("{} / {}", ms(x.p50_us), ms(x.p99_us))
+        }
+    };
+    let hop = if r.instances > 1 && r.same_instance.count > 0 && r.other_instances.count > 0 {
+        delta_ms(r.other_instances.p50_us - r.same_instance.p50_us)
+    } else {
+        "—".to_string()
+    };
+    let against = one.map_or("—".to_string(), |o| {
+        format!(
+            "{} / {}",
+            delta_ms(r.latency.p50_us - o.latency.p50_us),
+            delta_ms(r.latency.p99_us - o.latency.p99_us)
+        )
+    });
+    let ack = if r.ack.count > 0 {
+        ms(r.ack.p50_us)
+    } else {
+        "—".to_string()
+    };
+    format!(
+        "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.1} % | {:.1} |",
+        thousands(r.readers as u64),
+        r.instances,
+        label(s),
+        ms(r.latency.p50_us),
+        ms(r.latency.p99_us),
+        ms(r.latency.max_us),
+        split(&r.same_instance),
+        split(&r.other_instances),
+        hop,
+        ack,
+        against,
+        100.0 * r.deliveries as f64 / r.expected_deliveries.max(1) as f64,
+        r.cpu_per_delivery_us,
+    )
+}
+
+/// The targets of the cross-instance run at @y/hub's size: p99 at most half of its published
+/// figure, the hop adding at most 1 ms at p50 (within the run, and against one instance).
+fn cross_verdict(s: System, r: &CrossResult, one: Option<&CrossResult>) -> String {
+    let met = |ok: bool| if ok { "met" } else { "**missed**" };
+    let limit = YHUB_P99_MS / 2.0;
+    let p99 = r.latency.p99_us / 1000.0;
+    let hop = (r.other_instances.p50_us - r.same_instance.p50_us) / 1000.0;
+    let mut v = format!(
+        "{} at {} readers over {} instances: p99 {:.2} ms against at most {:.2} ms (half of @y/hub's {:.1} ms): {}; hop at p50 {:+.2} ms within the run (at most 1 ms): {}",
+        label(s),
+        thousands(r.readers as u64),
+        r.instances,
+        p99,
+        limit,
+        YHUB_P99_MS,
+        met(p99 <= limit),
+        hop,
+        met(hop <= 1.0),
+    );
+    if let Some(o) = one {
+        let d = (r.latency.p50_us - o.latency.p50_us) / 1000.0;
+        let _ = write!(
+            v,
+            "; p50 {d:+.2} ms against one instance (at most 1 ms): {}",
+            met(d <= 1.0)
+        );
+    }
+    v.push('.');
+    v
+}
+
 /// A TTF font on this machine, if any (DejaVu Sans, Liberation Sans, …).
 fn find_font() -> Option<Vec<u8>> {
     let candidates = [
@@ -641,6 +791,88 @@ mod tests {
         assert_eq!(rows.len(), 2);
         assert!(rows[0].contains("driftsync native") && rows[0].ends_with("| 1.00 |"));
         assert!(out.contains("no acknowledgements"));
+    }
+
+    fn cross_result(readers: usize, instances: usize, p50: f64, p99: f64, same: f64, other: f64) -> CrossResult {
+        let lat = |p50_us: f64, p99_us: f64, count| crate::stats::Summary {
+            count,
+            p50_us,
+            p99_us,
+            max_us: p99_us * 2.0,
+            mean_us: p50_us,
+        };
+        CrossResult {
+            readers,
+            instances,
+            same_readers: readers.div_ceil(instances),
+            rate: 20.0,
+            updates: 200,
+            deliveries: 200 * readers as u64,
+            expected_deliveries: 200 * readers as u64,
+            latency: lat(p50, p99, 200 * readers),
+            same_instance: lat(same, p99, 200 * readers.div_ceil(instances)),
+            other_instances: if instances > 1 {
+                lat(other, p99, 200 * (readers - readers.div_ceil(instances)))
+            } else {
+                crate::stats::Summary::default()
+            },
+            last_reader: lat(p99, p99, 200),
+            ack: lat(2000.0, 4000.0, 200),
+            server_cpu_s: 1.0,
+            cpu_per_delivery_us: 3.3,
+            server_rss: 1,
+            generator_lag_us: 10.0,
+        }
+    }
+
+    #[test]
+    fn cross_rows_compare_with_one_instance_and_yhub() {
+        let rows = vec![
+            (System::Native, cross_result(1500, 1, 3000.0, 6000.0, 3000.0, 0.0)),
+            (System::Native, cross_result(1500, 3, 3500.0, 9000.0, 3000.0, 3800.0)),
+            (System::Native, cross_result(100, 3, 500.0, 900.0, 450.0, 520.0)),
+        ];
+        let mut out = String::new();
+        cross_section(&mut out, &rows).unwrap();
+        let table: Vec<&str> = out
+            .lines()
+            .filter(|l| l.starts_with("| 1") && !l.starts_with("| N"))
+            .collect();
+        // 100 × 3, then 1,500 × 3 and 1,500 × 1, then @y/hub.
+        assert_eq!(table.len(), 4, "{out}");
+        assert!(
+            table[0].starts_with("| 100 | 3 | driftsync native | 0.50 | 0.90 |"),
+            "{}",
+            table[0]
+        );
+        assert!(
+            table[0].contains("| +0.07 | 2.00 | — |"),
+            "no one-instance run at 100: {}",
+            table[0]
+        );
+        assert_eq!(
+            table[1],
+            "| 1,500 | 3 | driftsync native | 3.50 | 9.00 | 18.00 | 3.00 / 9.00 | 3.80 / 9.00 | +0.80 | 2.00 | +0.50 / +3.00 | 100.0 % | 3.3 |"
+        );
+        assert!(
+            table[2].starts_with("| 1,500 | 1 | driftsync native | 3.00 | 6.00 |"),
+            "{}",
+            table[2]
+        );
+        assert!(table[2].contains("| 3.00 / 6.00 | — | — | 2.00 | — |"), "{}", table[2]);
+        assert!(
+            table[3].contains("@y/hub") && table[3].contains("| 13.70 | 41.30 |"),
+            "{}",
+            table[3]
+        );
+        assert!(
+            out.contains("p99 9.00 ms against at most 20.65 ms (half of @y/hub's 41.3 ms): met; hop at p50 +0.80 ms within the run (at most 1 ms): met; p50 +0.50 ms against one instance (at most 1 ms): met."),
+            "{out}"
+        );
+        let slow = vec![(System::Native, cross_result(1500, 3, 9000.0, 25000.0, 8000.0, 9500.0))];
+        let mut out = String::new();
+        cross_section(&mut out, &slow).unwrap();
+        assert!(out.contains("p99 25.00 ms against at most 20.65 ms (half of @y/hub's 41.3 ms): **missed**; hop at p50 +1.50 ms within the run (at most 1 ms): **missed**."), "{out}");
     }
 
     #[test]
