@@ -10,6 +10,7 @@
 //! Decoding never panics: every bad input is a [`DecodeError`].
 
 mod error;
+pub mod hocuspocus;
 pub mod lib0;
 pub mod native;
 pub mod yjs;

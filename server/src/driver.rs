@@ -207,6 +207,19 @@ impl<'a, S: Store> Conn<'a, S> {
                     self.out.ctl.close(code);
                     return false;
                 }
+                Action::Addresses { doc, addresses } => {
+                    let mut table = self
+                        .out
+                        .ctl
+                        .addresses
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    if addresses.is_empty() {
+                        table.remove(&doc);
+                    } else {
+                        table.insert(doc, addresses);
+                    }
+                }
                 Action::Request(Request::Push {
                     doc,
                     origin,

@@ -48,6 +48,22 @@ pub(crate) enum RoomEvent {
     /// the commit, under its lock, so that it reaches the pusher in order with the updates the
     /// room broadcasts: no later update's cursor (nor a resume answer's) overtakes it.
     Ack { doc: DocId, batch: u64, cursor: Cursor },
+    /// An application message a Hocuspocus provider sent to the document's other connections
+    /// (only Hocuspocus connections receive it).
+    Stateless { doc: DocId, payload: String },
+}
+
+impl RoomEvent {
+    /// The document the event is about.
+    pub(crate) fn doc(&self) -> &DocId {
+        match self {
+            RoomEvent::Update { doc, .. }
+            | RoomEvent::Presence { doc, .. }
+            | RoomEvent::Typing { doc, .. }
+            | RoomEvent::Ack { doc, .. }
+            | RoomEvent::Stateless { doc, .. } => doc,
+        }
+    }
 }
 
 /// How many protocols may encode one event (slots of [`SharedEvent`]'s cache).
@@ -120,6 +136,7 @@ impl Outgoing {
                     }
                     RoomEvent::Typing { doc, user, .. } => doc.as_str().len() + user.len(),
                     RoomEvent::Ack { doc, .. } => doc.as_str().len(),
+                    RoomEvent::Stateless { doc, payload } => doc.as_str().len() + payload.len(),
                 },
             }
     }
@@ -131,6 +148,10 @@ pub(crate) struct ConnCtl {
     code: AtomicU16,
     /// The server's metrics (frames and bytes out, slow consumers).
     pub(crate) metrics: Arc<Metrics>,
+    /// The addresses a Hocuspocus connection uses for a document when they are not just the
+    /// document's name (`sessionAwareness` providers): its writer sends each event of such a
+    /// document once per address. Empty for every other connection.
+    pub(crate) addresses: std::sync::Mutex<std::collections::BTreeMap<DocId, Vec<String>>>,
 }
 
 impl ConnCtl {
@@ -140,6 +161,7 @@ impl ConnCtl {
             token,
             code: AtomicU16::new(driftsync_protocol::CLOSE_GOING_AWAY),
             metrics,
+            addresses: std::sync::Mutex::default(),
         }
     }
 

@@ -55,6 +55,9 @@ pub(crate) enum Action {
     ChargeReload(u64),
     /// Close the connection with this code.
     Close(u16),
+    /// Send the events of `doc` to these addresses (Hocuspocus `sessionAwareness` providers);
+    /// empty: to the document's name alone, as every protocol's codec encodes them.
+    Addresses { doc: DocId, addresses: Vec<String> },
 }
 
 /// A request to the rooms (or the store), carried out by the driver for the connection.

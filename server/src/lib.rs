@@ -32,6 +32,7 @@ mod config;
 mod driver;
 mod event;
 pub mod fanout;
+mod hocuspocus;
 pub mod redis_fanout;
 mod handler;
 mod http;
@@ -100,6 +101,7 @@ pub async fn serve<S: Store>(
         .route("/metrics", get(metrics_text::<S>))
         .route("/v1/sync", get(sync::<S>))
         .route("/yjs/{*doc}", get(yjs_upgrade::<S>))
+        .route("/hocuspocus", get(hocuspocus_upgrade::<S>))
         .with_state(shared);
     if open {
         // Against DNS rebinding: a web page cannot reach an open server under its own name.
@@ -162,6 +164,20 @@ async fn yjs_upgrade<S: Store>(
         let auth = shared.config.auth.clone();
         crate::driver::run(shared, socket, move |session| {
             yjs::YjsHandler::new(auth, max, session, raw_doc, token)
+        })
+    })
+}
+
+/// Upgrades `GET /hocuspocus` to a connection speaking the Hocuspocus provider protocol: many
+/// documents, each with its own token inside the protocol.
+async fn hocuspocus_upgrade<S: Store>(State(shared): State<Arc<Shared<S>>>, ws: socket::Upgrade) -> impl IntoResponse {
+    let max = shared.config.max_frame_size;
+    let tasks = Arc::clone(&shared.tasks);
+    ws.on_upgrade(&tasks, max, move |socket| {
+        let auth = shared.config.auth.clone();
+        let (max_docs, grace) = (shared.config.max_docs_per_connection, shared.config.token_grace);
+        crate::driver::run(shared, socket, move |session| {
+            hocuspocus::HocuspocusHandler::new(auth, max, max_docs, grace, session)
         })
     })
 }

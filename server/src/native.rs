@@ -56,6 +56,8 @@ fn encode(event: &RoomEvent) -> Option<Vec<u8>> {
             batch: *batch,
             cursor: *cursor,
         },
+        // Hocuspocus providers' application messages mean nothing to a native client.
+        RoomEvent::Stateless { .. } => return None,
     };
     Some(frame.encode())
 }

@@ -645,6 +645,52 @@ fn encode_header(header: &mut [u8; 10], opcode: u8, len: usize) -> usize {
     }
 }
 
+/// The frames one queued item becomes: usually one, none for an event the protocol does not
+/// send, several for an event of a document a Hocuspocus connection follows under several
+/// addresses.
+enum Frames {
+    None,
+    One(u8, Bytes),
+    Many(Vec<Bytes>),
+}
+
+impl Iterator for Frames {
+    type Item = (u8, Bytes);
+
+    fn next(&mut self) -> Option<(u8, Bytes)> {
+        match std::mem::replace(self, Frames::None) {
+            Frames::None => None,
+            Frames::One(opcode, bytes) => Some((opcode, bytes)),
+            Frames::Many(mut frames) => {
+                let next = frames.pop().map(|bytes| (OP_BINARY, bytes));
+                if !frames.is_empty() {
+                    *self = Frames::Many(frames);
+                }
+                next
+            }
+        }
+    }
+}
+
+/// An event's frame (`encoded`, behind the document's name) once per address the connection
+/// uses for the document, if those are not just its name (see `ConnCtl::addresses`).
+fn readdressed(ctl: &ConnCtl, event: &crate::event::RoomEvent, encoded: &Bytes) -> Option<Vec<Bytes>> {
+    let table = ctl.addresses.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    if table.is_empty() {
+        return None;
+    }
+    let addresses = table.get(event.doc())?;
+    // In reverse: `Frames` pops from the end.
+    Some(
+        addresses
+            .iter()
+            .rev()
+            .filter_map(|address| driftsync_protocol::hocuspocus::readdress(encoded, address))
+            .map(Bytes::from)
+            .collect(),
+    )
+}
+
 /// The writer: it sends queued items (room events encoded by its codec) until the queue closes
 /// or the connection is told to close, then — within [`CLOSE_FLUSH_TIMEOUT`] — finishes the frame
 /// it was writing, flushes what is still queued (acknowledgements matter) and sends a close frame
@@ -659,10 +705,16 @@ async fn write_loop<W: AsyncWrite + Unpin>(
     codec: Codec,
 ) {
     let frame_of = |item: Outgoing| match item {
-        Outgoing::Frame(bytes) => Some((OP_BINARY, Bytes::from(bytes))),
-        Outgoing::Event(event) => event.encoded(codec).map(|bytes| (OP_BINARY, bytes)),
-        Outgoing::Ping => Some((OP_PING, Bytes::new())),
-        Outgoing::Pong(payload) => Some((OP_PONG, Bytes::from(payload))),
+        Outgoing::Frame(bytes) => Frames::One(OP_BINARY, Bytes::from(bytes)),
+        Outgoing::Event(event) => match event.encoded(codec) {
+            None => Frames::None,
+            Some(bytes) => match readdressed(&ctl, &event.event, &bytes) {
+                Some(frames) => Frames::Many(frames),
+                None => Frames::One(OP_BINARY, bytes),
+            },
+        },
+        Outgoing::Ping => Frames::One(OP_PING, Bytes::new()),
+        Outgoing::Pong(payload) => Frames::One(OP_PONG, Bytes::from(payload)),
     };
     let count = |opcode: u8, payload: &Bytes| {
         ctl.metrics.frames_out.inc();
@@ -683,7 +735,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(
         // What is queued behind it goes out with it, in one write.
         let mut next = Some(item);
         while let Some(item) = next.take() {
-            if let Some((opcode, payload)) = frame_of(item) {
+            for (opcode, payload) in frame_of(item) {
                 count(opcode, &payload);
                 pending.push(opcode, payload);
             }
@@ -703,12 +755,11 @@ async fn write_loop<W: AsyncWrite + Unpin>(
     let close = async {
         pending.finish(&mut io).await?;
         while let Some(item) = if flush { rx.try_recv() } else { None } {
-            let Some((opcode, payload)) = frame_of(item) else {
-                continue;
-            };
-            pending.push(opcode, payload);
-            if !pending.has_room() {
-                pending.finish(&mut io).await?;
+            for (opcode, payload) in frame_of(item) {
+                pending.push(opcode, payload);
+                if !pending.has_room() {
+                    pending.finish(&mut io).await?;
+                }
             }
         }
         pending.push(OP_CLOSE, Bytes::copy_from_slice(&ctl.code().to_be_bytes()));

@@ -49,8 +49,8 @@ fn encode(event: &RoomEvent) -> Option<Vec<u8>> {
         ),
         // y-protocols has no typing indicator (see the module documentation).
         RoomEvent::Typing { .. } => None,
-        // y-protocols has no acknowledgements.
-        RoomEvent::Ack { .. } => None,
+        // y-protocols has no acknowledgements, nor stateless messages.
+        RoomEvent::Ack { .. } | RoomEvent::Stateless { .. } => None,
     }
 }
 
