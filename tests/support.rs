@@ -1,6 +1,7 @@
 //! Shared helpers for the cross-crate tests: a server on a loopback port, and a small native
 //! protocol client over a real WebSocket.
 
+pub mod hpclient;
 pub mod yclient;
 
 use std::future::Future;

@@ -16,16 +16,49 @@ use crate::TestServer;
 /// How long one step may take: generous, nothing here is a timing assertion.
 pub const STEP: Duration = Duration::from_secs(20);
 
-/// The pinned packages.
-const PACKAGES: [(&str, &str); 3] = [("yjs", "13.6.27"), ("y-websocket", "3.1.0"), ("ws", "8")];
+/// A pinned npm package: the name it is installed under, what `npm install` is given, and the
+/// version its `package.json` must say (exact, or a prefix before a dot).
+pub struct Package {
+    /// The directory under `node_modules` (an alias for a second version of a package).
+    pub name: &'static str,
+    /// The install spec, e.g. `yjs@13.6.27` or `alias@npm:pkg@1.2.3`.
+    pub spec: &'static str,
+    /// The version installed.
+    pub version: &'static str,
+}
+
+/// The packages of the stock Yjs client.
+const YJS_PACKAGES: [Package; 3] = [
+    Package {
+        name: "yjs",
+        spec: "yjs@13.6.27",
+        version: "13.6.27",
+    },
+    Package {
+        name: "y-websocket",
+        spec: "y-websocket@3.1.0",
+        version: "3.1.0",
+    },
+    Package {
+        name: "ws",
+        spec: "ws@8",
+        version: "8",
+    },
+];
 
 // ---------------------------------------------------------------------------------------------
 // Node setup and the stock client.
 
-/// `target/node-yjs`, with the pinned packages installed; `None` when node or npm is missing.
+/// `target/node-yjs`, with the stock Yjs client's packages installed; `None` when node or npm
+/// is missing.
 pub fn node_modules_dir() -> Option<PathBuf> {
-    // The tests of this file run on parallel threads of one process: install once, the others
-    // wait for it.
+    npm_modules("node-yjs", &YJS_PACKAGES)
+}
+
+/// `target/NAME`, with `packages` installed (once: later calls find them); `None` when node or
+/// npm is missing.
+pub fn npm_modules(name: &str, packages: &[Package]) -> Option<PathBuf> {
+    // Tests run on parallel threads of one process: install once, the others wait for it.
     static INSTALL: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let _installing = INSTALL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     let works = |program: &str| {
@@ -40,27 +73,27 @@ pub fn node_modules_dir() -> Option<PathBuf> {
     let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("tests/ has a parent");
-    let dir = workspace.join("target").join("node-yjs");
-    if installed(&dir) {
+    let dir = workspace.join("target").join(name);
+    if installed(&dir, packages) {
         return Some(dir);
     }
     // Installed into a fresh directory and renamed into place, so that a concurrent or
-    // interrupted install never leaves a half-filled `node-yjs` behind.
+    // interrupted install never leaves a half-filled directory behind.
     let staging = workspace
         .join("target")
-        .join(format!("node-yjs.tmp-{}", std::process::id()));
+        .join(format!("{name}.tmp-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&staging);
     std::fs::create_dir_all(&staging).expect("create the npm staging directory");
     std::fs::write(
         staging.join("package.json"),
-        "{\"name\":\"driftsync-yjs-interop\",\"private\":true}\n",
+        "{\"name\":\"driftsync-node-tests\",\"private\":true}\n",
     )
     .expect("write package.json");
     let started = Instant::now();
     // No time limit: a slow first install must not fail the test.
     let output = Command::new("npm")
         .args(["install", "--no-audit", "--no-fund", "--save-exact", "--loglevel=error"])
-        .args(PACKAGES.iter().map(|(name, version)| format!("{name}@{version}")))
+        .args(packages.iter().map(|p| p.spec))
         .current_dir(&staging)
         .stdin(Stdio::null())
         .output()
@@ -73,18 +106,19 @@ pub fn node_modules_dir() -> Option<PathBuf> {
         String::from_utf8_lossy(&output.stderr)
     );
     eprintln!("npm install took {:.1} s", started.elapsed().as_secs_f64());
+    let _ = std::fs::remove_dir_all(&dir);
     if std::fs::rename(&staging, &dir).is_err() {
         // Someone else installed it meanwhile: use theirs.
         let _ = std::fs::remove_dir_all(&staging);
     }
-    assert!(installed(&dir), "the node packages are not in {}", dir.display());
+    assert!(installed(&dir, packages), "the node packages are not in {}", dir.display());
     Some(dir)
 }
 
 /// Whether `dir` holds the pinned packages.
-fn installed(dir: &Path) -> bool {
-    PACKAGES.iter().all(|(name, version)| {
-        let manifest = dir.join("node_modules").join(name).join("package.json");
+fn installed(dir: &Path, packages: &[Package]) -> bool {
+    packages.iter().all(|p| {
+        let manifest = dir.join("node_modules").join(p.name).join("package.json");
         let Ok(text) = std::fs::read_to_string(manifest) else {
             return false;
         };
@@ -93,7 +127,7 @@ fn installed(dir: &Path) -> bool {
         };
         json["version"]
             .as_str()
-            .is_some_and(|v| v == *version || v.starts_with(&format!("{version}.")))
+            .is_some_and(|v| v == p.version || v.starts_with(&format!("{}.", p.version)))
     })
 }
 

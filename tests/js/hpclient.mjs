@@ -4,15 +4,17 @@
 // Usage: node hpclient.mjs MODULES_DIR SERVER_URL [PACKAGE]
 //   MODULES_DIR  a directory whose node_modules holds @hocuspocus/provider, yjs and ws (installed
 //                by the test outside the repository's tracked files, so they are loaded from there)
-//   SERVER_URL   e.g. ws://127.0.0.1:1234/hocuspocus; the provider opens exactly this URL
+//   SERVER_URL   e.g. ws://127.0.0.1:1234/hocuspocus; the provider opens this URL as is (minus
+//                trailing slashes)
 //   PACKAGE      the provider package to load, "@hocuspocus/provider" by default (an npm alias
 //                such as "@hocuspocus/provider-v3" lets one MODULES_DIR hold a 3.x provider too)
 // The provider's major version (3 or 4) is read from its package.json; see HOCUSPOCUS-PROVIDER.md.
 //
 // It prints one JSON object per line on stdout. Events of the socket:
-//   {"event":"ready","version":"4.8.0","major":4}   once, first
+//   {"event":"ready","package":P,"version":"4.8.0","major":4}   once, first
 //   {"event":"socket","status":S}                    socket status: connecting/connected/disconnected
-//                                                    ("connected" already on open)
+//                                                    ("connected" on open, and again with the
+//                                                    first frame)
 //   {"event":"connect"}                              the first frame of a connection arrived
 //   {"event":"socketClose","code":C,"reason":R}      the WebSocket closed (also 4408 "forced" by the
 //                                                    provider's 30 s watchdog)
@@ -43,6 +45,7 @@
 //                                    with TOKEN ("-" for none); "session" sets sessionAwareness
 //                                    (4.x only: the address becomes DOC + "\0" + sessionId)
 //   insert NAME POS TEXT             inserts TEXT (the rest of the line) at UTF-16 offset POS
+//   mapset NAME MAP KEY JSON         sets KEY of the document's Y.Map MAP to the JSON value
 //   delete NAME POS LEN              deletes LEN UTF-16 code units at POS
 //   awareness NAME JSON              sets the local awareness state (null: none)
 //   stateless NAME PAYLOAD           sendStateless(PAYLOAD), PAYLOAD being the rest of the line
@@ -175,7 +178,7 @@ const guard = (what, fn) => (...args) => {
   }
 }
 
-emit({ event: 'ready', version: providerVersion, major })
+emit({ event: 'ready', package: packageName, version: providerVersion, major })
 
 // A socket-level "close" runs the socket's own listeners (this one first) and then each attached
 // provider's; a document-level CLOSE from the server emits only the provider's "close".
@@ -348,6 +351,10 @@ lines.on('line', (line) => {
       const [n, pos, value = ''] = split(rest, 2)
       name = n
       client(n).text.insert(number(pos, 'POS'), value)
+    } else if (command === 'mapset') {
+      const [n, map, key, json] = split(rest, 3)
+      name = n
+      client(n).provider.document.getMap(map).set(key, JSON.parse(json))
     } else if (command === 'delete') {
       const [n, pos, len] = rest.split(' ')
       name = n
