@@ -141,3 +141,38 @@ fn rand_u64() -> u64 {
     h.write_u64(std::process::id().into());
     h.finish()
 }
+
+/// A Hocuspocus provider's `unsyncedChanges` reaches 0 only once the server has stored its
+/// changes: `kill -9` right after it does loses nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_a_hocuspocus_provider_sees_as_synced_survives_kill_9() {
+    let Some(modules) = driftsync_tests::hpclient::hocuspocus_modules_dir() else {
+        eprintln!("skipped: node/npm not found");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().to_str().unwrap().to_owned();
+    let doc = DocId::new("notes/hocuspocus-kill").unwrap();
+    let (mut server, url) = start(&["--data-dir", &data]);
+    let mut provider = driftsync_tests::hpclient::HpClient::start(&modules, &format!("{url}/hocuspocus"), false).await;
+    provider.command("attach p notes/hocuspocus-kill -");
+    provider.until("synced", |c| c.provider("p").synced).await;
+    // Edits made while connected, each sent at once; "unsynced" back at 0 means all stored.
+    let mut expected = String::new();
+    for i in 0..20 {
+        let chunk = format!("[{i}]");
+        provider.command(&format!("insert p {} {chunk}", expected.len()));
+        expected.push_str(&chunk);
+    }
+    let want = expected.clone();
+    provider
+        .until("every edit acknowledged", |c| c.provider("p").settled.as_deref() == Some(want.as_str()))
+        .await;
+    server.kill().unwrap();
+    server.wait().unwrap();
+    drop(provider);
+    let (mut server, url) = start(&["--data-dir", &data]);
+    assert_eq!(read_back(&url, &doc).await, expected);
+    server.kill().unwrap();
+    server.wait().unwrap();
+}
