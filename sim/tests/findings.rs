@@ -415,3 +415,90 @@ fn merged_outboxes_that_build_on_each_other_still_drain() {
         assert_eq!(text(doc), "base");
     }
 }
+
+mod a_reload_skips_what_the_fanout_lost {
+    //! Seeds 41, 119 and 465 of 0..500, once the fan-out between instances lost messages
+    //! ("synced but not converged …: cN's replica … differs from the store", the replica lacking
+    //! another instance's update for good). Seed 41: instance 1 stores c0's batch 1 at cursor 1;
+    //! its fan-out message to instance 2 is lost. Instance 2's room of chat/room has two
+    //! subscribers (c1, c3) and, idle for a sweep interval, had its live document evicted. c3
+    //! pushes: the room reloads its document from the store, and `install` takes the store's
+    //! head (1) as its own without sending its subscribers what lies between the old head (0)
+    //! and it. c3's update is broadcast at once with the settled head, cursor 1, and stored at
+    //! 2: c1's cursor passes c0's update, which no fan-out message, head check or later update
+    //! brings any more (every one of them is at or below the room's head). The same happens in
+    //! `reload_now` (a refused update, a failed commit) whenever the store is ahead of the room.
+
+    use super::resume_while_unstored::{Conn, DOC};
+    use driftsync_engine::doc::{new_doc, text, text_insert};
+    use driftsync_engine::sync::{apply_remote, Limits};
+    use driftsync_protocol::ServerFrame;
+    use driftsync_sim::check::store_doc;
+    use driftsync_sim::fanout::{Faults, LossyFanout};
+    use driftsync_sim::server::Instance;
+    use driftsync_sim::store::MemStore;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    #[test]
+    #[ignore = "until a room that adopts the store's head sends its subscribers what lies before it"]
+    fn an_evicted_room_sends_its_subscribers_what_it_reloads() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .start_paused(true)
+            .build()
+            .expect("runtime");
+        runtime.block_on(async {
+            let store = Arc::new(MemStore::new(0));
+            // A fan-out that loses every message between the instances, and no head check.
+            let all_lost = Faults {
+                drop: 1.0,
+                duplicate: 0.0,
+                reorder: 0.0,
+            };
+            let config = driftsync_server::Config {
+                fanout: Arc::new(LossyFanout::new(0, all_lost, tokio::time::Instant::now())),
+                head_check: None,
+                ..driftsync_server::Config::default()
+            };
+            let a = Instance::start(Arc::clone(&store), config.clone(), 1);
+            let b = Instance::start(Arc::clone(&store), config, 2);
+            // A reader and a writer on instance b, a writer on instance a.
+            let reader = new_doc(11).expect("doc");
+            let mut r = Conn::open(&b, 11).await;
+            let mut cursor = r.resume(&reader, 0).await;
+            let writer_b = new_doc(22).expect("doc");
+            let mut wb = Conn::open(&b, 22).await;
+            wb.resume(&writer_b, 0).await;
+            let writer_a = new_doc(33).expect("doc");
+            let mut wa = Conn::open(&a, 33).await;
+            wa.resume(&writer_a, 0).await;
+            // Nobody writes for two sweep intervals: b's room evicts its live document.
+            tokio::time::sleep(Duration::from_secs(25)).await;
+            // a stores "A" at cursor 1; the fan-out loses it on its way to b.
+            let from_a = text_insert(&writer_a, 0, "A").expect("insert");
+            assert!(matches!(wa.push(1, &from_a).await, ServerFrame::Ack { cursor: 1, .. }));
+            // b's writer pushes twice: the room reloads (the store's head is 1), stores "B" at
+            // 2 and "C" at 3; the reader gets "C" with cursor 2.
+            let b1 = text_insert(&writer_b, 0, "B").expect("insert");
+            assert!(matches!(wb.push(1, &b1).await, ServerFrame::Ack { cursor: 2, .. }));
+            let b2 = text_insert(&writer_b, 1, "C").expect("insert");
+            assert!(matches!(wb.push(2, &b2).await, ServerFrame::Ack { cursor: 3, .. }));
+            while cursor < 2 {
+                if let ServerFrame::Update { cursor: c, update, .. } =
+                    r.expect(|f| matches!(f, ServerFrame::Update { .. })).await
+                {
+                    apply_remote(&reader, &update, &Limits::default()).expect("apply");
+                    cursor = cursor.max(c);
+                }
+            }
+            let stored = store_doc(&store, DOC).expect("stored");
+            assert_eq!(text(&stored).len(), 3);
+            assert_eq!(
+                text(&reader),
+                text(&stored),
+                "the reader holds cursor {cursor} but lacks the update stored at 1 by the other instance"
+            );
+        });
+    }
+}
