@@ -441,7 +441,6 @@ mod a_reload_skips_what_the_fanout_lost {
     use std::time::Duration;
 
     #[test]
-    #[ignore = "until a room that adopts the store's head sends its subscribers what lies before it"]
     fn an_evicted_room_sends_its_subscribers_what_it_reloads() {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_time()
