@@ -251,10 +251,11 @@ impl Room {
             None => return Err(driftsync_engine::Error::Invalid("room state vanished".into())),
         };
         if needs_doc {
-            // Evicted while idle: every update is stored, so the store has exactly the document.
+            // Evicted while idle: every update is stored, so the store has exactly the document
+            // (and maybe more: what other instances stored that the fan-out has not brought).
             let (doc, head, stored_bytes) = self.load(store).await?;
             if let Some(state) = slot.as_mut() {
-                self.install(state, doc, head, stored_bytes);
+                self.adopt(state, store, doc, head, stored_bytes).await;
             }
         }
         if let Err(e) = self.recover(slot, store).await {
@@ -272,8 +273,35 @@ impl Room {
         Ok((doc, stored.head, bytes as u64))
     }
 
-    /// Makes `doc`, loaded from the store at `head`, the room's live document. The window of
-    /// recent updates stays only if the store holds nothing newer than it.
+    /// Makes `doc`, loaded from the store at `head`, the live document of a room that may have
+    /// subscribers. They first get the stored updates between the room's head and `head`:
+    /// what other instances stored that the fan-out has not brought (lost, or still on its
+    /// way), which nothing would bring them afterwards — every later broadcast carries a cursor
+    /// at or past `head`, and fan-in ignores cursors at or below it. If the log no longer holds
+    /// those updates, the subscribers are told to resync.
+    async fn adopt<S: Store>(&self, state: &mut RoomState, store: &S, doc: Doc, head: Cursor, stored_bytes: u64) {
+        if head > state.head && !state.subscribers.is_empty() {
+            match store.log_after(self.id.as_str(), state.head).await {
+                Ok(LogTail::Entries(entries)) => {
+                    let missed: Vec<LogEntry> = entries.into_iter().filter(|e| e.cursor <= head).collect();
+                    // Sent, not applied: the loaded document replaces the live one.
+                    state.live = None;
+                    state.take_stored(&self.ctx, &self.id, missed);
+                }
+                Ok(LogTail::Pruned) | Err(_) => {
+                    tracing::warn!(doc = %self.id, "updates of another instance not in the log: subscribers resync");
+                    for out in state.subscribers.values() {
+                        out.ctl.close(CLOSE_RESYNC);
+                    }
+                }
+            }
+        }
+        self.install(state, doc, head, stored_bytes);
+    }
+
+    /// Makes `doc`, loaded from the store at `head`, the room's live document (see
+    /// [`Room::adopt`] for a room with subscribers). The window of recent updates stays only if
+    /// the store holds nothing newer than it.
     fn install(&self, state: &mut RoomState, doc: Doc, head: Cursor, stored_bytes: u64) {
         state.chat = self
             .id
@@ -307,7 +335,7 @@ impl Room {
     /// bound to fail (a commit before them failed).
     async fn reload_now<S: Store>(&self, slot: &mut Option<RoomState>, store: &S) {
         match (self.load(store).await, slot.as_mut()) {
-            (Ok((doc, head, bytes)), Some(live)) => self.install(live, doc, head, bytes),
+            (Ok((doc, head, bytes)), Some(live)) => self.adopt(live, store, doc, head, bytes).await,
             (Ok(_), None) => {}
             (Err(e), _) => {
                 tracing::error!(doc = %self.id, error = %e, "reload failed; unloading the room");

@@ -5,8 +5,10 @@
 //! instances over one shared in-memory store ([`store::MemStore`]), and an in-memory network
 //! ([`net`]) that delays, drops (cuts connections, losing what was in flight), duplicates
 //! (clients re-send pushes, Yjs clients their state) and reorders (independent delays per
-//! connection; old connections still delivering after new ones). Servers crash and restart
-//! (memory lost, the store kept), commits fail for stretches, clients go offline for minutes to
+//! connection; old connections still delivering after new ones). The fan-out between the
+//! instances ([`fanout::LossyFanout`]) drops, duplicates and reorders their messages, the last
+//! one of a run included, and each instance's head check repairs what it lost. Servers crash
+//! and restart (memory lost, the store kept), commits fail for stretches, clients go offline for minutes to
 //! hours and write meanwhile, and all of it runs on tokio's paused clock, so hours pass in
 //! milliseconds.
 //!
@@ -24,6 +26,7 @@
 
 pub mod check;
 pub mod client;
+pub mod fanout;
 pub mod net;
 pub mod server;
 pub mod store;

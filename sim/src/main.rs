@@ -4,6 +4,9 @@
 //! * `driftsync-sim --seeds A..B`: every seed from A up to (not including) B; stops at the first
 //!   failure and prints the command that replays it (`--keep-going`: one line per failure;
 //!   `--twice`: every seed runs twice and must give the same digest).
+//!
+//! With `RUST_LOG` set (`RUST_LOG=driftsync_server=debug`), the server's logs are printed among
+//! the trace lines (they are not part of the digest).
 
 use std::process::ExitCode;
 use std::time::Instant;
@@ -16,6 +19,13 @@ fn usage() -> ExitCode {
 }
 
 fn main() -> ExitCode {
+    if std::env::var_os("RUST_LOG").is_some() {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .without_time()
+            .with_writer(std::io::stdout)
+            .init();
+    }
     let args: Vec<String> = std::env::args().skip(1).collect();
     let verbose = args.iter().any(|a| a == "--verbose");
     let value = |flag: &str| args.iter().position(|a| a == flag).and_then(|i| args.get(i + 1));

@@ -11,7 +11,7 @@ use driftsync_engine::doc::{text_delete, text_insert, text_len, MAX_CLIENT_ID};
 use driftsync_engine::store::CompactionPolicy;
 use driftsync_protocol::yjs::YMessage;
 use driftsync_protocol::{ClientFrame, ServerFrame, DEFAULT_MAX_FRAME_SIZE};
-use driftsync_server::{Config, LocalFanout};
+use driftsync_server::Config;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tokio::time::Instant;
@@ -19,6 +19,7 @@ use tokio_tungstenite::tungstenite::Message;
 
 use crate::check::{contains, fingerprint, store_doc, Fingerprint};
 use crate::client::{Ended, NativeClient, Outcome as NativeOutcome, Replica};
+use crate::fanout::{Faults, LossyFanout, MAX_HOLD};
 use crate::net::{Latency, Link};
 use crate::server::Instance;
 use crate::store::MemStore;
@@ -34,10 +35,14 @@ const PRESENCE_BOUND_MS: u64 = 30_000 + 5_000;
 const QUIESCE_DEADLINE: Duration = Duration::from_secs(600);
 /// How long every client may be synced by the protocol while a replica still differs from the
 /// store: nothing but heartbeats happens then (presence aside), so the run has failed. (A room
-/// stores what it failed to commit at its next sweep; this covers several.)
+/// stores what it failed to commit at its next sweep, and catches up on what the fan-out lost
+/// at its next head check; this covers many of both.)
 const QUIET_DEADLINE: Duration = Duration::from_secs(60);
 /// How long after healing the run ticks finely (50 ms) at most; then once a second.
 const HEAL_FINE: Duration = Duration::from_secs(60);
+/// How often every instance compares its live rooms' heads with the store
+/// (`Config::head_check`): what repairs a lost last fan-out message.
+const HEAD_CHECK: Duration = Duration::from_secs(1);
 /// Trace lines kept for a failure report.
 const TRACE_TAIL: usize = 60;
 
@@ -104,6 +109,10 @@ pub(crate) struct World {
     start: Instant,
     store: Arc<MemStore>,
     config: Config,
+    /// The fan-out between the instances (the one in `config`).
+    fanout: LossyFanout,
+    /// Its fault rates until healing.
+    fanout_faults: Faults,
     instances: Vec<Option<Instance>>,
     /// Restart crashed instances at these virtual ms.
     restarts: BTreeMap<usize, u64>,
@@ -125,18 +134,30 @@ pub(crate) struct World {
 impl World {
     /// A world whose shape comes from `seed`.
     pub(crate) fn new(seed: u64, options: Options) -> World {
+        let start = Instant::now();
         let mut rng = StdRng::seed_from_u64(seed);
         let store = Arc::new(MemStore::new(rng.random()));
-        let fanout = Arc::new(LocalFanout::default());
+        let fanout_faults = Faults {
+            drop: rng.random_range(0.0..0.2),
+            duplicate: rng.random_range(0.0..0.1),
+            reorder: rng.random_range(0.0..0.1),
+        };
+        let fanout = LossyFanout::new(rng.random(), fanout_faults, start);
         let config = Config {
-            fanout,
+            fanout: Arc::new(fanout.clone()),
+            head_check: Some(HEAD_CHECK),
             compaction: CompactionPolicy {
                 min_log_bytes: rng.random_range(512..8192),
                 retain_entries: rng.random_range(0..16),
             },
             ..Config::default()
         };
-        let n_instances = rng.random_range(1..=3);
+        // Half the seeds run three instances (the lossy fan-out's case), the others one or two.
+        let n_instances = if rng.random_bool(0.5) {
+            3
+        } else {
+            rng.random_range(1..=2)
+        };
         let mut docs = vec!["chat/room".to_string()];
         for i in 0..rng.random_range(1..=2) {
             docs.push(format!("notes/{i}"));
@@ -183,9 +204,11 @@ impl World {
         World {
             seed,
             rng,
-            start: Instant::now(),
+            start,
             store,
             config,
+            fanout,
+            fanout_faults,
             instances: (0..n_instances).map(|_| None).collect(),
             restarts: BTreeMap::new(),
             commit_failures_until: 0,
@@ -230,8 +253,9 @@ impl World {
     /// The whole run: shape, schedule, healing, checks.
     pub(crate) async fn run(mut self) -> Result<Report, Failure> {
         let shape = format!(
-            "{} instance(s), docs {:?}, clients [{}], compaction {:?}",
+            "{} instance(s), fan-out {}, docs {:?}, clients [{}], compaction {:?}",
             self.instances.len(),
+            self.fanout_faults,
             self.docs,
             self.clients
                 .iter()
@@ -255,10 +279,11 @@ impl World {
         self.check_final()?;
         let (failed, commits) = self.store.counts();
         let summary = format!(
-            "{shape}; {steps} steps, {:.0} s virtual, {} links, {commits} commits ({failed} failed on purpose), {:?}",
+            "{shape}; {steps} steps, {:.0} s virtual, {} links, {commits} commits ({failed} failed on purpose), {:?}, {:?}",
             self.now_ms() as f64 / 1000.0,
             self.links_opened,
-            self.stats
+            self.stats,
+            self.fanout.stats(),
         );
         Ok(Report {
             seed: self.seed,
@@ -635,6 +660,8 @@ impl World {
             self.store.set_commit_failures(0.0);
             self.log("commits succeed again".into());
         }
+        self.fanout.release_due();
+        self.trace_fanout();
         for c in 0..self.clients.len() {
             self.connect_if_due(c).await?;
             self.deliver(c)?;
@@ -645,6 +672,13 @@ impl World {
             self.check_presence()?;
         }
         Ok(())
+    }
+
+    /// Traces what the fan-out did since the last tick, at the virtual times it did it.
+    fn trace_fanout(&mut self) {
+        for (ms, line) in self.fanout.take_log() {
+            self.trace.add(ms, line);
+        }
     }
 
     async fn connect_if_due(&mut self, c: usize) -> Result<(), Failure> {
@@ -794,7 +828,9 @@ impl World {
     /// No client shows a presence state longer than its bound after its owner last sent it.
     fn check_presence(&self) -> Result<(), Failure> {
         let now = self.now_ms();
-        let slack = 2 * self.max_latency_ms + 1000;
+        // The network's delays both ways, a tick, and how long the fan-out may hold a message
+        // back (a late presence state is taken in at its arrival).
+        let slack = 2 * self.max_latency_ms + 1000 + u64::try_from(MAX_HOLD.as_millis()).unwrap_or(u64::MAX);
         for (c, client) in self.clients.iter().enumerate() {
             let shown: Vec<(String, u64)> = match &client.kind {
                 Kind::Native(r) => r.presence().keys().cloned().collect(),
@@ -825,6 +861,9 @@ impl World {
     /// Heals every fault, brings everybody online, and waits until everybody is synced.
     async fn heal(&mut self) -> Result<(), Failure> {
         self.log("heal: no more faults".into());
+        // The fan-out delivers every message from now on; what it holds back still arrives
+        // late. A lost last update is repaired by the head check.
+        self.fanout.set_faults(Faults::NONE);
         let now = self.now_ms();
         for client in &mut self.clients {
             client.offline_until = 0;

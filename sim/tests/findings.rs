@@ -415,3 +415,409 @@ fn merged_outboxes_that_build_on_each_other_still_drain() {
         assert_eq!(text(doc), "base");
     }
 }
+
+mod a_reload_skips_what_the_fanout_lost {
+    //! Seeds 41, 119 and 465 of 0..500, once the fan-out between instances lost messages
+    //! ("synced but not converged …: cN's replica … differs from the store", the replica lacking
+    //! another instance's update for good). Seed 41: instance 1 stores c0's batch 1 at cursor 1;
+    //! its fan-out message to instance 2 is lost. Instance 2's room of chat/room has two
+    //! subscribers (c1, c3) and, idle for a sweep interval, had its live document evicted. c3
+    //! pushes: the room reloads its document from the store, and `install` takes the store's
+    //! head (1) as its own without sending its subscribers what lies between the old head (0)
+    //! and it. c3's update is broadcast at once with the settled head, cursor 1, and stored at
+    //! 2: c1's cursor passes c0's update, which no fan-out message, head check or later update
+    //! brings any more (every one of them is at or below the room's head). The same happens in
+    //! `reload_now` (a refused update, a failed commit) whenever the store is ahead of the room.
+
+    use super::resume_while_unstored::{Conn, DOC};
+    use driftsync_engine::doc::{new_doc, text, text_insert};
+    use driftsync_engine::sync::{apply_remote, Limits};
+    use driftsync_protocol::ServerFrame;
+    use driftsync_sim::check::store_doc;
+    use driftsync_sim::fanout::{Faults, LossyFanout};
+    use driftsync_sim::server::Instance;
+    use driftsync_sim::store::MemStore;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    #[test]
+    fn an_evicted_room_sends_its_subscribers_what_it_reloads() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .start_paused(true)
+            .build()
+            .expect("runtime");
+        runtime.block_on(async {
+            let store = Arc::new(MemStore::new(0));
+            // A fan-out that loses every message between the instances, and no head check.
+            let all_lost = Faults {
+                drop: 1.0,
+                duplicate: 0.0,
+                reorder: 0.0,
+            };
+            let config = driftsync_server::Config {
+                fanout: Arc::new(LossyFanout::new(0, all_lost, tokio::time::Instant::now())),
+                head_check: None,
+                ..driftsync_server::Config::default()
+            };
+            let a = Instance::start(Arc::clone(&store), config.clone(), 1);
+            let b = Instance::start(Arc::clone(&store), config, 2);
+            // A reader and a writer on instance b, a writer on instance a.
+            let reader = new_doc(11).expect("doc");
+            let mut r = Conn::open(&b, 11).await;
+            let mut cursor = r.resume(&reader, 0).await;
+            let writer_b = new_doc(22).expect("doc");
+            let mut wb = Conn::open(&b, 22).await;
+            wb.resume(&writer_b, 0).await;
+            let writer_a = new_doc(33).expect("doc");
+            let mut wa = Conn::open(&a, 33).await;
+            wa.resume(&writer_a, 0).await;
+            // Nobody writes for two sweep intervals: b's room evicts its live document.
+            tokio::time::sleep(Duration::from_secs(25)).await;
+            // a stores "A" at cursor 1; the fan-out loses it on its way to b.
+            let from_a = text_insert(&writer_a, 0, "A").expect("insert");
+            assert!(matches!(wa.push(1, &from_a).await, ServerFrame::Ack { cursor: 1, .. }));
+            // b's writer pushes twice: the room reloads (the store's head is 1), stores "B" at
+            // 2 and "C" at 3; the reader gets "C" with cursor 2.
+            let b1 = text_insert(&writer_b, 0, "B").expect("insert");
+            assert!(matches!(wb.push(1, &b1).await, ServerFrame::Ack { cursor: 2, .. }));
+            let b2 = text_insert(&writer_b, 1, "C").expect("insert");
+            assert!(matches!(wb.push(2, &b2).await, ServerFrame::Ack { cursor: 3, .. }));
+            while cursor < 2 {
+                if let ServerFrame::Update { cursor: c, update, .. } =
+                    r.expect(|f| matches!(f, ServerFrame::Update { .. })).await
+                {
+                    apply_remote(&reader, &update, &Limits::default()).expect("apply");
+                    cursor = cursor.max(c);
+                }
+            }
+            let stored = store_doc(&store, DOC).expect("stored");
+            assert_eq!(text(&stored).len(), 3);
+            assert_eq!(
+                text(&reader),
+                text(&stored),
+                "the reader holds cursor {cursor} but lacks the update stored at 1 by the other instance"
+            );
+        });
+    }
+}
+
+mod a_push_outcome_left_unpolled_holds_the_room {
+    //! Seed 859 of 500..3000 ("not synced 600 s after healing: c3 (yjs) not synced: connected
+    //! true"), with the fan-out's faults in it or not (it fails the same without the room fix of
+    //! 41/119/465): instance 0's room of notes/0 deadlocks for good, and with it every request
+    //! of that room (resumes, joins, diffs) and the instance's fan-in task (its heartbeats stop:
+    //! the other instances find it dead every 5 s and remove its connections' presence).
+    //!
+    //! A push's outcome future (`Room::push`, `Begun::Committing`) waits for its commit and then
+    //! for the room's lock, to settle it. The connection driver keeps these futures in
+    //! `Conn::pushes` and polls them only from `serve`'s select, never while `act` awaits
+    //! something else. tokio's mutex is fair: a release hands the lock to the first waiter,
+    //! which keeps it until it is polled. So: connection X pushes P1 (its commit in flight),
+    //! then pushes P1 again (nothing new: the room settles the commits in flight while holding
+    //! its lock); connection Y pushes Q and waits for the lock; the commit finishes, X's re-push
+    //! is answered and the lock goes to Y; X's driver polls P1's outcome, which queues for the
+    //! lock behind Y; X's next frame (a presence) makes `act` wait for the lock behind P1's
+    //! outcome. Y releases, the lock goes to P1's outcome, whose task is waiting in `act` for
+    //! the presence's turn, which never comes. (Seed 859: a Yjs client's burst — two updates,
+    //! its whole state re-sent, awareness — and a native client's push.)
+
+    use super::resume_while_unstored::{Conn, DOC};
+    use driftsync_engine::doc::{new_doc, text_insert};
+    use driftsync_protocol::{ClientFrame, DocId, ServerFrame};
+    use driftsync_sim::server::Instance;
+    use driftsync_sim::store::MemStore;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    #[test]
+    #[ignore = "until a push's outcome no longer waits for the room's lock unpolled (see the module)"]
+    fn a_push_then_its_re_send_then_presence_while_another_connection_pushes() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .start_paused(true)
+            .build()
+            .expect("runtime");
+        runtime.block_on(async {
+            let store = Arc::new(MemStore::new(0));
+            let instance = Instance::start(Arc::clone(&store), driftsync_server::Config::default(), 1);
+            let x_doc = new_doc(11).expect("doc");
+            let mut x = Conn::open(&instance, 11).await;
+            x.resume(&x_doc, 0).await;
+            let y_doc = new_doc(22).expect("doc");
+            let mut y = Conn::open(&instance, 22).await;
+            y.resume(&y_doc, 0).await;
+            let doc = DocId::new(DOC).expect("id");
+            let p1 = text_insert(&x_doc, 0, "a").expect("insert");
+            let q = text_insert(&y_doc, 0, "b").expect("insert");
+            // All four frames arrive before the server runs: X's two pushes, Y's push, X's
+            // presence.
+            x.send(ClientFrame::Push {
+                doc: doc.clone(),
+                batch: 1,
+                update: p1.clone(),
+            })
+            .await;
+            x.send(ClientFrame::Push {
+                doc: doc.clone(),
+                batch: 1,
+                update: p1,
+            })
+            .await;
+            y.send(ClientFrame::Push {
+                doc: doc.clone(),
+                batch: 1,
+                update: q,
+            })
+            .await;
+            x.send(ClientFrame::Presence {
+                doc: doc.clone(),
+                state: Some("{}".into()),
+            })
+            .await;
+            let answered = tokio::time::timeout(Duration::from_secs(20), async {
+                y.expect(|f| matches!(f, ServerFrame::Ack { .. })).await;
+                x.expect(|f| matches!(f, ServerFrame::Ack { .. })).await;
+            })
+            .await;
+            assert!(
+                answered.is_ok(),
+                "the room deadlocked: P1's outcome holds its lock, unpolled, while X's driver waits for it"
+            );
+        });
+    }
+}
+
+mod presence_outlives_a_lost_removal {
+    //! Seeds 772, 1429, 1856, 2134, 2269 (a re-announce restarts the clock) and 822, 2123 (a
+    //! late state after its removal) of 500..3000: "cN still shows presence of peer P … last
+    //! refreshed at T (bound: TTL 30 s + sweep 5 s + … of network)".
+    //!
+    //! An instance keeps another instance's presence states until they are removed or not
+    //! refreshed for `PRESENCE_TIMEOUT` (30 s) after it *received* them (`Presence::remote`,
+    //! `seen_ms`). Two holes once the fan-out loses or reorders messages:
+    //! 1. A re-announce (the answer to a `PresenceQuery`: a room loaded on another instance, an
+    //!    instance new or back after it was found dead) carries the state with its clock but not
+    //!    its age: the receiver counts 30 s from the re-announce. When the owner's instance then
+    //!    expires the state and its removal is lost, the state is shown up to 30 s after the
+    //!    re-announce, not after the owner's last refresh (seed 2269: refreshed at 28.4 s,
+    //!    re-announced at 39.8 s, removal lost at 40.6 s, still shown at 70.4 s).
+    //! 2. A removal forgets the peer's clock (`self.remote.remove`), so a state older than the
+    //!    removal that arrives after it (held back, duplicated) is taken in as new and shown for
+    //!    another 30 s (seed 822: clock 69 re-announced and held, clock 70 removal, then 69).
+    //!
+    //! Proposed: carry the state's age in `FanoutEvent::Presence` (the wire's `Presence`, a new
+    //! wire version) and set `seen_ms = now - age`; keep a removed peer's clock (a tombstone)
+    //! for `PRESENCE_TIMEOUT` and ignore states at or below it.
+
+    use super::resume_while_unstored::{Conn, DOC};
+    use driftsync_engine::doc::new_doc;
+    use driftsync_protocol::{ClientFrame, DocId, ServerFrame};
+    use driftsync_server::fanout::Inbox;
+    use driftsync_server::{Fanout, FanoutEvent, Inbound};
+    use driftsync_sim::server::Instance;
+    use driftsync_sim::store::MemStore;
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+    use tokio::sync::mpsc;
+    use tokio::time::Instant;
+
+    /// In-process delivery that can lose every document event (heartbeats still pass) or hold
+    /// back the next presence message until released.
+    #[derive(Debug, Default, Clone)]
+    struct Scripted(Arc<Mutex<Script>>);
+
+    #[derive(Debug, Default)]
+    struct Script {
+        instances: Vec<(u64, Inbox)>,
+        lose_events: bool,
+        hold_next_presence: bool,
+        held: Vec<(u64, Inbound)>,
+    }
+
+    impl Scripted {
+        fn lose_events(&self) {
+            self.0.lock().unwrap().lose_events = true;
+        }
+
+        fn hold_next_presence(&self) {
+            self.0.lock().unwrap().hold_next_presence = true;
+        }
+
+        fn release(&self) {
+            let mut script = self.0.lock().unwrap();
+            for (to, message) in std::mem::take(&mut script.held) {
+                for (id, inbox) in &script.instances {
+                    if *id == to {
+                        inbox.deliver(message.clone());
+                    }
+                }
+            }
+        }
+
+        fn send_all(&self, from: u64, message: &Inbound) {
+            let mut script = self.0.lock().unwrap();
+            if matches!(message, Inbound::Event { .. }) && script.lose_events {
+                return;
+            }
+            let hold = script.hold_next_presence
+                && matches!(
+                    message,
+                    Inbound::Event {
+                        event: FanoutEvent::Presence { .. },
+                        ..
+                    }
+                );
+            let to: Vec<u64> = script
+                .instances
+                .iter()
+                .map(|(id, _)| *id)
+                .filter(|&id| id != from)
+                .collect();
+            for id in to {
+                if hold {
+                    script.held.push((id, message.clone()));
+                } else if let Some((_, inbox)) = script.instances.iter().find(|(i, _)| *i == id) {
+                    inbox.deliver(message.clone());
+                }
+            }
+            if hold {
+                script.hold_next_presence = false;
+            }
+        }
+    }
+
+    impl Fanout for Scripted {
+        fn join(&self, instance: u64) -> mpsc::Receiver<Inbound> {
+            let (inbox, rx) = Inbox::new();
+            self.0.lock().unwrap().instances.push((instance, inbox));
+            rx
+        }
+
+        fn publish(&self, instance: u64, doc: &DocId, event: FanoutEvent) {
+            let message = Inbound::Event {
+                origin: instance,
+                doc: doc.clone(),
+                event,
+            };
+            self.send_all(instance, &message);
+        }
+
+        fn heartbeat(&self, instance: u64) {
+            self.send_all(instance, &Inbound::Alive { origin: instance });
+        }
+
+        fn subscribe(&self, instance: u64, doc: &DocId) {
+            let script = self.0.lock().unwrap();
+            for (_, inbox) in script.instances.iter().filter(|(id, _)| *id == instance) {
+                inbox.deliver(Inbound::Subscribed { doc: doc.clone() });
+            }
+        }
+
+        fn unsubscribe(&self, _instance: u64, _doc: &DocId) {}
+    }
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .start_paused(true)
+            .build()
+            .expect("runtime")
+    }
+
+    fn config(fanout: &Scripted) -> driftsync_server::Config {
+        driftsync_server::Config {
+            fanout: Arc::new(fanout.clone()),
+            head_check: Some(Duration::from_secs(1)),
+            ..driftsync_server::Config::default()
+        }
+    }
+
+    fn presence(doc: &DocId, state: Option<&str>) -> ClientFrame {
+        ClientFrame::Presence {
+            doc: doc.clone(),
+            state: state.map(str::to_owned),
+        }
+    }
+
+    /// X on instance 1 sets a presence state; R on instance 2 sees it. Returns X's peer id.
+    async fn writer_and_reader(a: &Instance, b: &Instance) -> (Conn, Conn, u64) {
+        let doc = DocId::new(DOC).expect("id");
+        let mut x = Conn::open(a, 11).await;
+        x.resume(&new_doc(11).expect("doc"), 0).await;
+        let mut r = Conn::open(b, 22).await;
+        r.resume(&new_doc(22).expect("doc"), 0).await;
+        x.send(presence(&doc, Some("{\"typing\":true}"))).await;
+        let ServerFrame::Presence { peer, .. } = r
+            .expect(|f| matches!(f, ServerFrame::Presence { state: Some(_), .. }))
+            .await
+        else {
+            unreachable!()
+        };
+        (x, r, peer)
+    }
+
+    #[test]
+    #[ignore = "until a re-announced presence state keeps its age (see the module)"]
+    fn a_re_announced_state_expires_with_its_owner_s_refresh() {
+        runtime().block_on(async {
+            let fanout = Scripted::default();
+            let store = Arc::new(MemStore::new(0));
+            let a = Instance::start(Arc::clone(&store), config(&fanout), 1);
+            let b = Instance::start(Arc::clone(&store), config(&fanout), 2);
+            let set_at = Instant::now();
+            let (_x, mut r, peer) = writer_and_reader(&a, &b).await;
+            // 20 s later a third instance starts: the others exchange presence, and instance 1
+            // re-announces X's state (same clock) to instance 2.
+            tokio::time::sleep(Duration::from_secs(20)).await;
+            let _c = Instance::start(Arc::clone(&store), config(&fanout), 3);
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            // From now on every document event is lost (heartbeats pass: nobody is found dead).
+            // X never refreshes its state: instance 1 expires it 30–35 s after it was set, and
+            // its removal is lost.
+            fanout.lose_events();
+            let removed = tokio::time::timeout(
+                Duration::from_secs(60),
+                r.expect(|f| matches!(f, ServerFrame::Presence { peer: p, state: None, .. } if *p == peer)),
+            )
+            .await;
+            assert!(removed.is_ok(), "never removed");
+            let shown = set_at.elapsed();
+            assert!(
+                shown <= Duration::from_secs(35 + 2),
+                "X's state, set once, was shown for {shown:?} (TTL 30 s + sweep 5 s)"
+            );
+        });
+    }
+
+    #[test]
+    #[ignore = "until a removed peer's clock is kept for the presence timeout (see the module)"]
+    fn a_late_state_does_not_undo_its_removal() {
+        runtime().block_on(async {
+            let fanout = Scripted::default();
+            let store = Arc::new(MemStore::new(0));
+            let a = Instance::start(Arc::clone(&store), config(&fanout), 1);
+            let b = Instance::start(Arc::clone(&store), config(&fanout), 2);
+            let (mut x, mut r, peer) = writer_and_reader(&a, &b).await;
+            // A third instance starts: instance 1 re-announces X's state; that message is held.
+            fanout.hold_next_presence();
+            let _c = Instance::start(Arc::clone(&store), config(&fanout), 3);
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            // X leaves: its removal (a higher clock) reaches instance 2, then the held state.
+            let doc = DocId::new(DOC).expect("id");
+            x.send(presence(&doc, None)).await;
+            r.expect(|f| matches!(f, ServerFrame::Presence { peer: p, state: None, .. } if *p == peer))
+                .await;
+            fanout.release();
+            let shown_again = tokio::time::timeout(
+                Duration::from_secs(5),
+                r.expect(|f| matches!(f, ServerFrame::Presence { peer: p, state: Some(_), .. } if *p == peer)),
+            )
+            .await;
+            assert!(
+                shown_again.is_err(),
+                "a state older than X's removal, arriving after it, shows X again"
+            );
+        });
+    }
+}
