@@ -237,7 +237,7 @@ impl<'a, S: Store> Conn<'a, S> {
                     // allocated at the size of its largest await, for its whole life, and the
                     // store's futures are large.
                     let outcome =
-                        Box::pin(room.push(self.store, &self.shared.committer, pusher, update, skip_redundant)).await;
+                        Box::pin(room.push(&self.shared.store, &self.shared.committer, pusher, update, skip_redundant)).await;
                     self.pushes
                         .get_or_insert_with(FuturesOrdered::new)
                         .push_back(outcome.map(move |result| Reply::Pushed { doc, tag, result }).boxed());

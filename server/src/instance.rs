@@ -72,6 +72,7 @@ pub(crate) fn start_instance<S: Store>(
         instance,
         config.max_document_bytes,
         u64::try_from(config.max_clock_skew.as_millis()).unwrap_or(u64::MAX),
+        Arc::clone(&tasks),
     ));
     let shared = Arc::new(Shared {
         store,

@@ -34,6 +34,7 @@ use crate::fanout::{Fanout, FanoutEvent, MAX_CARRIED_UPDATE};
 use crate::metrics::Metrics;
 use crate::owners::{Owners, Ownership};
 use crate::presence::{InvalidState, Presence};
+use crate::tasks::Tasks;
 
 /// The server's documents never edit; any valid client id will do for them.
 const SERVER_CLIENT_ID: u64 = 1;
@@ -73,6 +74,8 @@ pub(crate) struct RoomCtx {
     pub(crate) max_document_bytes: u64,
     /// How far ahead of the server's clock a new chat message's stamp may be.
     pub(crate) max_clock_skew_ms: u64,
+    /// The instance's tasks: a push's commit is settled by a task of its own.
+    pub(crate) tasks: Arc<Tasks>,
     /// When the instance started, on tokio's clock (virtual in a simulation).
     epoch: tokio::time::Instant,
 }
@@ -84,6 +87,7 @@ impl RoomCtx {
         instance: u64,
         max_document_bytes: u64,
         max_clock_skew_ms: u64,
+        tasks: Arc<Tasks>,
     ) -> RoomCtx {
         RoomCtx {
             metrics,
@@ -92,6 +96,7 @@ impl RoomCtx {
             owners: Arc::default(),
             max_document_bytes,
             max_clock_skew_ms,
+            tasks,
             epoch: tokio::time::Instant::now(),
         }
     }
@@ -366,7 +371,7 @@ impl Room {
     /// document holds already (a Yjs SyncStep2 on reconnect) is answered at once, unchecked.
     pub(crate) async fn push<'a, S: Store>(
         self: &Arc<Self>,
-        store: &'a S,
+        store: &'a Arc<S>,
         committer: &Committer,
         pusher: Pusher<'_>,
         update: Vec<u8>,
@@ -380,7 +385,7 @@ impl Room {
             let mut guard = self.state.lock().await;
             let (session, origin) = (pusher.session, pusher.origin);
             let begun = self
-                .begin_push(&mut guard, store, committer, pusher, update, skip_redundant)
+                .begin_push(&mut guard, &**store, committer, pusher, update, skip_redundant)
                 .await;
             match (&begun, guard.as_mut()) {
                 (Err(refused) | Ok(Begun::Done(Err(refused))), Some(state))
@@ -400,12 +405,18 @@ impl Room {
             Ok(Begun::Done(result)) => ready(result),
             Err(refused) => ready(Err(refused)),
             Ok(Begun::Committing { commit, outcome }) => {
-                let room = Arc::clone(self);
-                Box::pin(async move {
+                // Settled by a task of its own, which is always polled. Were the pusher's
+                // connection to settle it, a connection busy elsewhere — waiting for this room's
+                // lock for its next request — would leave the lock granted to its unpolled
+                // settle, and the room would deadlock (simulation seed 859).
+                let (room, store) = (Arc::clone(self), Arc::clone(store));
+                let settled = self.ctx.tasks.spawn(async move {
                     let _ = commit.await;
                     let mut guard = room.state.lock().await;
-                    room.settle(&mut guard, store, false).await;
-                    drop(guard);
+                    room.settle(&mut guard, &*store, false).await;
+                });
+                Box::pin(async move {
+                    let _ = settled.await;
                     outcome
                         .await
                         .unwrap_or_else(|_| Err(Refused::new(ErrorCode::StoreUnavailable)))
@@ -1335,6 +1346,7 @@ mod tests {
             1,
             u64::MAX,
             driftsync_engine::clock::DEFAULT_MAX_CLOCK_SKEW_MS,
+            Arc::default(),
         ))
     }
 
@@ -1370,7 +1382,7 @@ mod tests {
         let writer = new_doc(5).unwrap();
         let a = text_insert(&writer, 0, "hello").unwrap();
         let b = text_insert(&writer, 5, " world").unwrap();
-        let pushed = room.push(&*store, &committer, pusher(), a, false).await;
+        let pushed = room.push(&store, &committer, pusher(), a, false).await;
         assert_eq!(pushed.await.unwrap(), 1);
         let (out, _rx) = subscriber(&rooms.ctx().metrics);
         room.resume(&*store, 7, &out, 1, &state_vector(&new_doc(9).unwrap()))
@@ -1389,7 +1401,7 @@ mod tests {
             assert_eq!(state.subscribers.len(), 1, "subscribers stay");
         }
         // The next push reloads the document from the store and applies on top of it.
-        let pushed = room.push(&*store, &committer, pusher(), b, false).await;
+        let pushed = room.push(&store, &committer, pusher(), b, false).await;
         assert_eq!(pushed.await.unwrap(), 2);
         let guard = room.state.lock().await;
         let state = guard.as_ref().unwrap();
@@ -1411,7 +1423,7 @@ mod tests {
         // Every push is applied and queued before any commit is awaited.
         for i in 0..20u32 {
             let update = text_insert(&writer, i, "x").unwrap();
-            outcomes.push(room.push(&*store, &committer, pusher(), update, false).await);
+            outcomes.push(room.push(&store, &committer, pusher(), update, false).await);
         }
         assert!(
             !room.state.lock().await.as_ref().unwrap().inflight.is_empty(),
@@ -1439,7 +1451,7 @@ mod tests {
         let room = rooms.get(&DocId::new("notes").unwrap());
         let writer = new_doc(5).unwrap();
         let a = text_insert(&writer, 0, "abc").unwrap();
-        let outcome = room.push(&*store, &committer, pusher(), a, false).await;
+        let outcome = room.push(&store, &committer, pusher(), a, false).await;
         // A reader at the head before the push: its answer must hold the update in flight
         // (it was broadcast before the reader subscribed) and a cursor covering it.
         let (out, _rx) = subscriber(&rooms.ctx().metrics);
@@ -1539,11 +1551,11 @@ mod tests {
         let c = text_insert(&writer, 2, "c").unwrap();
         // A's commit is held in the store; B, which builds on A, is queued behind it.
         store.hold.store(true, SeqCst);
-        let first = room.push(&*store, &committer, pusher(), a, false).await;
+        let first = room.push(&store, &committer, pusher(), a, false).await;
         while store.appends.load(SeqCst) == 0 {
             tokio::task::yield_now().await;
         }
-        let second = room.push(&*store, &committer, pusher(), b, false).await;
+        let second = room.push(&store, &committer, pusher(), b, false).await;
         // A fails. B's commit would succeed on its own, but must not be stored without A.
         store.fail.store(true, SeqCst);
         store.hold.store(false, SeqCst);
@@ -1568,7 +1580,7 @@ mod tests {
             assert_eq!(text(state.live.as_ref().unwrap()), "ab");
         }
         // The next push stores A and B first (as the server's own), then itself.
-        let third = room.push(&*store, &committer, pusher(), c, false).await;
+        let third = room.push(&store, &committer, pusher(), c, false).await;
         assert_eq!(third.await.unwrap(), 3);
         let stored = store.load("notes").await.unwrap().unwrap();
         let loaded = driftsync_engine::doc::load_document("notes", &stored, 1).unwrap();
@@ -1591,17 +1603,17 @@ mod tests {
         let a = text_insert(&writer, 0, "a").unwrap();
         let b = text_insert(&writer, 1, "b").unwrap();
         assert_eq!(
-            room.push(&*store, &committer, batch(1), a, false).await.await.unwrap(),
+            room.push(&store, &committer, batch(1), a, false).await.await.unwrap(),
             1
         );
         // Batch 1 again, with other content: acknowledged at the original's cursor…
         assert_eq!(
-            room.push(&*store, &committer, batch(1), b, false).await.await.unwrap(),
+            room.push(&store, &committer, batch(1), b, false).await.await.unwrap(),
             1
         );
         // …and stored by the room before anything else, so that the store holds what readers got.
         let c = text_insert(&writer, 2, "c").unwrap();
-        room.push(&*store, &committer, batch(2), c, false).await.await.unwrap();
+        room.push(&store, &committer, batch(2), c, false).await.await.unwrap();
         let stored = store.load("notes").await.unwrap().unwrap();
         let loaded = driftsync_engine::doc::load_document("notes", &stored, 1).unwrap();
         assert_eq!(text(&loaded), "abc");

@@ -520,7 +520,8 @@ mod a_push_outcome_left_unpolled_holds_the_room {
     //! lock behind Y; X's next frame (a presence) makes `act` wait for the lock behind P1's
     //! outcome. Y releases, the lock goes to P1's outcome, whose task is waiting in `act` for
     //! the presence's turn, which never comes. (Seed 859: a Yjs client's burst — two updates,
-    //! its whole state re-sent, awareness — and a native client's push.)
+    //! its whole state re-sent, awareness — and a native client's push.) Fixed: the settle runs
+    //! in a task of its own, always polled; the outcome future only waits for it.
 
     use super::resume_while_unstored::{Conn, DOC};
     use driftsync_engine::doc::{new_doc, text_insert};
@@ -531,7 +532,6 @@ mod a_push_outcome_left_unpolled_holds_the_room {
     use std::time::Duration;
 
     #[test]
-    #[ignore = "until a push's outcome no longer waits for the room's lock unpolled (see the module)"]
     fn a_push_then_its_re_send_then_presence_while_another_connection_pushes() {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_time()
