@@ -311,6 +311,11 @@ impl AwarenessTable {
         self.clients.get(&client_id).map(|client| client.clock)
     }
 
+    /// When `client_id`'s entry last changed (the `now_ms` it was applied at), if known.
+    pub fn last_seen(&self, client_id: u64) -> Option<u64> {
+        Some(self.clients.get(&client_id)?.last_seen_ms)
+    }
+
     /// The current state of `client_id` (raw JSON text), if it has one.
     pub fn state(&self, client_id: u64) -> Option<&str> {
         self.clients.get(&client_id)?.state.as_deref()

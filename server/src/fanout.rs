@@ -52,6 +52,9 @@ pub enum FanoutEvent {
         clock: u64,
         /// The state (JSON), or `None` when it left.
         state: Option<String>,
+        /// How long ago its connection last set or refreshed it (0 for a change; more for a
+        /// state re-announced): receivers expire it on its owner's time, not the announcement's.
+        age_ms: u64,
     },
     /// An instance took up the document: the others re-announce their own connections'
     /// presence in it.
@@ -308,6 +311,7 @@ enum Wire {
         user: String,
         clock: u64,
         state: Option<String>,
+        age_ms: u64,
     },
     /// [`FanoutEvent::PresenceQuery`].
     PresenceQuery { origin: u64, doc: String },
@@ -347,9 +351,11 @@ pub fn encode_event(origin: u64, doc: &DocId, event: &FanoutEvent) -> Vec<u8> {
             user,
             clock,
             state,
+            age_ms,
         } => Wire::Presence {
             origin,
             doc,
+            age_ms: *age_ms,
             peer: *peer,
             user: user.clone(),
             clock: *clock,
@@ -399,6 +405,7 @@ pub fn decode(bytes: &[u8]) -> Result<Inbound, WireError> {
             user,
             clock,
             state,
+            age_ms,
         } => Inbound::Event {
             origin,
             doc: doc_id(doc)?,
@@ -407,6 +414,7 @@ pub fn decode(bytes: &[u8]) -> Result<Inbound, WireError> {
                 user,
                 clock,
                 state,
+                age_ms,
             },
         },
         Wire::PresenceQuery { origin, doc } => Inbound::Event {
@@ -442,12 +450,14 @@ mod tests {
                 user: "ana".into(),
                 clock: 3,
                 state: Some("{\"typing\":true}".into()),
+                age_ms: 0,
             },
             FanoutEvent::Presence {
                 peer: 2,
                 user: "bo".into(),
                 clock: 4,
                 state: None,
+                age_ms: 12_345,
             },
             FanoutEvent::PresenceQuery,
         ];

@@ -148,7 +148,13 @@ pub(crate) fn start_instance<S: Store>(
                             user,
                             clock,
                             state,
-                        } => fan_in.rooms.remote_presence(&doc, origin, peer, user, clock, state).await,
+                            age_ms,
+                        } => {
+                            fan_in
+                                .rooms
+                                .remote_presence(&doc, origin, peer, user, clock, state, age_ms)
+                                .await;
+                        }
                         fanout::FanoutEvent::PresenceQuery => fan_in.rooms.presence_query(&doc).await,
                     }
                 }

@@ -177,6 +177,10 @@ pub(crate) struct Presence {
     clients: BTreeMap<u64, Client>,
     /// States of other instances' connections, by awareness client id.
     remote: BTreeMap<u64, Remote>,
+    /// Remote peers removed recently: their clock at removal and when (ms). A state at or
+    /// below that clock arriving late (a reordering fan-out) does not bring them back; kept
+    /// for [`PRESENCE_TIMEOUT`], at most [`MAX_REMOTE_STATES`].
+    remote_removed: BTreeMap<u64, (u64, u64)>,
     /// Bytes of state in `remote`.
     remote_bytes: usize,
 }
@@ -433,17 +437,36 @@ impl Presence {
         user: String,
         clock: u64,
         state: Option<String>,
+        age_ms: u64,
         now_ms: u64,
     ) -> Option<RoomEvent> {
         if self.remote.get(&peer).is_some_and(|known| clock < known.clock) {
             return None;
         }
+        // Expired on its owner's time: a re-announced state is as old as its last refresh.
+        let seen_ms = now_ms.saturating_sub(age_ms);
+        if let (Some(&(removed_at_clock, _)), true) = (self.remote_removed.get(&peer), state.is_some()) {
+            if clock <= removed_at_clock {
+                // Older than its removal, arriving late: it stays removed.
+                return None;
+            }
+        }
         if let (Some(known), Some(state)) = (self.remote.get_mut(&peer), state.as_ref()) {
             if known.clock == clock && known.state == *state {
                 // Re-announced (an answer to a presence query): still there, nothing new.
-                known.seen_ms = now_ms;
+                known.seen_ms = known.seen_ms.max(seen_ms);
                 known.origin = origin;
                 return None;
+            }
+        }
+        match &state {
+            Some(_) => {
+                self.remote_removed.remove(&peer);
+            }
+            None => {
+                if self.remote_removed.len() < MAX_REMOTE_STATES || self.remote_removed.contains_key(&peer) {
+                    self.remote_removed.insert(peer, (clock, now_ms));
+                }
             }
         }
         let old = self.remote.remove(&peer);
@@ -468,7 +491,7 @@ impl Presence {
                         user: user.clone(),
                         clock,
                         state: state.clone(),
-                        seen_ms: now_ms,
+                        seen_ms,
                     },
                 );
                 Some(event(
@@ -499,6 +522,8 @@ impl Presence {
     /// announcing the removals to the local subscribers (each instance expires its own copy).
     pub(crate) fn expire_remote(&mut self, doc: &DocId, now_ms: u64) -> Vec<RoomEvent> {
         let timeout = u64::try_from(PRESENCE_TIMEOUT.as_millis()).unwrap_or(u64::MAX);
+        self.remote_removed
+            .retain(|_, &mut (_, at)| now_ms.saturating_sub(at) < timeout);
         let mut removed = Vec::new();
         let mut freed = 0;
         self.remote.retain(|&peer, remote| {
@@ -548,11 +573,18 @@ impl Presence {
 
     /// The states of this instance's own connections, with their users: what it re-announces
     /// to the other instances.
-    pub(crate) fn local_states(&self) -> Vec<(String, AwarenessEntry)> {
+    /// With each, how long ago it was last set or refreshed (ms).
+    pub(crate) fn local_states(&self, now_ms: u64) -> Vec<(String, AwarenessEntry, u64)> {
         self.table
             .snapshot()
             .into_iter()
-            .map(|entry| (self.user_of(entry.client_id), entry))
+            .map(|entry| {
+                let age = self
+                    .table
+                    .last_seen(entry.client_id)
+                    .map_or(0, |seen| now_ms.saturating_sub(seen));
+                (self.user_of(entry.client_id), entry, age)
+            })
             .collect()
     }
 
@@ -676,14 +708,14 @@ mod tests {
     fn remote_states_are_shown_to_newcomers_and_expire_unless_refreshed() {
         let mut p = Presence::default();
         let doc = doc();
-        let shown = p.remote(&doc, 1, 9, "ada".into(), 1, Some("{}".into()), 0);
+        let shown = p.remote(&doc, 1, 9, "ada".into(), 1, Some("{}".into()), 0, 0);
         assert!(shown.is_some());
         // An older clock changes nothing; a newer one refreshes.
-        assert!(p.remote(&doc, 1, 9, "ada".into(), 0, None, 10).is_none());
+        assert!(p.remote(&doc, 1, 9, "ada".into(), 0, None, 0, 10).is_none());
         assert_eq!(p.snapshot().len(), 1);
         assert_eq!(p.snapshot_for(&doc, 1).len(), 1);
         assert!(p
-            .remote(&doc, 1, 9, "ada".into(), 2, Some("{\"x\":1}".into()), 20_000)
+            .remote(&doc, 1, 9, "ada".into(), 2, Some("{\"x\":1}".into()), 0, 20_000)
             .is_some());
         assert!(p.expire_remote(&doc, 40_000).is_empty(), "refreshed at 20 s");
         // Its instance crashed: nothing more comes, and the state goes at the timeout.
@@ -691,18 +723,18 @@ mod tests {
         assert_eq!(seen(&gone), vec![(9, 2, None)]);
         assert!(p.snapshot().is_empty());
         // A removal of an unknown state announces nothing.
-        assert!(p.remote(&doc, 1, 9, "ada".into(), 3, None, 50_001).is_none());
+        assert!(p.remote(&doc, 1, 9, "ada".into(), 3, None, 0, 50_001).is_none());
     }
 
     #[test]
     fn a_dead_instance_takes_its_states_along_and_a_reannounced_state_is_no_news() {
         let mut p = Presence::default();
         let doc = doc();
-        assert!(p.remote(&doc, 1, 10, "ada".into(), 1, Some("{}".into()), 0).is_some());
-        assert!(p.remote(&doc, 1, 11, "bo".into(), 1, Some("{}".into()), 0).is_some());
-        assert!(p.remote(&doc, 2, 20, "cy".into(), 1, Some("{}".into()), 0).is_some());
+        assert!(p.remote(&doc, 1, 10, "ada".into(), 1, Some("{}".into()), 0, 0).is_some());
+        assert!(p.remote(&doc, 1, 11, "bo".into(), 1, Some("{}".into()), 0, 0).is_some());
+        assert!(p.remote(&doc, 2, 20, "cy".into(), 1, Some("{}".into()), 0, 0).is_some());
         // The same state again (an answer to a presence query): refreshed, not re-broadcast.
-        assert!(p.remote(&doc, 2, 20, "cy".into(), 1, Some("{}".into()), 25_000).is_none());
+        assert!(p.remote(&doc, 2, 20, "cy".into(), 1, Some("{}".into()), 0, 25_000).is_none());
         let gone = p.drop_origin(&doc, 1);
         let peers: Vec<u64> = gone
             .iter()
@@ -717,6 +749,29 @@ mod tests {
         assert!(p.expire_remote(&doc, 50_000).is_empty());
         assert_eq!(p.expire_remote(&doc, 55_000).len(), 1);
         assert!(p.drop_origin(&doc, 2).is_empty());
+    }
+
+    #[test]
+    fn a_reannounced_state_keeps_its_age_and_a_late_state_does_not_undo_its_removal() {
+        let mut p = Presence::default();
+        let doc = doc();
+        assert!(p.remote(&doc, 1, 10, "ada".into(), 1, Some("{}".into()), 0, 0).is_some());
+        // Re-announced at 20 s as 15 s old: it counts from 5 s, not from 20 s.
+        assert!(p.remote(&doc, 1, 10, "ada".into(), 1, Some("{}".into()), 15_000, 20_000).is_none());
+        assert!(p.expire_remote(&doc, 34_999).is_empty());
+        assert_eq!(p.expire_remote(&doc, 35_000).len(), 1);
+        // Removed at clock 4; its states at clocks 3 and 4, arriving late, stay out.
+        assert!(p.remote(&doc, 1, 11, "bo".into(), 3, Some("{}".into()), 0, 40_000).is_some());
+        assert!(p.remote(&doc, 1, 11, "bo".into(), 4, None, 0, 41_000).is_some());
+        assert!(p.remote(&doc, 1, 11, "bo".into(), 3, Some("{}".into()), 0, 42_000).is_none());
+        assert!(p.remote(&doc, 1, 11, "bo".into(), 4, Some("{}".into()), 0, 42_000).is_none());
+        assert!(p.snapshot().is_empty());
+        // A renewal after the removal is shown.
+        assert!(p.remote(&doc, 1, 11, "bo".into(), 5, Some("{}".into()), 0, 43_000).is_some());
+        // The removal is forgotten after the presence timeout.
+        assert!(p.remote(&doc, 1, 12, "cy".into(), 7, None, 0, 44_000).is_none());
+        p.expire_remote(&doc, 44_000 + 30_000);
+        assert!(p.remote(&doc, 1, 12, "cy".into(), 7, Some("{}".into()), 0, 75_000).is_some());
     }
 
     fn doc() -> DocId {

@@ -1051,11 +1051,23 @@ impl Room {
 
     /// Takes in presence from instance `origin`, if the room is loaded: kept (expired unless
     /// refreshed, see `Presence::remote`) and passed to the local subscribers.
-    pub(crate) async fn remote_presence(&self, origin: u64, peer: u64, user: String, clock: u64, presence: Option<String>) {
+    #[allow(clippy::too_many_arguments)] // One event's fields, passed through.
+    pub(crate) async fn remote_presence(
+        &self,
+        origin: u64,
+        peer: u64,
+        user: String,
+        clock: u64,
+        presence: Option<String>,
+        age_ms: u64,
+    ) {
         let mut guard = self.state.lock().await;
         if let Some(state) = guard.as_mut() {
             let now = self.ctx.now_ms();
-            if let Some(event) = state.presence.remote(&self.id, origin, peer, user, clock, presence, now) {
+            if let Some(event) = state
+                .presence
+                .remote(&self.id, origin, peer, user, clock, presence, age_ms, now)
+            {
                 state.broadcast(&self.ctx, REMOTE_SESSION, event);
             }
         }
@@ -1077,12 +1089,13 @@ impl Room {
     pub(crate) async fn announce_presence(&self) {
         let guard = self.state.lock().await;
         if let Some(state) = guard.as_ref() {
-            for (user, entry) in state.presence.local_states() {
+            for (user, entry, age_ms) in state.presence.local_states(self.ctx.now_ms()) {
                 let shared = FanoutEvent::Presence {
                     peer: entry.client_id,
                     user,
                     clock: entry.clock,
                     state: entry.state,
+                    age_ms,
                 };
                 self.ctx.fanout.publish(self.ctx.instance, &self.id, shared);
             }
@@ -1286,6 +1299,7 @@ impl RoomState {
                 user: user.clone(),
                 clock: *clock,
                 state: state.clone(),
+                age_ms: 0,
             };
             ctx.fanout.publish(ctx.instance, doc, shared);
         }

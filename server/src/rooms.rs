@@ -77,6 +77,7 @@ impl Rooms {
     }
 
     /// Passes presence from instance `origin` to the local subscribers of a loaded room.
+    #[allow(clippy::too_many_arguments)] // One event's fields, passed through.
     pub(crate) async fn remote_presence(
         &self,
         doc: &DocId,
@@ -85,9 +86,10 @@ impl Rooms {
         user: String,
         clock: u64,
         state: Option<String>,
+        age_ms: u64,
     ) {
         if let Some(room) = self.existing(doc) {
-            room.remote_presence(origin, peer, user, clock, state).await;
+            room.remote_presence(origin, peer, user, clock, state, age_ms).await;
         }
     }
 

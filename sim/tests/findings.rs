@@ -758,7 +758,6 @@ mod presence_outlives_a_lost_removal {
     }
 
     #[test]
-    #[ignore = "until a re-announced presence state keeps its age (see the module)"]
     fn a_re_announced_state_expires_with_its_owner_s_refresh() {
         runtime().block_on(async {
             let fanout = Scripted::default();
@@ -791,7 +790,6 @@ mod presence_outlives_a_lost_removal {
     }
 
     #[test]
-    #[ignore = "until a removed peer's clock is kept for the presence timeout (see the module)"]
     fn a_late_state_does_not_undo_its_removal() {
         runtime().block_on(async {
             let fanout = Scripted::default();
