@@ -72,7 +72,8 @@ async fn providers_a_yjs_client_and_a_native_client_share_one_room() {
     // An edit through a provider reaches the other socket's session-aware provider, the
     // y-websocket client and the native client; "unsynced" goes back to 0 once stored.
     one.command("insert p1 0 hello ");
-    one.until("p1 stored", |c| c.provider("p1").settled.as_deref() == Some("hello ")).await;
+    one.until("p1 stored", |c| c.provider("p1").settled.as_deref() == Some("hello "))
+        .await;
     two.until("q1 got it", |c| c.provider("q1").text == "hello ").await;
     yjs.until("the Yjs client got it", |y| y.text == "hello ").await;
     let update = native
@@ -89,8 +90,10 @@ async fn providers_a_yjs_client_and_a_native_client_share_one_room() {
     // A native edit reaches the providers.
     let mine = doc::text_insert(&native_doc, 6, "native ").unwrap();
     native.push(&d, 1, mine).await.unwrap();
-    one.until("p1 got the native edit", |c| c.provider("p1").text == "hello native ").await;
-    two.until("q1 got the native edit", |c| c.provider("q1").text == "hello native ").await;
+    one.until("p1 got the native edit", |c| c.provider("p1").text == "hello native ")
+        .await;
+    two.until("q1 got the native edit", |c| c.provider("q1").text == "hello native ")
+        .await;
 
     // Awareness: q1's state reaches p1 and the Yjs client; the native client's presence
     // reaches the providers.
@@ -114,8 +117,10 @@ async fn providers_a_yjs_client_and_a_native_client_share_one_room() {
         })
         .await;
     let nat = native.session;
-    two.until("q1 sees the native client", |c| c.provider("q1").awareness.contains_key(&nat))
-        .await;
+    two.until("q1 sees the native client", |c| {
+        c.provider("q1").awareness.contains_key(&nat)
+    })
+    .await;
 
     // Stateless messages reach the document's other providers.
     one.command("stateless p1 {\"kind\":\"ping\"}");
@@ -129,10 +134,14 @@ async fn providers_a_yjs_client_and_a_native_client_share_one_room() {
     one.until("the socket closed", |c| c.socket_closes > 0).await;
     one.command("insert p1 0 offline ");
     one.command("connect");
-    two.until("q1 got the offline edit", |c| c.provider("q1").text == "offline hello native ")
-        .await;
-    yjs.until("the Yjs client got the offline edit", |y| y.text == "offline hello native ")
-        .await;
+    two.until("q1 got the offline edit", |c| {
+        c.provider("q1").text == "offline hello native "
+    })
+    .await;
+    yjs.until("the Yjs client got the offline edit", |y| {
+        y.text == "offline hello native "
+    })
+    .await;
     assert_eq!(stored_text(&server, "notes/hp", "").await, "offline hello native ");
 }
 
@@ -169,7 +178,8 @@ async fn tokens_are_per_document_read_only_is_refused_and_chat_rules_hold() {
     // Then a write on the writable document: answered after the two above (pushes are answered
     // in order), and stored.
     c.command("insert w 0 stored");
-    c.until("w stored", |c| c.provider("w").settled.as_deref() == Some("stored")).await;
+    c.until("w stored", |c| c.provider("w").settled.as_deref() == Some("stored"))
+        .await;
     assert!(c.provider("r").unsynced > 0, "the read-only write was acknowledged");
     assert!(c.provider("chat").unsynced > 0, "the chat violation was acknowledged");
     assert_eq!(stored_text(&server, "notes/1", &write).await, "stored");
@@ -186,7 +196,10 @@ async fn tokens_are_per_document_read_only_is_refused_and_chat_rules_hold() {
     c.command(&format!("attach b notes/3 {}", token("bo", "*", true)));
     c.until("bo refused", |c| c.provider("b").denied.is_some()).await;
     c.command("insert w 6 !");
-    c.until("w still works", |c| c.provider("w").settled.as_deref() == Some("stored!")).await;
+    c.until("w still works", |c| {
+        c.provider("w").settled.as_deref() == Some("stored!")
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -207,13 +220,18 @@ async fn a_3x_provider_syncs_and_never_gets_a_frame_it_cannot_read() {
     old.until("o synced", |c| c.provider("o").synced).await;
     new.until("n synced", |c| c.provider("n").synced).await;
     old.command("insert o 0 from three ");
-    old.until("o stored", |c| c.provider("o").settled.as_deref() == Some("from three ")).await;
+    old.until("o stored", |c| {
+        c.provider("o").settled.as_deref() == Some("from three ")
+    })
+    .await;
     new.until("n got it", |c| c.provider("n").text == "from three ").await;
     new.command("insert n 0 from four ");
-    old.until("o got it", |c| c.provider("o").text == "from four from three ").await;
+    old.until("o got it", |c| c.provider("o").text == "from four from three ")
+        .await;
     // A few heartbeats pass: a frame the 3.x provider could not read would have failed the
     // test (the client reports the provider's throw as an error).
     tokio::time::sleep(Duration::from_secs(3)).await;
     old.command("insert o 0 still ");
-    new.until("n still gets o's edits", |c| c.provider("n").text.starts_with("still ")).await;
+    new.until("n still gets o's edits", |c| c.provider("n").text.starts_with("still "))
+        .await;
 }

@@ -608,8 +608,16 @@ async fn two_instances(
         head_check,
         ..Default::default()
     };
-    let one = TestServer::start(driftsync_engine::store::SqliteStore::open(&path).await.unwrap(), config()).await;
-    let two = TestServer::start(driftsync_engine::store::SqliteStore::open(&path).await.unwrap(), config()).await;
+    let one = TestServer::start(
+        driftsync_engine::store::SqliteStore::open(&path).await.unwrap(),
+        config(),
+    )
+    .await;
+    let two = TestServer::start(
+        driftsync_engine::store::SqliteStore::open(&path).await.unwrap(),
+        config(),
+    )
+    .await;
     (dir, one, two)
 }
 

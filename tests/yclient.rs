@@ -111,7 +111,11 @@ pub fn npm_modules(name: &str, packages: &[Package]) -> Option<PathBuf> {
         // Someone else installed it meanwhile: use theirs.
         let _ = std::fs::remove_dir_all(&staging);
     }
-    assert!(installed(&dir, packages), "the node packages are not in {}", dir.display());
+    assert!(
+        installed(&dir, packages),
+        "the node packages are not in {}",
+        dir.display()
+    );
     Some(dir)
 }
 
@@ -257,4 +261,3 @@ impl Drop for YClient {
         self.kill();
     }
 }
-

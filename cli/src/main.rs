@@ -441,9 +441,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             std::sync::Arc::new(driftsync_server::NoFanout)
         }
     };
-    let head_check = args.head_check_interval.or_else(|| {
-        (shared_store || args.redis_url.is_some()).then_some(driftsync_server::DEFAULT_HEAD_CHECK)
-    });
+    let head_check = args
+        .head_check_interval
+        .or_else(|| (shared_store || args.redis_url.is_some()).then_some(driftsync_server::DEFAULT_HEAD_CHECK));
     let config = driftsync_server::Config {
         fanout,
         head_check,

@@ -379,7 +379,8 @@ impl Writer {
         let acked = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
         let (urls, mut next_url) = mpsc::channel::<String>(4);
-        let (task_acked, task_stop, doc_id, tag) = (Arc::clone(&acked), Arc::clone(&stop), doc_id.clone(), tag.to_owned());
+        let (task_acked, task_stop, doc_id, tag) =
+            (Arc::clone(&acked), Arc::clone(&stop), doc_id.clone(), tag.to_owned());
         let mut url = url.to_owned();
         let task = tokio::spawn(async move {
             let doc = new_doc(client_id).unwrap();
@@ -430,7 +431,11 @@ impl Writer {
                     let acked = loop {
                         match client.recv_within(Duration::from_secs(5)).await {
                             Ok(Some(ServerFrame::Ack { batch, .. })) if batch == b => break true,
-                            Ok(Some(ServerFrame::Error { batch: Some(batch), code, .. })) if batch == b => {
+                            Ok(Some(ServerFrame::Error {
+                                batch: Some(batch),
+                                code,
+                                ..
+                            })) if batch == b => {
                                 eprintln!("{tag}: batch {b} refused: {code:?}; retrying");
                                 tokio::time::sleep(Duration::from_millis(200)).await;
                                 break false;
@@ -454,7 +459,12 @@ impl Writer {
                 }
             }
         });
-        Writer { acked, stop, urls, task }
+        Writer {
+            acked,
+            stop,
+            urls,
+            task,
+        }
     }
 
     fn acked(&self) -> Vec<String> {
@@ -548,9 +558,15 @@ async fn three_instances_share_one_room_live_with_native_and_yjs_clients() {
             .unwrap_or(0)
     };
     let on_a_metrics = driftsync_tests::http_get(a.addr, "/metrics").await;
-    assert!(metric(&on_a_metrics, "driftsync_redis_published_total ") >= 20, "{on_a_metrics}");
+    assert!(
+        metric(&on_a_metrics, "driftsync_redis_published_total ") >= 20,
+        "{on_a_metrics}"
+    );
     let on_c_metrics = driftsync_tests::http_get(c.addr, "/metrics").await;
-    assert!(metric(&on_c_metrics, "driftsync_fanout_messages_in_total ") >= 20, "{on_c_metrics}");
+    assert!(
+        metric(&on_c_metrics, "driftsync_fanout_messages_in_total ") >= 20,
+        "{on_c_metrics}"
+    );
     // A's presence reached the readers on B and C.
     for (name, r) in [("B", &on_b), ("C", &on_c)] {
         assert!(
@@ -569,10 +585,12 @@ async fn three_instances_share_one_room_live_with_native_and_yjs_clients() {
     let mut y_b = YClient::start_at(&modules, &b.url, &room).await;
     y_b.command(r#"awareness {"user":{"name":"yan on B"}}"#);
     let expected_text = on_a.text();
-    y_b.until("the text on B", |y| y.synced && y.text == expected_text).await;
+    y_b.until("the text on B", |y| y.synced && y.text == expected_text)
+        .await;
     let y_b_id = y_b.client_id;
     let mut y_c = YClient::start_at(&modules, &c.url, &room).await;
-    y_c.until("the text on C", |y| y.synced && y.text == expected_text).await;
+    y_c.until("the text on C", |y| y.synced && y.text == expected_text)
+        .await;
     y_c.until("the presence of A's native client and B's Yjs client", |y| {
         y.awareness
             .get(&a_session)
@@ -655,7 +673,9 @@ async fn an_instance_killed_during_writes_loses_nothing_acknowledged_and_its_pre
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_restarted_and_an_instance_cut_off_from_it_lose_nothing() {
     let Some((pg, _)) = services() else { return };
-    let Some(mut redis) = OwnRedis::start().await else { return };
+    let Some(mut redis) = OwnRedis::start().await else {
+        return;
+    };
     let prefix = unique("ds-test");
     let doc_id = DocId::new(unique("cluster-redis")).unwrap();
     // C reaches Redis through a proxy that can cut it off.
@@ -686,7 +706,10 @@ async fn redis_restarted_and_an_instance_cut_off_from_it_lose_nothing() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     let after = counts(&writers);
     for (i, (d, a)) in during.iter().zip(&after).enumerate() {
-        assert!(a > d, "writer {i} got no acknowledgement while Redis was down ({d} → {a})");
+        assert!(
+            a > d,
+            "writer {i} got no acknowledgement while Redis was down ({d} → {a})"
+        );
     }
     redis.up().await;
     let tokens: BTreeSet<String> = writers.iter().flat_map(Writer::acked).collect();
@@ -703,7 +726,10 @@ async fn redis_restarted_and_an_instance_cut_off_from_it_lose_nothing() {
     let during = counts(&writers);
     tokio::time::sleep(Duration::from_secs(6)).await;
     let cut_tokens: BTreeSet<String> = writers.iter().flat_map(Writer::acked).collect();
-    assert!(counts(&writers)[2] > during[2], "C's writer was not acknowledged while cut off");
+    assert!(
+        counts(&writers)[2] > during[2],
+        "C's writer was not acknowledged while cut off"
+    );
     assert!(
         hold_all(&all, &cut_tokens).await,
         "the head check did not carry updates across the cut:\n{}",

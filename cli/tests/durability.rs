@@ -166,7 +166,9 @@ async fn what_a_hocuspocus_provider_sees_as_synced_survives_kill_9() {
     }
     let want = expected.clone();
     provider
-        .until("every edit acknowledged", |c| c.provider("p").settled.as_deref() == Some(want.as_str()))
+        .until("every edit acknowledged", |c| {
+            c.provider("p").settled.as_deref() == Some(want.as_str())
+        })
         .await;
     server.kill().unwrap();
     server.wait().unwrap();

@@ -142,7 +142,9 @@ impl HpFrame {
                     YMessage::Update(update) => HpMessage::Update(update),
                     YMessage::Awareness(entries) => HpMessage::Awareness(entries),
                     YMessage::QueryAwareness => HpMessage::QueryAwareness,
-                    YMessage::Auth(_) => return Err(DecodeError::Invalid("y-protocols auth inside a Hocuspocus frame")),
+                    YMessage::Auth(_) => {
+                        return Err(DecodeError::Invalid("y-protocols auth inside a Hocuspocus frame"))
+                    }
                 }
             }
             TYPE_AUTH => {
@@ -298,7 +300,9 @@ mod tests {
                 token: String::new(),
                 version: None,
             },
-            HpMessage::PermissionDenied { reason: "Forbidden".into() },
+            HpMessage::PermissionDenied {
+                reason: "Forbidden".into(),
+            },
             HpMessage::Authenticated {
                 scope: SCOPE_READ_WRITE.into(),
             },
@@ -339,12 +343,14 @@ mod tests {
             HpFrame::decode(&[1, b'd', 0, 0, 1, 0], 100),
             Ok(HpFrame::message("d", HpMessage::SyncStep1(vec![0])))
         );
+        assert_eq!(encode_message("d", &HpMessage::SyncStatus(true)), vec![1, b'd', 8, 1]);
         assert_eq!(
-            encode_message("d", &HpMessage::SyncStatus(true)),
-            vec![1, b'd', 8, 1]
-        );
-        assert_eq!(
-            encode_message("d", &HpMessage::Authenticated { scope: "readonly".into() }),
+            encode_message(
+                "d",
+                &HpMessage::Authenticated {
+                    scope: "readonly".into()
+                }
+            ),
             [&[1, b'd', 2, 2, 8][..], b"readonly"].concat()
         );
     }
@@ -352,7 +358,10 @@ mod tests {
     #[test]
     fn malformed_frames_are_errors() {
         assert_eq!(HpFrame::decode(&[], 10), Err(DecodeError::Empty));
-        assert!(matches!(HpFrame::decode(&[0; 11], 10), Err(DecodeError::TooLarge { .. })));
+        assert!(matches!(
+            HpFrame::decode(&[0; 11], 10),
+            Err(DecodeError::TooLarge { .. })
+        ));
         // Server-internal types, unknown types and sub-types.
         for body in [&[4u8][..], &[6], &[9], &[2, 3], &[8, 2]] {
             let frame = [&[1, b'd'][..], body].concat();

@@ -236,8 +236,14 @@ impl<'a, S: Store> Conn<'a, S> {
                     // Boxed, as every future that may query the store: a connection's task is
                     // allocated at the size of its largest await, for its whole life, and the
                     // store's futures are large.
-                    let outcome =
-                        Box::pin(room.push(&self.shared.store, &self.shared.committer, pusher, update, skip_redundant)).await;
+                    let outcome = Box::pin(room.push(
+                        &self.shared.store,
+                        &self.shared.committer,
+                        pusher,
+                        update,
+                        skip_redundant,
+                    ))
+                    .await;
                     self.pushes
                         .get_or_insert_with(FuturesOrdered::new)
                         .push_back(outcome.map(move |result| Reply::Pushed { doc, tag, result }).boxed());

@@ -240,7 +240,8 @@ impl HocuspocusHandler {
 
     /// Handles the frames held for `address`, now authenticated.
     fn drain_waiting(&mut self, address: &str, now: Now, out: &mut Actions) {
-        let held: Vec<(String, HpMessage, usize)> = self.waiting.iter().filter(|(a, _, _)| a == address).cloned().collect();
+        let held: Vec<(String, HpMessage, usize)> =
+            self.waiting.iter().filter(|(a, _, _)| a == address).cloned().collect();
         if held.is_empty() {
             return;
         }
@@ -498,7 +499,9 @@ impl Handler for HocuspocusHandler {
                 }
             }
             Reply::Pushed { tag, result, .. } => {
-                let Some(address) = self.pushes.remove(&tag) else { return };
+                let Some(address) = self.pushes.remove(&tag) else {
+                    return;
+                };
                 match result {
                     Ok(_) => Self::send(out, &address, &HpMessage::SyncStatus(true)),
                     Err(refused) => self.refused(&address, refused, out),
@@ -607,7 +610,9 @@ mod tests {
         let (mut frames, mut requests) = (Vec::new(), Vec::new());
         for action in out.drain(..) {
             match action {
-                Action::Send(bytes) | Action::Answer { bytes, .. } => frames.push(HpFrame::decode(&bytes, 1 << 20).unwrap()),
+                Action::Send(bytes) | Action::Answer { bytes, .. } => {
+                    frames.push(HpFrame::decode(&bytes, 1 << 20).unwrap())
+                }
                 Action::Request(r) => requests.push(r),
                 _ => {}
             }
@@ -637,7 +642,12 @@ mod tests {
         let (frames, _) = drain(&mut out);
         assert_eq!(
             frames,
-            vec![HpFrame::message("a", HpMessage::Authenticated { scope: "read-write".into() })]
+            vec![HpFrame::message(
+                "a",
+                HpMessage::Authenticated {
+                    scope: "read-write".into()
+                }
+            )]
         );
         h.message(token("b", ""), now, &mut out);
         drain(&mut out);
@@ -647,7 +657,12 @@ mod tests {
         assert_eq!(
             frames,
             vec![
-                HpFrame::message("b", HpMessage::Authenticated { scope: "read-write".into() }),
+                HpFrame::message(
+                    "b",
+                    HpMessage::Authenticated {
+                        scope: "read-write".into()
+                    }
+                ),
                 HpFrame::message("b", HpMessage::SyncStep1(vec![0])),
             ]
         );
@@ -724,15 +739,23 @@ mod tests {
         let mint = |user: &str, docs: &str, write: bool| {
             crate::auth::mint(SECRET, user, &[docs.to_string()], write, Duration::from_secs(3600)).unwrap()
         };
-        let (ada_notes, ada_read, bo) = (mint("ada", "notes/*", true), mint("ada", "wiki/*", false), mint("bo", "*", true));
+        let (ada_notes, ada_read, bo) = (
+            mint("ada", "notes/*", true),
+            mint("ada", "wiki/*", false),
+            mint("bo", "*", true),
+        );
         // Forged, then a document the token does not name: refused, address by address.
         h.message(token("notes/1", "forged"), now, &mut out);
         h.message(token("other/1", &ada_notes), now, &mut out);
         let (frames, requests) = drain(&mut out);
         assert!(requests.is_empty());
-        assert!(frames
-            .iter()
-            .all(|f| matches!(f, HpFrame::Message { message: HpMessage::PermissionDenied { .. }, .. })));
+        assert!(frames.iter().all(|f| matches!(
+            f,
+            HpFrame::Message {
+                message: HpMessage::PermissionDenied { .. },
+                ..
+            }
+        )));
         assert_eq!(frames.len(), 2);
         h.message(token("notes/1", &ada_notes), now, &mut out);
         drain(&mut out);
@@ -743,7 +766,12 @@ mod tests {
         let (frames, _) = drain(&mut out);
         assert_eq!(
             frames,
-            vec![HpFrame::message("wiki/1", HpMessage::Authenticated { scope: "readonly".into() })]
+            vec![HpFrame::message(
+                "wiki/1",
+                HpMessage::Authenticated {
+                    scope: "readonly".into()
+                }
+            )]
         );
         // A read-only document's write is refused, nothing pushed.
         let update = vec![1, 1, 5, 0, 4, 1, 4, 116, 101, 120, 116, 1, 120, 0];
@@ -755,7 +783,13 @@ mod tests {
         h.message(token("notes/2", &bo), now, &mut out);
         let (frames, requests) = drain(&mut out);
         assert!(requests.is_empty());
-        assert!(matches!(&frames[..], [HpFrame::Message { message: HpMessage::PermissionDenied { .. }, .. }]));
+        assert!(matches!(
+            &frames[..],
+            [HpFrame::Message {
+                message: HpMessage::PermissionDenied { .. },
+                ..
+            }]
+        ));
         assert_eq!(h.identity(), Some("ada"));
     }
 
@@ -802,6 +836,11 @@ mod tests {
             HpFrame::decode(&bytes, 100),
             Ok(HpFrame::message("a/b", HpMessage::Stateless("hi".into())))
         );
-        assert!(encode(&RoomEvent::Ack { doc, batch: 1, cursor: 1 }).is_none());
+        assert!(encode(&RoomEvent::Ack {
+            doc,
+            batch: 1,
+            cursor: 1
+        })
+        .is_none());
     }
 }

@@ -32,9 +32,8 @@ mod config;
 mod driver;
 mod event;
 pub mod fanout;
-mod hocuspocus;
-pub mod redis_fanout;
 mod handler;
+mod hocuspocus;
 mod http;
 mod instance;
 mod limits;
@@ -43,6 +42,7 @@ mod native;
 mod owners;
 mod presence;
 mod queue;
+pub mod redis_fanout;
 mod room;
 mod rooms;
 #[doc(hidden)]
@@ -70,13 +70,13 @@ use tokio_util::sync::CancellationToken;
 pub use crate::auth::{mint, Access, Auth, Claims, Grant};
 pub use crate::config::{
     default_max_connections, raise_open_files_limit, Config, CHAT_PREFIX, DEFAULT_HEADER_READ_TIMEOUT,
-    DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_DOCUMENT_BYTES, DEFAULT_MAX_HELLO_FRAME, DEFAULT_OUTBOUND_QUEUE_BYTES,
-    DEFAULT_HEAD_CHECK, FD_RESERVE,
+    DEFAULT_HEAD_CHECK, DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_DOCUMENT_BYTES, DEFAULT_MAX_HELLO_FRAME,
+    DEFAULT_OUTBOUND_QUEUE_BYTES, FD_RESERVE,
 };
 pub use crate::fanout::{Fanout, FanoutEvent, Inbound, LocalFanout, NoFanout};
-pub use crate::redis_fanout::RedisFanout;
 use crate::instance::{start_instance, Shared};
 pub use crate::limits::{RateLimit, RoomOpens};
+pub use crate::redis_fanout::RedisFanout;
 
 /// Serves `/healthz`, `/v1/sync` and `/yjs/{doc}` on `listener` until `shutdown` resolves.
 pub async fn serve<S: Store>(

@@ -730,11 +730,15 @@ mod tests {
     fn a_dead_instance_takes_its_states_along_and_a_reannounced_state_is_no_news() {
         let mut p = Presence::default();
         let doc = doc();
-        assert!(p.remote(&doc, 1, 10, "ada".into(), 1, Some("{}".into()), 0, 0).is_some());
+        assert!(p
+            .remote(&doc, 1, 10, "ada".into(), 1, Some("{}".into()), 0, 0)
+            .is_some());
         assert!(p.remote(&doc, 1, 11, "bo".into(), 1, Some("{}".into()), 0, 0).is_some());
         assert!(p.remote(&doc, 2, 20, "cy".into(), 1, Some("{}".into()), 0, 0).is_some());
         // The same state again (an answer to a presence query): refreshed, not re-broadcast.
-        assert!(p.remote(&doc, 2, 20, "cy".into(), 1, Some("{}".into()), 0, 25_000).is_none());
+        assert!(p
+            .remote(&doc, 2, 20, "cy".into(), 1, Some("{}".into()), 0, 25_000)
+            .is_none());
         let gone = p.drop_origin(&doc, 1);
         let peers: Vec<u64> = gone
             .iter()
@@ -755,23 +759,37 @@ mod tests {
     fn a_reannounced_state_keeps_its_age_and_a_late_state_does_not_undo_its_removal() {
         let mut p = Presence::default();
         let doc = doc();
-        assert!(p.remote(&doc, 1, 10, "ada".into(), 1, Some("{}".into()), 0, 0).is_some());
+        assert!(p
+            .remote(&doc, 1, 10, "ada".into(), 1, Some("{}".into()), 0, 0)
+            .is_some());
         // Re-announced at 20 s as 15 s old: it counts from 5 s, not from 20 s.
-        assert!(p.remote(&doc, 1, 10, "ada".into(), 1, Some("{}".into()), 15_000, 20_000).is_none());
+        assert!(p
+            .remote(&doc, 1, 10, "ada".into(), 1, Some("{}".into()), 15_000, 20_000)
+            .is_none());
         assert!(p.expire_remote(&doc, 34_999).is_empty());
         assert_eq!(p.expire_remote(&doc, 35_000).len(), 1);
         // Removed at clock 4; its states at clocks 3 and 4, arriving late, stay out.
-        assert!(p.remote(&doc, 1, 11, "bo".into(), 3, Some("{}".into()), 0, 40_000).is_some());
+        assert!(p
+            .remote(&doc, 1, 11, "bo".into(), 3, Some("{}".into()), 0, 40_000)
+            .is_some());
         assert!(p.remote(&doc, 1, 11, "bo".into(), 4, None, 0, 41_000).is_some());
-        assert!(p.remote(&doc, 1, 11, "bo".into(), 3, Some("{}".into()), 0, 42_000).is_none());
-        assert!(p.remote(&doc, 1, 11, "bo".into(), 4, Some("{}".into()), 0, 42_000).is_none());
+        assert!(p
+            .remote(&doc, 1, 11, "bo".into(), 3, Some("{}".into()), 0, 42_000)
+            .is_none());
+        assert!(p
+            .remote(&doc, 1, 11, "bo".into(), 4, Some("{}".into()), 0, 42_000)
+            .is_none());
         assert!(p.snapshot().is_empty());
         // A renewal after the removal is shown.
-        assert!(p.remote(&doc, 1, 11, "bo".into(), 5, Some("{}".into()), 0, 43_000).is_some());
+        assert!(p
+            .remote(&doc, 1, 11, "bo".into(), 5, Some("{}".into()), 0, 43_000)
+            .is_some());
         // The removal is forgotten after the presence timeout.
         assert!(p.remote(&doc, 1, 12, "cy".into(), 7, None, 0, 44_000).is_none());
         p.expire_remote(&doc, 44_000 + 30_000);
-        assert!(p.remote(&doc, 1, 12, "cy".into(), 7, Some("{}".into()), 0, 75_000).is_some());
+        assert!(p
+            .remote(&doc, 1, 12, "cy".into(), 7, Some("{}".into()), 0, 75_000)
+            .is_some());
     }
 
     fn doc() -> DocId {

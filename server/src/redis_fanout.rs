@@ -141,7 +141,11 @@ impl RedisFanout {
         let n = self.inner.stats.dropped.fetch_add(1, Ordering::Relaxed);
         // The first, then one in a thousand: a Redis outage drops many.
         if n % 1000 == 0 {
-            tracing::warn!(dropped = n + 1, why, "fan-out message dropped: other instances will catch up from the store");
+            tracing::warn!(
+                dropped = n + 1,
+                why,
+                "fan-out message dropped: other instances will catch up from the store"
+            );
         }
     }
 
@@ -183,11 +187,17 @@ impl Fanout for RedisFanout {
     }
 
     fn publish(&self, instance: u64, doc: &DocId, event: FanoutEvent) {
-        self.enqueue(self.doc_channel(doc.as_str()), fanout::encode_event(instance, doc, &event));
+        self.enqueue(
+            self.doc_channel(doc.as_str()),
+            fanout::encode_event(instance, doc, &event),
+        );
     }
 
     fn heartbeat(&self, instance: u64) {
-        self.enqueue(instances_channel(&self.inner.prefix), fanout::encode_heartbeat(instance));
+        self.enqueue(
+            instances_channel(&self.inner.prefix),
+            fanout::encode_heartbeat(instance),
+        );
     }
 
     fn subscribe(&self, instance: u64, doc: &DocId) {
@@ -206,9 +216,17 @@ impl Fanout for RedisFanout {
         let mut out = String::new();
         for (name, help, value) in [
             ("published", "Fan-out messages published to Redis", &stats.published),
-            ("dropped", "Fan-out messages dropped (queue full or Redis unreachable)", &stats.dropped),
+            (
+                "dropped",
+                "Fan-out messages dropped (queue full or Redis unreachable)",
+                &stats.dropped,
+            ),
             ("connects", "Redis subscriber connections established", &stats.connects),
-            ("malformed", "Fan-out messages received that were not understood", &stats.malformed),
+            (
+                "malformed",
+                "Fan-out messages received that were not understood",
+                &stats.malformed,
+            ),
         ] {
             out.push_str(&format!(
                 "# HELP driftsync_redis_{name} {help}.\n# TYPE driftsync_redis_{name} counter\ndriftsync_redis_{name}_total {}\n",

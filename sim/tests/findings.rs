@@ -606,9 +606,9 @@ mod presence_outlives_a_lost_removal {
     //!    removal that arrives after it (held back, duplicated) is taken in as new and shown for
     //!    another 30 s (seed 822: clock 69 re-announced and held, clock 70 removal, then 69).
     //!
-    //! Proposed: carry the state's age in `FanoutEvent::Presence` (the wire's `Presence`, a new
-    //! wire version) and set `seen_ms = now - age`; keep a removed peer's clock (a tombstone)
-    //! for `PRESENCE_TIMEOUT` and ignore states at or below it.
+    //! Fixed: `FanoutEvent::Presence` carries the state's age and the receiver sets
+    //! `seen_ms = now - age`; a removed peer's clock is kept (a tombstone) for
+    //! `PRESENCE_TIMEOUT` and states at or below it are ignored.
 
     use super::resume_while_unstored::{Conn, DOC};
     use driftsync_engine::doc::new_doc;
