@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# Runs every workload of driftsync-bench against driftsync (native /v1/sync and /yjs/{doc}), the
+# Runs every workload of driftsync-bench against driftsync (native /v1/sync, /yjs/{doc} and
+# /hocuspocus, the last spoken by the generator as @hocuspocus/provider does), the
 # anchors (y-websocket server, Hocuspocus, y-sweet) and the bare relay (`driftsync-bench relay`,
 # the floor of the machine; fan-out only) in one run, then writes the report.
 #
 #   bash bench/run-all.sh            # the full, publishable run (about 30 minutes)
 #   QUICK=1 bash bench/run-all.sh    # a short run to check that everything works
 #
-# Environment: SYSTEMS (default: native ds-yjs y-websocket hocuspocus y-sweet relay), WORKLOADS
+# Environment: SYSTEMS (default: native ds-yjs ds-hocuspocus y-websocket hocuspocus y-sweet relay), WORKLOADS
 # (default: fanout idle resync throughput writers cross; resync includes the cold load; writers = many
 # writers: one room of 50 writers + 50 readers at 2 and at 10 updates/s each, and 1,000 rooms
 # of 5 writers), ANCHORS (where
@@ -33,7 +34,7 @@ ANCHORS=${ANCHORS:-$HOME/.cache/driftsync-anchors}
 DS_BIN=${DRIFTSYNC_BIN:-$ROOT/target/release/driftsync}
 BENCH=${BENCH_BIN:-$ROOT/target/release/driftsync-bench}
 OUT=${OUT:-$ROOT/bench/results}
-SYSTEMS=${SYSTEMS:-"native ds-yjs y-websocket hocuspocus y-sweet relay"}
+SYSTEMS=${SYSTEMS:-"native ds-yjs ds-hocuspocus y-websocket hocuspocus y-sweet relay"}
 WORKLOADS=${WORKLOADS:-"fanout idle resync throughput writers cross"}
 QUICK=${QUICK:-0}
 SERVER_CORE=${SERVER_CORE:-0}
@@ -131,7 +132,8 @@ start_server() {
   local system=$1 data=$2 log=$LOGS/$1.log
   mkdir -p "$data"
   case $system in
-    native|ds-yjs)
+    native|ds-yjs|ds-hocuspocus)
+      # One server, three endpoints: /v1/sync, /yjs/{doc}, /hocuspocus.
       RUST_LOG=warn taskset -c "$SERVER_CORE" "$DS_BIN" serve --listen "127.0.0.1:$PORT" --data-dir "$data" >>"$log" 2>&1 &
       ;;
     y-websocket)

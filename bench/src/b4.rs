@@ -194,7 +194,7 @@ pub async fn setup(ep: &Endpoint, doc: &str, b4: &B4) -> anyhow::Result<(Holder,
     }
     // Read while writing: servers echo updates, and one that cannot send stops reading.
     let prefix = hocus_prefix(&client);
-    let hocus = client.system == System::Hocuspocus;
+    let hocus = client.system.hocuspocus_framing();
     let (mut writer, mut stream) = client.into_parts();
     let (tx, rx) = tokio::sync::oneshot::channel();
     let reader = tokio::spawn(async move {
@@ -245,11 +245,11 @@ fn client_is_driftsync(system: System) -> bool {
 }
 
 fn hocus_prefix(client: &crate::clients::Client) -> Vec<u8> {
-    let mut p = Vec::new();
-    if client.system == System::Hocuspocus {
-        driftsync_protocol::lib0::write_var_string(&mut p, &client.doc);
+    if client.system.hocuspocus_framing() {
+        crate::clients::hocuspocus_prefix(&client.doc)
+    } else {
+        Vec::new()
     }
-    p
 }
 
 /// Keeps the connection that wrote B4 open (servers then keep the document loaded).

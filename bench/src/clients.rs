@@ -1,11 +1,16 @@
-//! Clients of the five systems, as light as they can be: they frame and recognise messages,
-//! and decode only what the handshake needs.
+//! Clients of the systems, as light as they can be: they frame and recognise messages, and
+//! decode only what the handshake needs.
 //!
 //! * `native`: driftsync's `/v1/sync` (postcard frames of `driftsync-protocol`).
 //! * `ds-yjs`, `y-websocket`, `y-sweet`: the y-websocket protocol (y-protocols sync messages, one
 //!   per WebSocket message), at `/yjs/{doc}`, `/{doc}` and `/d/{doc}/ws/{doc}`.
-//! * `hocuspocus`: the same messages, each prefixed by the document name as a lib0 varString,
-//!   after an authentication message.
+//! * `hocuspocus`, `ds-hocuspocus`: the Hocuspocus provider protocol — the same messages, each
+//!   prefixed by the document name as a lib0 varString, after an authentication message (the
+//!   Auth Token, first for each document) — at `/` of the Hocuspocus server and at driftsync's
+//!   `/hocuspocus`. Besides the sync messages, a server sends `Authenticated` (or
+//!   `PermissionDenied`) and, after each write it received, a `SyncStatus`; driftsync's
+//!   `SyncStatus` follows the durable commit. The generator ignores them for latency (readers
+//!   find markers; writers only drain them), and never needs Hocuspocus's `SyncReply` (type 4).
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Instant;
@@ -39,6 +44,8 @@ pub enum System {
     YWebsocket,
     /// Hocuspocus (@hocuspocus/server).
     Hocuspocus,
+    /// driftsync, Hocuspocus provider endpoint (`/hocuspocus`).
+    DsHocuspocus,
     /// y-sweet.
     YSweet,
     /// The bare relay built into this crate (`driftsync-bench relay`): the floor of the machine.
@@ -53,6 +60,7 @@ impl System {
             System::DsYjs => "ds-yjs",
             System::YWebsocket => "y-websocket",
             System::Hocuspocus => "hocuspocus",
+            System::DsHocuspocus => "ds-hocuspocus",
             System::YSweet => "y-sweet",
             System::Relay => "relay",
         }
@@ -72,7 +80,13 @@ impl System {
 
     /// Whether this is one of driftsync's endpoints (not an anchor).
     pub fn is_driftsync(self) -> bool {
-        matches!(self, System::Native | System::DsYjs)
+        matches!(self, System::Native | System::DsYjs | System::DsHocuspocus)
+    }
+
+    /// Whether this system speaks the Hocuspocus provider protocol (every message behind the
+    /// document's name, an Auth Token first).
+    pub fn hocuspocus_framing(self) -> bool {
+        matches!(self, System::Hocuspocus | System::DsHocuspocus)
     }
 }
 
@@ -131,7 +145,7 @@ pub struct Client {
     pub system: System,
     /// The document.
     pub doc: String,
-    /// Hocuspocus only: varString(document name), prepended to every message.
+    /// Hocuspocus framing only: varString(document name), prepended to every message.
     prefix: Vec<u8>,
     /// Native: the next batch id.
     batch: u64,
@@ -170,6 +184,50 @@ pub fn classify(bytes: &[u8]) -> Kind<'_> {
     }
 }
 
+/// A Hocuspocus server message other than a sync message, as far as the generator cares.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Control<'a> {
+    /// Auth / Authenticated: the document was accepted, with this scope.
+    Authenticated(&'a str),
+    /// Auth / PermissionDenied: the document was refused, for this reason.
+    Denied(&'a str),
+    /// SyncStatus: one Step2 or Update the server received was applied (`true`; driftsync sends
+    /// it after the durable commit) or refused.
+    SyncStatus(bool),
+}
+
+/// Classifies a Hocuspocus message (after the prefix) that is not a sync message: `None` for
+/// sync messages and anything else (awareness, stateless, …).
+pub fn hocuspocus_control(body: &[u8]) -> Option<Control<'_>> {
+    let mut r = Reader::new(body);
+    match r.read_var_uint().ok()? {
+        // Auth: Token = 0 (a server asking again), PermissionDenied = 1, Authenticated = 2.
+        2 => match r.read_var_uint().ok()? {
+            1 => Some(Control::Denied(r.read_var_string().ok()?)),
+            2 => Some(Control::Authenticated(r.read_var_string().ok()?)),
+            _ => None,
+        },
+        8 => Some(Control::SyncStatus(r.read_var_uint().ok()? == 1)),
+        _ => None,
+    }
+}
+
+/// The Hocuspocus Auth Token message: `[prefix, Auth = 2, Token = 0, varString(token)]`.
+pub fn hocuspocus_auth(prefix: &[u8], token: &str) -> Vec<u8> {
+    let mut buf = prefix.to_vec();
+    lib0::write_var_uint(&mut buf, 2);
+    lib0::write_var_uint(&mut buf, 0);
+    lib0::write_var_string(&mut buf, token);
+    buf
+}
+
+/// The varString(document name) that prefixes every message of the Hocuspocus framing.
+pub fn hocuspocus_prefix(doc: &str) -> Vec<u8> {
+    let mut p = Vec::with_capacity(doc.len() + 2);
+    lib0::write_var_string(&mut p, doc);
+    p
+}
+
 /// Strips the Hocuspocus document-name prefix.
 pub fn strip_prefix(bytes: &[u8]) -> &[u8] {
     let mut r = Reader::new(bytes);
@@ -202,6 +260,7 @@ impl Endpoint {
             System::DsYjs => format!("/yjs/{doc}"),
             System::YWebsocket | System::Relay => format!("/{doc}"),
             System::Hocuspocus => "/".into(),
+            System::DsHocuspocus => "/hocuspocus".into(),
             System::YSweet => format!("/d/{doc}/ws/{doc}"),
         }
     }
@@ -228,16 +287,14 @@ impl Endpoint {
     }
 
     /// Connects and joins `doc` holding `holding`: native hello and resume; y-protocols sync
-    /// steps 1 and 2 both ways (after the authentication message for Hocuspocus). Returns when
-    /// the client has the server's answer and has answered the server's SyncStep1.
+    /// steps 1 and 2 both ways (after the Auth Token message for the Hocuspocus framing). Returns
+    /// when the client has the server's answer and has answered the server's SyncStep1.
     pub async fn join(&self, doc: &str, n: usize, holding: &Holding<'_>) -> anyhow::Result<(Client, JoinStats)> {
         let start = Instant::now();
         let ws = self.connect(doc, n).await?;
         let open = Instant::now();
-        let prefix = if self.system == System::Hocuspocus {
-            let mut p = Vec::new();
-            lib0::write_var_string(&mut p, doc);
-            p
+        let prefix = if self.system.hocuspocus_framing() {
+            hocuspocus_prefix(doc)
         } else {
             Vec::new()
         };
@@ -288,12 +345,11 @@ impl Endpoint {
                 }
             }
         }
-        if self.system == System::Hocuspocus {
-            // [doc, Auth = 2, Token = 0, varString(token)]
-            let mut auth = client.prefix.clone();
-            lib0::write_var_uint(&mut auth, 2);
-            lib0::write_var_uint(&mut auth, 0);
-            lib0::write_var_string(&mut auth, "bench");
+        if self.system.hocuspocus_framing() {
+            // First for the document; the SyncStep1 follows without waiting, as a provider's
+            // does (driftsync holds it until the token is checked). Either server accepts any
+            // token as configured here.
+            let auth = hocuspocus_auth(&client.prefix, "bench");
             stats.bytes_up += auth.len() as u64;
             client.send(auth).await?;
         }
@@ -310,8 +366,12 @@ impl Endpoint {
             }
             let bytes = client.recv().await?;
             stats.bytes_down += bytes.len() as u64;
-            let body = if client.system == System::Hocuspocus {
-                strip_prefix(&bytes)
+            let body = if client.system.hocuspocus_framing() {
+                let body = strip_prefix(&bytes);
+                if let Some(Control::Denied(reason)) = hocuspocus_control(body) {
+                    bail!("the server refused the document: {reason}");
+                }
+                body
             } else {
                 &bytes[..]
             };
@@ -492,8 +552,8 @@ mod tests {
         let mut batch = 0;
         let mut prefix = Vec::new();
         lib0::write_var_string(&mut prefix, "room");
-        for system in [System::Native, System::DsYjs, System::Hocuspocus] {
-            let p = if system == System::Hocuspocus {
+        for system in [System::Native, System::DsYjs, System::Hocuspocus, System::DsHocuspocus] {
+            let p = if system.hocuspocus_framing() {
                 &prefix[..]
             } else {
                 &[][..]
@@ -530,6 +590,215 @@ mod tests {
         lib0::write_var_string(&mut msg, "doc/a");
         msg.extend_from_slice(&[4, 0, 1, 0]);
         assert_eq!(classify(strip_prefix(&msg)), Kind::Step1(&[0]));
+    }
+
+    #[test]
+    fn the_hocuspocus_framing_matches_driftsyncs_codec() {
+        use driftsync_protocol::hocuspocus::{encode_message, HpFrame, HpMessage};
+        let decode = |bytes: &[u8]| match HpFrame::decode(bytes, MAX_FRAME).unwrap() {
+            HpFrame::Message { address, message } => (address, message),
+            other => panic!("not a document's message: {other:?}"),
+        };
+        let prefix = hocuspocus_prefix("doc/a");
+        // What the generator sends, as driftsync's /hocuspocus reads it.
+        assert_eq!(
+            decode(&hocuspocus_auth(&prefix, "bench")),
+            (
+                "doc/a".to_string(),
+                HpMessage::Token {
+                    token: "bench".into(),
+                    version: None
+                }
+            )
+        );
+        assert_eq!(
+            decode(&y_sync(&prefix, 0, &EMPTY_SV)),
+            ("doc/a".to_string(), HpMessage::SyncStep1(EMPTY_SV.to_vec()))
+        );
+        assert_eq!(
+            decode(&y_sync(&prefix, 1, &EMPTY_UPDATE)),
+            ("doc/a".to_string(), HpMessage::SyncStep2(EMPTY_UPDATE.to_vec()))
+        );
+        let mut batch = 0;
+        let update = update_message(System::DsHocuspocus, &prefix, "doc/a", &mut batch, &[1, 2, 3]);
+        assert_eq!(decode(&update), ("doc/a".to_string(), HpMessage::Update(vec![1, 2, 3])));
+        assert_eq!(batch, 0, "no batches outside the native protocol");
+        // What it receives from driftsync's /hocuspocus.
+        let received = |m: &HpMessage| {
+            let bytes = encode_message("doc/a", m);
+            let body = strip_prefix(&bytes).to_vec();
+            (classify(&body) == Kind::Other, hocuspocus_control(&body).map(|c| format!("{c:?}")))
+        };
+        let authenticated = HpMessage::Authenticated {
+            scope: "read-write".into(),
+        };
+        assert_eq!(
+            received(&authenticated),
+            (true, Some(format!("{:?}", Control::Authenticated("read-write"))))
+        );
+        let denied = HpMessage::PermissionDenied { reason: "Forbidden".into() };
+        assert_eq!(received(&denied), (true, Some(format!("{:?}", Control::Denied("Forbidden")))));
+        for applied in [true, false] {
+            assert_eq!(
+                received(&HpMessage::SyncStatus(applied)),
+                (true, Some(format!("{:?}", Control::SyncStatus(applied))))
+            );
+        }
+        // Sync messages are not control messages; awareness (the heartbeat) is neither.
+        assert_eq!(received(&HpMessage::SyncStep1(vec![0])), (false, None));
+        assert_eq!(received(&HpMessage::Awareness(Vec::new())), (true, None));
+        let step2 = encode_message("doc/a", &HpMessage::SyncStep2(vec![0, 0]));
+        assert_eq!(classify(strip_prefix(&step2)), Kind::Step2(&[0, 0]));
+        let live = encode_message("doc/a", &HpMessage::Update(marker_text(5).into_bytes()));
+        assert_eq!(classify(strip_prefix(&live)), Kind::Update(marker_text(5).as_bytes()));
+        assert_eq!(find_marker(&live), Some(5));
+        // Where each system is reached.
+        let ep = |system| Endpoint {
+            system,
+            addr: SocketAddr::from(([127, 0, 0, 1], 1)),
+            source_ips: 1,
+        };
+        assert_eq!(ep(System::DsHocuspocus).path("doc/a"), "/hocuspocus");
+        assert_eq!(ep(System::Hocuspocus).path("doc/a"), "/");
+        assert!(System::DsHocuspocus.is_driftsync() && !System::DsHocuspocus.is_anchor());
+        assert!(!System::DsHocuspocus.acknowledges());
+    }
+
+    /// A scripted server answering as driftsync's `/hocuspocus` does: it checks what the client
+    /// sends, in order, and answers each document's token then its SyncStep1 (Step1 + Step2),
+    /// with `SyncStatus` frames where driftsync sends them, or refuses the document.
+    async fn scripted_hocuspocus(refuse: bool) -> (SocketAddr, tokio::task::JoinHandle<Vec<Vec<u8>>>) {
+        use driftsync_protocol::hocuspocus::{encode_message, HpFrame, HpMessage};
+        use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.unwrap();
+            let path = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+            let seen = std::sync::Arc::clone(&path);
+            let mut ws = tokio_tungstenite::accept_hdr_async(stream, move |req: &Request, resp: Response| {
+                *seen.lock().unwrap() = req.uri().path().to_string();
+                Ok(resp)
+            })
+            .await
+            .unwrap();
+            assert_eq!(*path.lock().unwrap(), "/hocuspocus");
+            let mut got = Vec::new();
+            async fn next(ws: &mut WebSocketStream<TcpStream>) -> Option<Vec<u8>> {
+                loop {
+                    match ws.next().await {
+                        Some(Ok(Message::Binary(b))) => return Some(b.to_vec()),
+                        Some(Ok(_)) => continue,
+                        _ => return None,
+                    }
+                }
+            }
+            let send = |m: HpMessage| Message::Binary(encode_message("doc/a", &m).into());
+            // The token first, then the SyncStep1 without waiting for the answer.
+            let token = next(&mut ws).await.unwrap();
+            assert!(matches!(
+                HpFrame::decode(&token, MAX_FRAME).unwrap(),
+                HpFrame::Message { message: HpMessage::Token { .. }, .. }
+            ));
+            got.push(token);
+            let step1 = next(&mut ws).await.unwrap();
+            got.push(step1);
+            if refuse {
+                ws.send(send(HpMessage::PermissionDenied { reason: "Forbidden".into() }))
+                    .await
+                    .unwrap();
+                let _ = next(&mut ws).await;
+                return got;
+            }
+            ws.send(send(HpMessage::Authenticated {
+                scope: "read-write".into(),
+            }))
+            .await
+            .unwrap();
+            ws.send(send(HpMessage::SyncStep1(vec![0]))).await.unwrap();
+            // A SyncStatus between the steps (another write's) is not the sync answer.
+            ws.send(send(HpMessage::SyncStatus(true))).await.unwrap();
+            ws.send(send(HpMessage::SyncStep2(vec![0, 0]))).await.unwrap();
+            // The client's SyncStep2 (empty: nothing is stored), then its update, each answered
+            // with a SyncStatus once "stored".
+            while let Some(bytes) = next(&mut ws).await {
+                got.push(bytes);
+                ws.send(send(HpMessage::SyncStatus(true))).await.unwrap();
+                if got.len() == 4 {
+                    ws.send(send(HpMessage::Update(marker_text(7).into_bytes()))).await.unwrap();
+                }
+            }
+            got
+        });
+        (addr, server)
+    }
+
+    #[tokio::test]
+    async fn ds_hocuspocus_joins_with_the_token_first_and_skips_sync_statuses() {
+        use driftsync_protocol::hocuspocus::{HpFrame, HpMessage};
+        let (addr, server) = scripted_hocuspocus(false).await;
+        let ep = Endpoint {
+            system: System::DsHocuspocus,
+            addr,
+            source_ips: 1,
+        };
+        let (mut client, stats) = ep.join("doc/a", 0, &Holding::default()).await.unwrap();
+        assert!(stats.synced_us > 0.0 && stats.bytes_up > 0 && stats.bytes_down > 0);
+        let msg = client.update_message(&[1, 2, 3]);
+        client.send(msg).await.unwrap();
+        // Whatever comes before the relayed update (SyncStatus acks) carries no marker.
+        loop {
+            let bytes = client.recv().await.unwrap();
+            if let Some(seq) = find_marker(&bytes) {
+                assert_eq!(seq, 7);
+                break;
+            }
+            assert!(matches!(
+                hocuspocus_control(strip_prefix(&bytes)),
+                Some(Control::SyncStatus(true))
+            ));
+        }
+        drop(client);
+        let got: Vec<HpMessage> = server
+            .await
+            .unwrap()
+            .iter()
+            .map(|b| match HpFrame::decode(b, MAX_FRAME).unwrap() {
+                HpFrame::Message { address, message } => {
+                    assert_eq!(address, "doc/a");
+                    message
+                }
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                HpMessage::Token {
+                    token: "bench".into(),
+                    version: None
+                },
+                HpMessage::SyncStep1(EMPTY_SV.to_vec()),
+                HpMessage::SyncStep2(EMPTY_UPDATE.to_vec()),
+                HpMessage::Update(vec![1, 2, 3]),
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_refused_hocuspocus_document_fails_the_join() {
+        let (addr, server) = scripted_hocuspocus(true).await;
+        let ep = Endpoint {
+            system: System::DsHocuspocus,
+            addr,
+            source_ips: 1,
+        };
+        let err = match ep.join("doc/a", 0, &Holding::default()).await {
+            Ok(_) => panic!("joined a refused document"),
+            Err(e) => format!("{e:#}"),
+        };
+        assert!(err.contains("refused the document: Forbidden"), "{err}");
+        assert_eq!(server.await.unwrap().len(), 2);
     }
 
     #[test]

@@ -17,9 +17,10 @@ use crate::load::{FanoutResult, IdleResult, ThroughputResult};
 use crate::writers::WritersResult;
 
 /// The systems in table order.
-const ORDER: [System; 6] = [
+const ORDER: [System; 7] = [
     System::Native,
     System::DsYjs,
+    System::DsHocuspocus,
     System::YWebsocket,
     System::Hocuspocus,
     System::YSweet,
@@ -31,6 +32,7 @@ pub fn label(system: System) -> &'static str {
     match system {
         System::Native => "driftsync native",
         System::DsYjs => "driftsync /yjs",
+        System::DsHocuspocus => "driftsync /hocuspocus",
         System::YWebsocket => "y-websocket server 0.1.1",
         System::Hocuspocus => "Hocuspocus 3.4.4",
         System::YSweet => "y-sweet 0.9.1",
@@ -262,7 +264,7 @@ fn resync_section(out: &mut String, rows: &[(System, ResyncResult)]) -> anyhow::
     writeln!(out, "### Resync of the B4 document\n")?;
     writeln!(
         out,
-        "The server holds the whole B4 document ({} operations, {} B encoded): written as one update with the first {} operations, then the last 10,000 operations one update each. A client holding all but the last K operations connects and syncs; bytes are WebSocket message payloads each way, from the first message to synced (native: hello + resume; y-protocols: sync steps 1 and 2 both ways, Hocuspocus's auth message included); time from the start of the TCP connect until the answer is in (median of {} runs). \"full\" is a client holding nothing. Floor = the encoded size of the K missed operations' own updates.\n",
+        "The server holds the whole B4 document ({} operations, {} B encoded): written as one update with the first {} operations, then the last 10,000 operations one update each. A client holding all but the last K operations connects and syncs; bytes are WebSocket message payloads each way, from the first message to synced (native: hello + resume; y-protocols: sync steps 1 and 2 both ways, the Hocuspocus framing's auth message included); time from the start of the TCP connect until the answer is in (median of {} runs). \"full\" is a client holding nothing. Floor = the encoded size of the K missed operations' own updates.\n",
         thousands(first.ops as u64),
         thousands(first.doc_bytes as u64),
         thousands((first.ops - crate::b4::TAIL) as u64),
@@ -413,7 +415,7 @@ fn writers_section(out: &mut String, rows: &[(System, WritersResult)]) -> anyhow
     writeln!(out, "### Many writers: chat-like rooms\n")?;
     writeln!(
         out,
-        "Every writer is its own client (its own yrs client id) sending small real updates at the rate given, and receives the others' updates; readers only receive. Acknowledgement latency: from the `Push` sent to its `Ack` (driftsync native only: the server acknowledges once the update is durably stored). **The y-websocket protocol (driftsync /yjs, the y-websocket server, Hocuspocus, y-sweet) has no acknowledgements: for those systems only the delivery latency is measured** (from the send to the last other client of the room; measured for native too). Committed = acknowledged updates per second of sending; delivered = messages received by the other clients per second of sending. Server CPU: share of one core and per delivered message, during the measured phase. Delivery p99 / best anchor below 1 is better.\n"
+        "Every writer is its own client (its own yrs client id) sending small real updates at the rate given, and receives the others' updates; readers only receive. Acknowledgement latency: from the `Push` sent to its `Ack` (driftsync native only: the server acknowledges once the update is durably stored). **The y-websocket protocol (driftsync /yjs, the y-websocket server, y-sweet) has no acknowledgements, and the Hocuspocus protocol's `SyncStatus` (driftsync /hocuspocus: sent after the durable commit; Hocuspocus: once applied, before its debounced store) is not timed: for those systems only the delivery latency is measured** (from the send to the last other client of the room; measured for native too). Committed = acknowledged updates per second of sending; delivered = messages received by the other clients per second of sending. Server CPU: share of one core and per delivered message, during the measured phase. Delivery p99 / best anchor below 1 is better.\n"
     )?;
     writeln!(
         out,
@@ -454,6 +456,8 @@ fn writers_row(s: System, r: &WritersResult, best: Option<f64>) -> String {
             format!("{} / {}", ms(r.ack_latency.p50_us), ms(r.ack_latency.p99_us)),
             thousands(r.committed_per_s.round() as u64),
         )
+    } else if s.hocuspocus_framing() {
+        ("— (not timed)".to_string(), "—".to_string())
     } else {
         ("— (no acks)".to_string(), "—".to_string())
     };
@@ -665,9 +669,11 @@ fn draw_fanout(rows: &[(System, FanoutResult)], path: &Path) -> anyhow::Result<(
         mesh.disable_x_axis().disable_y_axis();
     }
     mesh.draw()?;
-    let colours = [
+    // One per system of `ORDER`, in its order.
+    let colours: [RGBColor; ORDER.len()] = [
         RGBColor(0xd6, 0x27, 0x28),
         RGBColor(0xff, 0x7f, 0x0e),
+        RGBColor(0xe3, 0x77, 0xc2),
         RGBColor(0x1f, 0x77, 0xb4),
         RGBColor(0x2c, 0xa0, 0x2c),
         RGBColor(0x94, 0x67, 0xbd),
