@@ -679,3 +679,27 @@ async fn an_update_too_large_to_carry_is_read_from_the_store_by_the_other_instan
     let cursors = receive_until_text(&mut b, &reader, &big).await;
     assert_eq!(cursors, vec![1]);
 }
+
+#[tokio::test]
+async fn typing_crosses_instances() {
+    let fanout = std::sync::Arc::new(driftsync_server::LocalFanout::default());
+    let (_dir, one, two) = two_instances(fanout, None).await;
+    let d = doc_id("chat/typing");
+    let mut a = NativeClient::connect(&one.url(), "", 75).await;
+    let mut b = NativeClient::connect(&two.url(), "", 76).await;
+    subscribe(&mut a, &d).await;
+    subscribe(&mut b, &d).await;
+    // Once b's instance has the room loaded (its subscription made it so), a's typing reaches b.
+    a.send(&ClientFrame::Typing {
+        doc: d.clone(),
+        typing: true,
+    })
+    .await;
+    let (peer, typing) = b
+        .recv_until(|f| match f {
+            ServerFrame::Typing { peer, typing, .. } => Some((*peer, *typing)),
+            _ => None,
+        })
+        .await;
+    assert_eq!((peer, typing), (a.session, true));
+}

@@ -627,7 +627,10 @@ mod tests {
         let received = |m: &HpMessage| {
             let bytes = encode_message("doc/a", m);
             let body = strip_prefix(&bytes).to_vec();
-            (classify(&body) == Kind::Other, hocuspocus_control(&body).map(|c| format!("{c:?}")))
+            (
+                classify(&body) == Kind::Other,
+                hocuspocus_control(&body).map(|c| format!("{c:?}")),
+            )
         };
         let authenticated = HpMessage::Authenticated {
             scope: "read-write".into(),
@@ -636,8 +639,13 @@ mod tests {
             received(&authenticated),
             (true, Some(format!("{:?}", Control::Authenticated("read-write"))))
         );
-        let denied = HpMessage::PermissionDenied { reason: "Forbidden".into() };
-        assert_eq!(received(&denied), (true, Some(format!("{:?}", Control::Denied("Forbidden")))));
+        let denied = HpMessage::PermissionDenied {
+            reason: "Forbidden".into(),
+        };
+        assert_eq!(
+            received(&denied),
+            (true, Some(format!("{:?}", Control::Denied("Forbidden"))))
+        );
         for applied in [true, false] {
             assert_eq!(
                 received(&HpMessage::SyncStatus(applied)),
@@ -698,15 +706,20 @@ mod tests {
             let token = next(&mut ws).await.unwrap();
             assert!(matches!(
                 HpFrame::decode(&token, MAX_FRAME).unwrap(),
-                HpFrame::Message { message: HpMessage::Token { .. }, .. }
+                HpFrame::Message {
+                    message: HpMessage::Token { .. },
+                    ..
+                }
             ));
             got.push(token);
             let step1 = next(&mut ws).await.unwrap();
             got.push(step1);
             if refuse {
-                ws.send(send(HpMessage::PermissionDenied { reason: "Forbidden".into() }))
-                    .await
-                    .unwrap();
+                ws.send(send(HpMessage::PermissionDenied {
+                    reason: "Forbidden".into(),
+                }))
+                .await
+                .unwrap();
                 let _ = next(&mut ws).await;
                 return got;
             }
@@ -725,7 +738,9 @@ mod tests {
                 got.push(bytes);
                 ws.send(send(HpMessage::SyncStatus(true))).await.unwrap();
                 if got.len() == 4 {
-                    ws.send(send(HpMessage::Update(marker_text(7).into_bytes()))).await.unwrap();
+                    ws.send(send(HpMessage::Update(marker_text(7).into_bytes())))
+                        .await
+                        .unwrap();
                 }
             }
             got

@@ -59,6 +59,20 @@ pub enum FanoutEvent {
     /// An instance took up the document: the others re-announce their own connections'
     /// presence in it.
     PresenceQuery,
+    /// A connection started or stopped typing (ephemeral: nothing repairs a lost one).
+    Typing {
+        /// The connection's session id.
+        peer: u64,
+        /// Its user.
+        user: String,
+        /// Whether it is typing.
+        typing: bool,
+    },
+    /// A Hocuspocus provider's stateless message (ephemeral).
+    Stateless {
+        /// The payload.
+        payload: String,
+    },
 }
 
 /// What an instance receives.
@@ -315,6 +329,16 @@ enum Wire {
     },
     /// [`FanoutEvent::PresenceQuery`].
     PresenceQuery { origin: u64, doc: String },
+    /// [`FanoutEvent::Typing`].
+    Typing {
+        origin: u64,
+        doc: String,
+        peer: u64,
+        user: String,
+        typing: bool,
+    },
+    /// [`FanoutEvent::Stateless`].
+    Stateless { origin: u64, doc: String, payload: String },
     /// [`Inbound::Alive`].
     Alive { origin: u64 },
 }
@@ -362,6 +386,18 @@ pub fn encode_event(origin: u64, doc: &DocId, event: &FanoutEvent) -> Vec<u8> {
             state: state.clone(),
         },
         FanoutEvent::PresenceQuery => Wire::PresenceQuery { origin, doc },
+        FanoutEvent::Typing { peer, user, typing } => Wire::Typing {
+            origin,
+            doc,
+            peer: *peer,
+            user: user.clone(),
+            typing: *typing,
+        },
+        FanoutEvent::Stateless { payload } => Wire::Stateless {
+            origin,
+            doc,
+            payload: payload.clone(),
+        },
     };
     encode(&wire)
 }
@@ -422,6 +458,22 @@ pub fn decode(bytes: &[u8]) -> Result<Inbound, WireError> {
             doc: doc_id(doc)?,
             event: FanoutEvent::PresenceQuery,
         },
+        Wire::Typing {
+            origin,
+            doc,
+            peer,
+            user,
+            typing,
+        } => Inbound::Event {
+            origin,
+            doc: doc_id(doc)?,
+            event: FanoutEvent::Typing { peer, user, typing },
+        },
+        Wire::Stateless { origin, doc, payload } => Inbound::Event {
+            origin,
+            doc: doc_id(doc)?,
+            event: FanoutEvent::Stateless { payload },
+        },
         Wire::Alive { origin } => Inbound::Alive { origin },
     })
 }
@@ -460,6 +512,14 @@ mod tests {
                 age_ms: 12_345,
             },
             FanoutEvent::PresenceQuery,
+            FanoutEvent::Typing {
+                peer: 7,
+                user: "cy".into(),
+                typing: true,
+            },
+            FanoutEvent::Stateless {
+                payload: "{\"kind\":\"ping\"}".into(),
+            },
         ];
         for event in events {
             let bytes = encode_event(42, &doc("chat:général"), &event);

@@ -156,6 +156,22 @@ pub(crate) fn start_instance<S: Store>(
                                 .await;
                         }
                         fanout::FanoutEvent::PresenceQuery => fan_in.rooms.presence_query(&doc).await,
+                        fanout::FanoutEvent::Typing { peer, user, typing } => {
+                            let event = crate::event::RoomEvent::Typing {
+                                doc: doc.clone(),
+                                peer,
+                                user,
+                                typing,
+                            };
+                            fan_in.rooms.remote_relay(&doc, event).await;
+                        }
+                        fanout::FanoutEvent::Stateless { payload } => {
+                            let event = crate::event::RoomEvent::Stateless {
+                                doc: doc.clone(),
+                                payload,
+                            };
+                            fan_in.rooms.remote_relay(&doc, event).await;
+                        }
                     }
                 }
                 fanout::Inbound::Alive { origin } => {

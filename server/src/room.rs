@@ -1303,6 +1303,23 @@ impl RoomState {
             };
             ctx.fanout.publish(ctx.instance, doc, shared);
         }
+        // So are the ephemeral events: typing, Hocuspocus stateless messages.
+        if except != REMOTE_SESSION {
+            let shared = match &event {
+                RoomEvent::Typing { peer, user, typing, .. } => Some(FanoutEvent::Typing {
+                    peer: *peer,
+                    user: user.clone(),
+                    typing: *typing,
+                }),
+                RoomEvent::Stateless { payload, .. } => Some(FanoutEvent::Stateless {
+                    payload: payload.clone(),
+                }),
+                _ => None,
+            };
+            if let Some(shared) = shared {
+                ctx.fanout.publish(ctx.instance, event.doc(), shared);
+            }
+        }
         let event = SharedEvent::new(event);
         self.subscribers
             .retain(|session, out| *session == except || out.send(Outgoing::Event(Arc::clone(&event))));

@@ -93,6 +93,14 @@ impl Rooms {
         }
     }
 
+    /// Passes an ephemeral event of another instance's connection (typing, a stateless
+    /// message) to the local subscribers of a loaded room.
+    pub(crate) async fn remote_relay(&self, doc: &DocId, event: crate::event::RoomEvent) {
+        if let Some(room) = self.existing(doc) {
+            room.relay(crate::room::REMOTE_SESSION, event).await;
+        }
+    }
+
     /// Another instance took up `doc`: announce this instance's connections in it.
     pub(crate) async fn presence_query(&self, doc: &DocId) {
         if let Some(room) = self.existing(doc) {

@@ -170,6 +170,8 @@ fn describe(message: &Inbound) -> String {
                     format!("Presence peer {peer} clock {clock} {}", state.is_some())
                 }
                 FanoutEvent::PresenceQuery => "PresenceQuery".to_string(),
+                FanoutEvent::Typing { peer, typing, .. } => format!("Typing peer {peer} {typing}"),
+                FanoutEvent::Stateless { .. } => "Stateless".to_string(),
             };
             format!("{what} of {doc} from i{origin}")
         }
