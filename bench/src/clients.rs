@@ -675,6 +675,8 @@ mod tests {
     /// A scripted server answering as driftsync's `/hocuspocus` does: it checks what the client
     /// sends, in order, and answers each document's token then its SyncStep1 (Step1 + Step2),
     /// with `SyncStatus` frames where driftsync sends them, or refuses the document.
+    // The handshake callback's error type is tungstenite's, large; it never fails here.
+    #[allow(clippy::result_large_err)]
     async fn scripted_hocuspocus(refuse: bool) -> (SocketAddr, tokio::task::JoinHandle<Vec<Vec<u8>>>) {
         use driftsync_protocol::hocuspocus::{encode_message, HpFrame, HpMessage};
         use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
