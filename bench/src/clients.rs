@@ -686,6 +686,8 @@ mod tests {
             let (stream, _) = listener.accept().await.unwrap();
             let path = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
             let seen = std::sync::Arc::clone(&path);
+            // The callback's signature is tungstenite's.
+            #[allow(clippy::result_large_err)]
             let mut ws = tokio_tungstenite::accept_hdr_async(stream, move |req: &Request, resp: Response| {
                 *seen.lock().unwrap() = req.uri().path().to_string();
                 Ok(resp)

@@ -881,6 +881,58 @@ mod tests {
         assert!(out.contains("p99 25.00 ms against at most 20.65 ms (half of @y/hub's 41.3 ms): **missed**; hop at p50 +1.50 ms within the run (at most 1 ms): **missed**."), "{out}");
     }
 
+    fn fanout_result(readers: usize, p99_us: f64, cpu: f64) -> FanoutResult {
+        FanoutResult {
+            readers,
+            rate: 100.0,
+            updates: 1000,
+            deliveries: 1000 * readers as u64,
+            latency: crate::stats::Summary {
+                count: 1000,
+                p50_us: p99_us / 2.0,
+                p99_us,
+                max_us: p99_us * 2.0,
+                mean_us: p99_us / 2.0,
+            },
+            server_cpu_s: 1.0,
+            cpu_per_delivery_us: cpu,
+            server_rss: 20_000_000,
+            generator_lag_us: 10.0,
+        }
+    }
+
+    #[test]
+    fn driftsyncs_hocuspocus_endpoint_is_compared_with_hocuspocus() {
+        let rows = vec![
+            (System::Hocuspocus, fanout_result(100, 6000.0, 14.0)),
+            (System::DsHocuspocus, fanout_result(100, 3000.0, 7.0)),
+            (System::Native, fanout_result(100, 1500.0, 3.5)),
+        ];
+        let mut out = String::new();
+        fanout_section(&mut out, &rows, "chart.png").unwrap();
+        let table: Vec<&str> = out.lines().filter(|l| l.starts_with("| 100 |")).collect();
+        // driftsync's endpoints first, then the anchors; ratios against Hocuspocus, not itself.
+        assert_eq!(table.len(), 3, "{out}");
+        assert!(table[0].contains("| driftsync native |"), "{}", table[0]);
+        assert!(
+            table[1]
+                .starts_with("| 100 | driftsync /hocuspocus | 1.50 | 3.00 | 6.00 | 7.0 | 100.0 % | 20 | 0.50 | 0.50 |"),
+            "{}",
+            table[1]
+        );
+        assert!(table[2].contains("| Hocuspocus 3.4.4 |") && table[2].contains("| 1.00 | 1.00 |"));
+        // Its SyncStatus is not timed as an acknowledgement.
+        let row = writers_row(System::DsHocuspocus, &writers_result(false), None);
+        assert!(
+            row.contains("| driftsync /hocuspocus | — (not timed) | 0.80 / 2.00 | — |"),
+            "{row}"
+        );
+        let chart = std::env::temp_dir().join(format!("dsb-chart-{}.png", std::process::id()));
+        draw_fanout(&rows, &chart).unwrap();
+        assert!(std::fs::metadata(&chart).unwrap().len() > 0);
+        let _ = std::fs::remove_file(&chart);
+    }
+
     #[test]
     fn thousands_separators() {
         assert_eq!(thousands(0), "0");
