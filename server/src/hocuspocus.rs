@@ -50,6 +50,10 @@ const MAX_WAITING_FRAMES: usize = 64;
 /// Most bytes of those frames.
 const MAX_WAITING_BYTES: usize = 1024 * 1024;
 
+/// Most addresses one socket follows one document under (`sessionAwareness` providers of the
+/// same document on one socket): each room event is sent once per address.
+const MAX_ADDRESSES_PER_DOC: usize = 8;
+
 /// Encodes a room event as a Hocuspocus frame behind the document's name (re-addressed by the
 /// writer for `sessionAwareness` providers).
 fn encode(event: &RoomEvent) -> Option<Vec<u8>> {
@@ -185,6 +189,11 @@ impl HocuspocusHandler {
             followed.expires = expires;
             followed.asked_at = None;
             if !followed.addresses.contains(&address) {
+                if followed.addresses.len() >= MAX_ADDRESSES_PER_DOC {
+                    tracing::info!(session, doc = %doc, "Hocuspocus address refused: too many for one document");
+                    Self::deny(out, &address, "TooManyAddresses");
+                    return;
+                }
                 followed.addresses.push(address.clone());
                 let addresses = followed.addresses.clone();
                 self.set_addresses(&doc, addresses, out);
@@ -811,6 +820,28 @@ mod tests {
         // Garbage is ignored.
         h.message(vec![200, 1, 2], now, &mut out);
         assert!(out.is_empty());
+    }
+
+    #[test]
+    fn addresses_per_document_are_bounded() {
+        let mut h = open();
+        let mut out = Actions::new();
+        let now = Now::read();
+        h.message(token("a", ""), now, &mut out);
+        drain(&mut out);
+        h.reply(joined(), now, &mut out);
+        drain(&mut out);
+        let mut denied = 0;
+        for i in 0..MAX_ADDRESSES_PER_DOC * 2 {
+            h.message(token(&format!("a\0s{i}"), ""), now, &mut out);
+            let (frames, _) = drain(&mut out);
+            denied += frames
+                .iter()
+                .filter(|f| matches!(f, HpFrame::Message { message: HpMessage::PermissionDenied { .. }, .. }))
+                .count();
+        }
+        assert_eq!(h.docs[&DocId::new("a").unwrap()].addresses.len(), MAX_ADDRESSES_PER_DOC);
+        assert_eq!(denied, MAX_ADDRESSES_PER_DOC + 1);
     }
 
     #[test]
