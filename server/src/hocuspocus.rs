@@ -837,7 +837,15 @@ mod tests {
             let (frames, _) = drain(&mut out);
             denied += frames
                 .iter()
-                .filter(|f| matches!(f, HpFrame::Message { message: HpMessage::PermissionDenied { .. }, .. }))
+                .filter(|f| {
+                    matches!(
+                        f,
+                        HpFrame::Message {
+                            message: HpMessage::PermissionDenied { .. },
+                            ..
+                        }
+                    )
+                })
                 .count();
         }
         assert_eq!(h.docs[&DocId::new("a").unwrap()].addresses.len(), MAX_ADDRESSES_PER_DOC);
