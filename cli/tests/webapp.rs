@@ -181,12 +181,13 @@ fn the_committed_bundle_is_what_the_sources_build() {
     assert!(weight < 300 * 1024);
 }
 
-/// Starts `driftsync serve` on a free loopback port with its data in `dir`.
-fn serve(dir: &Path) -> (Child, String) {
+/// Starts `driftsync serve` on a free loopback port with its data in `dir` and `extra` flags.
+fn serve(dir: &Path, extra: &[&str]) -> (Child, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_driftsync"))
         .arg("serve")
         .args(["--listen", "127.0.0.1:0", "--data-dir"])
         .arg(dir)
+        .args(extra)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -207,7 +208,8 @@ fn serve(dir: &Path) -> (Child, String) {
 /// Two browser contexts on one document and room: text, chat with authors, saved and read
 /// states, read only once in view, presence and typing; one goes offline, edits, sends,
 /// reloads offline and comes back: both converge in the same order; the CLI's message shows in
-/// the page and the CLI prints the page's text. Writes the README's screenshot to
+/// the page and the CLI prints the page's text; on a server with a secret the page asks for a
+/// token and writes as its user. Writes the README's screenshot to
 /// `target/webapp/two-windows.png` (`DRIFTSYNC_UPDATE_SCREENSHOT=1`: to `docs/`).
 #[test]
 fn the_web_app_in_a_real_browser() {
@@ -218,7 +220,15 @@ fn the_web_app_in_a_real_browser() {
     }
     let Some(web) = node_modules() else { return };
     let work = tempfile::tempdir().expect("temp dir");
-    let (mut server, url) = serve(&work.path().join("server"));
+    let (mut server, url) = serve(&work.path().join("server"), &[]);
+    let secret = "web-app-test-secret-0123456789abcdef";
+    let (mut guarded, guarded_url) = serve(&work.path().join("guarded"), &["--secret", secret]);
+    let token = Command::new(env!("CARGO_BIN_EXE_driftsync"))
+        .args(["token", "--secret", secret, "--user", "erin", "--docs", "*"])
+        .output()
+        .expect("mint a token");
+    assert!(token.status.success(), "driftsync token failed");
+    let token = String::from_utf8(token.stdout).expect("utf-8 token");
     let workspace = web.parent().expect("web/ has a parent");
     let screenshot = if std::env::var("DRIFTSYNC_UPDATE_SCREENSHOT").is_ok_and(|v| v == "1") {
         workspace.join("docs/two-windows.png")
@@ -237,6 +247,7 @@ fn the_web_app_in_a_real_browser() {
             "--chromium",
             &chromium,
         ])
+        .args(["--auth-server", &guarded_url, "--auth-token", token.trim()])
         .arg("--work")
         .arg(work.path())
         .arg("--screenshot")
@@ -245,7 +256,9 @@ fn the_web_app_in_a_real_browser() {
         .stdin(Stdio::null())
         .status()
         .expect("run node");
-    let _ = server.kill();
-    let _ = server.wait();
+    for child in [&mut server, &mut guarded] {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
     assert!(status.success(), "the browser scenario failed (its steps are above)");
 }

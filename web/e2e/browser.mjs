@@ -15,6 +15,9 @@ const { values: args } = parseArgs({
     work: { type: 'string' },
     screenshot: { type: 'string' },
     chromium: { type: 'string', default: '/usr/bin/chromium' },
+    // A second server, with a secret, and a token it accepts (for user erin on every document).
+    'auth-server': { type: 'string' },
+    'auth-token': { type: 'string' },
   },
 })
 if (!args.server || !args.cli || !args.work) throw new Error('usage: --server URL --cli PATH --work DIR')
@@ -204,6 +207,22 @@ try {
   const shown = cli('text', 'show', docId).replace(/\n$/, '')
   if (shown !== expected) throw new Error(`driftsync client text show printed ${JSON.stringify(shown)}, the page has ${JSON.stringify(expected)}`)
   step('the CLI\'s message shows in the page; the CLI shows the page\'s text')
+
+  // A server with a secret: the page asks for a token, then acts as the token's user.
+  if (args['auth-server'] && args['auth-token']) {
+    const c = await (await browser.newContext()).newPage()
+    await c.goto(`${args['auth-server']}/?doc=notes/secret-${id}&room=secret-${id}`)
+    await c.getByLabel('Token').fill(args['auth-token'])
+    await c.getByRole('button', { name: 'Join' }).click()
+    await until('the page with a token to be online', () => view(c), (v) => v.connection === 'online')
+    const me = await c.evaluate(() => document.getElementById('me').textContent)
+    if (me !== 'erin') throw new Error(`the page acts as ${me}, not as the token's user`)
+    await c.getByLabel('Message').fill('signed in')
+    await c.getByRole('button', { name: 'Send' }).click()
+    await until('erin\'s message saved', () => view(c), (v) =>
+      message(v, 'signed in')?.author === 'erin' && message(v, 'signed in')?.status === 'saved')
+    step('with a secret: the page asks for a token and writes as its user')
+  }
 
   // The screenshot of README: both windows side by side, on a fresh document and room.
   if (args.screenshot) {
