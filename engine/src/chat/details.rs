@@ -345,7 +345,7 @@ mod tests {
         let many = vec![good.clone(); MAX_ATTACHMENTS + 1];
         assert!(attachments_from_any(&attachments_to_any(&many)).is_err());
         assert_eq!(
-            attachments_from_any(&attachments_to_any(&[good.clone()])),
+            attachments_from_any(&attachments_to_any(std::slice::from_ref(&good))),
             Ok(vec![good])
         );
     }
