@@ -95,7 +95,8 @@ fn the_chat_module_passes_its_unit_tests() {
 }
 
 /// What the JavaScript module writes is what the Rust engine reads, and the server's chat rules
-/// (`ChatGuard`, for the writing user) accept it: a message, an edit, a receipt, a deletion.
+/// (`ChatGuard`, for the writing user) accept it: a message, an edit, a receipt, a deletion, an
+/// image with metadata, an attachment and a reply, a reaction, a delivery receipt.
 #[test]
 fn what_the_chat_module_writes_passes_the_chat_rules() {
     let Some(web) = node_modules() else { return };
@@ -111,7 +112,15 @@ fn what_the_chat_module_writes_passes_the_chat_rules() {
         room.markRead(id)
         const gone = room.send('to be deleted')
         room.delete(gone)
-        console.log(JSON.stringify({ id, gone, client: doc.clientID, updates }))
+        const photo = room.send('a cat', {
+          kind: 'image',
+          meta: { caption: 'Tom' },
+          attachments: [{ url: 'https://cdn.example/cat.png', mime: 'image/png', size: 48213, width: 800, height: 600 }],
+          replyTo: id,
+        })
+        room.react(photo, '👍')
+        room.markDelivered(photo)
+        console.log(JSON.stringify({ id, gone, photo, client: doc.clientID, updates }))
     "#;
     let out = node(&web, &["--input-type=module", "-e", script]);
     let written: serde_json::Value = serde_json::from_str(out.trim()).expect("the script's JSON line");
@@ -121,7 +130,7 @@ fn what_the_chat_module_writes_passes_the_chat_rules() {
         .iter()
         .map(|u| hex_decode(u.as_str().expect("hex")))
         .collect();
-    assert_eq!(updates.len(), 5);
+    assert_eq!(updates.len(), 8);
 
     let server = new_doc(1).expect("doc");
     let guard = ChatGuard::attach(&server);
@@ -142,7 +151,7 @@ fn what_the_chat_module_writes_passes_the_chat_rules() {
     let room = ChatRoom::new(server);
     let messages = room.messages();
     let id = written["id"].as_str().expect("id");
-    assert_eq!(messages.len(), 2);
+    assert_eq!(messages.len(), 3);
     assert_eq!(messages[0].id, id);
     assert_eq!(messages[0].author, "ada");
     assert_eq!(messages[0].device, "web-1");
@@ -151,6 +160,28 @@ fn what_the_chat_module_writes_passes_the_chat_rules() {
     assert!(messages[0].edited_ms.is_some());
     assert!(messages[1].deleted && messages[1].text.is_empty());
     assert_eq!(room.receipt("ada").expect("ada's receipt").message, id);
+    // The image with its attachment, reply and reaction, as native clients show it.
+    let photo_id = written["photo"].as_str().expect("photo");
+    let photo = room.message(photo_id).expect("the photo");
+    assert_eq!(photo.kind, driftsync_engine::chat::Kind::Image);
+    assert_eq!(photo.metadata.get("caption").map(String::as_str), Some("Tom"));
+    assert_eq!(photo.reply_to.as_deref(), Some(id));
+    assert_eq!(
+        photo.attachments,
+        vec![driftsync_engine::chat::Attachment {
+            url: "https://cdn.example/cat.png".into(),
+            mime: "image/png".into(),
+            size: 48213,
+            sha256: None,
+            width: Some(800),
+            height: Some(600),
+        }]
+    );
+    assert_eq!(
+        room.reactions(photo_id),
+        std::collections::BTreeMap::from([("👍".to_string(), vec!["ada".to_string()])])
+    );
+    assert_eq!(room.delivered_to(&photo.sort), vec!["ada".to_string()]);
 }
 
 fn hex_decode(text: &str) -> Vec<u8> {

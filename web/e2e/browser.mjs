@@ -78,6 +78,8 @@ const view = (p) =>
       author: li.querySelector('.author')?.textContent,
       text: li.querySelector('.text')?.textContent,
       status: li.querySelector('.status')?.dataset.state ?? null,
+      reactions: li.querySelector('.reactions')?.textContent ?? '',
+      reply: li.querySelector('.reply:not([hidden])')?.textContent ?? '',
       readers: li.querySelector('.status')?.textContent ?? '',
     })),
   }))
@@ -124,8 +126,8 @@ try {
   await b.getByRole('button', { name: 'Send' }).click()
   await until('ada to get bob\'s message', () => view(a), (v) => message(v, 'hi ada')?.author === 'bob')
   await until('the typing line to clear', () => view(a), (v) => v.typing === '')
-  const sent = await until('bob\'s message to be saved or read', () => view(b), (v) =>
-    ['saved', 'read'].includes(message(v, 'hi ada')?.status))
+  const sent = await until('bob\'s message to be saved, delivered or read', () => view(b), (v) =>
+    ['saved', 'delivered', 'read'].includes(message(v, 'hi ada')?.status))
   step(`bob sees his message ${message(sent, 'hi ada').status}`)
   await until('bob to see it read by ada', () => view(b), (v) => message(v, 'hi ada')?.readers === '✓✓ Read by ada')
   step('bob sees it read by ada')
@@ -140,14 +142,29 @@ try {
   await b.getByLabel('Message').fill('down here')
   await b.getByRole('button', { name: 'Send' }).click()
   await until('ada to get "down here"', () => view(a), (v) => message(v, 'down here'))
-  await until('"down here" to be saved', () => view(b), (v) => message(v, 'down here')?.status === 'saved')
-  await stays('"down here" is not read while out of view', () => view(b), (v) => message(v, 'down here')?.status === 'saved', 1500)
+  // Ada's page holds it (a delivery receipt), but has not shown it.
+  await until('"down here" to be delivered', () => view(b), (v) => message(v, 'down here')?.status === 'delivered')
+  await stays('"down here" is not read while out of view', () => view(b), (v) => message(v, 'down here')?.status === 'delivered', 1500)
   await a.evaluate(() => {
     const list = document.getElementById('messages')
     list.scrollTop = list.scrollHeight
   })
   await until('"down here" read once in view', () => view(b), (v) => message(v, 'down here')?.status === 'read')
-  step('a message is read only once scrolled into view')
+  step('a message is delivered at once, read only once scrolled into view')
+
+  // Reactions and replies.
+  const bubble = (p, text) => p.locator('#messages li', { hasText: text }).last()
+  await bubble(b, 'down here').hover()
+  await bubble(b, 'down here').getByRole('button', { name: 'Reply' }).click()
+  await b.getByLabel('Message').fill('answering myself')
+  await b.getByRole('button', { name: 'Send' }).click()
+  await until('ada to see the reply', () => view(a), (v) => message(v, 'answering myself')?.reply === '↪ bob: down here')
+  await bubble(a, 'answering myself').hover()
+  await bubble(a, 'answering myself').getByRole('button', { name: '👍' }).click()
+  await until('bob to see ada\'s reaction', () => view(b), (v) => message(v, 'answering myself')?.reactions === '👍 1')
+  await bubble(b, 'answering myself').getByRole('button', { name: '👍 1' }).click()
+  await until('ada to see two', () => view(a), (v) => message(v, 'answering myself')?.reactions === '👍 2')
+  step('replies and reactions cross')
 
   // Offline: ada edits and sends, reloads while still offline, edits again, comes back.
   await a.getByLabel('Offline').check()
@@ -191,7 +208,7 @@ try {
   await until('the same order on both', async () => [await order(a), await order(b)], ([x, y]) =>
     JSON.stringify(x) === JSON.stringify(y))
   await until('ada\'s offline messages to be saved', () => view(a), (v) =>
-    ['offline 1', 'offline 2', 'offline 3'].every((t) => ['saved', 'read'].includes(message(v, t)?.status)))
+    ['offline 1', 'offline 2', 'offline 3'].every((t) => ['saved', 'delivered', 'read'].includes(message(v, t)?.status)))
   await until('ada\'s text to be saved', () => view(a), (v) => v.saved === 'saved')
   step('back online: both converge, same order, all saved')
 
@@ -245,6 +262,11 @@ try {
     await say(b, 'Great, I added Sintra for day 2.')
     await say(a, 'Can you find a hotel in Alfama?')
     await until('ada\'s question read by bob', () => view(a), (v) => message(v, 'Can you find a hotel in Alfama?')?.status === 'read')
+    const first = b.locator('#messages li', { hasText: 'Flights are booked!' }).last()
+    await first.hover()
+    await first.getByRole('button', { name: '👍' }).click()
+    await until('ada to see the reaction', () => view(a), (v) => message(v, 'Flights are booked! Notes are on the left.')?.reactions === '👍 1')
+    await b.mouse.move(0, 0)
     await b.getByLabel('Message').pressSequentially('On it, looking now')
     await until('ada to see bob typing', () => view(a), (v) => v.typing === 'bob is typing…')
     const shots = await Promise.all([a, b].map((p) => p.screenshot()))

@@ -276,13 +276,20 @@ async function main() {
   function renderMessages() {
     const nearBottom = list.scrollHeight - list.scrollTop - list.clientHeight < 40
     const messages = room.messages()
+    const allReactions = room.reactions()
     for (const message of messages) {
       let item = items.get(message.id)
       if (!item) {
         item = document.createElement('li')
         item.dataset.id = message.id
         item.innerHTML =
-          '<div class="meta"><span class="author"></span><time></time></div><p class="text"></p><div class="status"></div>'
+          '<div class="meta"><span class="author"></span><time></time></div><p class="reply" hidden></p>' +
+          '<p class="text"></p><ul class="files"></ul><div class="reactions"></div><div class="status"></div>' +
+          '<div class="actions"><button type="button" class="answer">Reply</button>' +
+          '<button type="button" class="like" title="React with 👍">👍</button></div>'
+        const id = message.id
+        item.querySelector('.answer')?.addEventListener('click', () => replyTo(id))
+        item.querySelector('.like')?.addEventListener('click', () => toggle(id, '👍'))
         items.set(message.id, item)
         visibility.observe(item)
       }
@@ -296,16 +303,51 @@ async function main() {
       when.textContent = time(message.created)
       const body = /** @type {HTMLElement} */ (item.querySelector('.text'))
       body.textContent = message.deleted ? 'message deleted' : message.text + (message.edited ? ' (edited)' : '')
+      const answered = message.replyTo ? room.message(message.replyTo) : null
+      const reply = /** @type {HTMLElement} */ (item.querySelector('.reply'))
+      reply.hidden = !message.replyTo
+      reply.textContent = answered ? `↪ ${answered.author}: ${answered.text.slice(0, 80)}` : message.replyTo ? '↪ a message' : ''
+      // Attachments are links: the page loads nothing from other sites (its CSP).
+      const files = /** @type {HTMLElement} */ (item.querySelector('.files'))
+      files.replaceChildren(
+        ...(message.deleted ? [] : message.attachments).map((a) => {
+          const li = document.createElement('li')
+          const link = document.createElement('a')
+          link.href = /^https?:\/\//.test(a.url) ? a.url : '#'
+          link.rel = 'noopener noreferrer'
+          link.target = '_blank'
+          link.textContent = `📎 ${a.url.split('/').pop() || a.url} (${a.mime}, ${a.size} B)`
+          li.append(link)
+          return li
+        }),
+      )
+      const reactions = /** @type {HTMLElement} */ (item.querySelector('.reactions'))
+      reactions.replaceChildren(
+        ...[...(allReactions.get(message.id) ?? new Map())].map(([reaction, users]) => {
+          const chip = document.createElement('button')
+          chip.type = 'button'
+          chip.className = users.includes(user) ? 'chip own' : 'chip'
+          chip.textContent = `${reaction} ${users.length}`
+          chip.title = users.join(', ')
+          chip.addEventListener('click', () => toggle(message.id, reaction))
+          return chip
+        }),
+      )
       const status = /** @type {HTMLElement} */ (item.querySelector('.status'))
       if (mine) {
         const item_ = /** @type {any} */ (message.map)._item
         const saved = item_ ? chatStored.has(item_.id) : false
         const readers = room.readBy(message.sort).filter((u) => u !== user)
-        const state = readers.length ? 'read' : saved ? 'saved' : 'sending'
+        const holders = room.deliveredTo(message)
+        const state = readers.length ? 'read' : holders.length ? 'delivered' : saved ? 'saved' : 'sending'
         status.dataset.state = state
-        status.textContent =
-          state === 'read' ? `✓✓ Read by ${readers.join(', ')}` : state === 'saved' ? '✓ Saved' : 'Sending…'
-        if (!message.deleted && !item.querySelector('button')) {
+        status.textContent = {
+          read: `✓✓ Read by ${readers.join(', ')}`,
+          delivered: `✓✓ Delivered to ${holders.join(', ')}`,
+          saved: '✓ Saved',
+          sending: 'Sending…',
+        }[state]
+        if (!message.deleted && !item.querySelector('.delete')) {
           const remove = document.createElement('button')
           remove.className = 'delete'
           remove.type = 'button'
@@ -313,7 +355,7 @@ async function main() {
           remove.addEventListener('click', () => room.delete(message.id))
           item.append(remove)
         } else if (message.deleted) {
-          item.querySelector('button')?.remove()
+          item.querySelector('.delete')?.remove()
         }
       } else {
         status.textContent = ''
@@ -324,7 +366,28 @@ async function main() {
     const unread = room.unreadCount()
     element('unread').textContent = unread ? `${unread} unread` : ''
     markRead()
+    // Every message of others this device holds is delivered (after the change that brought
+    // it: not inside the observer that reports it).
+    queueMicrotask(() => room.markAllDelivered())
   }
+  /** @param {string} id @param {string} reaction */
+  function toggle(id, reaction) {
+    const mineAlready = room.reactions().get(id)?.get(reaction)?.includes(user) ?? false
+    room.react(id, reaction, !mineAlready)
+  }
+  /** @type {string | null} */
+  let replying = null
+  /** @param {string | null} id */
+  function replyTo(id) {
+    replying = id
+    const target = id ? room.message(id) : null
+    const banner = element('replying')
+    banner.hidden = !target
+    const what = /** @type {HTMLElement} */ (banner.querySelector('span'))
+    what.textContent = target ? `Replying to ${target.author}: ${target.text.slice(0, 60)}` : ''
+    if (target) element('message').focus()
+  }
+  element('replying').querySelector('button')?.addEventListener('click', () => replyTo(null))
   room.onChange(renderMessages)
   chatStored.onChange(renderMessages)
   renderMessages()
@@ -386,7 +449,8 @@ async function main() {
     event.preventDefault()
     const text = input.value.trim()
     if (!text) return
-    room.send(text)
+    room.send(text, replying ? { replyTo: replying } : {})
+    replyTo(null)
     input.value = ''
     clearTimeout(typingTimer)
     setTyping(false)

@@ -5,10 +5,15 @@
  * and receipts schema"). Nothing here talks to a server: give it a `Y.Doc` that any provider
  * syncs (the page uses `@hocuspocus/provider` against driftsync's `/hocuspocus`).
  *
- * A room document has two root maps:
+ * A room document has these root maps:
  * - `messages`: message id (UUIDv7) → a nested `Y.Map` with `id`, `author`, `device`, `client`,
- *   `text`, `created`, `hlc`, `sort` and, once edited or deleted, `edited` and `deleted`;
- * - `receipts`: `"{user}/{device}"` → `{ message, sort, at }`, "read up to and including".
+ *   `text`, `created`, `hlc`, `sort`, optionally `kind` (text, image, video, file; `system` is
+ *   the server's), `meta` (an object of strings), `attachments` (`[{url, mime, size, sha256?,
+ *   width?, height?}]`) and `reply_to` (a message id), and once edited or deleted, `edited` and
+ *   `deleted`;
+ * - `receipts`: `"{user}/{device}"` → `{ message, sort, at }`, "read up to and including";
+ * - `delivered`: the same shape, "received on this device up to and including";
+ * - `reactions`: `"{message}/{reaction}/{user}"` → `{ at }`, one user's reaction to a message.
  *
  * Display order is ascending `sort` (`{hlc}/{client:016}/{id}`) compared as strings, which every
  * replica computes alike: the same messages in the same order everywhere.
@@ -18,6 +23,10 @@ import * as Y from 'yjs'
 
 export const MESSAGES_ROOT = 'messages'
 export const RECEIPTS_ROOT = 'receipts'
+export const DELIVERED_ROOT = 'delivered'
+export const REACTIONS_ROOT = 'reactions'
+/** The kinds a client may send (`system` messages are written by the server). */
+export const KINDS = ['text', 'image', 'video', 'file']
 
 /** Largest wall-clock part of a stamp: 15 decimal digits. */
 export const MAX_WALL_MS = 999_999_999_999_999
@@ -44,7 +53,21 @@ export const MAX_OBSERVED_AHEAD_MS = 24 * 60 * 60 * 1000
  * @property {string} sort the order key
  * @property {number | undefined} edited ms of the last edit or deletion
  * @property {boolean} deleted
+ * @property {string} kind `text`, `image`, `video`, `file` or `system`
+ * @property {Record<string, string>} meta
+ * @property {Attachment[]} attachments
+ * @property {string | undefined} replyTo the id of the message it answers
  * @property {Y.Map<any>} map the message's `Y.Map` (its `_item.id` says which replica wrote it)
+ */
+
+/**
+ * A file a message refers to; its bytes live at `url`.
+ * @typedef {{ url: string, mime: string, size: number, sha256?: string, width?: number, height?: number }} Attachment
+ */
+
+/**
+ * What a message carries besides its text (all optional).
+ * @typedef {{ kind?: string, meta?: Record<string, string>, attachments?: Attachment[], replyTo?: string }} Details
  */
 
 /**
@@ -184,6 +207,10 @@ export class ChatRoom {
     this.messagesMap = doc.getMap(MESSAGES_ROOT)
     /** @type {Y.Map<any>} */
     this.receiptsMap = doc.getMap(RECEIPTS_ROOT)
+    /** @type {Y.Map<any>} */
+    this.deliveredMap = doc.getMap(DELIVERED_ROOT)
+    /** @type {Y.Map<any>} */
+    this.reactionsMap = doc.getMap(REACTIONS_ROOT)
     this.clock = new HlcClock()
     for (const fields of this.messagesMap.values()) this.#observeStamp(fields)
     /** @param {Y.YMapEvent<Y.Map<any>>} event */
@@ -211,9 +238,18 @@ export class ChatRoom {
   /**
    * Sends a message: a new `Y.Map` with every field, in one transaction.
    * @param {string} text
+   * @param {Details} [details] kind, metadata, attachments, the message it answers
    * @returns {string} the new message's id
    */
-  send(text) {
+  send(text, details = {}) {
+    const { kind = 'text', meta, attachments, replyTo } = details
+    if (!KINDS.includes(kind)) throw new ChatError(`a client sends ${KINDS.join(', ')} messages, not ${kind}`)
+    if (attachments && attachments.length > 16) throw new ChatError('at most 16 attachments')
+    for (const a of attachments ?? []) checkAttachment(a)
+    if (meta) checkMeta(meta)
+    if (replyTo !== undefined && (typeof replyTo !== 'string' || !replyTo || replyTo.includes('/'))) {
+      throw new ChatError('replyTo must be a message id')
+    }
     const now = this.now()
     const hlc = this.clock.tick(now)
     const id = uuidv7(now)
@@ -229,8 +265,90 @@ export class ChatRoom {
       fields.set('created', now)
       fields.set('hlc', hlcKey(hlc))
       fields.set('sort', sortKey(hlc, client, id))
+      if (kind !== 'text') fields.set('kind', kind)
+      if (meta && Object.keys(meta).length) fields.set('meta', { ...meta })
+      if (attachments?.length) fields.set('attachments', attachments.map(cleanAttachment))
+      if (replyTo !== undefined) fields.set('reply_to', replyTo)
     })
     return id
+  }
+
+  /**
+   * Adds (or with `add = false` takes back) this user's reaction to a message.
+   * @param {string} id
+   * @param {string} reaction an emoji: no `/`, no spaces, at most 64 bytes
+   * @param {boolean} [add]
+   * @returns {boolean} whether anything changed
+   */
+  react(id, reaction, add = true) {
+    if (!reaction || reaction.includes('/') || /\s/.test(reaction) || new TextEncoder().encode(reaction).length > 64) {
+      throw new ChatError(`not a reaction: ${JSON.stringify(reaction)}`)
+    }
+    if (!this.message(id)) throw new ChatError(`no message ${id}`)
+    const key = `${id}/${reaction}/${this.user}`
+    if (this.reactionsMap.has(key) === add) return false
+    if (add) this.reactionsMap.set(key, { at: this.now() })
+    else this.reactionsMap.delete(key)
+    return true
+  }
+
+  /**
+   * Every message's reactions: message id → reaction → users (in name order).
+   * @returns {Map<string, Map<string, string[]>>}
+   */
+  reactions() {
+    /** @type {Map<string, Map<string, string[]>>} */
+    const out = new Map()
+    for (const key of this.reactionsMap.keys()) {
+      const first = key.indexOf('/')
+      const second = key.indexOf('/', first + 1)
+      if (first <= 0 || second <= first + 1 || second === key.length - 1) continue
+      const [message, reaction, user] = [key.slice(0, first), key.slice(first + 1, second), key.slice(second + 1)]
+      const byReaction = out.get(message) ?? new Map()
+      out.set(message, byReaction)
+      byReaction.set(reaction, [...(byReaction.get(reaction) ?? []), user].sort())
+    }
+    return out
+  }
+
+  /**
+   * Records that this device has every message up to and including `id` (a delivery
+   * receipt). Never moves back: `false` when the user's delivery receipt is there already.
+   * @param {string} id
+   * @returns {boolean} whether the receipt moved
+   */
+  markDelivered(id) {
+    return this.#raise(this.deliveredMap, id)
+  }
+
+  /**
+   * Records delivery of everything others wrote that this device holds: call it when messages
+   * arrive (the page does, on every remote change).
+   * @returns {boolean} whether the receipt moved
+   */
+  markAllDelivered() {
+    const latest = this.messages().filter((m) => m.author !== this.user).at(-1)
+    return latest ? this.markDelivered(latest.id) : false
+  }
+
+  /**
+   * Every user's delivery receipt: the greatest `sort` among their devices.
+   * @returns {Map<string, Receipt>}
+   */
+  delivered() {
+    return readReceipts(this.deliveredMap)
+  }
+
+  /**
+   * The users other than its author who have a message on a device, or read it.
+   * @param {Message} message
+   * @returns {string[]}
+   */
+  deliveredTo(message) {
+    const users = new Set([...this.delivered().values()].filter((r) => r.sort >= message.sort).map((r) => r.user))
+    for (const reader of this.readBy(message.sort)) users.add(reader)
+    users.delete(message.author)
+    return [...users].sort()
   }
 
   /**
@@ -299,11 +417,20 @@ export class ChatRoom {
    * @returns {boolean} whether the receipt moved
    */
   markRead(id) {
+    return this.#raise(this.receiptsMap, id)
+  }
+
+  /**
+   * Raises this device's entry in a receipts map to message `id`.
+   * @param {Y.Map<any>} map
+   * @param {string} id
+   */
+  #raise(map, id) {
     const message = this.message(id)
     if (!message) throw new ChatError(`no message ${id}`)
-    const current = this.receipt(this.user)
+    const current = readReceipts(map).get(this.user)
     if (current && current.sort >= message.sort) return false
-    this.receiptsMap.set(`${this.user}/${this.device}`, { message: id, sort: message.sort, at: this.now() })
+    map.set(`${this.user}/${this.device}`, { message: id, sort: message.sort, at: this.now() })
     return true
   }
 
@@ -312,21 +439,7 @@ export class ChatRoom {
    * @returns {Map<string, Receipt>}
    */
   receipts() {
-    /** @type {Map<string, Receipt>} */
-    const out = new Map()
-    for (const [key, value] of this.receiptsMap.entries()) {
-      const slash = key.lastIndexOf('/')
-      if (slash < 0 || !value || typeof value !== 'object') continue
-      if (typeof value.message !== 'string' || typeof value.sort !== 'string') continue
-      const user = key.slice(0, slash)
-      const device = key.slice(slash + 1)
-      const at = typeof value.at === 'number' ? value.at : 0
-      const existing = out.get(user)
-      const better =
-        !existing || value.sort > existing.sort || (value.sort === existing.sort && device > existing.device)
-      if (better) out.set(user, { user, device, message: value.message, sort: value.sort, at })
-    }
-    return out
+    return readReceipts(this.receiptsMap)
   }
 
   /**
@@ -367,13 +480,69 @@ export class ChatRoom {
    */
   onChange(listener) {
     const handler = () => listener()
+    const flat = [this.receiptsMap, this.deliveredMap, this.reactionsMap]
     this.messagesMap.observeDeep(handler)
-    this.receiptsMap.observe(handler)
+    for (const map of flat) map.observe(handler)
     return () => {
       this.messagesMap.unobserveDeep(handler)
-      this.receiptsMap.unobserve(handler)
+      for (const map of flat) map.unobserve(handler)
     }
   }
+}
+
+/**
+ * The latest entry per user of a receipts map (`receipts` or `delivered`).
+ * @param {Y.Map<any>} map
+ * @returns {Map<string, Receipt>}
+ */
+function readReceipts(map) {
+  /** @type {Map<string, Receipt>} */
+  const out = new Map()
+  for (const [key, value] of map.entries()) {
+    const slash = key.lastIndexOf('/')
+    if (slash < 0 || !value || typeof value !== 'object') continue
+    if (typeof value.message !== 'string' || typeof value.sort !== 'string') continue
+    const user = key.slice(0, slash)
+    const device = key.slice(slash + 1)
+    const at = typeof value.at === 'number' ? value.at : 0
+    const existing = out.get(user)
+    const better = !existing || value.sort > existing.sort || (value.sort === existing.sort && device > existing.device)
+    if (better) out.set(user, { user, device, message: value.message, sort: value.sort, at })
+  }
+  return out
+}
+
+/** @param {Record<string, string>} meta */
+function checkMeta(meta) {
+  const entries = Object.entries(meta)
+  if (entries.length > 32) throw new ChatError('at most 32 metadata entries')
+  for (const [key, value] of entries) {
+    if (!key || key.length > 128 || typeof value !== 'string' || value.length > 4096) {
+      throw new ChatError(`bad metadata entry ${JSON.stringify(key)}`)
+    }
+  }
+}
+
+/** @param {Attachment} a */
+function checkAttachment(a) {
+  const ok =
+    typeof a.url === 'string' && a.url.length > 0 && a.url.length <= 4096 &&
+    typeof a.mime === 'string' && /^[!-.0-~]+\/[!-.0-~]+/.test(a.mime) && a.mime.length <= 255 &&
+    Number.isSafeInteger(a.size) && a.size >= 0 &&
+    (a.sha256 === undefined || /^[0-9a-f]{64}$/.test(a.sha256)) &&
+    (a.width === undefined || (Number.isSafeInteger(a.width) && a.width >= 0)) &&
+    (a.height === undefined || (Number.isSafeInteger(a.height) && a.height >= 0))
+  if (!ok) throw new ChatError(`bad attachment ${JSON.stringify(a)}`)
+}
+
+/** Only the schema's fields. @param {Attachment} a */
+function cleanAttachment(a) {
+  /** @type {Attachment} */
+  const out = { url: a.url, mime: a.mime, size: a.size }
+  if (a.sha256 !== undefined) out.sha256 = a.sha256
+  if (a.width !== undefined) out.width = a.width
+  if (a.height !== undefined) out.height = a.height
+  return out
 }
 
 /**
@@ -403,6 +572,15 @@ function readMessage(id, fields) {
     sort,
     edited: number('edited'),
     deleted: fields.get('deleted') === true,
+    kind: typeof fields.get('kind') === 'string' ? fields.get('kind') : 'text',
+    meta: isPlainObject(fields.get('meta')) ? fields.get('meta') : {},
+    attachments: Array.isArray(fields.get('attachments')) ? fields.get('attachments') : [],
+    replyTo: typeof fields.get('reply_to') === 'string' ? fields.get('reply_to') : undefined,
     map: fields,
   }
+}
+
+/** @param {unknown} v @returns {v is Record<string, any>} */
+function isPlainObject(v) {
+  return typeof v === 'object' && v !== null && !Array.isArray(v) && !(v instanceof Y.AbstractType)
 }
