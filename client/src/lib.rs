@@ -52,6 +52,8 @@ pub struct Client {
     /// Documents this client changed by itself while applying what the server sent (delivery
     /// receipts): the driver pushes them ([`Client::take_own_changes`]).
     own_changes: BTreeSet<String>,
+    /// Per chat room, its clock when its delivery receipt was last brought up to date.
+    delivered_clock: HashMap<String, driftsync_engine::clock::Hlc>,
 }
 
 /// Documents whose ids start with this are chat rooms (the server's `CHAT_PREFIX`).
@@ -93,6 +95,7 @@ impl Client {
             docs: HashMap::new(),
             rooms: HashMap::new(),
             own_changes: BTreeSet::new(),
+            delivered_clock: HashMap::new(),
         })
     }
 
@@ -267,6 +270,13 @@ impl Client {
             return Ok(());
         }
         let author = self.author.clone();
+        // No new message since the last look (the room's clock did not move): nothing to do,
+        // without reading every message for each receipt or reaction that arrives.
+        let clock = self.room(room).await?.clock();
+        if self.delivered_clock.get(room) == Some(&clock) {
+            return Ok(());
+        }
+        self.delivered_clock.insert(room.to_string(), clock);
         let chat = self.room(room).await?;
         let Some(latest) = chat.messages().into_iter().rev().find(|m| m.author != author.user) else {
             return Ok(());

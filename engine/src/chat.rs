@@ -13,6 +13,12 @@
 //!   never conflicts; a user's receipt is the entry with the greatest `sort` among their devices,
 //!   so concurrent marks from two devices merge to the later one, and it never moves backwards.
 //!
+//! * Optional message fields: `kind` ([`Kind`]; absent: text), `meta` (an object of strings),
+//!   `attachments` ([`Attachment`]s by reference) and `reply_to` (a message id).
+//! * Root `Y.Map` [`DELIVERED_ROOT`] (`"delivered"`): delivery receipts, shaped like read
+//!   receipts: "this device of this user has received every message up to this one".
+//! * Root `Y.Map` [`REACTIONS_ROOT`] (`"reactions"`): `"{message}/{reaction}/{user}"` → `{at}`.
+//!
 //! Messages are ordered by their `sort` string, `"{hlc}/{client:016}/{id}"`: HLC, then client
 //! id, then message id. Every replica holding the same messages shows them in the same order.
 //!
@@ -27,8 +33,10 @@
 //! `client` an integer below 2^53, and its `sort` exactly [`sort_key`] of those; a message is
 //! never removed or replaced (deletion is a tombstone); only its author changes a message, and
 //! only its `text`, `edited` and `deleted` fields (so its stamp and sort key never change); a
-//! user writes only receipts keyed `"{user}/{device}"`. Other root types of a room are not
-//! checked.
+//! user writes only receipts keyed `"{user}/{device}"`, which only move forward and are never
+//! removed, and only reactions keyed with their user id; optional fields keep their shapes and
+//! bounds (`details`), and `system` messages come from the server only. Other root types of a
+//! room are not checked.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, PoisonError};
