@@ -83,14 +83,21 @@ async fn live_updates_acks_typing_and_presence() {
     let listed = ada.client().await.chat_list(ROOM).await.unwrap();
     assert!(listed[0].delivered, "acknowledged messages are delivered");
 
-    // Read receipts travel the same way.
+    // Bob's device recorded that it has the message (a delivery receipt), and read receipts
+    // travel the same way: each is a remote change for Ada, in either order.
     bob.chat_mark_read(ROOM, Some(&id)).await.unwrap();
-    until(&mut ada_events, |e| {
-        matches!(e, Event::RemoteChange { doc } if doc == ROOM).then_some(())
-    })
-    .await;
-    let read_by = ada.client().await.chat_list(ROOM).await.unwrap()[0].read_by.clone();
-    assert_eq!(read_by, vec!["bob".to_string()]);
+    loop {
+        until(&mut ada_events, |e| {
+            matches!(e, Event::RemoteChange { doc } if doc == ROOM).then_some(())
+        })
+        .await;
+        let listed = ada.client().await.chat_list(ROOM).await.unwrap();
+        if listed[0].read_by == vec!["bob".to_string()] {
+            assert_eq!(listed[0].delivered_to, vec!["bob".to_string()]);
+            assert_eq!(listed[0].delivery(), "read");
+            break;
+        }
+    }
 
     // Typing: announced on the first keystroke, throttled afterwards, cleared on send.
     bob.keystroke(ROOM).await.unwrap();
