@@ -49,6 +49,7 @@ mod rooms;
 pub mod sim;
 mod socket;
 mod tasks;
+mod tls;
 mod yjs;
 
 use std::future::Future;
@@ -77,6 +78,7 @@ pub use crate::fanout::{Fanout, FanoutEvent, Inbound, LocalFanout, NoFanout};
 use crate::instance::{start_instance, Shared};
 pub use crate::limits::{RateLimit, RoomOpens};
 pub use crate::redis_fanout::RedisFanout;
+pub use crate::tls::{server_config as tls_server_config, TlsError};
 
 /// Serves `/healthz`, `/v1/sync` and `/yjs/{doc}` on `listener` until `shutdown` resolves.
 pub async fn serve<S: Store>(
