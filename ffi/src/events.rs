@@ -6,7 +6,10 @@ use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 
-use driftsync_client::{ChatEntry, ConnectionState as ClientState, Event as ClientEvent, Session};
+use driftsync_client::{
+    ChatEntry, ConnectionState as ClientState, Event as ClientEvent, Incoming, Session, Transport, TransportFuture,
+};
+use driftsync_protocol::{ServerFrame, CLOSE_UNAUTHORIZED, CLOSE_UNSUPPORTED_VERSION, DEFAULT_MAX_FRAME_SIZE};
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
@@ -214,6 +217,66 @@ impl Failures {
     }
 }
 
+/// A connection that tells [`Failures`] when the server refuses it for a reason the app must act
+/// on (the token refused, this client too old): by an `Error` frame before the welcome, or by
+/// closing with 4001 or 4002. Only the handshake's few small frames are looked at.
+pub(crate) struct Watched<T> {
+    inner: T,
+    failures: Failures,
+    handshake: bool,
+}
+
+impl<T> Watched<T> {
+    pub(crate) fn new(inner: T, failures: Failures) -> Watched<T> {
+        Watched {
+            inner,
+            failures,
+            handshake: true,
+        }
+    }
+}
+
+impl<T: Transport> Transport for Watched<T> {
+    fn send(&mut self, message: Vec<u8>) -> TransportFuture<'_, driftsync_client::Result<()>> {
+        self.inner.send(message)
+    }
+
+    fn recv(&mut self) -> TransportFuture<'_, driftsync_client::Result<Incoming>> {
+        Box::pin(async move {
+            let incoming = self.inner.recv().await?;
+            let refused = match &incoming {
+                Incoming::Binary(bytes) if self.handshake => match ServerFrame::decode(bytes, DEFAULT_MAX_FRAME_SIZE) {
+                    Ok(ServerFrame::Error { code, doc: None, .. }) => {
+                        Some((code_kind(code), format!("the server refused: {code:?}")))
+                    }
+                    _ => {
+                        self.handshake = false;
+                        None
+                    }
+                },
+                Incoming::Closed(Some(CLOSE_UNAUTHORIZED)) if self.handshake => {
+                    Some((ErrorKind::Unauthorized, "the server refused the token".to_string()))
+                }
+                Incoming::Closed(Some(CLOSE_UNSUPPORTED_VERSION)) => Some((
+                    ErrorKind::Protocol,
+                    "the server does not support this client's version".to_string(),
+                )),
+                _ => None,
+            };
+            if let Some((kind, reason)) = refused {
+                // One report per connection.
+                self.handshake = false;
+                self.failures.report(&DriftsyncError::new(kind, reason), None);
+            }
+            Ok(incoming)
+        })
+    }
+
+    fn close(&mut self) -> TransportFuture<'_, ()> {
+        self.inner.close()
+    }
+}
+
 /// Starts delivering `session`'s events to `listener` on a new thread.
 pub(crate) fn spawn_pump(
     runtime: &'static tokio::runtime::Runtime,
@@ -262,7 +325,9 @@ impl Pump {
         cancel: CancellationToken,
     ) {
         // What the rooms hold now is not news.
-        if let Ok(docs) = self.session.client().await.documents().await {
+        // (The client's lock is released before the rooms are listed, each under it again.)
+        let docs = self.session.client().await.documents().await;
+        if let Ok(docs) = docs {
             for room in docs.into_iter().filter(|d| is_chat(d)) {
                 let messages = self.messages(&room).await;
                 self.rooms.insert(room, messages);
@@ -347,7 +412,8 @@ impl Pump {
     }
 
     async fn messages(&self, room: &str) -> HashMap<String, ChatMessage> {
-        match self.session.client().await.chat_list(room).await {
+        let listed = self.session.client().await.chat_list(room).await;
+        match listed {
             Ok(entries) => entries
                 .iter()
                 .map(|e| (e.message.id.clone(), ChatMessage::from_entry(e)))
@@ -361,7 +427,8 @@ impl Pump {
 
     /// Tells what changed in `room` since it was last looked at: messages added, then changed.
     async fn chat_changed(&mut self, room: &str) {
-        let entries = match self.session.client().await.chat_list(room).await {
+        let listed = self.session.client().await.chat_list(room).await;
+        let entries = match listed {
             Ok(entries) => entries,
             Err(e) => {
                 let error = DriftsyncError::from(e);

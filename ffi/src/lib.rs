@@ -432,7 +432,9 @@ fn session_options(
             let (tls, failures) = (tls.clone(), failures.clone());
             async move {
                 match driftsync_client::WebSocketTransport::connect_with(&url, tls.as_ref()).await {
-                    Ok(transport) => Ok(Box::new(transport) as Box<dyn driftsync_client::Transport>),
+                    Ok(transport) => {
+                        Ok(Box::new(events::Watched::new(transport, failures)) as Box<dyn driftsync_client::Transport>)
+                    }
                     Err(e) => {
                         let reason = e.to_string();
                         failures.report(&DriftsyncError::from(e), None);
