@@ -147,7 +147,7 @@ async def main():
     # Text and map.
     await bob.text_append(NOTES, "bob wrote")
     await until("ada's text", lambda: _eq(ada.text(NOTES), "bob wrote"))
-    assert ada_events.seen(lambda e: e.is_DOCUMENT_CHANGED() and e.doc == NOTES)
+    await until("ada told the notes changed", lambda: ada_events.seen(lambda e: e.is_DOCUMENT_CHANGED() and e.doc == NOTES))
     await ada.text_insert(NOTES, 0, "> ")
     await ada.map_set(NOTES, "title", json.dumps({"t": "Notes", "n": 1}))
     await until("bob's text", lambda: _eq(bob.text(NOTES), "> bob wrote"))
