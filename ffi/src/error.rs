@@ -162,9 +162,15 @@ pub(crate) fn code_kind(code: ErrorCode) -> ErrorKind {
 
 impl From<ClientError> for DriftsyncError {
     fn from(error: ClientError) -> DriftsyncError {
+        DriftsyncError::from(&error)
+    }
+}
+
+impl From<&ClientError> for DriftsyncError {
+    fn from(error: &ClientError) -> DriftsyncError {
         use driftsync_engine::Error as EngineError;
         let reason = error.to_string();
-        let kind = match &error {
+        let kind = match error {
             ClientError::Engine(
                 EngineError::NotAuthor(_)
                 | EngineError::NoSuchMessage(_)
@@ -188,5 +194,64 @@ impl From<ClientError> for DriftsyncError {
 impl From<uniffi::UnexpectedUniFFICallbackError> for DriftsyncError {
     fn from(error: uniffi::UnexpectedUniFFICallbackError) -> DriftsyncError {
         DriftsyncError::internal(format!("a callback failed: {}", error.reason))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_kind_round_trips() {
+        for kind in [
+            ErrorKind::Invalid,
+            ErrorKind::Store,
+            ErrorKind::Unreachable,
+            ErrorKind::Tls,
+            ErrorKind::Unauthorized,
+            ErrorKind::Forbidden,
+            ErrorKind::Refused,
+            ErrorKind::Protocol,
+            ErrorKind::Timeout,
+            ErrorKind::Stopped,
+            ErrorKind::Internal,
+        ] {
+            let error = DriftsyncError::new(kind, "why");
+            assert_eq!(error.kind(), kind);
+            assert!(error.to_string().ends_with("why"));
+        }
+    }
+
+    #[test]
+    fn client_errors_are_typed() {
+        let server = |code| ClientError::Server {
+            code,
+            doc: None,
+            batch: None,
+        };
+        let kind = |e: ClientError| DriftsyncError::from(e).kind();
+        assert_eq!(kind(server(ErrorCode::Unauthorized)), ErrorKind::Unauthorized);
+        assert_eq!(kind(server(ErrorCode::TokenExpired)), ErrorKind::Unauthorized);
+        assert_eq!(kind(server(ErrorCode::ReadOnly)), ErrorKind::Forbidden);
+        assert_eq!(kind(server(ErrorCode::RateLimited)), ErrorKind::Refused);
+        assert_eq!(kind(server(ErrorCode::UnsupportedVersion)), ErrorKind::Protocol);
+        assert_eq!(kind(ClientError::Tls("UnknownIssuer".into())), ErrorKind::Tls);
+        assert_eq!(kind(ClientError::Closed), ErrorKind::Unreachable);
+        assert_eq!(
+            kind(ClientError::Timeout(std::time::Duration::from_secs(1))),
+            ErrorKind::Timeout
+        );
+        assert_eq!(
+            kind(ClientError::Engine(driftsync_engine::Error::NoSuchMessage("m".into()))),
+            ErrorKind::Invalid
+        );
+        assert_eq!(
+            kind(ClientError::Engine(driftsync_engine::Error::Corrupt {
+                doc: "d".into(),
+                reason: "r".into()
+            })),
+            ErrorKind::Store
+        );
+        assert_eq!(kind(ClientError::Stopped), ErrorKind::Stopped);
     }
 }

@@ -436,9 +436,8 @@ fn session_options(
                         Ok(Box::new(events::Watched::new(transport, failures)) as Box<dyn driftsync_client::Transport>)
                     }
                     Err(e) => {
-                        let reason = e.to_string();
-                        failures.report(&DriftsyncError::from(e), None);
-                        Err(driftsync_client::Error::Invalid(reason))
+                        failures.report(&DriftsyncError::from(&e), None);
+                        Err(e)
                     }
                 }
             }

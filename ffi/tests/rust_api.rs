@@ -72,7 +72,10 @@ async fn offline_writes_and_typed_errors() {
     store.text_insert("notes/1".into(), 0, "> ".into()).await.unwrap();
     store.text_delete("notes/1".into(), 0, 2).await.unwrap();
     assert_eq!(store.text("notes/1".into()).await.unwrap(), "héllo");
-    store.map_set("notes/1".into(), "n".into(), "[1,2]".into()).await.unwrap();
+    store
+        .map_set("notes/1".into(), "n".into(), "[1,2]".into())
+        .await
+        .unwrap();
     assert_eq!(store.map_entries("notes/1".into()).await.unwrap()["n"], "[1,2]");
     store.map_remove("notes/1".into(), "n".into()).await.unwrap();
     assert!(store.map_entries("notes/1".into()).await.unwrap().is_empty());
@@ -162,11 +165,22 @@ async fn sessions_over_wss_with_an_extra_ca() {
 
     // A provider with no token: the attempt fails, typed, and is retried.
     let carol = open("carol").await.unwrap();
-    let sc = carol.start_session(config(&["chat/x"]), Arc::new(NoToken)).await.unwrap();
+    let sc = carol
+        .start_session(config(&["chat/x"]), Arc::new(NoToken))
+        .await
+        .unwrap();
     let told = Arc::new(Recorder::default());
     let _keep = sc.add_listener(told.clone()).unwrap();
     until("carol told", async || {
-        told.seen(|e| matches!(e, Event::Error { kind: ErrorKind::Unauthorized, .. }))
+        told.seen(|e| {
+            matches!(
+                e,
+                Event::Error {
+                    kind: ErrorKind::Unauthorized,
+                    ..
+                }
+            )
+        })
     })
     .await;
 
