@@ -540,3 +540,75 @@ async fn yjs_connections_are_authorized_too() {
     );
     server.stop().await;
 }
+
+/// The chat rules of "Chat as users expect it" on a real server: a delivery receipt for another
+/// user, a reaction in someone else's name, a system message written by a client, and metadata
+/// or attachments of someone else's message are each refused, and nothing of them is stored.
+#[tokio::test]
+async fn forged_deliveries_reactions_system_messages_and_details_are_refused() {
+    use driftsync_engine::chat::{Attachment, Kind, NewMessage, DELIVERED_ROOT, REACTIONS_ROOT};
+    let (_dir, store, server) = start().await;
+    let mut chat = chat(&server).await;
+    let mallory = who("mallory", "phone");
+    let replica = mallory_replica(&chat, 71);
+    let delivered = replica
+        .mark_delivered(&who("ada", "phone"), &chat.first, 1_500)
+        .unwrap()
+        .unwrap();
+    let replica = mallory_replica(&chat, 72);
+    let reaction = replica
+        .react(&who("ada", "phone"), &chat.first, "👎", true, 1_500)
+        .unwrap()
+        .unwrap();
+    let replica = mallory_replica(&chat, 73);
+    let system = NewMessage {
+        kind: Kind::System,
+        ..NewMessage::text("ada left")
+    };
+    let (_, system) = replica.send_message(&mallory, &system, 1_500).unwrap();
+    let details = |client: u64, key: &str, value: yrs::Any| {
+        let replica = mallory_replica(&chat, client);
+        let root = replica.doc().get_or_insert_map(MESSAGES_ROOT);
+        let Some(Out::YMap(message)) = root.get(&replica.doc().transact(), &chat.first) else {
+            panic!("no message map")
+        };
+        let mut txn = replica.doc().transact_mut();
+        message.insert(&mut txn, key, value);
+        txn.encode_update_v1()
+    };
+    let picture = Attachment {
+        url: "https://evil.example/x.png".into(),
+        mime: "image/png".into(),
+        size: 1,
+        ..Attachment::default()
+    };
+    let meta = details(
+        74,
+        "meta",
+        yrs::Any::from(std::collections::HashMap::from([(
+            "k".to_string(),
+            yrs::Any::from("v"),
+        )])),
+    );
+    let attachments = details(75, "attachments", yrs::Any::from(vec![picture.to_any()]));
+    for (batch, update) in [delivered, reaction, system, meta, attachments].into_iter().enumerate() {
+        assert_eq!(
+            push(&mut chat.mallory, &chat.room, batch as u64 + 1, update).await,
+            Err(ErrorCode::SchemaViolation),
+            "update {batch}"
+        );
+        let (head, doc) = stored(&store, &chat.room).await;
+        assert_eq!(head, 1, "nothing of update {batch} is stored");
+        for root in [DELIVERED_ROOT, REACTIONS_ROOT] {
+            let map = doc.get_or_insert_map(root);
+            assert_eq!(map.len(&doc.transact()), 0, "{root} after update {batch}");
+        }
+    }
+    // Her own reaction and delivery receipt are fine.
+    let own = mallory_replica(&chat, 76);
+    let reaction = own.react(&mallory, &chat.first, "👍", true, 2_000).unwrap().unwrap();
+    assert_eq!(push(&mut chat.mallory, &chat.room, 10, reaction).await, Ok(2));
+    let receipt = own.mark_delivered(&mallory, &chat.first, 2_001).unwrap().unwrap();
+    assert_eq!(push(&mut chat.mallory, &chat.room, 11, receipt).await, Ok(3));
+    server.stop().await;
+}

@@ -1,7 +1,9 @@
-//! Seeded randomized convergence: N replicas make random chat sends, edits, deletes, read marks
-//! and text edits while their updates are delivered late, out of order and duplicated, and some
-//! replicas catch up by state-vector diff instead. At the end every replica must hold the same
-//! text, the same messages in the same order, and the same receipts.
+//! Seeded randomized convergence: N replicas make random chat sends, edits, deletes, read marks,
+//! delivery receipts, reactions and text edits while their updates are delivered late, out of
+//! order and duplicated, and some replicas catch up by state-vector diff instead (offline
+//! devices). No replica ever shows a read or delivery receipt moving back; at the end every
+//! replica must hold the same text, the same messages in the same order, and the same receipts
+//! and reactions.
 //!
 //! Every schedule prints its seed when it fails; rerun one with `DRIFTSYNC_SEED=<seed>`. The
 //! number of schedules is `DRIFTSYNC_SCHEDULES` (default 500).
@@ -27,6 +29,27 @@ struct Replica {
     text: yrs::Doc,
     /// Updates on their way to this replica: (deliver at or after this step, target, bytes).
     inbox: Vec<(u32, Target, Vec<u8>)>,
+    /// The read and delivery receipts (user → sort) this replica has shown: they never move back.
+    shown_receipts: [std::collections::BTreeMap<String, String>; 2],
+}
+
+impl Replica {
+    /// Checks that no user's read or delivery receipt moved back on this replica.
+    fn check_receipts_forward(&mut self, k: usize) {
+        let now = [self.chat.receipts(), self.chat.delivered()];
+        for (kind, (shown, now)) in self.shown_receipts.iter_mut().zip(now).enumerate() {
+            for (user, receipt) in now {
+                if let Some(before) = shown.get(&user) {
+                    assert!(
+                        receipt.sort >= *before,
+                        "replica {k}: {} receipt of {user} moved back",
+                        ["read", "delivery"][kind]
+                    );
+                }
+                shown.insert(user, receipt.sort);
+            }
+        }
+    }
 }
 
 fn run_schedule(seed: u64) {
@@ -43,6 +66,7 @@ fn run_schedule(seed: u64) {
             chat: ChatRoom::new(new_doc(1000 + i as u64).unwrap()),
             text: new_doc(2000 + i as u64).unwrap(),
             inbox: Vec::new(),
+            shown_receipts: Default::default(),
         })
         .collect();
     let limits = Limits {
@@ -56,7 +80,7 @@ fn run_schedule(seed: u64) {
         let i = rng.random_range(0..n);
         let now = (1_700_000_000_000i64 + i64::from(step) * 1000 + skew[i]) as u64;
         let r = &replicas[i];
-        let produced: Option<(Target, Vec<u8>)> = match rng.random_range(0..10) {
+        let produced: Option<(Target, Vec<u8>)> = match rng.random_range(0..12) {
             0..=2 => Some((Target::Chat, r.chat.send(&r.author, &format!("m{step}"), now).1)),
             3 => {
                 let own: Vec<_> = r
@@ -96,6 +120,28 @@ fn run_schedule(seed: u64) {
                         .unwrap()
                         .map(|u| (Target::Chat, u))
                 }
+            }
+            10 => {
+                // Messages reached this device: its delivery receipt, as the client writes it.
+                let latest = r.chat.messages().into_iter().rev().find(|m| m.author != r.author.user);
+                latest.and_then(|m| {
+                    r.chat
+                        .mark_delivered(&r.author, &m.id, now)
+                        .unwrap()
+                        .map(|u| (Target::Chat, u))
+                })
+            }
+            11 => {
+                let all = r.chat.messages();
+                (!all.is_empty())
+                    .then(|| {
+                        let m = &all[rng.random_range(0..all.len())];
+                        let reaction = ["👍", "🎉"][rng.random_range(0..2)];
+                        let add = rng.random_bool(0.7);
+                        r.chat.react(&r.author, &m.id, reaction, add, now).unwrap()
+                    })
+                    .flatten()
+                    .map(|u| (Target::Chat, u))
             }
             6..=7 => {
                 let len = doc::text_len(&r.text);
@@ -143,13 +189,15 @@ fn run_schedule(seed: u64) {
             }
         }
         // Deliver some of what is due, in random order.
-        for r in replicas.iter_mut() {
+        for (k, r) in replicas.iter_mut().enumerate() {
             deliver(r, &mut rng, Some(step), &limits);
+            r.check_receipts_forward(k);
         }
     }
     // Heal: deliver everything left, in random order.
-    for r in replicas.iter_mut() {
+    for (k, r) in replicas.iter_mut().enumerate() {
         deliver(r, &mut rng, None, &limits);
+        r.check_receipts_forward(k);
     }
 
     let first = &replicas[0];
@@ -158,6 +206,16 @@ fn run_schedule(seed: u64) {
         assert_eq!(doc::text(&r.text), text, "replica {k}: text differs");
         assert_eq!(r.chat.messages(), messages, "replica {k}: messages differ");
         assert_eq!(r.chat.receipts(), receipts, "replica {k}: receipts differ");
+        assert_eq!(
+            r.chat.delivered(),
+            first.chat.delivered(),
+            "replica {k}: delivery receipts differ"
+        );
+        assert_eq!(
+            r.chat.all_reactions(),
+            first.chat.all_reactions(),
+            "replica {k}: reactions differ"
+        );
     }
     // Order is strictly increasing in the sort key, and every reply sorts after what it saw.
     assert!(messages.windows(2).all(|w| w[0].sort < w[1].sort));

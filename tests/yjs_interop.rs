@@ -635,3 +635,82 @@ async fn stock_client_watchdog_is_fed_by_the_heartbeat() {
     drop(y);
     server.stop().await;
 }
+
+/// Typing crosses protocols both ways: a native connection's typing shows in its awareness
+/// state (`"typing": true`) for Yjs clients, and a Yjs client's `typing` field reaches native
+/// connections as typing frames (the web app relies on both).
+#[tokio::test]
+async fn typing_crosses_between_native_and_yjs_clients() {
+    let (_dir, store) = sqlite_store().await;
+    let server = TestServer::start(store, Default::default()).await;
+    let d = doc_id("chat/typing");
+    let mut native = NativeClient::connect(&server.url(), "", 31).await;
+    native
+        .send(&ClientFrame::Resume {
+            docs: vec![ResumeDoc {
+                doc: d.clone(),
+                cursor: 0,
+                state_vector: vec![0],
+            }],
+        })
+        .await;
+    native
+        .recv_until(|f| matches!(f, ServerFrame::Resumed { .. }).then_some(()))
+        .await;
+    let mut yjs = RawYjs::connect(&server, "chat/typing").await;
+    yjs.recv_until(|m| matches!(m, YMessage::SyncStep1(_)).then_some(()))
+        .await;
+    let session = native.session;
+
+    // Native → Yjs: the session's awareness entry says it is typing, then no longer.
+    native
+        .send(&ClientFrame::Presence {
+            doc: d.clone(),
+            state: Some(r#"{"user":"ada"}"#.into()),
+        })
+        .await;
+    native
+        .send(&ClientFrame::Typing {
+            doc: d.clone(),
+            typing: true,
+        })
+        .await;
+    let state_of = |m: &YMessage| match m {
+        YMessage::Awareness(entries) => entries
+            .iter()
+            .find(|e| e.client_id == session)
+            .and_then(|e| e.state.as_deref())
+            .and_then(|s| serde_json::from_str::<serde_json::Value>(s).ok()),
+        _ => None,
+    };
+    let typing = yjs.recv_until(|m| state_of(m).filter(|s| s["typing"] == true)).await;
+    assert_eq!(typing["user"], "ada");
+    native
+        .send(&ClientFrame::Typing {
+            doc: d.clone(),
+            typing: false,
+        })
+        .await;
+    let idle = yjs
+        .recv_until(|m| state_of(m).filter(|s| s.get("typing").is_none()))
+        .await;
+    assert_eq!(idle, serde_json::json!({"user": "ada"}));
+
+    // Yjs → native: typing frames from the Yjs client's awareness, on changes only.
+    let entry = |clock: u64, state: &str| {
+        YMessage::Awareness(vec![AwarenessEntry {
+            client_id: 4242,
+            clock,
+            state: Some(state.into()),
+        }])
+    };
+    yjs.send(&entry(1, r#"{"user":{"name":"bob"},"typing":true}"#)).await;
+    let typing = |f: &ServerFrame| match f {
+        ServerFrame::Typing { peer, typing, .. } => Some((*peer, *typing)),
+        _ => None,
+    };
+    assert_eq!(native.recv_until(typing).await, (4242, true));
+    yjs.send(&entry(2, r#"{"user":{"name":"bob"},"typing":false}"#)).await;
+    assert_eq!(native.recv_until(typing).await, (4242, false));
+    server.stop().await;
+}

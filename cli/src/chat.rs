@@ -41,7 +41,8 @@ pub(crate) struct ChatArgs {
     line_mode: bool,
 }
 
-const HELP: &str = "commands: /edit ID TEXT, /delete ID, /read, /who, /history [N], /quit (IDs: the #xxxxxx shown)";
+const HELP: &str = "commands: /reply ID TEXT, /react ID EMOJI, /unreact ID EMOJI, /edit ID TEXT, /delete ID, /read, \
+                    /who, /history [N], /quit (IDs: the #xxxxxx shown)";
 
 /// What the input side produces.
 enum Input {
@@ -141,6 +142,10 @@ struct View {
     unsaved: HashSet<String>,
     /// Readers already reported per own message.
     readers: HashMap<String, Vec<String>>,
+    /// Own messages reported delivered.
+    delivered: HashSet<String>,
+    /// Reactions shown per message.
+    reactions: HashMap<String, String>,
     /// Who is typing (user → typing).
     typing: BTreeMap<String, bool>,
     /// Present connections: peer → user.
@@ -155,6 +160,12 @@ impl View {
     fn format(entry: &ChatEntry, me: &str) -> String {
         let m = &entry.message;
         let mut line = format!("[{}] {} {}: ", clock(m.created_ms), short(&m.id), m.author);
+        if let Some(to) = &m.reply_to {
+            line.push_str(&format!("↪ {} ", short(to)));
+        }
+        if m.kind != driftsync_engine::chat::Kind::Text {
+            line.push_str(&format!("[{}] ", m.kind));
+        }
         if m.deleted {
             line.push_str("(deleted)");
         } else {
@@ -162,11 +173,29 @@ impl View {
             if m.edited_ms.is_some() {
                 line.push_str(" (edited)");
             }
+            for a in &m.attachments {
+                line.push_str(&format!(" 📎 {} ({}, {} B)", a.url, a.mime, a.size));
+            }
+        }
+        let reactions = Self::reactions(entry);
+        if !reactions.is_empty() {
+            line.push_str("  ");
+            line.push_str(&reactions);
         }
         if m.author == me && !entry.delivered {
             line.push_str("  …");
         }
         line
+    }
+
+    /// A message's reactions as `👍2 🎉1`.
+    fn reactions(entry: &ChatEntry) -> String {
+        entry
+            .reactions
+            .iter()
+            .map(|(r, users)| format!("{r}{}", users.len()))
+            .collect::<Vec<_>>()
+            .join(" ")
     }
 
     /// Prints new, edited and deleted messages, saves, and new readers of own messages.
@@ -195,6 +224,13 @@ impl View {
                 } else if self.unsaved.remove(&m.id) {
                     screen.line(&format!("  ✓ {} saved on the server", short(&m.id)));
                 }
+                if !entry.delivered_to.is_empty() && self.delivered.insert(m.id.clone()) && !first_time {
+                    screen.line(&format!(
+                        "  ✓✓ {} delivered to {}",
+                        short(&m.id),
+                        entry.delivered_to.join(", ")
+                    ));
+                }
                 let others: Vec<String> = entry.read_by.iter().filter(|u| *u != me).cloned().collect();
                 let known = self.readers.entry(m.id.clone()).or_default();
                 let new: Vec<String> = others.iter().filter(|u| !known.contains(u)).cloned().collect();
@@ -202,6 +238,16 @@ impl View {
                     screen.line(&format!("  ✓ {} read by {}", short(&m.id), new.join(", ")));
                 }
                 *known = others;
+            }
+            let reactions = Self::reactions(entry);
+            let before = self.reactions.insert(m.id.clone(), reactions.clone());
+            if before.is_some_and(|before| before != reactions) && !first_time {
+                let shown = if reactions.is_empty() {
+                    "none".to_string()
+                } else {
+                    reactions
+                };
+                screen.line(&format!("  reactions on {}: {shown}", short(&m.id)));
             }
         }
         for entry in entries.iter().take(skip) {
@@ -346,6 +392,27 @@ async fn command(
             let (tag, text) = rest.trim().split_once(' ').context("usage: /edit ID TEXT")?;
             let entry = find(&entries, tag).with_context(|| format!("no message {tag}"))?;
             session.chat_edit(room, &entry.message.id, text.trim()).await?;
+            refresh(session, room, me, view, screen, 0).await?;
+        }
+        "/reply" => {
+            let (tag, text) = rest.trim().split_once(' ').context("usage: /reply ID TEXT")?;
+            let entry = find(&entries, tag).with_context(|| format!("no message {tag}"))?;
+            let message = driftsync_engine::chat::NewMessage {
+                reply_to: Some(entry.message.id.clone()),
+                ..driftsync_engine::chat::NewMessage::text(text.trim())
+            };
+            session.chat_send_message(room, &message).await?;
+            refresh(session, room, me, view, screen, 0).await?;
+        }
+        "/react" | "/unreact" => {
+            let (tag, emoji) = rest
+                .trim()
+                .split_once(' ')
+                .with_context(|| format!("usage: {cmd} ID EMOJI"))?;
+            let entry = find(&entries, tag).with_context(|| format!("no message {tag}"))?;
+            session
+                .chat_react(room, &entry.message.id, emoji.trim(), cmd == "/react")
+                .await?;
             refresh(session, room, me, view, screen, 0).await?;
         }
         "/delete" => {

@@ -74,11 +74,35 @@ enum ClientCommand {
 #[derive(Subcommand)]
 enum ChatCommand {
     /// Send a message and print its id.
-    Send { room: String, text: String },
+    Send {
+        room: String,
+        text: String,
+        /// text, image, video or file (system messages are the server's).
+        #[arg(long, default_value = "text")]
+        kind: String,
+        /// A metadata entry KEY=VALUE (repeatable).
+        #[arg(long = "meta", value_name = "KEY=VALUE")]
+        meta: Vec<String>,
+        /// An attachment by reference: URL,MIME,SIZE[,SHA256[,WIDTHxHEIGHT]] (repeatable).
+        #[arg(long = "attach", value_name = "URL,MIME,SIZE")]
+        attach: Vec<String>,
+        /// The id of the message this one answers.
+        #[arg(long)]
+        reply_to: Option<String>,
+    },
+    /// Add a reaction (an emoji) to a message, or take it back with --remove.
+    React {
+        room: String,
+        message: String,
+        reaction: String,
+        #[arg(long)]
+        remove: bool,
+    },
     /// List the messages: id, author, time, delivery state, readers and text.
     List {
         room: String,
-        /// One JSON array of objects (id, author, text, time, edited, deleted, delivery, read_by).
+        /// One JSON array of objects (id, author, kind, text, time, edited, deleted, metadata,
+        /// attachments, reply_to, reactions, delivery, delivered_to, read_by).
         #[arg(long)]
         json: bool,
     },
@@ -496,13 +520,90 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The message `chat send` describes.
+fn new_message(
+    text: String,
+    kind: &str,
+    meta: &[String],
+    attach: &[String],
+    reply_to: Option<String>,
+) -> anyhow::Result<driftsync_engine::chat::NewMessage> {
+    use driftsync_engine::chat::{Kind, NewMessage};
+    let kind = match Kind::parse(kind) {
+        Some(Kind::System) => bail!("system messages are written by the server only"),
+        Some(kind) => kind,
+        None => bail!("unknown kind {kind:?}: text, image, video or file"),
+    };
+    let mut metadata = std::collections::BTreeMap::new();
+    for entry in meta {
+        let Some((key, value)) = entry.split_once('=') else {
+            bail!("--meta takes KEY=VALUE, not {entry:?}");
+        };
+        metadata.insert(key.to_string(), value.to_string());
+    }
+    let mut attachments = Vec::new();
+    for spec in attach {
+        attachments.push(parse_attachment(spec)?);
+    }
+    let message = NewMessage {
+        text,
+        kind,
+        metadata,
+        attachments,
+        reply_to,
+    };
+    message.check().map_err(anyhow::Error::msg)?;
+    Ok(message)
+}
+
+/// `URL,MIME,SIZE[,SHA256][,WIDTHxHEIGHT]`, read from the right (a URL may hold commas).
+fn parse_attachment(spec: &str) -> anyhow::Result<driftsync_engine::chat::Attachment> {
+    let usage = || anyhow::anyhow!("--attach takes URL,MIME,SIZE[,SHA256][,WIDTHxHEIGHT], not {spec:?}");
+    let mut parts: Vec<&str> = spec.split(',').collect();
+    let mut attachment = driftsync_engine::chat::Attachment::default();
+    if let Some((w, h)) = parts.last().and_then(|p| p.split_once('x')) {
+        if let (Ok(w), Ok(h)) = (w.parse(), h.parse()) {
+            attachment.width = Some(w);
+            attachment.height = Some(h);
+            parts.pop();
+        }
+    }
+    if parts
+        .last()
+        .is_some_and(|p| p.len() == 64 && p.bytes().all(|b| b.is_ascii_hexdigit()))
+    {
+        attachment.sha256 = parts.pop().map(str::to_ascii_lowercase);
+    }
+    attachment.size = parts.pop().and_then(|p| p.parse().ok()).ok_or_else(usage)?;
+    attachment.mime = parts.pop().ok_or_else(usage)?.to_string();
+    attachment.url = parts.join(",");
+    attachment.check().map_err(|e| anyhow::anyhow!("{e} (in {spec:?})"))?;
+    Ok(attachment)
+}
+
 async fn client(args: ClientArgs) -> anyhow::Result<()> {
     let mut client = driftsync_client::Client::open(&args.store, &args.user)
         .await
         .with_context(|| format!("cannot open the client store {}", args.store.display()))?;
     match args.command {
-        ClientCommand::Chat(ChatCommand::Send { room, text }) => {
-            println!("{}", client.chat_send(&room, &text).await?);
+        ClientCommand::Chat(ChatCommand::Send {
+            room,
+            text,
+            kind,
+            meta,
+            attach,
+            reply_to,
+        }) => {
+            let message = new_message(text, &kind, &meta, &attach, reply_to)?;
+            println!("{}", client.chat_send_message(&room, &message).await?);
+        }
+        ClientCommand::Chat(ChatCommand::React {
+            room,
+            message,
+            reaction,
+            remove,
+        }) => {
+            client.chat_react(&room, &message, &reaction, !remove).await?;
         }
         ClientCommand::Chat(ChatCommand::List { room, json }) => {
             let entries = client.chat_list(&room).await?;
@@ -513,13 +614,24 @@ async fn client(args: ClientArgs) -> anyhow::Result<()> {
             for entry in entries.iter().filter(|_| !json) {
                 let m = &entry.message;
                 let text = if m.deleted { "(deleted)" } else { m.text.as_str() };
+                let reactions: Vec<String> = entry
+                    .reactions
+                    .iter()
+                    .map(|(r, users)| format!("{r}{}", users.len()))
+                    .collect();
                 println!(
-                    "{}\t{}\t{}\t{}\tread_by={}\t{}",
+                    "{}\t{}\t{}\t{}\t{}\tread_by={}\treactions={}\t{}{}",
                     m.id,
                     m.author,
                     m.created_ms,
+                    m.kind,
                     entry.delivery(),
                     entry.read_by.join(","),
+                    reactions.join(","),
+                    m.reply_to
+                        .as_ref()
+                        .map(|r| format!("(reply to {r}) "))
+                        .unwrap_or_default(),
                     text
                 );
             }

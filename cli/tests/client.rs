@@ -72,11 +72,13 @@ async fn offline_story_two_stores_write_offline_sync_and_list() {
     let (_server_dir, store) = sqlite_store().await;
     let server = TestServer::start(store, Default::default()).await;
     let url = server.url();
+    // Each store syncs as its own user: a sync writes delivery receipts in that user's name.
     let sync = |store: &'static str| {
         let path = dir.path().join(store);
+        let user = store.trim_end_matches(".db");
         let url = url.clone();
         async move {
-            let out = run(&path, "x", &["sync", "--server", &url, "--once"]).await;
+            let out = run(&path, user, &["sync", "--server", &url, "--once"]).await;
             let report: Value = serde_json::from_str(out.trim()).expect("one JSON line");
             for key in ["documents", "bytes_sent", "bytes_received", "round_trips"] {
                 assert!(report.get(key).is_some(), "{key} missing in {report}");
@@ -106,10 +108,25 @@ async fn offline_story_two_stores_write_offline_sync_and_list() {
     let mut expected = vec![a1.clone(), b1.clone()];
     expected.sort_by_key(|id| ids(&on_ada).iter().position(|x| x == id));
     assert_eq!(ids(&on_ada), expected);
-    assert!(on_ada.iter().all(|m| m["delivery"] == "acknowledged"), "{on_ada:?}");
-    let read_by = |l: &[Value], id: &str| l.iter().find(|m| m["id"] == id).unwrap()["read_by"].clone();
-    assert!(read_by(&on_ada, &a1).as_array().unwrap().contains(&Value::from("bob")));
-    assert_eq!(read_by(&on_ada, &a1), read_by(&on_bob, &a1));
+    // Ada's message was read by Bob; Bob's reached Ada's device (her sync wrote a delivery
+    // receipt), and both stores agree.
+    let field = |l: &[Value], id: &str, key: &str| l.iter().find(|m| m["id"] == id).unwrap()[key].clone();
+    assert_eq!(field(&on_ada, &a1, "delivery"), "read", "{on_ada:?}");
+    assert_eq!(field(&on_ada, &a1, "read_by"), serde_json::json!(["bob"]));
+    assert_eq!(field(&on_ada, &a1, "delivered_to"), serde_json::json!(["bob"]));
+    assert_eq!(field(&on_ada, &b1, "delivery"), "delivered", "{on_ada:?}");
+    assert_eq!(field(&on_ada, &b1, "delivered_to"), serde_json::json!(["ada"]));
+    for key in [
+        "read_by",
+        "delivered_to",
+        "kind",
+        "metadata",
+        "attachments",
+        "reply_to",
+        "reactions",
+    ] {
+        assert_eq!(field(&on_ada, &a1, key), field(&on_bob, &a1, key), "{key}");
+    }
 
     // Errors are one line on stderr and a non-zero exit.
     let out = Command::new(env!("CARGO_BIN_EXE_driftsync"))
@@ -329,5 +346,156 @@ async fn interactive_chat_live_offline_and_catch_up() {
     bob.quit().await;
     ada.expect("bob left").await;
     ada.quit().await;
+    server.stop().await;
+}
+
+/// The sender's view of one message.
+fn state_of(list: &[Value], id: &str) -> (String, Value, Value) {
+    let m = list.iter().find(|m| m["id"] == id).expect("the message is listed");
+    (
+        m["delivery"].as_str().unwrap().to_string(),
+        m["delivered_to"].clone(),
+        m["read_by"].clone(),
+    )
+}
+
+/// Three devices of two users, one of them offline for a long stretch: on the sender's side a
+/// message moves local → acknowledged → delivered → read, in order, and the offline device's
+/// return is what moves the second message on.
+#[tokio::test]
+async fn delivery_states_move_forward_as_devices_get_and_read_messages() {
+    let dir = tempfile::tempdir().unwrap();
+    let ada = dir.path().join("ada.db");
+    let phone = dir.path().join("bob-phone.db");
+    let laptop = dir.path().join("bob-laptop.db");
+    let (_server_dir, store) = sqlite_store().await;
+    let server = TestServer::start(store, Default::default()).await;
+    let url = server.url();
+    let sync = |path: &Path, user: &str| {
+        let (path, user, url) = (path.to_path_buf(), user.to_string(), url.clone());
+        async move { run(&path, &user, &["sync", "--server", &url, "--once", "--doc", ROOM]).await }
+    };
+
+    let m1 = run(&ada, "ada", &["chat", "send", ROOM, "first"])
+        .await
+        .trim()
+        .to_string();
+    assert_eq!(state_of(&list(&ada, "ada").await, &m1).0, "local");
+    sync(&ada, "ada").await;
+    assert_eq!(state_of(&list(&ada, "ada").await, &m1).0, "acknowledged");
+    // Bob's phone gets it: its sync records a delivery receipt.
+    sync(&phone, "bob").await;
+    sync(&ada, "ada").await;
+    assert_eq!(
+        state_of(&list(&ada, "ada").await, &m1),
+        ("delivered".into(), serde_json::json!(["bob"]), serde_json::json!([]))
+    );
+
+    // The phone goes quiet; a second message reaches only the server.
+    let m2 = run(&ada, "ada", &["chat", "send", ROOM, "second"])
+        .await
+        .trim()
+        .to_string();
+    sync(&ada, "ada").await;
+    assert_eq!(state_of(&list(&ada, "ada").await, &m2).0, "acknowledged");
+    // Bob's laptop, offline all along, comes back: both messages reach it…
+    sync(&laptop, "bob").await;
+    sync(&ada, "ada").await;
+    assert_eq!(state_of(&list(&ada, "ada").await, &m2).0, "delivered");
+    // …and Bob reads them there.
+    run(&laptop, "bob", &["chat", "read", ROOM]).await;
+    sync(&laptop, "bob").await;
+    sync(&ada, "ada").await;
+    let on_ada = list(&ada, "ada").await;
+    for id in [&m1, &m2] {
+        assert_eq!(
+            state_of(&on_ada, id),
+            ("read".into(), serde_json::json!(["bob"]), serde_json::json!(["bob"]))
+        );
+    }
+    // The phone, back too, never moves anything back.
+    sync(&phone, "bob").await;
+    sync(&ada, "ada").await;
+    assert_eq!(state_of(&list(&ada, "ada").await, &m2).0, "read");
+    server.stop().await;
+}
+
+/// Kinds, metadata, attachments, replies and reactions through the CLI, seen on both sides.
+#[tokio::test]
+async fn rich_messages_and_reactions_through_the_cli() {
+    let dir = tempfile::tempdir().unwrap();
+    let ada = dir.path().join("ada.db");
+    let bob = dir.path().join("bob.db");
+    let (_server_dir, store) = sqlite_store().await;
+    let server = TestServer::start(store, Default::default()).await;
+    let url = server.url();
+    let hash = "9f".repeat(32);
+    let question = run(&ada, "ada", &["chat", "send", ROOM, "which one?"])
+        .await
+        .trim()
+        .to_string();
+    let attach = format!("https://cdn.example/a,b.png,image/png,48213,{hash},800x600");
+    let photo = run(
+        &ada,
+        "ada",
+        &[
+            "chat",
+            "send",
+            ROOM,
+            "this one",
+            "--kind",
+            "image",
+            "--meta",
+            "caption=Lisbon",
+            "--meta",
+            "album=trip",
+            "--attach",
+            &attach,
+            "--reply-to",
+            &question,
+        ],
+    )
+    .await
+    .trim()
+    .to_string();
+    run(&ada, "ada", &["sync", "--server", &url, "--once"]).await;
+    run(&bob, "bob", &["sync", "--server", &url, "--once", "--doc", ROOM]).await;
+    run(&bob, "bob", &["chat", "react", ROOM, &photo, "👍"]).await;
+    run(&bob, "bob", &["chat", "react", ROOM, &photo, "🎉"]).await;
+    run(&bob, "bob", &["chat", "react", ROOM, &photo, "🎉", "--remove"]).await;
+    run(&bob, "bob", &["sync", "--server", &url, "--once"]).await;
+    run(&ada, "ada", &["sync", "--server", &url, "--once"]).await;
+    for (store, user) in [(&ada, "ada"), (&bob, "bob")] {
+        let listed = list(store, user).await;
+        let m = listed.iter().find(|m| m["id"] == photo.as_str()).expect("the photo");
+        assert_eq!(m["kind"], "image");
+        assert_eq!(m["text"], "this one");
+        assert_eq!(m["metadata"], serde_json::json!({"album": "trip", "caption": "Lisbon"}));
+        assert_eq!(
+            m["attachments"],
+            serde_json::json!([{"url": "https://cdn.example/a,b.png", "mime": "image/png", "size": 48213,
+                "sha256": hash, "width": 800, "height": 600}])
+        );
+        assert_eq!(m["reply_to"], question.as_str());
+        assert_eq!(m["reactions"], serde_json::json!({"👍": ["bob"]}), "{user}");
+    }
+    // What the rules refuse is refused before anything is written.
+    for bad in [
+        vec!["--kind", "system"],
+        vec!["--kind", "sticker"],
+        vec!["--attach", "https://x,png,1"],
+        vec!["--meta", "novalue"],
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_driftsync"))
+            .args(["client", "--store"])
+            .arg(&ada)
+            .args(["--user", "ada", "chat", "send", ROOM, "x"])
+            .args(&bad)
+            .output()
+            .await
+            .unwrap();
+        assert!(!out.status.success(), "{bad:?} was accepted");
+    }
+    assert_eq!(list(&ada, "ada").await.len(), 2);
     server.stop().await;
 }

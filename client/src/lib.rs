@@ -25,10 +25,10 @@ mod sync;
 mod tls;
 mod transport;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
 
-use driftsync_engine::chat::{Author, ChatRoom, Message, Receipt, MESSAGES_ROOT};
+use driftsync_engine::chat::{Author, ChatRoom, Message, NewMessage, Reactions, Receipt, MESSAGES_ROOT};
 use driftsync_engine::doc::{self, decode_update, is_empty_update, load_document};
 use driftsync_engine::store::{DeviceIdentity, SqliteStore, Store};
 use driftsync_protocol::DocId;
@@ -51,7 +51,15 @@ pub struct Client {
     author: Author,
     docs: HashMap<String, Doc>,
     rooms: HashMap<String, ChatRoom>,
+    /// Documents this client changed by itself while applying what the server sent (delivery
+    /// receipts): the driver pushes them ([`Client::take_own_changes`]).
+    own_changes: BTreeSet<String>,
+    /// Per chat room, its clock when its delivery receipt was last brought up to date.
+    delivered_clock: HashMap<String, driftsync_engine::clock::Hlc>,
 }
+
+/// Documents whose ids start with this are chat rooms (the server's `CHAT_PREFIX`).
+pub const CHAT_PREFIX: &str = "chat/";
 
 impl std::fmt::Debug for Client {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -88,6 +96,8 @@ impl Client {
             author,
             docs: HashMap::new(),
             rooms: HashMap::new(),
+            own_changes: BTreeSet::new(),
+            delivered_clock: HashMap::new(),
         })
     }
 
@@ -215,6 +225,77 @@ impl Client {
             .ok_or_else(|| Error::Invalid(format!("chat room {room} is not open")))
     }
 
+    /// Sends a message with a kind, metadata, attachments or a reply; returns its id.
+    pub async fn chat_send_message(&mut self, room: &str, message: &NewMessage) -> Result<String> {
+        let author = self.author.clone();
+        let (id, update) = self.room(room).await?.send_message(&author, message, now_ms())?;
+        self.record(room, &update).await?;
+        Ok(id)
+    }
+
+    /// Adds (or with `add == false` takes back) this user's `reaction` to message `id`; returns
+    /// whether anything changed.
+    pub async fn chat_react(&mut self, room: &str, id: &str, reaction: &str, add: bool) -> Result<bool> {
+        let author = self.author.clone();
+        let update = self.room(room).await?.react(&author, id, reaction, add, now_ms())?;
+        match update {
+            Some(update) => {
+                self.record(room, &update).await?;
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
+    /// Replaces the metadata and attachments of one of this user's messages.
+    pub async fn chat_set_details(
+        &mut self,
+        room: &str,
+        id: &str,
+        metadata: &BTreeMap<String, String>,
+        attachments: &[driftsync_engine::chat::Attachment],
+    ) -> Result<()> {
+        let author = self.author.clone();
+        let update = self
+            .room(room)
+            .await?
+            .set_details(&author, id, metadata, attachments, now_ms())?;
+        self.record(room, &update).await?;
+        Ok(())
+    }
+
+    /// After messages arrived from the server in chat room `room`: records that this device
+    /// has them (a delivery receipt up to the latest message of another user), if that moves
+    /// its receipt. The change is pushed like any other ([`Client::take_own_changes`]).
+    pub(crate) async fn note_delivered(&mut self, room: &str) -> Result<()> {
+        if !room.starts_with(CHAT_PREFIX) {
+            return Ok(());
+        }
+        let author = self.author.clone();
+        // No new message since the last look (the room's clock did not move): nothing to do,
+        // without reading every message for each receipt or reaction that arrives.
+        let clock = self.room(room).await?.clock();
+        if self.delivered_clock.get(room) == Some(&clock) {
+            return Ok(());
+        }
+        self.delivered_clock.insert(room.to_string(), clock);
+        let chat = self.room(room).await?;
+        let Some(latest) = chat.messages().into_iter().rev().find(|m| m.author != author.user) else {
+            return Ok(());
+        };
+        if let Some(update) = chat.mark_delivered(&author, &latest.id, now_ms())? {
+            self.record(room, &update).await?;
+            self.own_changes.insert(room.to_string());
+        }
+        Ok(())
+    }
+
+    /// The documents this client changed by itself while applying the server's changes since
+    /// the last call (delivery receipts), for the driver to push.
+    pub fn take_own_changes(&mut self) -> BTreeSet<String> {
+        std::mem::take(&mut self.own_changes)
+    }
+
     /// Sends a message; returns its id.
     pub async fn chat_send(&mut self, room: &str, text: &str) -> Result<String> {
         let author = self.author.clone();
@@ -313,33 +394,83 @@ impl Client {
 pub struct ChatEntry {
     /// The message.
     pub message: Message,
-    /// Whether the server acknowledged it.
+    /// Whether the server acknowledged it (has stored it).
     pub delivered: bool,
-    /// The users whose receipt covers it.
+    /// The users other than its author whose delivery receipt covers it: on their devices.
+    pub delivered_to: Vec<String>,
+    /// The users other than its author whose read receipt covers it.
     pub read_by: Vec<String>,
+    /// Its reactions: reaction → users.
+    pub reactions: Reactions,
+}
+
+/// Where a message is on its way to the others, as its sender sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Delivery {
+    /// Only on this device (sending).
+    Local,
+    /// Stored on the server (sent).
+    Acknowledged,
+    /// On at least one other member's device.
+    Delivered,
+    /// Read by at least one other member.
+    Read,
+}
+
+impl Delivery {
+    /// `"local"`, `"acknowledged"`, `"delivered"` or `"read"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Delivery::Local => "local",
+            Delivery::Acknowledged => "acknowledged",
+            Delivery::Delivered => "delivered",
+            Delivery::Read => "read",
+        }
+    }
 }
 
 impl ChatEntry {
-    /// `"acknowledged"` or `"local"`.
-    pub fn delivery(&self) -> &'static str {
-        if self.delivered {
-            "acknowledged"
+    /// The message's state: local → acknowledged → delivered → read. A receipt means the
+    /// server had the message (others got it from there), so it counts even before this
+    /// device saw the acknowledgement.
+    pub fn state(&self) -> Delivery {
+        if !self.read_by.is_empty() {
+            Delivery::Read
+        } else if !self.delivered_to.is_empty() {
+            Delivery::Delivered
+        } else if self.delivered {
+            Delivery::Acknowledged
         } else {
-            "local"
+            Delivery::Local
         }
     }
 
-    /// The entry as a JSON object: id, author, text, time (ms), edited, deleted, delivery and
-    /// read_by.
+    /// [`state`](Self::state) as a string.
+    pub fn delivery(&self) -> &'static str {
+        self.state().as_str()
+    }
+
+    /// The entry as a JSON object: id, author, kind, text, time (ms), edited, deleted,
+    /// metadata, attachments, reply_to, reactions, delivery, delivered_to and read_by.
     pub fn to_json(&self) -> serde_json::Value {
+        let m = &self.message;
         serde_json::json!({
-            "id": self.message.id,
-            "author": self.message.author,
-            "text": self.message.text,
-            "time": self.message.created_ms,
-            "edited": self.message.edited_ms,
-            "deleted": self.message.deleted,
+            "id": m.id,
+            "author": m.author,
+            "kind": m.kind.as_str(),
+            "text": m.text,
+            "time": m.created_ms,
+            "edited": m.edited_ms,
+            "deleted": m.deleted,
+            "metadata": m.metadata,
+            "attachments": m.attachments.iter().map(|a| serde_json::json!({
+                "url": a.url, "mime": a.mime, "size": a.size,
+                "sha256": a.sha256, "width": a.width, "height": a.height,
+            })).collect::<Vec<_>>(),
+            "reply_to": m.reply_to,
+            "reactions": self.reactions,
             "delivery": self.delivery(),
+            "delivered_to": self.delivered_to,
             "read_by": self.read_by,
         })
     }
@@ -350,13 +481,30 @@ impl Client {
     pub async fn chat_list(&mut self, room: &str) -> Result<Vec<ChatEntry>> {
         let messages = self.chat_messages(room).await?;
         let chat = self.room(room).await?;
+        let receipts = chat.receipts();
+        let deliveries = chat.delivered();
+        let mut reactions = chat.all_reactions();
+        let covering = |receipts: &BTreeMap<String, Receipt>, message: &Message| -> Vec<String> {
+            receipts
+                .iter()
+                .filter(|(user, r)| **user != message.author && r.sort >= message.sort)
+                .map(|(user, _)| user.clone())
+                .collect()
+        };
         Ok(messages
             .into_iter()
             .map(|(message, delivered)| {
-                let read_by = chat.read_by(&message.sort);
+                let read_by = covering(&receipts, &message);
+                // Whoever read it has it too.
+                let mut delivered_to = covering(&deliveries, &message);
+                delivered_to.extend(read_by.iter().cloned());
+                delivered_to.sort();
+                delivered_to.dedup();
                 ChatEntry {
+                    reactions: reactions.remove(&message.id).unwrap_or_default(),
                     message,
                     delivered,
+                    delivered_to,
                     read_by,
                 }
             })

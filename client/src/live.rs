@@ -544,6 +544,24 @@ impl Session {
         Ok(id)
     }
 
+    /// Sends a message with a kind, metadata, attachments or a reply (see
+    /// [`Client::chat_send_message`]); typing in the room ends.
+    pub async fn chat_send_message(&self, room: &str, message: &driftsync_engine::chat::NewMessage) -> Result<String> {
+        let id = self.client().await.chat_send_message(room, message).await?;
+        self.changed(room);
+        self.stop_typing(room).await?;
+        Ok(id)
+    }
+
+    /// Adds or takes back this user's reaction to a message (see [`Client::chat_react`]).
+    pub async fn chat_react(&self, room: &str, id: &str, reaction: &str, add: bool) -> Result<bool> {
+        let changed = self.client().await.chat_react(room, id, reaction, add).await?;
+        if changed {
+            self.changed(room);
+        }
+        Ok(changed)
+    }
+
     /// Edits one of this user's messages (see [`Client::chat_edit`]).
     pub async fn chat_edit(&self, room: &str, id: &str, text: &str) -> Result<()> {
         self.client().await.chat_edit(room, id, text).await?;

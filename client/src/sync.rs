@@ -80,13 +80,19 @@ pub(crate) async fn drive<C: BorrowMut<Client> + Send>(
                 transport.send(bytes).await?;
             }
             Action::Effect(effect) => {
-                let outcome = {
+                let (outcome, own) = {
                     let mut guard = client.lock().await;
                     let client: &mut Client = (*guard).borrow_mut();
-                    Box::pin(client.perform(effect)).await?
+                    let outcome = Box::pin(client.perform(effect)).await?;
+                    (outcome, client.take_own_changes())
                 };
                 for next in machine.feed(outcome).into_iter().rev() {
                     queue.push_front(next);
+                }
+                // Changes the client made by itself (delivery receipts) are pushed like the
+                // app's own.
+                if !own.is_empty() {
+                    queue.extend(machine.local_changes(own));
                 }
             }
             Action::Emit(event) => emit(event),
@@ -300,6 +306,11 @@ impl Client {
                 false
             }
         };
+        if changed {
+            // Recorded before the outbox is read: pushed with it.
+            self.note_delivered(&id).await?;
+            self.take_own_changes();
+        }
         let outbox = self.store.outbox(Some(&id)).await?;
         let mut pushes = Vec::new();
         for push in plan_pushes(&doc, outbox, answer.state_vector.as_deref(), max_push_bytes)? {
@@ -326,6 +337,7 @@ impl Client {
         apply_remote(&doc, &update, limits)?;
         let cursor = if answered { cursor } else { 0 };
         self.store.record_remote(id, cursor, &[update]).await?;
+        self.note_delivered(id).await?;
         Ok(())
     }
 

@@ -13,6 +13,12 @@
 //!   never conflicts; a user's receipt is the entry with the greatest `sort` among their devices,
 //!   so concurrent marks from two devices merge to the later one, and it never moves backwards.
 //!
+//! * Optional message fields: `kind` ([`Kind`]; absent: text), `meta` (an object of strings),
+//!   `attachments` ([`Attachment`]s by reference) and `reply_to` (a message id).
+//! * Root `Y.Map` [`DELIVERED_ROOT`] (`"delivered"`): delivery receipts, shaped like read
+//!   receipts: "this device of this user has received every message up to this one".
+//! * Root `Y.Map` [`REACTIONS_ROOT`] (`"reactions"`): `"{message}/{reaction}/{user}"` → `{at}`.
+//!
 //! Messages are ordered by their `sort` string, `"{hlc}/{client:016}/{id}"`: HLC, then client
 //! id, then message id. Every replica holding the same messages shows them in the same order.
 //!
@@ -27,8 +33,10 @@
 //! `client` an integer below 2^53, and its `sort` exactly [`sort_key`] of those; a message is
 //! never removed or replaced (deletion is a tombstone); only its author changes a message, and
 //! only its `text`, `edited` and `deleted` fields (so its stamp and sort key never change); a
-//! user writes only receipts keyed `"{user}/{device}"`. Other root types of a room are not
-//! checked.
+//! user writes only receipts keyed `"{user}/{device}"`, which only move forward and are never
+//! removed, and only reactions keyed with their user id; optional fields keep their shapes and
+//! bounds (`details`), and `system` messages come from the server only. Other root types of a
+//! room are not checked.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -38,12 +46,26 @@ use yrs::{Any, DeepObservable, Doc, Map, MapPrelim, MapRef, Observable, Out, Rea
 
 use crate::clock::{Hlc, HlcClock, DEFAULT_MAX_CLOCK_SKEW_MS};
 use crate::doc::edit;
+
+mod details;
+
 use crate::{Error, Result};
+pub use details::{
+    check_metadata, check_reaction, parse_reaction_key, reaction_key, Attachment, Kind, MAX_ATTACHMENTS,
+    MAX_MESSAGE_ID_BYTES, MAX_METADATA_ENTRIES, MAX_METADATA_KEY_BYTES, MAX_METADATA_VALUE_BYTES, MAX_MIME_BYTES,
+    MAX_REACTION_BYTES, MAX_URL_BYTES,
+};
 
 /// Root map of the messages.
 pub const MESSAGES_ROOT: &str = "messages";
 /// Root map of the read receipts.
 pub const RECEIPTS_ROOT: &str = "receipts";
+/// The root map of delivery receipts: `"{user}/{device}"` → `{message, sort, at}`, "this device
+/// of this user has received every message up to this one".
+pub const DELIVERED_ROOT: &str = "delivered";
+/// The root map of reactions: `"{message}/{reaction}/{user}"` → `{at}`, one entry per user and
+/// reaction on a message; removing the entry takes the reaction back.
+pub const REACTIONS_ROOT: &str = "reactions";
 
 /// Who is writing: a user on one of their devices.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -73,6 +95,14 @@ pub struct Message {
     pub hlc: Hlc,
     /// The sort key (see the module docs).
     pub sort: String,
+    /// What it is (`kind`; absent: text).
+    pub kind: Kind,
+    /// Small string-to-string metadata (`meta`).
+    pub metadata: BTreeMap<String, String>,
+    /// Files it refers to (`attachments`).
+    pub attachments: Vec<Attachment>,
+    /// The message it answers (`reply_to`).
+    pub reply_to: Option<String>,
     /// When it was last edited, if ever.
     pub edited_ms: Option<u64>,
     /// Whether it was deleted (a tombstone).
@@ -92,6 +122,47 @@ pub struct Receipt {
     pub device: String,
 }
 
+/// What a new message carries besides its stamps: [`ChatRoom::send_message`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NewMessage {
+    /// The text (may be empty for an attachment).
+    pub text: String,
+    /// Its kind. `System` is for the server: a client's is refused.
+    pub kind: Kind,
+    /// Small string-to-string metadata, at most [`MAX_METADATA_ENTRIES`] entries.
+    pub metadata: BTreeMap<String, String>,
+    /// Files by reference, at most [`MAX_ATTACHMENTS`].
+    pub attachments: Vec<Attachment>,
+    /// The id of the message it answers.
+    pub reply_to: Option<String>,
+}
+
+impl NewMessage {
+    /// A text message.
+    pub fn text(text: impl Into<String>) -> NewMessage {
+        NewMessage {
+            text: text.into(),
+            ..NewMessage::default()
+        }
+    }
+
+    /// Checks the bounds the server's rules check.
+    pub fn check(&self) -> std::result::Result<(), String> {
+        check_metadata(&self.metadata)?;
+        if self.attachments.len() > MAX_ATTACHMENTS {
+            return Err(format!("at most {MAX_ATTACHMENTS} attachments"));
+        }
+        self.attachments.iter().try_for_each(Attachment::check)?;
+        if let Some(reply_to) = &self.reply_to {
+            details::check_message_ref(reply_to)?;
+        }
+        Ok(())
+    }
+}
+
+/// Everyone's reactions to one message: reaction → users, in name order.
+pub type Reactions = BTreeMap<String, Vec<String>>;
+
 /// The sort key of a message: `"{hlc}/{client:016}/{id}"`, all fixed width but the id.
 pub fn sort_key(hlc: Hlc, client: u64, id: &str) -> String {
     format!("{}/{:016}/{}", hlc.key(), client, id)
@@ -105,6 +176,8 @@ pub struct ChatRoom {
     doc: Doc,
     messages: MapRef,
     receipts: MapRef,
+    delivered: MapRef,
+    reactions: MapRef,
     clock: Arc<Mutex<HlcClock>>,
 }
 
@@ -123,6 +196,8 @@ impl ChatRoom {
     pub fn new(doc: Doc) -> Self {
         let messages = doc.get_or_insert_map(MESSAGES_ROOT);
         let receipts = doc.get_or_insert_map(RECEIPTS_ROOT);
+        let delivered = doc.get_or_insert_map(DELIVERED_ROOT);
+        let reactions = doc.get_or_insert_map(REACTIONS_ROOT);
         let mut clock = HlcClock::new();
         {
             let txn = doc.transact();
@@ -150,6 +225,8 @@ impl ChatRoom {
             doc,
             messages,
             receipts,
+            delivered,
+            reactions,
             clock,
         }
     }
@@ -175,9 +252,35 @@ impl ChatRoom {
     /// tests. The id must be unique in the room; a UUIDv7 is what peers expect.
     #[doc(hidden)]
     pub fn send_with_id(&self, author: &Author, id: String, text: &str, now_ms: u64) -> (String, Vec<u8>) {
+        self.write_message(author, id, &NewMessage::text(text), now_ms)
+    }
+
+    /// Sends a message with a kind, metadata, attachments or a reply (see [`NewMessage`]),
+    /// checked against the bounds the server's rules check.
+    pub fn send_message(&self, author: &Author, message: &NewMessage, now_ms: u64) -> Result<(String, Vec<u8>)> {
+        message.check().map_err(Error::Invalid)?;
+        Ok(self.write_message(author, uuid::Uuid::now_v7().to_string(), message, now_ms))
+    }
+
+    fn write_message(&self, author: &Author, id: String, message: &NewMessage, now_ms: u64) -> (String, Vec<u8>) {
+        let text = message.text.as_str();
         let hlc = self.clock.lock().unwrap_or_else(PoisonError::into_inner).tick(now_ms);
         let client = self.doc.client_id().get();
         let sort = sort_key(hlc, client, &id);
+        // The optional fields only when set: a text message's bytes stay what they were.
+        let mut optional = Vec::new();
+        if message.kind != Kind::Text {
+            optional.push(("kind", Any::from(message.kind.as_str())));
+        }
+        if !message.metadata.is_empty() {
+            optional.push(("meta", details::metadata_to_any(&message.metadata)));
+        }
+        if !message.attachments.is_empty() {
+            optional.push(("attachments", details::attachments_to_any(&message.attachments)));
+        }
+        if let Some(reply_to) = &message.reply_to {
+            optional.push(("reply_to", Any::from(reply_to.as_str())));
+        }
         let fields = [
             ("id", Any::from(id.as_str())),
             ("author", Any::from(author.user.as_str())),
@@ -187,7 +290,9 @@ impl ChatRoom {
             ("created", Any::from(now_ms as f64)),
             ("hlc", Any::from(hlc.key())),
             ("sort", Any::from(sort)),
-        ];
+        ]
+        .into_iter()
+        .chain(optional);
         let ((), update) = edit(&self.doc, |txn| {
             // The fields one by one, in this order, in the same transaction: a `MapPrelim` holds
             // them in a `HashMap` with a random hasher, which would give them clocks in a
@@ -220,6 +325,83 @@ impl ChatRoom {
             fields.insert(txn, "edited", now_ms as f64);
         });
         Ok(update)
+    }
+
+    /// Replaces the metadata and attachments of the author's own message (an upload finished,
+    /// a caption changed).
+    pub fn set_details(
+        &self,
+        author: &Author,
+        id: &str,
+        metadata: &BTreeMap<String, String>,
+        attachments: &[Attachment],
+        now_ms: u64,
+    ) -> Result<Vec<u8>> {
+        let check = NewMessage {
+            metadata: metadata.clone(),
+            attachments: attachments.to_vec(),
+            ..NewMessage::default()
+        };
+        check.check().map_err(Error::Invalid)?;
+        let fields = self.own_message(author, id)?;
+        let (_, update) = edit(&self.doc, |txn| {
+            fields.insert(txn, "meta", details::metadata_to_any(metadata));
+            fields.insert(txn, "attachments", details::attachments_to_any(attachments));
+            fields.insert(txn, "edited", now_ms as f64);
+        });
+        Ok(update)
+    }
+
+    /// Adds (or with `add == false` takes back) the author's `reaction` to message `id`.
+    /// `None` when there is nothing to change.
+    pub fn react(&self, author: &Author, id: &str, reaction: &str, add: bool, now_ms: u64) -> Result<Option<Vec<u8>>> {
+        check_reaction(reaction).map_err(Error::Invalid)?;
+        if self.message(id).is_none() {
+            return Err(Error::NoSuchMessage(id.to_string()));
+        }
+        let key = reaction_key(id, reaction, &author.user);
+        let present = self.reactions.contains_key(&self.doc.transact(), &key);
+        if present == add {
+            return Ok(None);
+        }
+        let (_, update) = edit(&self.doc, |txn| {
+            if add {
+                let at = Any::from(std::collections::HashMap::from([(
+                    "at".to_string(),
+                    Any::from(now_ms as f64),
+                )]));
+                self.reactions.insert(txn, key.as_str(), at);
+            } else {
+                self.reactions.remove(txn, &key);
+            }
+        });
+        Ok(Some(update))
+    }
+
+    /// Every message's reactions: message id → reaction → users.
+    pub fn all_reactions(&self) -> BTreeMap<String, Reactions> {
+        let txn = self.doc.transact();
+        let mut out: BTreeMap<String, Reactions> = BTreeMap::new();
+        for (key, _) in self.reactions.iter(&txn) {
+            if let Ok((message, reaction, user)) = parse_reaction_key(key) {
+                out.entry(message.to_string())
+                    .or_default()
+                    .entry(reaction.to_string())
+                    .or_default()
+                    .push(user.to_string());
+            }
+        }
+        for reactions in out.values_mut() {
+            for users in reactions.values_mut() {
+                users.sort();
+            }
+        }
+        out
+    }
+
+    /// One message's reactions: reaction → users.
+    pub fn reactions(&self, id: &str) -> Reactions {
+        self.all_reactions().remove(id).unwrap_or_default()
     }
 
     fn own_message(&self, author: &Author, id: &str) -> Result<MapRef> {
@@ -264,8 +446,20 @@ impl ChatRoom {
     /// Returns `None` (and changes nothing) when the user's receipt already covers `id`: a
     /// receipt never moves backwards.
     pub fn mark_read(&self, author: &Author, id: &str, now_ms: u64) -> Result<Option<Vec<u8>>> {
+        self.raise(&self.receipts, author, id, now_ms)
+    }
+
+    /// Records that this device of `author` has received every message up to and including
+    /// `id` (a delivery receipt). Like [`mark_read`](Self::mark_read), it never moves back:
+    /// `None` when the user's delivery receipt is there already.
+    pub fn mark_delivered(&self, author: &Author, id: &str, now_ms: u64) -> Result<Option<Vec<u8>>> {
+        self.raise(&self.delivered, author, id, now_ms)
+    }
+
+    /// Raises `author`'s entry in a receipts map to message `id`.
+    fn raise(&self, map: &MapRef, author: &Author, id: &str, now_ms: u64) -> Result<Option<Vec<u8>>> {
         let message = self.message(id).ok_or_else(|| Error::NoSuchMessage(id.to_string()))?;
-        if let Some(current) = self.receipt(&author.user) {
+        if let Some(current) = self.receipt_entries(map).remove(&author.user) {
             if current.sort >= message.sort {
                 return Ok(None);
             }
@@ -280,16 +474,35 @@ impl ChatRoom {
             ("at".to_string(), Any::from(now_ms as f64)),
         ]));
         let (_, update) = edit(&self.doc, |txn| {
-            self.receipts.insert(txn, key, value);
+            map.insert(txn, key, value);
         });
         Ok(Some(update))
     }
 
     /// Every user's effective receipt (the latest over their devices).
     pub fn receipts(&self) -> BTreeMap<String, Receipt> {
+        self.receipt_entries(&self.receipts)
+    }
+
+    /// Every user's effective delivery receipt (the latest over their devices).
+    pub fn delivered(&self) -> BTreeMap<String, Receipt> {
+        self.receipt_entries(&self.delivered)
+    }
+
+    /// The users whose delivery receipt covers the message with this sort key.
+    pub fn delivered_to(&self, sort: &str) -> Vec<String> {
+        self.delivered()
+            .into_iter()
+            .filter(|(_, r)| r.sort.as_str() >= sort)
+            .map(|(user, _)| user)
+            .collect()
+    }
+
+    /// The latest entry per user of a receipts map.
+    fn receipt_entries(&self, map: &MapRef) -> BTreeMap<String, Receipt> {
         let txn = self.doc.transact();
         let mut out: BTreeMap<String, Receipt> = BTreeMap::new();
-        for (key, value) in self.receipts.iter(&txn) {
+        for (key, value) in map.iter(&txn) {
             let Some((user, device)) = key.rsplit_once('/') else {
                 continue;
             };
@@ -346,7 +559,10 @@ impl Drop for ChatRoom {
 }
 
 /// The fields of a message its author may change after sending it.
-pub const MUTABLE_FIELDS: [&str; 3] = ["text", "edited", "deleted"];
+pub const MUTABLE_FIELDS: [&str; 5] = ["text", "edited", "deleted", "meta", "attachments"];
+
+/// The optional fields of a message, checked for their shapes when set.
+const DETAIL_FIELDS: [&str; 4] = ["kind", "meta", "attachments", "reply_to"];
 
 /// An update broke the chat rules; the text says which rule and where.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -376,6 +592,8 @@ enum Touch {
     /// A new message stamped `hlc`: allowed if the stamp is not too far ahead of the clock of
     /// whoever judges it.
     Stamp { hlc: Hlc, message: String },
+    /// A system message: the server writes those, never a client.
+    System(String),
 }
 
 /// The largest `client` a message may name: yrs (and Yjs) client ids are below 2^53.
@@ -395,6 +613,8 @@ pub struct ChatGuard {
     _doc: Doc,
     messages: MapRef,
     receipts: MapRef,
+    delivered: MapRef,
+    reactions: MapRef,
     record: Arc<Mutex<Vec<Touch>>>,
     /// How far ahead of the judge's clock a new message's stamp may be.
     max_clock_skew_ms: u64,
@@ -421,11 +641,23 @@ impl ChatGuard {
             }
             sink.lock().unwrap_or_else(PoisonError::into_inner).extend(touches);
         });
+        let delivered = doc.get_or_insert_map(DELIVERED_ROOT);
+        for (map, what) in [(&receipts, "read receipt"), (&delivered, "delivery receipt")] {
+            let sink = Arc::clone(&record);
+            map.observe_deep(GUARD_OBSERVER, move |txn: &TransactionMut<'_>, events: &Events<'_>| {
+                let mut touches = Vec::new();
+                for event in events.iter() {
+                    receipt_touches(txn, event, what, &mut touches);
+                }
+                sink.lock().unwrap_or_else(PoisonError::into_inner).extend(touches);
+            });
+        }
+        let reactions = doc.get_or_insert_map(REACTIONS_ROOT);
         let sink = Arc::clone(&record);
-        receipts.observe_deep(GUARD_OBSERVER, move |txn: &TransactionMut<'_>, events: &Events<'_>| {
+        reactions.observe_deep(GUARD_OBSERVER, move |txn: &TransactionMut<'_>, events: &Events<'_>| {
             let mut touches = Vec::new();
             for event in events.iter() {
-                receipt_touches(txn, event, &mut touches);
+                reaction_touches(txn, event, &mut touches);
             }
             sink.lock().unwrap_or_else(PoisonError::into_inner).extend(touches);
         });
@@ -433,6 +665,8 @@ impl ChatGuard {
             _doc: doc.clone(),
             messages,
             receipts,
+            delivered,
+            reactions,
             record,
             max_clock_skew_ms: DEFAULT_MAX_CLOCK_SKEW_MS,
         }
@@ -467,6 +701,11 @@ impl ChatGuard {
         for touch in touches {
             match touch {
                 Touch::Forbidden(what) => return Err(Violation(what)),
+                Touch::System(message) => {
+                    return Err(Violation(format!(
+                        "message {message} is a system message, which only the server writes"
+                    )))
+                }
                 Touch::Stamp { hlc, message } => {
                     if hlc.wall_ms > latest {
                         return Err(Violation(format!(
@@ -493,6 +732,8 @@ impl Drop for ChatGuard {
     fn drop(&mut self) {
         self.messages.unobserve_deep(GUARD_OBSERVER);
         self.receipts.unobserve_deep(GUARD_OBSERVER);
+        self.delivered.unobserve_deep(GUARD_OBSERVER);
+        self.reactions.unobserve_deep(GUARD_OBSERVER);
     }
 }
 
@@ -514,6 +755,12 @@ fn message_touches(txn: &TransactionMut<'_>, messages: &MapRef, event: &Event, o
                                     message: key.to_string(),
                                 }),
                                 Err(what) => out.push(Touch::Forbidden(what)),
+                            }
+                            if let Err(what) = check_details(txn, key, fields, &DETAIL_FIELDS) {
+                                out.push(Touch::Forbidden(what));
+                            }
+                            if get_str(txn, fields, "kind").as_deref() == Some(Kind::System.as_str()) {
+                                out.push(Touch::System(key.to_string()));
                             }
                             let author = get_str(txn, fields, "author");
                             let what = format!("sending message {key} as {}", author.as_deref().unwrap_or("no author"));
@@ -549,9 +796,23 @@ fn message_touches(txn: &TransactionMut<'_>, messages: &MapRef, event: &Event, o
                     out.push(Touch::Forbidden(format!("changing field {key} of message {id}")));
                 }
             }
+            // New metadata or attachments keep their shapes.
+            if let Some(Out::YMap(fields)) = messages.get(txn, id) {
+                let changed: Vec<&str> = event
+                    .keys(txn)
+                    .keys()
+                    .map(|k| &**k)
+                    .filter(|k| DETAIL_FIELDS.contains(k))
+                    .collect();
+                if let Err(what) = check_details(txn, id, &fields, &changed) {
+                    out.push(Touch::Forbidden(what));
+                }
+            }
         }
         (None, _) => out.push(Touch::Forbidden(format!("message {id} is not a map"))),
-        (Some(PathSegment::Key(field)), _) if MUTABLE_FIELDS.contains(&&**field) => {}
+        // Inside a field: only the text could hold a shared type (metadata and attachments are
+        // plain data, so nothing can change inside them).
+        (Some(PathSegment::Key(field)), _) if MUTABLE_FIELDS[..3].contains(&&**field) => {}
         (Some(segment), _) => out.push(Touch::Forbidden(format!("changing {segment:?} of message {id}"))),
     }
 }
@@ -575,22 +836,80 @@ fn stamp(txn: &TransactionMut<'_>, id: &str, fields: &MapRef) -> std::result::Re
     Ok(hlc)
 }
 
-/// Records what one event under the `receipts` root did: every touched key belongs to the user
-/// named before its last `/`.
-fn receipt_touches(txn: &TransactionMut<'_>, event: &Event, out: &mut Vec<Touch>) {
+/// Records what one event under a receipts root (`receipts` or `delivered`) did: every touched
+/// key belongs to the user named before its last `/`; an entry is `{message, sort[, at]}`, moves
+/// only forward (its `sort` never decreases) and is never removed.
+fn receipt_touches(txn: &TransactionMut<'_>, event: &Event, what: &str, out: &mut Vec<Touch>) {
     let path = event.path();
     let owner = |key: &str| Touch::Owner {
         user: key.rsplit_once('/').map(|(user, _)| user.to_string()),
-        what: format!("writing receipt {key}"),
+        what: format!("writing {what} {key}"),
+    };
+    let sort_of = |value: &Out| match value {
+        Out::Any(Any::Map(fields)) => match (fields.get("message"), fields.get("sort")) {
+            (Some(Any::String(_)), Some(Any::String(sort))) => Some(sort.to_string()),
+            _ => None,
+        },
+        _ => None,
     };
     match path.front() {
         None => {
             if let Event::Map(event) = event {
-                out.extend(event.keys(txn).keys().map(|key| owner(key)));
+                for (key, change) in event.keys(txn) {
+                    out.push(owner(key));
+                    match change {
+                        EntryChange::Inserted(new) if sort_of(new).is_none() => {
+                            out.push(Touch::Forbidden(format!("{what} {key} is not {{message, sort, at}}")));
+                        }
+                        EntryChange::Inserted(_) => {}
+                        EntryChange::Updated(old, new) => match (sort_of(old), sort_of(new)) {
+                            (_, None) => {
+                                out.push(Touch::Forbidden(format!("{what} {key} is not {{message, sort, at}}")))
+                            }
+                            (Some(old), Some(new)) if new < old => {
+                                out.push(Touch::Forbidden(format!("moving {what} {key} back")));
+                            }
+                            _ => {}
+                        },
+                        EntryChange::Removed(_) => out.push(Touch::Forbidden(format!("removing {what} {key}"))),
+                    }
+                }
             }
         }
-        Some(PathSegment::Key(key)) => out.push(owner(key)),
-        Some(PathSegment::Index(_)) => out.push(Touch::Forbidden("a change below the receipts map at an index".into())),
+        Some(PathSegment::Key(key)) => {
+            out.push(owner(key));
+            out.push(Touch::Forbidden(format!("{what} {key} is not plain data")));
+        }
+        Some(PathSegment::Index(_)) => {
+            out.push(Touch::Forbidden(format!("a change below the {what}s map at an index")))
+        }
+    }
+}
+
+/// Records what one event under the `reactions` root did: a key is
+/// `"{message}/{reaction}/{user}"` and belongs to that user, who adds it (`{at}`) or removes it.
+fn reaction_touches(txn: &TransactionMut<'_>, event: &Event, out: &mut Vec<Touch>) {
+    let Event::Map(map_event) = event else {
+        out.push(Touch::Forbidden("a change below the reactions map".into()));
+        return;
+    };
+    if !event.path().is_empty() {
+        out.push(Touch::Forbidden("a change inside a reaction".into()));
+        return;
+    }
+    for (key, change) in map_event.keys(txn) {
+        match parse_reaction_key(key) {
+            Ok((_, _, user)) => out.push(Touch::Owner {
+                user: Some(user.to_string()),
+                what: format!("reacting as {user} ({key})"),
+            }),
+            Err(what) => out.push(Touch::Forbidden(what)),
+        }
+        match change {
+            EntryChange::Inserted(Out::Any(Any::Map(_))) | EntryChange::Updated(_, Out::Any(Any::Map(_))) => {}
+            EntryChange::Removed(_) => {}
+            _ => out.push(Touch::Forbidden(format!("reaction {key} is not {{at}}"))),
+        }
     }
 }
 
@@ -600,10 +919,7 @@ pub fn receipt_key(user: &str, device: &str) -> String {
 }
 
 fn any_u64(value: &Any) -> Option<u64> {
-    match value {
-        Any::Number(n) => n.as_i64().and_then(|v| u64::try_from(v).ok()),
-        _ => None,
-    }
+    details::any_u64(value)
 }
 
 fn get_any<T: ReadTxn>(txn: &T, map: &MapRef, key: &str) -> Option<Any> {
@@ -640,7 +956,54 @@ fn read_message<T: ReadTxn>(txn: &T, id: &str, fields: &MapRef) -> Option<Messag
         sort: get_str(txn, fields, "sort")?,
         edited_ms: get_any(txn, fields, "edited").as_ref().and_then(any_u64),
         deleted: matches!(get_any(txn, fields, "deleted"), Some(Any::Bool(true))),
+        // What a guarded server would have refused reads as absent.
+        kind: get_str(txn, fields, "kind")
+            .as_deref()
+            .and_then(Kind::parse)
+            .unwrap_or_default(),
+        metadata: get_any(txn, fields, "meta")
+            .and_then(|v| details::metadata_from_any(&v).ok())
+            .unwrap_or_default(),
+        attachments: get_any(txn, fields, "attachments")
+            .and_then(|v| details::attachments_from_any(&v).ok())
+            .unwrap_or_default(),
+        reply_to: get_str(txn, fields, "reply_to"),
     })
+}
+
+/// Checks the optional fields of a message written with `fields`: `kind`, `meta`, `attachments`
+/// and `reply_to` (absent ones pass).
+fn check_details<T: ReadTxn>(txn: &T, id: &str, fields: &MapRef, keys: &[&str]) -> std::result::Result<(), String> {
+    for &key in keys {
+        let Some(value) = fields.get(txn, key) else { continue };
+        let Out::Any(value) = value else {
+            return Err(format!("message {id}: its {key} must be plain data, not a shared type"));
+        };
+        match key {
+            "kind" => match &value {
+                Any::String(kind) if Kind::parse(kind).is_some() => {}
+                _ => {
+                    return Err(format!(
+                        "message {id}: its kind must be text, image, video, file or system"
+                    ))
+                }
+            },
+            "meta" => {
+                details::metadata_from_any(&value).map_err(|e| format!("message {id}: {e}"))?;
+            }
+            "attachments" => {
+                details::attachments_from_any(&value).map_err(|e| format!("message {id}: {e}"))?;
+            }
+            "reply_to" => match &value {
+                Any::String(to) => {
+                    details::check_message_ref(to).map_err(|e| format!("message {id}: reply_to: {e}"))?
+                }
+                _ => return Err(format!("message {id}: its reply_to must be a message id")),
+            },
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -876,6 +1239,217 @@ mod tests {
             a.messages.remove(txn, &m2);
         });
         assert!(judge.judge(&remove, None).is_err());
+    }
+
+    fn picture() -> Attachment {
+        Attachment {
+            url: "https://cdn.example/cat.png".into(),
+            mime: "image/png".into(),
+            size: 48_213,
+            sha256: Some("0f".repeat(32)),
+            width: Some(800),
+            height: Some(600),
+        }
+    }
+
+    #[test]
+    fn kinds_metadata_attachments_replies_reactions_and_deliveries_round_trip_and_pass() {
+        let judge = Judge::new();
+        let a = room(1);
+        let b = room(2);
+        let ada = who("ada", "d1");
+        let bob = who("bob", "d2");
+        let (m1, u1) = a.send(&ada, "look", 1000);
+        judge.judge(&u1, Some("ada")).unwrap();
+        apply_bytes(b.doc(), &u1).unwrap();
+        let photo = NewMessage {
+            text: "a cat".into(),
+            kind: Kind::Image,
+            metadata: BTreeMap::from([("caption".into(), "Tom".into())]),
+            attachments: vec![picture()],
+            reply_to: Some(m1.clone()),
+        };
+        let (m2, u2) = b.send_message(&bob, &photo, 1001).unwrap();
+        assert_eq!(judge.judge(&u2, Some("bob")), Ok(()));
+        apply_bytes(a.doc(), &u2).unwrap();
+        let seen = a.message(&m2).unwrap();
+        assert_eq!((seen.kind, seen.text.as_str()), (Kind::Image, "a cat"));
+        assert_eq!(seen.metadata, photo.metadata);
+        assert_eq!(seen.attachments, vec![picture()]);
+        assert_eq!(seen.reply_to.as_deref(), Some(m1.as_str()));
+        assert_eq!(a.message(&m1).unwrap().kind, Kind::Text);
+
+        let like = a.react(&ada, &m2, "👍", true, 1002).unwrap().unwrap();
+        assert_eq!(judge.judge(&like, Some("ada")), Ok(()));
+        assert_eq!(a.react(&ada, &m2, "👍", true, 1003).unwrap(), None, "already there");
+        let party = b.react(&bob, &m2, "🎉", true, 1004).unwrap().unwrap();
+        assert_eq!(judge.judge(&party, Some("bob")), Ok(()));
+        apply_bytes(a.doc(), &party).unwrap();
+        assert_eq!(
+            a.reactions(&m2),
+            BTreeMap::from([
+                ("👍".to_string(), vec!["ada".to_string()]),
+                ("🎉".to_string(), vec!["bob".to_string()])
+            ])
+        );
+        let unlike = a.react(&ada, &m2, "👍", false, 1005).unwrap().unwrap();
+        assert_eq!(judge.judge(&unlike, Some("ada")), Ok(()));
+        assert_eq!(a.reactions(&m2).len(), 1);
+        assert!(a.react(&ada, &m2, "a b", true, 1).is_err());
+        assert!(a.react(&ada, "missing", "👍", true, 1).is_err());
+
+        let got = a.mark_delivered(&ada, &m2, 1006).unwrap().unwrap();
+        assert_eq!(judge.judge(&got, Some("ada")), Ok(()));
+        apply_bytes(b.doc(), &got).unwrap();
+        assert_eq!(b.delivered_to(&seen.sort), vec!["ada".to_string()]);
+        assert_eq!(a.mark_delivered(&ada, &m1, 1007).unwrap(), None, "never back");
+
+        let details = b
+            .set_details(
+                &bob,
+                &m2,
+                &BTreeMap::from([("caption".into(), "Tom, asleep".into())]),
+                &[],
+                1008,
+            )
+            .unwrap();
+        assert_eq!(judge.judge(&details, Some("bob")), Ok(()));
+        apply_bytes(a.doc(), &details).unwrap();
+        assert!(a.message(&m2).unwrap().attachments.is_empty());
+        assert!(a.set_details(&ada, &m2, &BTreeMap::new(), &[], 1).is_err(), "not ada's");
+        let too_many = NewMessage {
+            attachments: vec![picture(); MAX_ATTACHMENTS + 1],
+            ..NewMessage::text("x")
+        };
+        assert!(a.send_message(&ada, &too_many, 1).is_err());
+    }
+
+    #[test]
+    fn guard_refuses_system_messages_bad_details_and_others_details() {
+        let judge = Judge::new();
+        let a = room(1);
+        let b = room(2);
+        let ada = who("ada", "d1");
+        let system = NewMessage {
+            kind: Kind::System,
+            ..NewMessage::text("ada joined")
+        };
+        let (_, forged) = a.send_message(&ada, &system, 1000).unwrap();
+        let refused = judge.judge(&forged, Some("ada")).unwrap_err();
+        assert!(refused.0.contains("system message"), "{refused}");
+        // Not on an open server either.
+        let (_, forged) = a.send_message(&ada, &system, 1001).unwrap();
+        assert!(judge.judge(&forged, None).is_err());
+
+        let (m1, u1) = a.send_message(&ada, &NewMessage::text("hi"), 1002).unwrap();
+        judge.judge(&u1, Some("ada")).unwrap();
+        apply_bytes(b.doc(), &u1).unwrap();
+        // Bad shapes, written raw.
+        for (key, value) in [
+            ("kind", Any::from("sticker")),
+            ("meta", Any::from("not an object")),
+            ("attachments", Any::from(vec![Any::from("https://x")])),
+            ("reply_to", Any::from(3.0)),
+        ] {
+            let bad = raw_message(
+                &a,
+                "m-bad",
+                with(
+                    fields("m-bad", "ada", 1, "000000000001003.0000000000"),
+                    key,
+                    Some(value),
+                ),
+            );
+            assert!(judge.judge(&bad, Some("ada")).is_err(), "{key}");
+        }
+        // Someone else's metadata or attachments.
+        let meta = raw_set(
+            &b,
+            &m1,
+            &[(
+                "meta",
+                details::metadata_to_any(&BTreeMap::from([("k".into(), "v".into())])),
+            )],
+        );
+        assert!(judge.judge(&meta, Some("bob")).unwrap_err().0.contains("only ada"));
+        let attach = raw_set(&b, &m1, &[("attachments", details::attachments_to_any(&[picture()]))]);
+        assert!(judge.judge(&attach, Some("bob")).unwrap_err().0.contains("only ada"));
+        // The author's own, but malformed (on a message nobody else touched: concurrent values
+        // of one key resolve by client id).
+        let (m3, u3) = a.send(&ada, "three", 1003);
+        judge.judge(&u3, Some("ada")).unwrap();
+        let bad_own = raw_set(&a, &m3, &[("attachments", Any::from("nope"))]);
+        assert!(judge.judge(&bad_own, Some("ada")).is_err());
+        // Kind and reply are fixed once sent.
+        let rekind = raw_set(&a, &m3, &[("kind", Any::from("file"))]);
+        assert!(judge.judge(&rekind, Some("ada")).is_err());
+    }
+
+    #[test]
+    fn guard_refuses_forged_deliveries_and_reactions_and_receipts_moving_back() {
+        let judge = Judge::new();
+        let a = room(1);
+        let b = room(2);
+        let ada = who("ada", "d1");
+        let (m1, u1) = a.send(&ada, "one", 1000);
+        let (m2, u2) = a.send(&ada, "two", 1001);
+        for u in [&u1, &u2] {
+            judge.judge(u, Some("ada")).unwrap();
+            apply_bytes(b.doc(), u).unwrap();
+        }
+        let forged = b.mark_delivered(&who("carol", "x"), &m1, 1002).unwrap().unwrap();
+        assert!(judge
+            .judge(&forged, Some("bob"))
+            .unwrap_err()
+            .0
+            .contains("delivery receipt carol/x"));
+        let forged = b.react(&who("carol", "x"), &m1, "👎", true, 1003).unwrap().unwrap();
+        assert!(judge.judge(&forged, Some("bob")).unwrap_err().0.contains("as carol"));
+        // Taking back someone else's reaction.
+        let hers = a.react(&ada, &m1, "❤️", true, 1004).unwrap().unwrap();
+        judge.judge(&hers, Some("ada")).unwrap();
+        apply_bytes(b.doc(), &hers).unwrap();
+        let (_, unsay) = edit(b.doc(), |txn| {
+            b.reactions.remove(txn, &reaction_key(&m1, "❤️", "ada"));
+        });
+        assert!(judge.judge(&unsay, Some("bob")).is_err());
+        let (_, junk) = edit(b.doc(), |txn| {
+            b.reactions.insert(txn, "no-slashes", Any::from(true));
+        });
+        assert!(judge.judge(&junk, Some("bob")).is_err());
+
+        // Receipts move forward only, and stay.
+        let bob = who("bob", "d2");
+        let read = b.mark_read(&bob, &m2, 1005).unwrap().unwrap();
+        judge.judge(&read, Some("bob")).unwrap();
+        let m1_sort = b.message(&m1).unwrap().sort;
+        let (_, back) = edit(b.doc(), |txn| {
+            let value = Any::from(std::collections::HashMap::from([
+                ("message".to_string(), Any::from(m1.as_str())),
+                ("sort".to_string(), Any::from(m1_sort.as_str())),
+            ]));
+            b.receipts.insert(txn, "bob/d2", value);
+        });
+        assert!(judge.judge(&back, Some("bob")).unwrap_err().0.contains("back"));
+        let (_, removed) = edit(b.doc(), |txn| {
+            b.delivered.insert(
+                txn,
+                "bob/d2",
+                Any::from(std::collections::HashMap::from([
+                    ("message".to_string(), Any::from(m2.as_str())),
+                    ("sort".to_string(), Any::from("z")),
+                ])),
+            );
+        });
+        judge.judge(&removed, Some("bob")).unwrap();
+        let (_, removed) = edit(b.doc(), |txn| {
+            b.delivered.remove(txn, "bob/d2");
+        });
+        assert!(judge.judge(&removed, Some("bob")).unwrap_err().0.contains("removing"));
+        let (_, shapeless) = edit(b.doc(), |txn| {
+            b.receipts.insert(txn, "bob/d3", Any::from("read"));
+        });
+        assert!(judge.judge(&shapeless, Some("bob")).is_err());
     }
 
     #[test]

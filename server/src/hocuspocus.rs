@@ -65,7 +65,7 @@ fn encode(event: &RoomEvent) -> Option<Vec<u8>> {
             state: state.clone(),
         }]),
         RoomEvent::Stateless { payload, .. } => HpMessage::Stateless(payload.clone()),
-        // No typing indicator (apps keep it in awareness), and acknowledgements are SyncStatus
+        // No typing indicator (the room mirrors it into awareness), and acknowledgements are SyncStatus
         // messages sent by the handler.
         RoomEvent::Typing { .. } | RoomEvent::Ack { .. } => return None,
     };

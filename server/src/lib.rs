@@ -50,6 +50,7 @@ pub mod sim;
 mod socket;
 mod tasks;
 mod tls;
+mod web;
 mod yjs;
 
 use std::future::Future;
@@ -79,8 +80,10 @@ use crate::instance::{start_instance, Shared};
 pub use crate::limits::{RateLimit, RoomOpens};
 pub use crate::redis_fanout::RedisFanout;
 pub use crate::tls::{server_config as tls_server_config, TlsError};
+pub use crate::web::page_weight_gzipped;
 
-/// Serves `/healthz`, `/v1/sync` and `/yjs/{doc}` on `listener` until `shutdown` resolves.
+/// Serves the web app at `/`, `/healthz`, `/metrics`, `/v1/sync`, `/yjs/{doc}` and `/hocuspocus` on
+/// `listener` until `shutdown` resolves.
 pub async fn serve<S: Store>(
     listener: TcpListener,
     store: S,
@@ -98,7 +101,14 @@ pub async fn serve<S: Store>(
         tasks::Tasks::default(),
     );
     let at_shutdown = Arc::clone(&shared);
+    let info = info_body(open);
     let mut app = Router::new()
+        .route("/", get(web::index))
+        .route("/assets/{file}", get(web::asset))
+        .route(
+            "/v1/info",
+            get(move || async move { ([(axum::http::header::CONTENT_TYPE, "application/json")], info) }),
+        )
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics_text::<S>))
         .route("/v1/sync", get(sync::<S>))
@@ -186,6 +196,11 @@ async fn hocuspocus_upgrade<S: Store>(State(shared): State<Arc<Shared<S>>>, ws: 
 
 /// The path the y-websocket route is mounted at; the document id follows it.
 const ROUTE_PREFIX: &str = "/yjs/";
+
+/// `GET /v1/info`: what a web page needs to know before it connects.
+fn info_body(open: bool) -> String {
+    serde_json::json!({ "version": env!("CARGO_PKG_VERSION"), "auth": !open }).to_string()
+}
 
 async fn healthz() -> &'static str {
     "ok"

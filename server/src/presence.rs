@@ -152,6 +152,8 @@ struct Owner {
     /// When it left the room; the record is forgotten [`PRESENCE_TIMEOUT`] later, once the
     /// table has forgotten its clients too.
     left_ms: Option<u64>,
+    /// Whether its native connection is typing: mirrored into its state as `"typing": true`.
+    typing: bool,
 }
 
 /// Who an awareness client id belongs to, as long as the table remembers the id.
@@ -221,11 +223,23 @@ impl Presence {
         for entry in entries {
             match self.judge(session, user, entry, &is_session) {
                 Ok(Some(entry)) => {
+                    let was_typing = is_typing(self.table.state(entry.client_id));
                     for applied in self.table.apply(&[entry], now_ms) {
                         if applied.state.is_some() {
                             self.control(session, user, applied.client_id, false);
                         }
+                        let typing = is_typing(applied.state.as_deref());
+                        let peer = applied.client_id;
                         events.push(event(doc, user, applied));
+                        if typing != was_typing {
+                            // Native clients learn typing from typing events, not from states.
+                            events.push(RoomEvent::Typing {
+                                doc: doc.clone(),
+                                peer,
+                                user: user.to_owned(),
+                                typing,
+                            });
+                        }
                     }
                 }
                 Ok(None) => {}
@@ -358,7 +372,58 @@ impl Presence {
         if state.as_ref().is_some_and(|state| state.len() > MAX_STATE_BYTES) {
             return Err(InvalidState::TooLarge);
         }
-        let state = normalize(state)?;
+        let mut state = normalize(state)?;
+        if state.is_some() && self.owners.get(&session).is_some_and(|owner| owner.typing) {
+            state = with_typing(state, user, true);
+        }
+        self.set_native_entry(doc, session, user, state, now_ms)
+    }
+
+    /// Mirrors native connection `session`'s typing into its presence state (`"typing": true`,
+    /// removed when it stops), so that Yjs clients, which keep typing in their awareness, see
+    /// it. A connection without a state gets `{"user": …, "typing": true}`. Returns the events
+    /// announcing the change (none if nothing changed, or the room's states are full).
+    pub(crate) fn set_native_typing(
+        &mut self,
+        doc: &DocId,
+        session: u64,
+        user: &str,
+        typing: bool,
+        now_ms: u64,
+    ) -> Vec<RoomEvent> {
+        let owner = self.owner(session, user);
+        if owner.typing == typing {
+            return Vec::new();
+        }
+        owner.typing = typing;
+        let own = self
+            .clients
+            .get(&session)
+            .is_some_and(|c| c.native && c.controller == Some(session));
+        let current = if own { self.table.state(session) } else { None };
+        if current.is_none() && !typing {
+            return Vec::new();
+        }
+        let state = with_typing(current.map(str::to_owned), user, typing);
+        if state.as_deref() == current {
+            return Vec::new();
+        }
+        self.set_native_entry(doc, session, user, state, now_ms)
+            .unwrap_or_default()
+    }
+
+    /// Sets native connection `session`'s entry to `state` (checked JSON): the next clock.
+    fn set_native_entry(
+        &mut self,
+        doc: &DocId,
+        session: u64,
+        user: &str,
+        state: Option<String>,
+        now_ms: u64,
+    ) -> Result<Vec<RoomEvent>, InvalidState> {
+        if state.as_ref().is_some_and(|state| state.len() > MAX_STATE_BYTES) {
+            return Err(InvalidState::TooLarge);
+        }
         let old = self.table.state(session).map_or(0, str::len);
         let new = state.as_ref().map_or(0, String::len);
         if self.table.state_bytes() - old + new > MAX_ROOM_STATE_BYTES {
@@ -384,6 +449,7 @@ impl Presence {
             return Vec::new();
         };
         owner.left_ms = Some(now_ms);
+        owner.typing = false;
         let clients: Vec<u64> = std::mem::take(&mut owner.clients).into_iter().collect();
         let user = owner.user.clone();
         for client in &clients {
@@ -391,11 +457,25 @@ impl Presence {
                 client.controller = None;
             }
         }
-        self.table
+        // Yjs clients that were typing stop: native clients hear it as a typing event.
+        let typing: Vec<u64> = clients
+            .iter()
+            .copied()
+            .filter(|&c| !self.clients.get(&c).is_some_and(|c| c.native) && is_typing(self.table.state(c)))
+            .collect();
+        let mut events: Vec<RoomEvent> = self
+            .table
             .remove(&clients)
             .into_iter()
             .map(|entry| event(doc, &user, entry))
-            .collect()
+            .collect();
+        events.extend(typing.into_iter().map(|peer| RoomEvent::Typing {
+            doc: doc.clone(),
+            peer,
+            user: user.clone(),
+            typing: false,
+        }));
+        events
     }
 
     /// Removes the states not refreshed for [`PRESENCE_TIMEOUT`] and returns the events
@@ -680,6 +760,36 @@ impl Presence {
     }
 }
 
+/// Whether an awareness state says its client is typing (`"typing": true`, the field the web
+/// app and the mirrored native states use).
+fn is_typing(state: Option<&str>) -> bool {
+    state.is_some_and(|text| {
+        // Cheap test first: most states say nothing of typing.
+        text.contains("\"typing\"")
+            && serde_json::from_str::<serde_json::Value>(text)
+                .is_ok_and(|v| v.get("typing") == Some(&serde_json::Value::Bool(true)))
+    })
+}
+
+/// `state` (checked JSON) with its `typing` field set (or removed); a state that is not a JSON
+/// object is left as it is. No state and typing: `{"user": user, "typing": true}`.
+fn with_typing(state: Option<String>, user: &str, typing: bool) -> Option<String> {
+    let mut value = match state {
+        Some(text) => match serde_json::from_str::<serde_json::Value>(&text) {
+            Ok(serde_json::Value::Object(map)) => map,
+            _ => return Some(text),
+        },
+        None if typing => serde_json::Map::from_iter([("user".to_owned(), serde_json::Value::from(user))]),
+        None => return None,
+    };
+    if typing {
+        value.insert("typing".to_owned(), serde_json::Value::Bool(true));
+    } else {
+        value.remove("typing");
+    }
+    Some(serde_json::Value::Object(value).to_string())
+}
+
 /// Checks that a state is JSON; the JSON `null` becomes `None` (y-protocols' "left").
 fn normalize(state: Option<String>) -> Result<Option<String>, InvalidState> {
     let Some(text) = state else { return Ok(None) };
@@ -852,6 +962,68 @@ mod tests {
         // Leaving twice, or without presence, announces nothing.
         assert!(p.leave(&d, 8, 11).is_empty());
         assert!(p.leave(&d, 99, 11).is_empty());
+    }
+
+    /// `(peer, typing)` of typing events.
+    fn typing_events(events: &[RoomEvent]) -> Vec<(u64, bool)> {
+        events
+            .iter()
+            .filter_map(|e| match e {
+                RoomEvent::Typing { peer, typing, .. } => Some((*peer, *typing)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn native_typing_is_mirrored_into_its_state_for_yjs_clients() {
+        let mut p = Presence::default();
+        let d = doc();
+        p.set_native(&d, 8, "ada", Some(r#"{"user":"ada"}"#.into()), 0).unwrap();
+        let on = p.set_native_typing(&d, 8, "ada", true, 1);
+        assert_eq!(seen(&on), [(8, 2, Some(r#"{"typing":true,"user":"ada"}"#.into()))]);
+        // Nothing new: no event.
+        assert!(p.set_native_typing(&d, 8, "ada", true, 2).is_empty());
+        // A refresh of its state while typing keeps the flag.
+        let refreshed = p.set_native(&d, 8, "ada", Some(r#"{"user":"ada"}"#.into()), 3).unwrap();
+        assert_eq!(
+            seen(&refreshed),
+            [(8, 3, Some(r#"{"typing":true,"user":"ada"}"#.into()))]
+        );
+        let off = p.set_native_typing(&d, 8, "ada", false, 4);
+        assert_eq!(seen(&off), [(8, 4, Some(r#"{"user":"ada"}"#.into()))]);
+        // A connection without a state appears with its user while typing.
+        let on = p.set_native_typing(&d, 9, "bob", true, 5);
+        assert_eq!(seen(&on), [(9, 1, Some(r#"{"typing":true,"user":"bob"}"#.into()))]);
+        // A state that is not an object cannot carry the flag: left as it is.
+        p.set_native(&d, 10, "cy", Some("\"cy\"".into()), 6).unwrap();
+        assert!(p.set_native_typing(&d, 10, "cy", true, 7).is_empty());
+    }
+
+    #[test]
+    fn yjs_typing_reaches_native_clients_as_typing_events() {
+        let mut p = Presence::default();
+        let d = doc();
+        let idle = yjs(
+            &mut p,
+            7,
+            "ada",
+            &[entry(1000, 0, Some(r#"{"user":{"name":"ada"}}"#))],
+            0,
+        );
+        assert!(typing_events(&idle).is_empty());
+        let typing = r#"{"user":{"name":"ada"},"typing":true}"#;
+        let on = yjs(&mut p, 7, "ada", &[entry(1000, 1, Some(typing))], 1);
+        assert_eq!(typing_events(&on), [(1000, true)]);
+        // A cursor move while typing is no news.
+        let moved = r#"{"user":{"name":"ada"},"typing":true,"cursor":1}"#;
+        assert!(typing_events(&yjs(&mut p, 7, "ada", &[entry(1000, 2, Some(moved))], 2)).is_empty());
+        // Leaving while typing stops it.
+        assert_eq!(typing_events(&p.leave(&d, 7, 3)), [(1000, false)]);
+        let again = yjs(&mut p, 8, "ada", &[entry(1000, 3, Some(typing))], 4);
+        assert_eq!(typing_events(&again), [(1000, true)]);
+        let off = yjs(&mut p, 8, "ada", &[entry(1000, 4, Some(r#"{"typing":false}"#))], 5);
+        assert_eq!(typing_events(&off), [(1000, false)]);
     }
 
     #[test]

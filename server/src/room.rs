@@ -895,11 +895,21 @@ impl Room {
 
     // ----- presence and ephemeral events -----
 
-    /// Sends an ephemeral event (typing) to every other subscriber.
+    /// Sends an ephemeral event (typing, a stateless message) to every other subscriber. A
+    /// native connection's typing is also mirrored into its presence state, for Yjs clients.
     pub(crate) async fn relay(&self, session: u64, event: RoomEvent) {
         let mut guard = self.state.lock().await;
         if let Some(state) = guard.as_mut() {
+            let mirrored = match &event {
+                RoomEvent::Typing { peer, user, typing, .. } if *peer == session && session != REMOTE_SESSION => state
+                    .presence
+                    .set_native_typing(&self.id, session, user, *typing, self.ctx.now_ms()),
+                _ => Vec::new(),
+            };
             state.broadcast(&self.ctx, session, event);
+            for event in mirrored {
+                state.broadcast(&self.ctx, session, event);
+            }
         }
     }
 

@@ -19,8 +19,10 @@
 //!   received no message for 30 s, and WebSocket pings never reach it as messages: besides the
 //!   ping (which keeps proxies and our own liveness check going), every heartbeat also sends an
 //!   awareness message with no entries, which the client applies as nothing.
-//! * Typing events of native connections are not sent: y-protocols has no typing indicator, and
-//!   Yjs applications that want one keep it in their awareness state.
+//! * Typing events of native connections are not sent as such: y-protocols has no typing
+//!   indicator, and Yjs applications keep it in their awareness state. The room mirrors a native
+//!   connection's typing into its awareness state instead (`"typing": true`), and a Yjs client's
+//!   `typing` field into typing events for native connections (`presence.rs`).
 
 //!
 //! [`YjsHandler`] is the endpoint's sans-IO state machine (see [`crate::handler`]); the route in
@@ -47,7 +49,7 @@ fn encode(event: &RoomEvent) -> Option<Vec<u8>> {
             }])
             .encode(),
         ),
-        // y-protocols has no typing indicator (see the module documentation).
+        // y-protocols has no typing indicator: it is mirrored into awareness (module docs).
         RoomEvent::Typing { .. } => None,
         // y-protocols has no acknowledgements, nor stateless messages.
         RoomEvent::Ack { .. } | RoomEvent::Stateless { .. } => None,
