@@ -7,7 +7,8 @@ use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 
 use driftsync_client::{
-    ChatEntry, ConnectionState as ClientState, Event as ClientEvent, Incoming, Session, Transport, TransportFuture,
+    ChatEntry, ConnectionState as ClientState, Delivery as ClientDelivery, Event as ClientEvent, Incoming, Session,
+    Transport, TransportFuture,
 };
 use driftsync_protocol::{ServerFrame, CLOSE_UNAUTHORIZED, CLOSE_UNSUPPORTED_VERSION, DEFAULT_MAX_FRAME_SIZE};
 use tokio::sync::broadcast;
@@ -34,13 +35,17 @@ pub enum ConnectionState {
     Stopped,
 }
 
-/// Whether the server has a message.
+/// Where a message is on its way to the others, as its sender sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, uniffi::Enum)]
 pub enum Delivery {
-    /// Only on this device so far.
+    /// Only on this device so far (sending).
     Local,
-    /// Durably stored by the server.
+    /// Durably stored by the server (sent).
     Acknowledged,
+    /// On at least one other member's device.
+    Delivered,
+    /// Read by at least one other member.
+    Read,
 }
 
 /// One chat message as the app shows it.
@@ -50,6 +55,8 @@ pub struct ChatMessage {
     pub id: String,
     /// Its author's user id.
     pub author: String,
+    /// `text`, `image`, `video`, `file` or `system`.
+    pub kind: String,
     /// Its text (empty once deleted).
     pub text: String,
     /// When it was sent, in milliseconds since the Unix epoch (the sender's clock).
@@ -58,9 +65,17 @@ pub struct ChatMessage {
     pub edited_at_ms: Option<u64>,
     /// Whether it was deleted (a tombstone).
     pub deleted: bool,
-    /// Whether the server has it.
+    /// The id of the message it answers, if any.
+    pub reply_to: Option<String>,
+    /// Its small string metadata.
+    pub metadata: HashMap<String, String>,
+    /// Its reactions: reaction → the users who reacted so.
+    pub reactions: HashMap<String, Vec<String>>,
+    /// Where it is on its way to the others.
     pub delivery: Delivery,
-    /// The users whose read receipt covers it.
+    /// The users other than its author whose devices have it.
+    pub delivered_to: Vec<String>,
+    /// The users other than its author who have read it.
     pub read_by: Vec<String>,
 }
 
@@ -70,15 +85,21 @@ impl ChatMessage {
         ChatMessage {
             id: m.id.clone(),
             author: m.author.clone(),
+            kind: m.kind.as_str().to_string(),
             text: m.text.clone(),
             sent_at_ms: m.created_ms,
             edited_at_ms: m.edited_ms,
             deleted: m.deleted,
-            delivery: if entry.delivered {
-                Delivery::Acknowledged
-            } else {
-                Delivery::Local
+            reply_to: m.reply_to.clone(),
+            metadata: m.metadata.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            reactions: entry.reactions.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            delivery: match entry.state() {
+                ClientDelivery::Local => Delivery::Local,
+                ClientDelivery::Acknowledged => Delivery::Acknowledged,
+                ClientDelivery::Delivered => Delivery::Delivered,
+                ClientDelivery::Read => Delivery::Read,
             },
+            delivered_to: entry.delivered_to.clone(),
             read_by: entry.read_by.clone(),
         }
     }
@@ -107,7 +128,7 @@ pub enum Event {
         /// The message.
         message: ChatMessage,
     },
-    /// A message changed: edited, deleted, delivered, or read by someone.
+    /// A message changed: edited, deleted, reacted to, stored, delivered or read.
     MessageChanged {
         /// The room.
         room: String,

@@ -271,6 +271,35 @@ impl Store {
         .await
     }
 
+    /// Answers message `reply_to` in `room`; returns the new message's id.
+    pub async fn chat_reply(&self, room: String, reply_to: String, text: String) -> Result<String> {
+        let inner = self.inner.clone();
+        run(async move {
+            let message = driftsync_engine::chat::NewMessage {
+                reply_to: Some(reply_to),
+                ..driftsync_engine::chat::NewMessage::text(text)
+            };
+            let id = with_client!(inner, |client| client.chat_send_message(&room, &message).await)?;
+            inner.changed(&room).await;
+            Ok(id)
+        })
+        .await
+    }
+
+    /// Adds (or with `add` false takes back) this user's `reaction` (an emoji, say) to message
+    /// `id`; returns whether anything changed.
+    pub async fn chat_react(&self, room: String, id: String, reaction: String, add: bool) -> Result<bool> {
+        let inner = self.inner.clone();
+        run(async move {
+            let changed = with_client!(inner, |client| client.chat_react(&room, &id, &reaction, add).await)?;
+            if changed {
+                inner.changed(&room).await;
+            }
+            Ok(changed)
+        })
+        .await
+    }
+
     /// Replaces the text of one of this user's messages.
     pub async fn chat_edit(&self, room: String, id: String, text: String) -> Result<()> {
         let inner = self.inner.clone();

@@ -155,8 +155,8 @@ async fn sessions_over_wss_with_an_extra_ca() {
         heard.seen(|e| matches!(e, Event::MessageAdded { message, .. } if message.id == id))
     })
     .await;
-    until("acknowledged", async || {
-        ada.chat_list("chat/x".into()).await.unwrap()[0].delivery == Delivery::Acknowledged
+    until("on bob's device", async || {
+        ada.chat_list("chat/x".into()).await.unwrap()[0].delivery == Delivery::Delivered
     })
     .await;
     assert!(heard.seen(|e| matches!(e, Event::StateChanged { .. })));

@@ -365,6 +365,16 @@ uint64_t uniffi_driftsync_ffi_fn_method_store_chat_list(uint64_t ptr, RustBuffer
 uint64_t uniffi_driftsync_ffi_fn_method_store_chat_mark_read(uint64_t ptr, RustBuffer room, RustBuffer id
 );
 #endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_DRIFTSYNC_FFI_FN_METHOD_STORE_CHAT_REACT
+#define UNIFFI_FFIDEF_UNIFFI_DRIFTSYNC_FFI_FN_METHOD_STORE_CHAT_REACT
+uint64_t uniffi_driftsync_ffi_fn_method_store_chat_react(uint64_t ptr, RustBuffer room, RustBuffer id, RustBuffer reaction, int8_t add
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_DRIFTSYNC_FFI_FN_METHOD_STORE_CHAT_REPLY
+#define UNIFFI_FFIDEF_UNIFFI_DRIFTSYNC_FFI_FN_METHOD_STORE_CHAT_REPLY
+uint64_t uniffi_driftsync_ffi_fn_method_store_chat_reply(uint64_t ptr, RustBuffer room, RustBuffer reply_to, RustBuffer text
+);
+#endif
 #ifndef UNIFFI_FFIDEF_UNIFFI_DRIFTSYNC_FFI_FN_METHOD_STORE_CHAT_SEND
 #define UNIFFI_FFIDEF_UNIFFI_DRIFTSYNC_FFI_FN_METHOD_STORE_CHAT_SEND
 uint64_t uniffi_driftsync_ffi_fn_method_store_chat_send(uint64_t ptr, RustBuffer room, RustBuffer text
@@ -825,6 +835,18 @@ uint16_t uniffi_driftsync_ffi_checksum_method_store_chat_list(void
 #ifndef UNIFFI_FFIDEF_UNIFFI_DRIFTSYNC_FFI_CHECKSUM_METHOD_STORE_CHAT_MARK_READ
 #define UNIFFI_FFIDEF_UNIFFI_DRIFTSYNC_FFI_CHECKSUM_METHOD_STORE_CHAT_MARK_READ
 uint16_t uniffi_driftsync_ffi_checksum_method_store_chat_mark_read(void
+    
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_DRIFTSYNC_FFI_CHECKSUM_METHOD_STORE_CHAT_REACT
+#define UNIFFI_FFIDEF_UNIFFI_DRIFTSYNC_FFI_CHECKSUM_METHOD_STORE_CHAT_REACT
+uint16_t uniffi_driftsync_ffi_checksum_method_store_chat_react(void
+    
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_DRIFTSYNC_FFI_CHECKSUM_METHOD_STORE_CHAT_REPLY
+#define UNIFFI_FFIDEF_UNIFFI_DRIFTSYNC_FFI_CHECKSUM_METHOD_STORE_CHAT_REPLY
+uint16_t uniffi_driftsync_ffi_checksum_method_store_chat_reply(void
     
 );
 #endif

@@ -67,8 +67,9 @@ suspend fun scenario() = coroutineScopeWithTicker { ticker ->
     val subB = sb.addListener(bobEvents)
     until("both synced") { sa.state() == ConnectionState.SYNCED && sb.state() == ConnectionState.SYNCED }
     until("the offline message at bob") { bob.chatList(ROOM).any { it.id == first } }
-    check(ada.chatList(ROOM).single().delivery == Delivery.ACKNOWLEDGED) { "not acknowledged" }
-    ok("sessions synced; the offline message delivered and acknowledged")
+    until("bob's device has it") { ada.chatList(ROOM).single().delivery == Delivery.DELIVERED }
+    check(ada.chatList(ROOM).single().deliveredTo == listOf("bob")) { "not delivered to bob" }
+    ok("sessions synced; the offline message stored and delivered")
 
     val hi = ada.chatSend(ROOM, "hi bob")
     until("bob gets hi") { bobEvents.seen { it is Event.MessageAdded && it.message.id == hi } }

@@ -122,9 +122,10 @@ async def main():
     await until("both synced", lambda: sa.state() == ConnectionState.SYNCED and sb.state() == ConnectionState.SYNCED)
     assert ada_tokens.asked >= 1
     await until("ada's offline message at bob", lambda: _has(bob.chat_list(ROOM), "written offline"))
+    await until("bob's device has it", lambda: _delivery(ada.chat_list(ROOM), first, Delivery.DELIVERED))
     [m] = await ada.chat_list(ROOM)
-    assert m.delivery == Delivery.ACKNOWLEDGED, m
-    ok("sessions synced; the offline message delivered and acknowledged")
+    assert m.delivered_to == ["bob"] and m.kind == "text", m
+    ok("sessions synced; the offline message stored and delivered")
 
     # Chat both ways, live.
     hi = await ada.chat_send(ROOM, "hi bob")
@@ -138,11 +139,17 @@ async def main():
     await bob.chat_mark_read(ROOM, None)
     await until("ada sees bob's receipt", lambda: ada_events.seen(
         lambda e: e.is_MESSAGE_CHANGED() and e.message.id == hi and "bob" in e.message.read_by))
+    answer = await bob.chat_reply(ROOM, hi, "a reply")
+    await until("ada gets the reply's reply_to", lambda: ada_events.seen(
+        lambda e: e.is_MESSAGE_ADDED() and e.message.id == answer and e.message.reply_to == hi))
+    assert await ada.chat_react(ROOM, answer, "👍", True)
+    await until("bob sees the reaction", lambda: bob_events.seen(
+        lambda e: e.is_MESSAGE_CHANGED() and e.message.id == answer and e.message.reactions == {"👍": ["ada"]}))
     await ada.chat_delete(ROOM, first)
     await until("bob sees the deletion", lambda: bob_events.seen(
         lambda e: e.is_MESSAGE_CHANGED() and e.message.id == first and e.message.deleted))
     assert await bob.chat_unread_count(ROOM) == 0
-    ok("chat: send, edit, read receipts, delete")
+    ok("chat: send, edit, read receipts, reply, reaction, delete")
 
     # Text and map.
     await bob.text_append(NOTES, "bob wrote")
@@ -230,7 +237,7 @@ async def main():
     report = await carol.sync_once(tls_url, "", ca)
     assert report.documents >= 1 and report.refused == [], report
     [m] = await carol.chat_list(ROOM)
-    assert m.delivery == Delivery.ACKNOWLEDGED, m
+    assert m.delivery == Delivery.ACKNOWLEDGED, m  # stored; nobody else in that room
     ok("wss:// with an extra CA; a clear TLS error without it")
 
     # Listeners: on a thread of their own, never the caller's; cancel stops them.
@@ -261,6 +268,10 @@ async def main():
 
 async def _eq(coro, expected):
     return (await coro) == expected
+
+
+async def _delivery(messages, id, state):
+    return any(m.id == id and m.delivery == state for m in await messages)
 
 
 async def _has(messages, text):

@@ -1141,6 +1141,17 @@ public protocol StoreProtocol: AnyObject, Sendable {
     func chatMarkRead(room: String, id: String?) async throws  -> String?
     
     /**
+     * Adds (or with `add` false takes back) this user's `reaction` (an emoji, say) to message
+     * `id`; returns whether anything changed.
+     */
+    func chatReact(room: String, id: String, reaction: String, add: Bool) async throws  -> Bool
+    
+    /**
+     * Answers message `reply_to` in `room`; returns the new message's id.
+     */
+    func chatReply(room: String, replyTo: String, text: String) async throws  -> String
+    
+    /**
      * Sends a message to `room` (a `chat/…` document); returns its id. Stored before it
      * returns, pushed when connected.
      */
@@ -1362,6 +1373,45 @@ open func chatMarkRead(room: String, id: String?)async throws  -> String?  {
             completeFunc: ffi_driftsync_ffi_rust_future_complete_rust_buffer,
             freeFunc: ffi_driftsync_ffi_rust_future_free_rust_buffer,
             liftFunc: FfiConverterOptionString.lift,
+            errorHandler: FfiConverterTypeDriftsyncError_lift
+        )
+}
+    
+    /**
+     * Adds (or with `add` false takes back) this user's `reaction` (an emoji, say) to message
+     * `id`; returns whether anything changed.
+     */
+open func chatReact(room: String, id: String, reaction: String, add: Bool)async throws  -> Bool  {
+    return
+        try  await uniffiRustCallAsync(
+            rustFutureFunc: {
+                uniffi_driftsync_ffi_fn_method_store_chat_react(
+                        self.uniffiCloneHandle(),FfiConverterString.lower(room),FfiConverterString.lower(id),FfiConverterString.lower(reaction),FfiConverterBool.lower(add)
+                )
+            },
+            pollFunc: ffi_driftsync_ffi_rust_future_poll_i8,
+            completeFunc: ffi_driftsync_ffi_rust_future_complete_i8,
+            freeFunc: ffi_driftsync_ffi_rust_future_free_i8,
+            liftFunc: FfiConverterBool.lift,
+            errorHandler: FfiConverterTypeDriftsyncError_lift
+        )
+}
+    
+    /**
+     * Answers message `reply_to` in `room`; returns the new message's id.
+     */
+open func chatReply(room: String, replyTo: String, text: String)async throws  -> String  {
+    return
+        try  await uniffiRustCallAsync(
+            rustFutureFunc: {
+                uniffi_driftsync_ffi_fn_method_store_chat_reply(
+                        self.uniffiCloneHandle(),FfiConverterString.lower(room),FfiConverterString.lower(replyTo),FfiConverterString.lower(text)
+                )
+            },
+            pollFunc: ffi_driftsync_ffi_rust_future_poll_rust_buffer,
+            completeFunc: ffi_driftsync_ffi_rust_future_complete_rust_buffer,
+            freeFunc: ffi_driftsync_ffi_rust_future_free_rust_buffer,
+            liftFunc: FfiConverterString.lift,
             errorHandler: FfiConverterTypeDriftsyncError_lift
         )
 }
@@ -2036,6 +2086,10 @@ public struct ChatMessage: Equatable, Hashable {
      */
     public var author: String
     /**
+     * `text`, `image`, `video`, `file` or `system`.
+     */
+    public var kind: String
+    /**
      * Its text (empty once deleted).
      */
     public var text: String
@@ -2052,11 +2106,27 @@ public struct ChatMessage: Equatable, Hashable {
      */
     public var deleted: Bool
     /**
-     * Whether the server has it.
+     * The id of the message it answers, if any.
+     */
+    public var replyTo: String?
+    /**
+     * Its small string metadata.
+     */
+    public var metadata: [String: String]
+    /**
+     * Its reactions: reaction → the users who reacted so.
+     */
+    public var reactions: [String: [String]]
+    /**
+     * Where it is on its way to the others.
      */
     public var delivery: Delivery
     /**
-     * The users whose read receipt covers it.
+     * The users other than its author whose devices have it.
+     */
+    public var deliveredTo: [String]
+    /**
+     * The users other than its author who have read it.
      */
     public var readBy: [String]
 
@@ -2070,6 +2140,9 @@ public struct ChatMessage: Equatable, Hashable {
          * Its author's user id.
          */author: String, 
         /**
+         * `text`, `image`, `video`, `file` or `system`.
+         */kind: String, 
+        /**
          * Its text (empty once deleted).
          */text: String, 
         /**
@@ -2082,18 +2155,35 @@ public struct ChatMessage: Equatable, Hashable {
          * Whether it was deleted (a tombstone).
          */deleted: Bool, 
         /**
-         * Whether the server has it.
+         * The id of the message it answers, if any.
+         */replyTo: String?, 
+        /**
+         * Its small string metadata.
+         */metadata: [String: String], 
+        /**
+         * Its reactions: reaction → the users who reacted so.
+         */reactions: [String: [String]], 
+        /**
+         * Where it is on its way to the others.
          */delivery: Delivery, 
         /**
-         * The users whose read receipt covers it.
+         * The users other than its author whose devices have it.
+         */deliveredTo: [String], 
+        /**
+         * The users other than its author who have read it.
          */readBy: [String]) {
         self.id = id
         self.author = author
+        self.kind = kind
         self.text = text
         self.sentAtMs = sentAtMs
         self.editedAtMs = editedAtMs
         self.deleted = deleted
+        self.replyTo = replyTo
+        self.metadata = metadata
+        self.reactions = reactions
         self.delivery = delivery
+        self.deliveredTo = deliveredTo
         self.readBy = readBy
     }
 
@@ -2115,11 +2205,16 @@ public struct FfiConverterTypeChatMessage: FfiConverterRustBuffer {
             try ChatMessage(
                 id: FfiConverterString.read(from: &buf), 
                 author: FfiConverterString.read(from: &buf), 
+                kind: FfiConverterString.read(from: &buf), 
                 text: FfiConverterString.read(from: &buf), 
                 sentAtMs: FfiConverterUInt64.read(from: &buf), 
                 editedAtMs: FfiConverterOptionUInt64.read(from: &buf), 
                 deleted: FfiConverterBool.read(from: &buf), 
+                replyTo: FfiConverterOptionString.read(from: &buf), 
+                metadata: FfiConverterDictionaryStringString.read(from: &buf), 
+                reactions: FfiConverterDictionaryStringSequenceString.read(from: &buf), 
                 delivery: FfiConverterTypeDelivery.read(from: &buf), 
+                deliveredTo: FfiConverterSequenceString.read(from: &buf), 
                 readBy: FfiConverterSequenceString.read(from: &buf)
         )
     }
@@ -2127,11 +2222,16 @@ public struct FfiConverterTypeChatMessage: FfiConverterRustBuffer {
     public static func write(_ value: ChatMessage, into buf: inout [UInt8]) {
         FfiConverterString.write(value.id, into: &buf)
         FfiConverterString.write(value.author, into: &buf)
+        FfiConverterString.write(value.kind, into: &buf)
         FfiConverterString.write(value.text, into: &buf)
         FfiConverterUInt64.write(value.sentAtMs, into: &buf)
         FfiConverterOptionUInt64.write(value.editedAtMs, into: &buf)
         FfiConverterBool.write(value.deleted, into: &buf)
+        FfiConverterOptionString.write(value.replyTo, into: &buf)
+        FfiConverterDictionaryStringString.write(value.metadata, into: &buf)
+        FfiConverterDictionaryStringSequenceString.write(value.reactions, into: &buf)
         FfiConverterTypeDelivery.write(value.delivery, into: &buf)
+        FfiConverterSequenceString.write(value.deliveredTo, into: &buf)
         FfiConverterSequenceString.write(value.readBy, into: &buf)
     }
 }
@@ -2428,19 +2528,27 @@ public func FfiConverterTypeConnectionState_lower(_ value: ConnectionState) -> R
 
 
 /**
- * Whether the server has a message.
+ * Where a message is on its way to the others, as its sender sees it.
  */
 
 public enum Delivery: Equatable, Hashable {
     
     /**
-     * Only on this device so far.
+     * Only on this device so far (sending).
      */
     case local
     /**
-     * Durably stored by the server.
+     * Durably stored by the server (sent).
      */
     case acknowledged
+    /**
+     * On at least one other member's device.
+     */
+    case delivered
+    /**
+     * Read by at least one other member.
+     */
+    case read
 
 
 
@@ -2466,6 +2574,10 @@ public struct FfiConverterTypeDelivery: FfiConverterRustBuffer {
         
         case 2: return .acknowledged
         
+        case 3: return .delivered
+        
+        case 4: return .read
+        
         default: throw UniffiInternalError.unexpectedEnumCase
         }
     }
@@ -2480,6 +2592,14 @@ public struct FfiConverterTypeDelivery: FfiConverterRustBuffer {
         
         case .acknowledged:
             writeInt(&buf, Int32(2))
+        
+        
+        case .delivered:
+            writeInt(&buf, Int32(3))
+        
+        
+        case .read:
+            writeInt(&buf, Int32(4))
         
         }
     }
@@ -2951,7 +3071,7 @@ public enum Event: Equatable, Hashable {
          */message: ChatMessage
     )
     /**
-     * A message changed: edited, deleted, delivered, or read by someone.
+     * A message changed: edited, deleted, reacted to, stored, delivered or read.
      */
     case messageChanged(
         /**
@@ -3295,6 +3415,32 @@ fileprivate struct FfiConverterDictionaryStringString: FfiConverterRustBuffer {
         return dict
     }
 }
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+fileprivate struct FfiConverterDictionaryStringSequenceString: FfiConverterRustBuffer {
+    public static func write(_ value: [String: [String]], into buf: inout [UInt8]) {
+        let len = Int32(value.count)
+        writeInt(&buf, len)
+        for (key, value) in value {
+            FfiConverterString.write(key, into: &buf)
+            FfiConverterSequenceString.write(value, into: &buf)
+        }
+    }
+
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> [String: [String]] {
+        let len: Int32 = try readInt(&buf)
+        var dict = [String: [String]]()
+        dict.reserveCapacity(Int(len))
+        for _ in 0..<len {
+            let key = try FfiConverterString.read(from: &buf)
+            let value = try FfiConverterSequenceString.read(from: &buf)
+            dict[key] = value
+        }
+        return dict
+    }
+}
 private let UNIFFI_RUST_FUTURE_POLL_READY: Int8 = 0
 private let UNIFFI_RUST_FUTURE_POLL_WAKE: Int8 = 1
 
@@ -3396,6 +3542,12 @@ private let initializationResult: InitializationResult = {
         return InitializationResult.apiChecksumMismatch
     }
     if (uniffi_driftsync_ffi_checksum_method_store_chat_mark_read() != 35498) {
+        return InitializationResult.apiChecksumMismatch
+    }
+    if (uniffi_driftsync_ffi_checksum_method_store_chat_react() != 1403) {
+        return InitializationResult.apiChecksumMismatch
+    }
+    if (uniffi_driftsync_ffi_checksum_method_store_chat_reply() != 51579) {
         return InitializationResult.apiChecksumMismatch
     }
     if (uniffi_driftsync_ffi_checksum_method_store_chat_send() != 16734) {
