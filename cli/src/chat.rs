@@ -20,9 +20,13 @@ use tokio::sync::mpsc;
 pub(crate) struct ChatArgs {
     /// The room: a document id, e.g. `chat/general` (chat rules are enforced in `chat/` rooms).
     room: String,
-    /// The server's base URL (`ws://host:port`).
+    /// The server's base URL (`ws://host:port`, or `wss://host:port` for TLS).
     #[arg(long, env = "DRIFTSYNC_SERVER")]
     server: String,
+    /// A CA certificate (PEM) to trust for `wss://`, besides Mozilla's roots: a private
+    /// deployment's CA or a self-signed server certificate.
+    #[arg(long, env = "DRIFTSYNC_CA_CERT")]
+    ca_cert: Option<PathBuf>,
     /// The client's SQLite store file (created if missing).
     #[arg(long, env = "DRIFTSYNC_STORE")]
     store: PathBuf,
@@ -275,7 +279,11 @@ pub(crate) async fn run(args: ChatArgs, stop: impl Future<Output = ()>) -> anyho
         .await
         .with_context(|| format!("cannot open the client store {}", args.store.display()))?;
     let me = args.user.clone();
-    let session = Session::start(client, Options::new(&args.server).token(&args.token).documents([&room]));
+    let mut options = Options::new(&args.server).token(&args.token).documents([&room]);
+    if let Some(tls) = crate::client_tls(args.ca_cert.as_deref())? {
+        options = options.tls(tls);
+    }
+    let session = Session::start(client, options);
     let mut events = session.events();
     let raw = !args.line_mode && std::io::IsTerminal::is_terminal(&std::io::stdin()) && enable_raw();
     let mut screen = Screen {

@@ -124,9 +124,13 @@ enum TextCommand {
 
 #[derive(clap::Args)]
 struct SyncArgs {
-    /// The server's base URL (`ws://host:port`).
+    /// The server's base URL (`ws://host:port`, or `wss://host:port` for TLS).
     #[arg(long, env = "DRIFTSYNC_SERVER")]
     server: String,
+    /// A CA certificate (PEM) to trust for `wss://`, besides Mozilla's roots: a private
+    /// deployment's CA or a self-signed server certificate.
+    #[arg(long, env = "DRIFTSYNC_CA_CERT")]
+    ca_cert: Option<PathBuf>,
     /// The access token (empty for an open server).
     #[arg(long, env = "DRIFTSYNC_TOKEN", default_value = "", hide_env_values = true)]
     token: String,
@@ -201,6 +205,13 @@ struct ServeArgs {
     /// PostgreSQL or Redis, never for the embedded store alone].
     #[arg(long, env = "DRIFTSYNC_HEAD_CHECK_INTERVAL", value_parser = parse_ttl)]
     head_check_interval: Option<Duration>,
+    /// Terminate TLS here with this certificate chain (PEM, the server's certificate first);
+    /// needs --tls-key. Every endpoint is then HTTPS/WSS only.
+    #[arg(long, env = "DRIFTSYNC_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The private key (PEM: PKCS#8, PKCS#1 or SEC1) of --tls-cert.
+    #[arg(long, env = "DRIFTSYNC_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -434,6 +445,14 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             redact_password(&format!("{e:#}"), &target)
         )
     })?;
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => {
+            let cert_pem = std::fs::read(cert).with_context(|| format!("cannot read --tls-cert {}", cert.display()))?;
+            let key_pem = std::fs::read(key).with_context(|| format!("cannot read --tls-key {}", key.display()))?;
+            Some(driftsync_server::tls_server_config(&cert_pem, &key_pem)?)
+        }
+        _ => None,
+    };
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
@@ -480,6 +499,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         max_document_bytes: args.max_document_bytes.unwrap_or(defaults.max_document_bytes),
         outbound_queue_bytes: args.outbound_queue_bytes.unwrap_or(defaults.outbound_queue_bytes),
         max_clock_skew: args.max_clock_skew.unwrap_or(defaults.max_clock_skew),
+        tls,
         ..defaults
     };
     let auth = if config.auth.is_open() {
@@ -489,6 +509,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     };
     tracing::info!(
         listen = %local,
+        tls = config.tls.is_some(),
         store = %shown,
         auth,
         max_connections = config.max_connections,
@@ -629,7 +650,8 @@ async fn client(args: ClientArgs) -> anyhow::Result<()> {
                 client.document(doc).await?;
             }
             if sync.once {
-                let report = client.sync_once(&sync.server, &sync.token).await?;
+                let tls = client_tls(sync.ca_cert.as_deref())?;
+                let report = client.sync_once_with(&sync.server, &sync.token, tls.as_ref()).await?;
                 println!("{}", report.to_json());
             } else {
                 sync_live(client, &sync).await?;
@@ -642,7 +664,11 @@ async fn client(args: ClientArgs) -> anyhow::Result<()> {
 /// Keeps syncing until interrupted, one JSON line per event on stdout.
 async fn sync_live(client: driftsync_client::Client, args: &SyncArgs) -> anyhow::Result<()> {
     use driftsync_client::{Options, Session};
-    let session = Session::start(client, Options::new(&args.server).token(&args.token));
+    let mut options = Options::new(&args.server).token(&args.token);
+    if let Some(tls) = client_tls(args.ca_cert.as_deref())? {
+        options = options.tls(tls);
+    }
+    let session = Session::start(client, options);
     let mut events = session.events();
     let stop = shutdown_signal();
     tokio::pin!(stop);
@@ -657,6 +683,15 @@ async fn sync_live(client: driftsync_client::Client, args: &SyncArgs) -> anyhow:
     }
     session.shutdown().await?;
     Ok(())
+}
+
+/// The client's TLS settings with `--ca-cert` (Mozilla's roots and that CA), or `None` for
+/// Mozilla's roots alone.
+fn client_tls(ca_cert: Option<&std::path::Path>) -> anyhow::Result<Option<driftsync_client::Tls>> {
+    let Some(path) = ca_cert else { return Ok(None) };
+    let pem = std::fs::read(path).with_context(|| format!("cannot read --ca-cert {}", path.display()))?;
+    let tls = driftsync_client::Tls::with_extra_ca(&pem).with_context(|| format!("--ca-cert {}", path.display()))?;
+    Ok(Some(tls))
 }
 
 async fn shutdown_signal() {

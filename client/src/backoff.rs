@@ -55,7 +55,13 @@ impl Error {
         match self {
             Error::Connection(_) | Error::Closed | Error::Timeout(_) | Error::Silent(_) => true,
             Error::Server { code, .. } => code.is_transient(),
-            Error::Engine(_) | Error::DocId(_) | Error::Protocol(_) | Error::Invalid(_) | Error::Stopped => false,
+            // A certificate that is not trusted stays so until the app or the server changes.
+            Error::Engine(_)
+            | Error::DocId(_)
+            | Error::Protocol(_)
+            | Error::Invalid(_)
+            | Error::Stopped
+            | Error::Tls(_) => false,
         }
     }
 }

@@ -15,6 +15,10 @@ pub enum Error {
     /// The WebSocket failed (connect, send or receive).
     #[error("connection failed: {0}")]
     Connection(Box<tokio_tungstenite::tungstenite::Error>),
+    /// The TLS handshake of a `wss://` connection failed: the server's certificate is not
+    /// trusted (add its CA with `Tls::with_extra_ca`), names another host, or has expired.
+    #[error("TLS failed: {0}")]
+    Tls(String),
     /// The server sent something this client cannot understand or did not expect.
     #[error("protocol error: {0}")]
     Protocol(String),

@@ -22,6 +22,7 @@ mod live;
 #[doc(hidden)]
 pub mod machine;
 mod sync;
+mod tls;
 mod transport;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -40,6 +41,7 @@ pub use live::{
     ConnectFuture, ConnectionState, Event, Events, Options, Session, TokenFuture, TYPING_THROTTLE, TYPING_TIMEOUT,
 };
 pub use sync::{SyncReport, MAX_ASSEMBLED_ANSWER, SYNC_TIMEOUT};
+pub use tls::Tls;
 pub use transport::{Incoming, MemoryTransport, Transport, TransportFuture, WebSocketTransport};
 
 /// A replica of documents on one local store, acting for one user.

@@ -37,7 +37,7 @@ use tokio::time::Instant;
 use crate::machine::{Action, End, Machine, MachineOptions};
 use crate::sync::{decode, drive, sleep_until_opt};
 use crate::transport::{Incoming, Transport, WebSocketTransport};
-use crate::{Backoff, Client, Error, Result};
+use crate::{Backoff, Client, Error, Result, Tls};
 
 /// How long connecting and the hello may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -80,7 +80,8 @@ impl std::fmt::Debug for Options {
 }
 
 impl Options {
-    /// Connects to the server at `url` (`ws://host:port`) with an empty token (an open server).
+    /// Connects to the server at `url` (`ws://host:port`, or `wss://host:port` trusting Mozilla's
+    /// roots; see [`tls`](Options::tls)) with an empty token (an open server).
     pub fn new(url: impl Into<String>) -> Options {
         Options {
             url: url.into(),
@@ -115,6 +116,19 @@ impl Options {
         Fut: Future<Output = std::result::Result<String, String>> + Send + 'static,
     {
         self.token = Arc::new(move || Box::pin(refresh()));
+        self
+    }
+
+    /// Verifies `wss://` servers with `tls` (e.g. [`Tls::with_extra_ca`] for a private CA)
+    /// instead of Mozilla's roots alone. Replaces any [`connector`](Options::connector).
+    pub fn tls(mut self, tls: Tls) -> Options {
+        self.connector = Arc::new(move |url| {
+            let tls = tls.clone();
+            Box::pin(async move {
+                let transport = WebSocketTransport::connect_with(&url, Some(&tls)).await?;
+                Ok(Box::new(transport) as Box<dyn Transport>)
+            })
+        });
         self
     }
 

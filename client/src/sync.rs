@@ -16,7 +16,7 @@ use tokio::time::Instant;
 
 use crate::machine::{Action, Effect, End, Machine, MachineOptions, Outcome};
 use crate::transport::{Incoming, Transport, WebSocketTransport};
-use crate::{Client, Error, Event, Result};
+use crate::{Client, Error, Event, Result, Tls};
 
 /// How long one sync pass may take before it gives up.
 pub const SYNC_TIMEOUT: Duration = Duration::from_secs(30);
@@ -116,7 +116,7 @@ pub(crate) async fn sleep_until_opt(deadline: Option<Instant>) {
 }
 
 impl Client {
-    /// Connects to `url` (`ws://host:port`), resumes every known document, pushes the outbox and
+    /// Connects to `url` (`ws://host:port` or `wss://host:port`), resumes every known document, pushes the outbox and
     /// returns once every document was answered or refused and every pushed batch acknowledged
     /// or refused. A document the server refuses (forbidden, say) is listed in
     /// [`SyncReport::refused`] while the pass completes the others; one refused for a passing
@@ -124,8 +124,14 @@ impl Client {
     /// the connection itself (bad token, unsupported version) or a lost connection fails the
     /// pass. Gives up after [`SYNC_TIMEOUT`].
     pub async fn sync_once(&mut self, url: &str, token: &str) -> Result<SyncReport> {
+        self.sync_once_with(url, token, None).await
+    }
+
+    /// Like [`sync_once`](Self::sync_once), verifying a `wss://` server with `tls` (Mozilla's
+    /// roots when `None`).
+    pub async fn sync_once_with(&mut self, url: &str, token: &str, tls: Option<&Tls>) -> Result<SyncReport> {
         let pass = async {
-            let transport = WebSocketTransport::connect(url).await?;
+            let transport = WebSocketTransport::connect_with(url, tls).await?;
             self.sync_pass(Box::new(transport), token).await
         };
         match tokio::time::timeout(SYNC_TIMEOUT, pass).await {

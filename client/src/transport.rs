@@ -13,9 +13,9 @@ use futures_util::{SinkExt, StreamExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use tokio_tungstenite::{Connector, MaybeTlsStream, WebSocketStream};
 
-use crate::{Error, Result};
+use crate::{Error, Result, Tls};
 
 /// A boxed future returned by [`Transport`] methods (boxed so that the trait is object safe).
 pub type TransportFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -62,12 +62,41 @@ pub struct WebSocketTransport {
 }
 
 impl WebSocketTransport {
-    /// Connects to the server at `url` (`ws://host:port`): its `/v1/sync` endpoint.
+    /// Connects to the server at `url` (`ws://host:port`, or `wss://host:port` trusting
+    /// Mozilla's roots): its `/v1/sync` endpoint.
     pub async fn connect(url: &str) -> Result<WebSocketTransport> {
-        let endpoint = format!("{}/v1/sync", url.trim_end_matches('/'));
-        let (ws, _) = tokio_tungstenite::connect_async(endpoint).await?;
-        Ok(WebSocketTransport { ws })
+        let tls = if is_tls(url) { Some(Tls::mozilla()?) } else { None };
+        Self::connect_with(url, tls.as_ref()).await
     }
+
+    /// Connects to the server at `url`; a `wss://` url is verified with `tls` (Mozilla's roots
+    /// when `None`).
+    pub async fn connect_with(url: &str, tls: Option<&Tls>) -> Result<WebSocketTransport> {
+        let endpoint = format!("{}/v1/sync", url.trim_end_matches('/'));
+        let connector = if is_tls(url) {
+            let tls = match tls {
+                Some(tls) => tls.clone(),
+                None => Tls::mozilla()?,
+            };
+            Connector::Rustls(tls.config())
+        } else {
+            Connector::Plain
+        };
+        let connected = tokio_tungstenite::connect_async_tls_with_config(endpoint, None, false, Some(connector)).await;
+        match connected {
+            Ok((ws, _)) => Ok(WebSocketTransport { ws }),
+            Err(e) => match crate::tls::tls_failure(&e) {
+                Some(reason) => Err(Error::Tls(reason)),
+                None => Err(e.into()),
+            },
+        }
+    }
+}
+
+/// Whether `url` asks for TLS (`wss://` or `https://`).
+fn is_tls(url: &str) -> bool {
+    let lower = url.trim_start().to_ascii_lowercase();
+    lower.starts_with("wss://") || lower.starts_with("https://")
 }
 
 impl Transport for WebSocketTransport {

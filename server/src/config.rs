@@ -144,6 +144,10 @@ pub struct Config {
     /// ([`DEFAULT_MAX_HELLO_FRAME`]); then `max_frame_size`. A larger one is refused from its
     /// header with close 1009, so an unauthenticated peer cannot make the server hold much.
     pub max_hello_frame: usize,
+    /// TLS, terminated by the server itself (rustls): every connection must then speak TLS
+    /// ([`tls_server_config`](crate::tls_server_config) makes one from PEM). `None`: plain
+    /// TCP, for loopback or behind a proxy that terminates TLS.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 impl Default for Config {
@@ -170,6 +174,7 @@ impl Default for Config {
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             allowed_origins: None,
             max_hello_frame: DEFAULT_MAX_HELLO_FRAME,
+            tls: None,
         }
     }
 }

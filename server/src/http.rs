@@ -64,6 +64,9 @@ pub(crate) struct Limits {
     pub(crate) max_connections: usize,
     pub(crate) header_read_timeout: Duration,
     pub(crate) idle_timeout: Duration,
+    /// TLS terminated here: each connection's handshake runs in its own task, within the
+    /// header-read timeout.
+    pub(crate) tls: Option<tokio_rustls::TlsAcceptor>,
 }
 
 impl Limits {
@@ -72,6 +75,7 @@ impl Limits {
             max_connections: config.max_connections.clamp(1, Semaphore::MAX_PERMITS),
             header_read_timeout: config.header_read_timeout,
             idle_timeout: config.idle_timeout,
+            tls: config.tls.clone().map(tokio_rustls::TlsAcceptor::from),
         }
     }
 }
@@ -144,14 +148,20 @@ pub(crate) async fn serve(
             active: Arc::clone(&active),
             _permit: permit,
         };
-        connections.spawn(connection(
-            Arc::clone(&builder),
-            io,
-            app.clone(),
-            active,
-            limits.idle_timeout,
-            shutdown.clone(),
-        ));
+        let (builder, app, shutdown) = (Arc::clone(&builder), app.clone(), shutdown.clone());
+        match &limits.tls {
+            None => connections.spawn(connection(builder, io, app, active, limits.idle_timeout, shutdown)),
+            Some(acceptor) => connections.spawn(tls_connection(
+                acceptor.clone(),
+                limits.header_read_timeout,
+                builder,
+                io,
+                app,
+                active,
+                limits.idle_timeout,
+                shutdown,
+            )),
+        };
     }
     // No new connections from here on.
     drop(listener);
@@ -165,11 +175,36 @@ pub(crate) async fn serve(
     Ok(())
 }
 
-/// One HTTP connection, until it closes, upgrades (the upgraded socket then lives on in the
-/// WebSocket's task, with the connection's permit), stays idle for `idle`, or shuts down.
-async fn connection(
+/// One HTTPS connection: the TLS handshake, within `handshake` (the header-read timeout: a peer
+/// that opens a connection and says nothing holds its permit no longer than a plain one), then
+/// HTTP over it as [`connection`] serves it.
+#[allow(clippy::too_many_arguments)]
+async fn tls_connection(
+    acceptor: tokio_rustls::TlsAcceptor,
+    handshake: Duration,
     builder: Arc<http1::Builder>,
     io: Tracked,
+    app: Router,
+    active: Arc<AtomicBool>,
+    idle: Duration,
+    shutdown: CancellationToken,
+) {
+    let accepted = tokio::select! {
+        () = shutdown.cancelled() => return,
+        accepted = tokio::time::timeout(handshake, acceptor.accept(io)) => accepted,
+    };
+    match accepted {
+        Ok(Ok(tls)) => connection(builder, tls, app, active, idle, shutdown).await,
+        Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
+        Err(_) => tracing::debug!("TLS handshake timed out"),
+    }
+}
+
+/// One HTTP connection, until it closes, upgrades (the upgraded socket then lives on in the
+/// WebSocket's task, with the connection's permit), stays idle for `idle`, or shuts down.
+async fn connection<I: AsyncRead + AsyncWrite + Send + Unpin + 'static>(
+    builder: Arc<http1::Builder>,
+    io: I,
     app: Router,
     active: Arc<AtomicBool>,
     idle: Duration,

@@ -49,6 +49,7 @@ mod rooms;
 pub mod sim;
 mod socket;
 mod tasks;
+mod tls;
 mod web;
 mod yjs;
 
@@ -78,6 +79,7 @@ pub use crate::fanout::{Fanout, FanoutEvent, Inbound, LocalFanout, NoFanout};
 use crate::instance::{start_instance, Shared};
 pub use crate::limits::{RateLimit, RoomOpens};
 pub use crate::redis_fanout::RedisFanout;
+pub use crate::tls::{server_config as tls_server_config, TlsError};
 pub use crate::web::page_weight_gzipped;
 
 /// Serves the web app at `/`, `/healthz`, `/metrics`, `/v1/sync`, `/yjs/{doc}` and `/hocuspocus` on
