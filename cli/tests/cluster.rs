@@ -722,6 +722,25 @@ async fn redis_restarted_and_an_instance_cut_off_from_it_lose_nothing() {
     // C cut off from Redis (not from PostgreSQL) for six seconds, silently (packets vanish, no
     // connection closes): C's writer keeps being acknowledged, and the replicas converge even
     // meanwhile (the head check).
+    // What C caught up on from the store: the head check's repairs, and the gaps its own
+    // writer's commits found (a commit's cursor beyond the room's head reads the gap first; with
+    // C's writer busy, that often comes before the next head check).
+    let store_repairs = || async {
+        let metrics = driftsync_tests::http_get(c.addr, "/metrics").await;
+        let value = |name: &str| -> u64 {
+            metrics
+                .lines()
+                .find_map(|line| line.strip_prefix(name))
+                .and_then(|n| n.trim().parse().ok())
+                .unwrap_or(0)
+        };
+        (
+            value("driftsync_head_check_repairs_total "),
+            value("driftsync_fanout_repairs_total "),
+            metrics,
+        )
+    };
+    let (head_before, gaps_before, _) = store_repairs().await;
     proxy.set_cut(true);
     let during = counts(&writers);
     tokio::time::sleep(Duration::from_secs(6)).await;
@@ -736,13 +755,16 @@ async fn redis_restarted_and_an_instance_cut_off_from_it_lose_nothing() {
         report(&all, &cut_tokens)
     );
     // What C caught up on while cut off came from the store, not from Redis.
-    let metrics = driftsync_tests::http_get(c.addr, "/metrics").await;
-    let repairs: u64 = metrics
-        .lines()
-        .find_map(|line| line.strip_prefix("driftsync_head_check_repairs_total "))
-        .and_then(|n| n.trim().parse().ok())
-        .unwrap_or(0);
-    assert!(repairs > 0, "C's head check repaired nothing:\n{metrics}");
+    let (head_after, gaps_after, metrics) = store_repairs().await;
+    assert!(
+        head_after + gaps_after > head_before + gaps_before,
+        "C repaired nothing from the store while cut off:\n{metrics}"
+    );
+    println!(
+        "while cut off, C repaired {} times by the head check and {} gaps at its own commits",
+        head_after - head_before,
+        gaps_after - gaps_before
+    );
     proxy.set_cut(false);
     // C found the silent cut (its pings went unanswered) and subscribed again once it ended.
     let connects = || async {

@@ -718,6 +718,7 @@ impl Room {
             // has not arrived (or never will: no fan-out is configured). Once this commit moves
             // the head past them, fan-in would skip them: read them from the shared store now,
             // before the pusher's `Ack`.
+            self.ctx.metrics.fanout_repairs.inc();
             match store.log_after(self.id.as_str(), state.head).await {
                 Ok(LogTail::Entries(entries)) => {
                     let gap = entries.into_iter().filter(|e| e.cursor < cursor).collect();
