@@ -55,19 +55,24 @@ pub fn node_modules_dir() -> Option<PathBuf> {
     npm_modules("node-yjs", &YJS_PACKAGES)
 }
 
-/// `target/NAME`, with `packages` installed (once: later calls find them); `None` when node or
-/// npm is missing.
-pub fn npm_modules(name: &str, packages: &[Package]) -> Option<PathBuf> {
-    // Tests run on parallel threads of one process: install once, the others wait for it.
-    static INSTALL: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    let _installing = INSTALL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+/// Whether `node` and `npm` run here.
+pub fn node_and_npm() -> bool {
     let works = |program: &str| {
         Command::new(program)
             .arg("--version")
             .output()
             .is_ok_and(|o| o.status.success())
     };
-    if !works("node") || !works("npm") {
+    works("node") && works("npm")
+}
+
+/// `target/NAME`, with `packages` installed (once: later calls find them); `None` when node or
+/// npm is missing.
+pub fn npm_modules(name: &str, packages: &[Package]) -> Option<PathBuf> {
+    // Tests run on parallel threads of one process: install once, the others wait for it.
+    static INSTALL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _installing = INSTALL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    if !node_and_npm() {
         return None;
     }
     let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -37,13 +37,7 @@ fn missing(what: &str) {
 fn node_modules() -> Option<PathBuf> {
     static INSTALL: Mutex<()> = Mutex::new(());
     let _installing = INSTALL.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-    let works = |program: &str| {
-        Command::new(program)
-            .arg("--version")
-            .output()
-            .is_ok_and(|o| o.status.success())
-    };
-    if !works("node") || !works("npm") {
+    if !driftsync_tests::yclient::node_and_npm() {
         missing("node and npm are needed for the web app's tests");
         return None;
     }

@@ -80,6 +80,16 @@ pub(crate) const MAX_CONNECTION_STATE_BYTES: usize = 256 * 1024;
 /// resume) costs.
 pub(crate) const MAX_ROOM_STATE_BYTES: usize = 2 * 1024 * 1024;
 
+/// The largest native state that typing is mirrored into (a name and a colour take a few dozen
+/// bytes). Mirroring re-sends the whole state to every subscriber for a typing frame of a few
+/// bytes: without the bound, a big state would turn each cheap frame into a large broadcast.
+const MAX_MIRRORED_STATE_BYTES: usize = 4 * 1024;
+
+/// A native connection's typing starts to be mirrored at most once per this interval (clients
+/// announce typing every few seconds); "stopped" always is. So a connection flipping typing as
+/// fast as its rate limit allows causes at most two mirrored states per interval.
+const TYPING_MIRROR_INTERVAL_MS: u64 = 1000;
+
 /// The most states of other instances' connections one room keeps (each instance already bounds
 /// its own; this bounds what small or empty states could add up to).
 const MAX_REMOTE_STATES: usize = 4096;
@@ -154,6 +164,8 @@ struct Owner {
     left_ms: Option<u64>,
     /// Whether its native connection is typing: mirrored into its state as `"typing": true`.
     typing: bool,
+    /// When its typing was last mirrored as started (ms).
+    typing_mirrored_ms: Option<u64>,
 }
 
 /// Who an awareness client id belongs to, as long as the table remembers the id.
@@ -382,7 +394,10 @@ impl Presence {
     /// Mirrors native connection `session`'s typing into its presence state (`"typing": true`,
     /// removed when it stops), so that Yjs clients, which keep typing in their awareness, see
     /// it. A connection without a state gets `{"user": …, "typing": true}`. Returns the events
-    /// announcing the change (none if nothing changed, or the room's states are full).
+    /// announcing the change: none if nothing changed, the room's states are full, the state is
+    /// larger than [`MAX_MIRRORED_STATE_BYTES`], or typing started again within
+    /// [`TYPING_MIRROR_INTERVAL_MS`] of the last start (native connections still get the typing
+    /// event itself).
     pub(crate) fn set_native_typing(
         &mut self,
         doc: &DocId,
@@ -395,11 +410,26 @@ impl Presence {
         if owner.typing == typing {
             return Vec::new();
         }
-        owner.typing = typing;
+        if typing
+            && owner
+                .typing_mirrored_ms
+                .is_some_and(|at| now_ms.saturating_sub(at) < TYPING_MIRROR_INTERVAL_MS)
+        {
+            return Vec::new();
+        }
         let own = self
             .clients
             .get(&session)
             .is_some_and(|c| c.native && c.controller == Some(session));
+        let current = if own { self.table.state(session) } else { None };
+        if current.is_some_and(|state| state.len() > MAX_MIRRORED_STATE_BYTES) {
+            return Vec::new();
+        }
+        let owner = self.owner(session, user);
+        owner.typing = typing;
+        if typing {
+            owner.typing_mirrored_ms = Some(now_ms);
+        }
         let current = if own { self.table.state(session) } else { None };
         if current.is_none() && !typing {
             return Vec::new();
@@ -998,6 +1028,29 @@ mod tests {
         // A state that is not an object cannot carry the flag: left as it is.
         p.set_native(&d, 10, "cy", Some("\"cy\"".into()), 6).unwrap();
         assert!(p.set_native_typing(&d, 10, "cy", true, 7).is_empty());
+    }
+
+    /// The attack: a native connection flips typing as fast as it may, with a big state. Each
+    /// mirrored change re-sends its state to every subscriber, so mirroring is bounded in size
+    /// and in rate, whatever the flips cost the sender.
+    #[test]
+    fn flipping_typing_fast_or_with_a_big_state_mirrors_little() {
+        let mut p = Presence::default();
+        let d = doc();
+        p.set_native(&d, 8, "ada", Some(r#"{"user":"ada"}"#.into()), 0).unwrap();
+        let mut mirrored = 0;
+        for i in 0..1000u64 {
+            // 1,000 flips in half a second.
+            mirrored += seen(&p.set_native_typing(&d, 8, "ada", i % 2 == 0, i / 2)).len();
+        }
+        assert_eq!(mirrored, 2, "one start and one stop within the interval");
+        let later = p.set_native_typing(&d, 8, "ada", true, 500 + TYPING_MIRROR_INTERVAL_MS);
+        assert_eq!(seen(&later).len(), 1, "after the interval, typing is mirrored again");
+        // A state above the bound is never re-sent for typing.
+        let big = format!(r#"{{"user":"bob","pad":"{}"}}"#, "x".repeat(MAX_MIRRORED_STATE_BYTES));
+        p.set_native(&d, 9, "bob", Some(big), 0).unwrap();
+        assert!(p.set_native_typing(&d, 9, "bob", true, 10_000).is_empty());
+        assert!(p.set_native_typing(&d, 9, "bob", false, 10_001).is_empty());
     }
 
     #[test]
