@@ -29,24 +29,39 @@ struct Replica {
     text: yrs::Doc,
     /// Updates on their way to this replica: (deliver at or after this step, target, bytes).
     inbox: Vec<(u32, Target, Vec<u8>)>,
-    /// The read and delivery receipts (user → sort) this replica has shown: they never move back.
+    /// The read and delivery receipt entries (`user/device` → sort) this replica has shown:
+    /// they never move back.
     shown_receipts: [std::collections::BTreeMap<String, String>; 2],
 }
 
 impl Replica {
-    /// Checks that no user's read or delivery receipt moved back on this replica.
+    /// Checks that no device's read or delivery receipt, whenever this replica shows it, is
+    /// behind what it showed before.
+    ///
+    /// (Per device entry, not per user: under this test's peer-to-peer delivery a replica can
+    /// briefly not show an entry at all — yrs applies a deletion before an insert that waits —
+    /// and then a user's effective receipt is their other device's, which may be older. Clients
+    /// of a server never see that: it stores only complete pushes, in cursor order.)
     fn check_receipts_forward(&mut self, k: usize) {
-        let now = [self.chat.receipts(), self.chat.delivered()];
-        for (kind, (shown, now)) in self.shown_receipts.iter_mut().zip(now).enumerate() {
-            for (user, receipt) in now {
-                if let Some(before) = shown.get(&user) {
+        use yrs::{Map, Transact};
+        for (kind, root) in ["receipts", "delivered"].into_iter().enumerate() {
+            let map = self.chat.doc().get_or_insert_map(root);
+            let txn = self.chat.doc().transact();
+            for (key, value) in map.iter(&txn) {
+                let yrs::Out::Any(yrs::Any::Map(fields)) = value else {
+                    continue;
+                };
+                let Some(yrs::Any::String(sort)) = fields.get("sort") else {
+                    continue;
+                };
+                let shown = &mut self.shown_receipts[kind];
+                if let Some(before) = shown.get(key) {
                     assert!(
-                        receipt.sort >= *before,
-                        "replica {k}: {} receipt of {user} moved back",
-                        ["read", "delivery"][kind]
+                        **sort >= **before,
+                        "replica {k}: {root} entry {key} moved back from {before} to {sort}"
                     );
                 }
-                shown.insert(user, receipt.sort);
+                shown.insert(key.to_string(), sort.to_string());
             }
         }
     }
