@@ -95,6 +95,7 @@ fn replay_into_store(rt: &Runtime, store: &SqliteStore, trace: &Trace) -> Doc {
             doc: DOC.to_string(),
             origin: None,
             update: apply_patch(&doc, &root, patch).unwrap(),
+            chat: None,
         });
         if batch.len() == GROUP {
             rt.block_on(store.append(&batch)).unwrap();

@@ -57,6 +57,7 @@ impl Batches {
                     batch: self.next_batch,
                 }),
                 update: UPDATE.to_vec(),
+                chat: None,
             })
             .collect()
     }

@@ -48,8 +48,12 @@ use crate::clock::{Hlc, HlcClock, DEFAULT_MAX_CLOCK_SKEW_MS};
 use crate::doc::edit;
 
 mod details;
+mod members;
 
 use crate::{Error, Result};
+pub use members::{
+    preview, ChatFacts, EditFact, Member, MemberFact, MessageFact, ReadFact, MAX_PREVIEW_BYTES, MEMBERS_ROOT,
+};
 pub use details::{
     check_metadata, check_reaction, parse_reaction_key, reaction_key, Attachment, Kind, MAX_ATTACHMENTS,
     MAX_MESSAGE_ID_BYTES, MAX_METADATA_ENTRIES, MAX_METADATA_KEY_BYTES, MAX_METADATA_VALUE_BYTES, MAX_MIME_BYTES,
@@ -178,6 +182,7 @@ pub struct ChatRoom {
     receipts: MapRef,
     delivered: MapRef,
     reactions: MapRef,
+    members: MapRef,
     clock: Arc<Mutex<HlcClock>>,
 }
 
@@ -198,6 +203,7 @@ impl ChatRoom {
         let receipts = doc.get_or_insert_map(RECEIPTS_ROOT);
         let delivered = doc.get_or_insert_map(DELIVERED_ROOT);
         let reactions = doc.get_or_insert_map(REACTIONS_ROOT);
+        let members = doc.get_or_insert_map(MEMBERS_ROOT);
         let mut clock = HlcClock::new();
         {
             let txn = doc.transact();
@@ -227,6 +233,7 @@ impl ChatRoom {
             receipts,
             delivered,
             reactions,
+            members,
             clock,
         }
     }
@@ -533,13 +540,70 @@ impl ChatRoom {
         self.receipts().remove(user)
     }
 
-    /// Messages after the user's receipt that others wrote and that are not deleted.
+    /// Messages after the user's receipt that others wrote and that are neither deleted nor
+    /// system messages.
     pub fn unread_count(&self, user: &str) -> usize {
         let read = self.receipt(user).map(|r| r.sort);
         self.messages()
             .iter()
-            .filter(|m| !m.deleted && m.author != user && read.as_deref().is_none_or(|r| m.sort.as_str() > r))
+            .filter(|m| {
+                !m.deleted
+                    && m.kind != Kind::System
+                    && m.author != user
+                    && read.as_deref().is_none_or(|r| m.sort.as_str() > r)
+            })
             .count()
+    }
+
+    /// Joins the room as `author`'s user: their entry in `members` becomes `joined` (the server
+    /// then writes a system message). `None` when they are a member already.
+    pub fn join(&self, author: &Author, now_ms: u64) -> Option<Vec<u8>> {
+        self.set_membership(author, true, now_ms)
+    }
+
+    /// Leaves the room: `author`'s entry in `members` becomes `left`. `None` when they are not
+    /// a member.
+    pub fn leave(&self, author: &Author, now_ms: u64) -> Option<Vec<u8>> {
+        self.set_membership(author, false, now_ms)
+    }
+
+    fn set_membership(&self, author: &Author, joined: bool, now_ms: u64) -> Option<Vec<u8>> {
+        if self.is_member(&author.user) == joined {
+            return None;
+        }
+        let (_, update) = edit(&self.doc, |txn| {
+            self.members
+                .insert(txn, author.user.as_str(), members::member_value(joined, now_ms));
+        });
+        Some(update)
+    }
+
+    /// Whether `user` has joined (and not left).
+    pub fn is_member(&self, user: &str) -> bool {
+        let txn = self.doc.transact();
+        self.members
+            .get(&txn, user)
+            .and_then(|value| members::member_from(&value))
+            .is_some_and(|(joined, _)| joined)
+    }
+
+    /// Everyone who ever joined, with their state, in user order (entries that do not follow
+    /// the schema are skipped).
+    pub fn members(&self) -> Vec<Member> {
+        let txn = self.doc.transact();
+        let mut all: Vec<Member> = self
+            .members
+            .iter(&txn)
+            .filter_map(|(user, value)| {
+                members::member_from(&value).map(|(joined, at_ms)| Member {
+                    user: user.to_string(),
+                    joined,
+                    at_ms,
+                })
+            })
+            .collect();
+        all.sort_by(|a, b| a.user.cmp(&b.user));
+        all
     }
 
     /// The users whose receipt covers a message with this sort key.
@@ -556,6 +620,44 @@ impl Drop for ChatRoom {
     fn drop(&mut self) {
         self.messages.unobserve(CLOCK_OBSERVER);
     }
+}
+
+/// A system message saying that `user` did `event` (`"joined"`, `"left"`), as a server writes
+/// it into the room `room` at wall time `now_ms`: `kind` `system`, `author` the user concerned,
+/// device `server`, `meta` `{event, user}`, stamped after every message the room holds. Returns
+/// its id and the update, which the caller applies to the room and stores.
+///
+/// The update is built on a scratch document with a fresh random client id, never the room's:
+/// a new key of the `messages` map references nothing else in the room, and an id used once
+/// can never be re-used for other content after a failed commit or by another instance.
+pub fn system_message(room: &Doc, user: &str, event: &str, now_ms: u64) -> Result<(String, Vec<u8>)> {
+    let messages = room.get_or_insert_map(MESSAGES_ROOT);
+    let latest = {
+        let txn = room.transact();
+        messages
+            .iter(&txn)
+            .filter_map(|(_, value)| message_hlc(&txn, &value))
+            .max()
+    };
+    let chat = ChatRoom::new(crate::doc::new_doc(crate::doc::new_client_id())?);
+    if let Some(latest) = latest {
+        chat.clock.lock().unwrap_or_else(PoisonError::into_inner).observe(latest);
+    }
+    let message = NewMessage {
+        text: format!("{user} {event}"),
+        kind: Kind::System,
+        metadata: BTreeMap::from([
+            ("event".to_string(), event.to_string()),
+            ("user".to_string(), user.to_string()),
+        ]),
+        ..NewMessage::default()
+    };
+    message.check().map_err(Error::Invalid)?;
+    let author = Author {
+        user: user.to_string(),
+        device: "server".to_string(),
+    };
+    Ok(chat.write_message(&author, uuid::Uuid::now_v7().to_string(), &message, now_ms))
 }
 
 /// The fields of a message its author may change after sending it.
@@ -584,7 +686,7 @@ impl From<Violation> for Error {
 
 /// One thing a transaction did to a room, and who may do it.
 #[derive(Debug, Clone)]
-enum Touch {
+pub(crate) enum Touch {
     /// Allowed to this user only (`None`: the owner is unknown, so to no authenticated user).
     Owner { user: Option<String>, what: String },
     /// Breaks the schema whoever does it.
@@ -615,7 +717,10 @@ pub struct ChatGuard {
     receipts: MapRef,
     delivered: MapRef,
     reactions: MapRef,
+    members: MapRef,
     record: Arc<Mutex<Vec<Touch>>>,
+    /// What the transactions since the last reset did that an index keeps.
+    facts: Arc<Mutex<ChatFacts>>,
     /// How far ahead of the judge's clock a new message's stamp may be.
     max_clock_skew_ms: u64,
 }
@@ -632,24 +737,35 @@ impl ChatGuard {
         let messages = doc.get_or_insert_map(MESSAGES_ROOT);
         let receipts = doc.get_or_insert_map(RECEIPTS_ROOT);
         let record: Arc<Mutex<Vec<Touch>>> = Arc::default();
-        let sink = Arc::clone(&record);
+        let facts: Arc<Mutex<ChatFacts>> = Arc::default();
+        let (sink, found) = (Arc::clone(&record), Arc::clone(&facts));
         let root = messages.clone();
         messages.observe_deep(GUARD_OBSERVER, move |txn: &TransactionMut<'_>, events: &Events<'_>| {
             let mut touches = Vec::new();
+            let mut new = ChatFacts::default();
             for event in events.iter() {
-                message_touches(txn, &root, event, &mut touches);
+                message_touches(txn, &root, event, &mut touches, &mut new);
             }
             sink.lock().unwrap_or_else(PoisonError::into_inner).extend(touches);
+            found.lock().unwrap_or_else(PoisonError::into_inner).extend(new);
         });
         let delivered = doc.get_or_insert_map(DELIVERED_ROOT);
         for (map, what) in [(&receipts, "read receipt"), (&delivered, "delivery receipt")] {
-            let sink = Arc::clone(&record);
+            let (sink, found) = (Arc::clone(&record), Arc::clone(&facts));
+            let read = what == "read receipt";
             map.observe_deep(GUARD_OBSERVER, move |txn: &TransactionMut<'_>, events: &Events<'_>| {
                 let mut touches = Vec::new();
+                let mut reads = Vec::new();
                 for event in events.iter() {
-                    receipt_touches(txn, event, what, &mut touches);
+                    receipt_touches(txn, event, what, &mut touches, &mut reads);
                 }
                 sink.lock().unwrap_or_else(PoisonError::into_inner).extend(touches);
+                if read && !reads.is_empty() {
+                    found.lock().unwrap_or_else(PoisonError::into_inner).extend(ChatFacts {
+                        reads,
+                        ..ChatFacts::default()
+                    });
+                }
             });
         }
         let reactions = doc.get_or_insert_map(REACTIONS_ROOT);
@@ -661,13 +777,31 @@ impl ChatGuard {
             }
             sink.lock().unwrap_or_else(PoisonError::into_inner).extend(touches);
         });
+        let members = doc.get_or_insert_map(MEMBERS_ROOT);
+        let (sink, found) = (Arc::clone(&record), Arc::clone(&facts));
+        members.observe_deep(GUARD_OBSERVER, move |txn: &TransactionMut<'_>, events: &Events<'_>| {
+            let mut touches = Vec::new();
+            let mut changes = Vec::new();
+            for event in events.iter() {
+                members::member_touches(txn, event, &mut touches, &mut changes);
+            }
+            sink.lock().unwrap_or_else(PoisonError::into_inner).extend(touches);
+            if !changes.is_empty() {
+                found.lock().unwrap_or_else(PoisonError::into_inner).extend(ChatFacts {
+                    members: changes,
+                    ..ChatFacts::default()
+                });
+            }
+        });
         ChatGuard {
             _doc: doc.clone(),
             messages,
             receipts,
             delivered,
             reactions,
+            members,
             record,
+            facts,
             max_clock_skew_ms: DEFAULT_MAX_CLOCK_SKEW_MS,
         }
     }
@@ -687,6 +821,14 @@ impl ChatGuard {
     /// Forgets what was recorded so far (call it before applying the update to judge).
     pub fn reset(&self) {
         self.record.lock().unwrap_or_else(PoisonError::into_inner).clear();
+        *self.facts.lock().unwrap_or_else(PoisonError::into_inner) = ChatFacts::default();
+    }
+
+    /// What the transactions since the last [`reset`](Self::reset) did that an index keeps
+    /// (new, edited and deleted messages, read receipts, membership), and forgets it. Only
+    /// meaningful once [`check`](Self::check) accepted them.
+    pub fn take_facts(&self) -> ChatFacts {
+        std::mem::take(&mut *self.facts.lock().unwrap_or_else(PoisonError::into_inner))
     }
 
     /// Judges everything recorded since the last `check` or [`reset`](Self::reset) as written by
@@ -734,11 +876,18 @@ impl Drop for ChatGuard {
         self.receipts.unobserve_deep(GUARD_OBSERVER);
         self.delivered.unobserve_deep(GUARD_OBSERVER);
         self.reactions.unobserve_deep(GUARD_OBSERVER);
+        self.members.unobserve_deep(GUARD_OBSERVER);
     }
 }
 
 /// Records what one event under the `messages` root did.
-fn message_touches(txn: &TransactionMut<'_>, messages: &MapRef, event: &Event, out: &mut Vec<Touch>) {
+fn message_touches(
+    txn: &TransactionMut<'_>,
+    messages: &MapRef,
+    event: &Event,
+    out: &mut Vec<Touch>,
+    facts: &mut ChatFacts,
+) {
     let path = event.path();
     let Some(first) = path.front() else {
         // The root itself: messages added, replaced or removed.
@@ -762,6 +911,17 @@ fn message_touches(txn: &TransactionMut<'_>, messages: &MapRef, event: &Event, o
                             if get_str(txn, fields, "kind").as_deref() == Some(Kind::System.as_str()) {
                                 out.push(Touch::System(key.to_string()));
                             }
+                            if let Some(message) = read_message(txn, key, fields) {
+                                facts.messages.push(MessageFact {
+                                    kind: message.kind.as_str().to_string(),
+                                    preview: preview(&message.text),
+                                    id: message.id,
+                                    sort: message.sort,
+                                    author: message.author,
+                                    created_ms: message.created_ms,
+                                    deleted: message.deleted,
+                                });
+                            }
                             let author = get_str(txn, fields, "author");
                             let what = format!("sending message {key} as {}", author.as_deref().unwrap_or("no author"));
                             Touch::Owner { user: author, what }
@@ -782,7 +942,17 @@ fn message_touches(txn: &TransactionMut<'_>, messages: &MapRef, event: &Event, o
     };
     // A change inside an existing message: its author's alone, and only to the mutable fields.
     let author = match messages.get(txn, id) {
-        Some(Out::YMap(fields)) => get_str(txn, &fields, "author"),
+        Some(Out::YMap(fields)) => {
+            if let Some(message) = read_message(txn, id, &fields) {
+                facts.edits.push(EditFact {
+                    preview: preview(&message.text),
+                    id: message.id,
+                    sort: message.sort,
+                    deleted: message.deleted,
+                });
+            }
+            get_str(txn, &fields, "author")
+        }
         _ => None,
     };
     out.push(Touch::Owner {
@@ -839,7 +1009,7 @@ fn stamp(txn: &TransactionMut<'_>, id: &str, fields: &MapRef) -> std::result::Re
 /// Records what one event under a receipts root (`receipts` or `delivered`) did: every touched
 /// key belongs to the user named before its last `/`; an entry is `{message, sort[, at]}`, moves
 /// only forward (its `sort` never decreases) and is never removed.
-fn receipt_touches(txn: &TransactionMut<'_>, event: &Event, what: &str, out: &mut Vec<Touch>) {
+fn receipt_touches(txn: &TransactionMut<'_>, event: &Event, what: &str, out: &mut Vec<Touch>, raised: &mut Vec<ReadFact>) {
     let path = event.path();
     let owner = |key: &str| Touch::Owner {
         user: key.rsplit_once('/').map(|(user, _)| user.to_string()),
@@ -857,6 +1027,16 @@ fn receipt_touches(txn: &TransactionMut<'_>, event: &Event, what: &str, out: &mu
             if let Event::Map(event) = event {
                 for (key, change) in event.keys(txn) {
                     out.push(owner(key));
+                    if let (EntryChange::Inserted(new) | EntryChange::Updated(_, new), Some((user, _))) =
+                        (change, key.rsplit_once('/'))
+                    {
+                        if let Some(sort) = sort_of(new) {
+                            raised.push(ReadFact {
+                                user: user.to_string(),
+                                sort,
+                            });
+                        }
+                    }
                     match change {
                         EntryChange::Inserted(new) if sort_of(new).is_none() => {
                             out.push(Touch::Forbidden(format!("{what} {key} is not {{message, sort, at}}")));

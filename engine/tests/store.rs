@@ -230,7 +230,112 @@ cases!(
     server_cursor_never_moves_backwards,
     reopen_keeps_everything,
     heads_of_many_documents_in_one_call,
+    chat_index_keeps_inboxes,
 );
+
+/// A chat room as a server holds it: every update goes through the guard, and its facts are
+/// stored with it.
+struct GuardedRoom {
+    id: String,
+    doc: Doc,
+    guard: driftsync_engine::chat::ChatGuard,
+}
+
+impl GuardedRoom {
+    fn new(id: &str) -> Self {
+        let doc = new_doc(7).unwrap();
+        let guard = driftsync_engine::chat::ChatGuard::attach(&doc);
+        GuardedRoom {
+            id: id.to_string(),
+            doc,
+            guard,
+        }
+    }
+
+    /// Applies `update` from `user` and stores it with its facts.
+    async fn push<S: Store>(&self, store: &S, user: &str, update: Vec<u8>) {
+        self.guard.reset();
+        driftsync_engine::doc::apply_bytes(&self.doc, &update).unwrap();
+        self.guard.check(Some(user), u64::MAX / 4).unwrap();
+        let facts = self.guard.take_facts();
+        let mut append = append(&self.id, &update);
+        append.chat = (!facts.is_empty()).then(|| Box::new(facts));
+        store.append(&[append]).await.unwrap();
+    }
+}
+
+/// The chat index: a user's inbox lists the rooms they joined with the last message and their
+/// unread count, and later only what changed; leaving shows as `joined: false` to a device
+/// that knew the room.
+async fn chat_index_keeps_inboxes<F: Fixture>(fixture: &F) {
+    use driftsync_engine::chat::{Author, ChatRoom};
+    let store = fixture.open().await;
+    let (alice, bob) = (
+        Author { user: "alice".into(), device: "a1".into() },
+        Author { user: "bob".into(), device: "b1".into() },
+    );
+    let mut rooms = Vec::new();
+    for name in ["chat/one", "chat/two", "chat/three"] {
+        rooms.push((GuardedRoom::new(name), ChatRoom::new(new_doc(11).unwrap()), ChatRoom::new(new_doc(12).unwrap())));
+    }
+    let empty = store.inbox("alice", 0).await.unwrap();
+    assert!(empty.rooms.is_empty());
+    // Both join every room; bob sends two messages in each, alice one in the first.
+    for (server, a, b) in &rooms {
+        let update = a.join(&alice, 1_000).unwrap();
+        server.push(&store, "alice", update.clone()).await;
+        driftsync_engine::doc::apply_bytes(b.doc(), &update).unwrap();
+        let update = b.join(&bob, 1_001).unwrap();
+        server.push(&store, "bob", update.clone()).await;
+        driftsync_engine::doc::apply_bytes(a.doc(), &update).unwrap();
+        for text in ["hello", "there"] {
+            let (_, update) = b.send(&bob, text, 2_000);
+            server.push(&store, "bob", update.clone()).await;
+            driftsync_engine::doc::apply_bytes(a.doc(), &update).unwrap();
+        }
+    }
+    let (_, update) = rooms[0].1.send(&alice, "mine", 3_000);
+    rooms[0].0.push(&store, "alice", update).await;
+    let inbox = store.inbox("alice", 0).await.unwrap();
+    assert_eq!(inbox.rooms.len(), 3);
+    assert_eq!(inbox.rooms[0].room, "chat/one", "most recently active first");
+    assert_eq!(inbox.rooms[0].last.as_ref().unwrap().text, "mine");
+    assert!(inbox.rooms.iter().all(|room| room.unread == 2 && room.joined));
+    assert_eq!(store.inbox("bob", 0).await.unwrap().rooms[0].unread, 1);
+
+    // Alice reads room two; bob deletes a message in room three.
+    let last = rooms[1].1.messages().last().unwrap().id.clone();
+    let update = rooms[1].1.mark_read(&alice, &last, 4_000).unwrap().unwrap();
+    rooms[1].0.push(&store, "alice", update).await;
+    let first = rooms[2].2.messages()[0].id.clone();
+    let update = rooms[2].2.delete(&bob, &first, 4_000).unwrap();
+    rooms[2].0.push(&store, "bob", update).await;
+    let changed = store.inbox("alice", inbox.version).await.unwrap();
+    assert!(changed.version > inbox.version);
+    let unread: Vec<(String, u64)> = changed.rooms.iter().map(|r| (r.room.clone(), r.unread)).collect();
+    assert_eq!(unread.len(), 2, "only what changed: {unread:?}");
+    assert!(unread.contains(&("chat/two".into(), 0)), "{unread:?}");
+    assert!(unread.contains(&("chat/three".into(), 1)), "{unread:?}");
+    assert!(store.inbox("alice", changed.version).await.unwrap().rooms.is_empty());
+
+    // Alice leaves room one: gone from a fresh inbox, `joined: false` for a device that knew it.
+    let update = rooms[0].1.leave(&alice, 5_000).unwrap();
+    rooms[0].0.push(&store, "alice", update).await;
+    let left = store.inbox("alice", changed.version).await.unwrap();
+    assert_eq!(left.rooms.len(), 1);
+    assert!(!left.rooms[0].joined);
+    assert_eq!(store.inbox("alice", 0).await.unwrap().rooms.len(), 2);
+    let members = store.members("chat/one").await.unwrap();
+    assert_eq!(
+        members.iter().map(|m| (m.user.as_str(), m.joined)).collect::<Vec<_>>(),
+        [("alice", false), ("bob", true)]
+    );
+    store.set_seen(&[("bob".to_string(), 9_000)]).await.unwrap();
+    store.set_seen(&[("bob".to_string(), 8_000)]).await.unwrap();
+    let members = store.members("chat/one").await.unwrap();
+    assert_eq!(members[1].last_seen_ms, Some(9_000), "last seen never moves back");
+    assert_eq!(members[0].last_seen_ms, None);
+}
 
 // ----- helpers -----
 
@@ -240,6 +345,7 @@ fn append(doc: &str, update: &[u8]) -> Append {
         doc: doc.to_string(),
         origin: None,
         update: update.to_vec(),
+        chat: None,
     }
 }
 
@@ -249,6 +355,7 @@ fn pushed(doc: &str, client_id: u64, batch: u64, update: &[u8]) -> Append {
         doc: doc.to_string(),
         origin: Some(Origin { client_id, batch }),
         update: update.to_vec(),
+        chat: None,
     }
 }
 

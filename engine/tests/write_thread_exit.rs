@@ -28,6 +28,7 @@ async fn the_write_thread_ends_with_its_store_busy_or_parked() {
             doc: "d".into(),
             update: b"x".to_vec(),
             origin: None,
+            chat: None,
         };
         store.append(&[append]).await.unwrap();
         assert_eq!(write_threads(), 1);

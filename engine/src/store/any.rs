@@ -83,6 +83,18 @@ impl Store for AnyStore {
         dispatch!(self, s => s.claim_client(client_id, owner).await)
     }
 
+    async fn inbox(&self, user: &str, since: u64) -> Result<super::Inbox> {
+        dispatch!(self, s => s.inbox(user, since).await)
+    }
+
+    async fn members(&self, room: &str) -> Result<Vec<super::RoomMember>> {
+        dispatch!(self, s => s.members(room).await)
+    }
+
+    async fn set_seen(&self, seen: &[(String, u64)]) -> Result<()> {
+        dispatch!(self, s => s.set_seen(seen).await)
+    }
+
     async fn device(&self) -> Result<DeviceIdentity> {
         dispatch!(self, s => s.device().await)
     }

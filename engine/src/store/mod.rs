@@ -51,6 +51,10 @@ pub struct Append {
     pub origin: Option<Origin>,
     /// A yrs v1 update.
     pub update: Vec<u8>,
+    /// In a chat room: what the update does that the chat index keeps (messages, receipts,
+    /// membership; see [`ChatFacts`](crate::chat::ChatFacts)), written in the transaction that
+    /// stores it. `None` elsewhere.
+    pub chat: Option<Box<crate::chat::ChatFacts>>,
 }
 
 /// What became of one [`Append`].
@@ -70,6 +74,64 @@ impl Appended {
             Appended::Stored(c) | Appended::Duplicate(c) => c,
         }
     }
+}
+
+/// A room's last message, as the chat index keeps it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LastMessage {
+    /// Its id.
+    pub id: String,
+    /// Its sort key.
+    pub sort: String,
+    /// Its author.
+    pub author: String,
+    /// Its kind.
+    pub kind: String,
+    /// The start of its text.
+    pub text: String,
+    /// Deleted.
+    pub deleted: bool,
+    /// Its sender's clock at sending (milliseconds).
+    pub at_ms: u64,
+}
+
+/// One room of a user's inbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InboxRoom {
+    /// The room (a `chat/` document id).
+    pub room: String,
+    /// Whether the user is a member (`false`: they left).
+    pub joined: bool,
+    /// When they joined or left.
+    pub at_ms: u64,
+    /// The room's last message, if any.
+    pub last: Option<LastMessage>,
+    /// Messages of others after the user's read receipt, neither deleted nor system.
+    pub unread: u64,
+    /// The sort key the user has read up to (`""`: nothing).
+    pub read_sort: String,
+}
+
+/// A user's inbox, or what changed in it (see [`Store::inbox`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Inbox {
+    /// The index version it is current at: ask for changes after it next time.
+    pub version: u64,
+    /// The rooms, most recently active first.
+    pub rooms: Vec<InboxRoom>,
+}
+
+/// A member of a room as the chat index keeps it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoomMember {
+    /// The user.
+    pub user: String,
+    /// Joined (`false`: left).
+    pub joined: bool,
+    /// When they joined or left (their clock).
+    pub at_ms: u64,
+    /// When a connection of theirs was last seen (the server's clock), if ever.
+    pub last_seen_ms: Option<u64>,
 }
 
 /// One entry of a document's update log.
@@ -218,6 +280,28 @@ pub trait Store: Send + Sync + 'static {
     /// otherwise. First use wins, durably and for every instance sharing the store; a binding is
     /// never changed. (Server side: see ARCHITECTURE.md, "Authorship".)
     fn claim_client(&self, client_id: u64, owner: &str) -> impl Future<Output = Result<String>> + Send;
+
+    /// A user's inbox from the chat index (server side, see [`Append::chat`]): the rooms they
+    /// belong to whose entry changed after index version `since`, most recently active first,
+    /// with the index's version to ask from next time. With `since` 0, every room they are a
+    /// member of; later, rooms they left too (`joined: false`), so that a device drops them.
+    fn inbox(&self, user: &str, since: u64) -> impl Future<Output = Result<Inbox>> + Send {
+        let _ = (user, since);
+        async { Err(crate::Error::Invalid("this store keeps no chat index".into())) }
+    }
+
+    /// The members of a chat room (joined or left) with when each was last seen connected.
+    fn members(&self, room: &str) -> impl Future<Output = Result<Vec<RoomMember>>> + Send {
+        let _ = room;
+        async { Err(crate::Error::Invalid("this store keeps no chat index".into())) }
+    }
+
+    /// Records when users were last seen connected (`(user, ms since the Unix epoch)`); an
+    /// earlier time never replaces a later one.
+    fn set_seen(&self, seen: &[(String, u64)]) -> impl Future<Output = Result<()>> + Send {
+        let _ = seen;
+        async { Ok(()) }
+    }
 
     // ----- client side -----
 

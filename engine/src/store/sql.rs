@@ -37,6 +37,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use super::{Appended, DeviceIdentity, LogEntry, StoredDoc};
+use crate::chat::ChatFacts;
 use crate::doc::MAX_CLIENT_ID;
 use crate::{Error, Result};
 use driftsync_protocol::Cursor;
@@ -244,6 +245,7 @@ pub(super) struct Row<'a> {
     pub(super) doc: &'a str,
     pub(super) origin: Option<super::Origin>,
     pub(super) update: &'a [u8],
+    pub(super) chat: Option<&'a ChatFacts>,
 }
 
 impl<'a> From<&'a super::Append> for Row<'a> {
@@ -252,6 +254,7 @@ impl<'a> From<&'a super::Append> for Row<'a> {
             doc: &append.doc,
             origin: append.origin,
             update: &append.update,
+            chat: append.chat.as_deref(),
         }
     }
 }
@@ -417,6 +420,7 @@ impl<'a> AppendPlan<'a> {
         let mut appended = Vec::with_capacity(self.rows.len());
         let mut stored: Vec<(&str, i64, &[u8])> = Vec::with_capacity(self.rows.len());
         let mut pushed: BTreeMap<(&str, i64), (u64, Cursor)> = BTreeMap::new();
+        let mut indexed: Vec<(&'a str, &'a ChatFacts)> = Vec::new();
         for row in self.rows {
             let len = len_to_sql(row.update)?;
             let key = match row.origin {
@@ -441,6 +445,9 @@ impl<'a> AppendPlan<'a> {
             *bytes = bytes.saturating_add(len);
             let cursor = from_sql(*head, row.doc, "head")?;
             stored.push((row.doc, *head, row.update));
+            if let Some(facts) = row.chat.filter(|facts| !facts.is_empty()) {
+                indexed.push((row.doc, facts));
+            }
             if let Some((key, batch)) = key {
                 last.insert(key, (batch, cursor));
                 pushed.insert(key, (batch, cursor));
@@ -510,8 +517,251 @@ impl<'a> AppendPlan<'a> {
                     .collect(),
             ));
         }
+        writes.extend(chat_index_writes(&indexed, numbered)?);
         Ok((appended, writes))
     }
+}
+
+/// What errors about the chat index name instead of a document.
+pub(super) const INBOX: &str = "(chat index)";
+
+/// A user's inbox rooms changed after a version: `$1` user, `$2` version (0: every room they
+/// are a member of). Unread = others' counted messages after the user's read receipt.
+pub(super) const INBOX_QUERY: &str = "SELECT m.room, m.joined, m.at, r.last_sort, r.last_id, r.last_author, \
+     r.last_kind, r.last_text, r.last_deleted, r.last_at, COALESCE(rd.sort, ''), \
+     (SELECT COUNT(*) FROM chat_messages x WHERE x.room = m.room AND x.sort > COALESCE(rd.sort, '') \
+      AND x.author <> $1 AND x.counted = 1) \
+     FROM chat_members m \
+     LEFT JOIN chat_rooms r ON r.room = m.room \
+     LEFT JOIN chat_reads rd ON rd.room = m.room AND rd.user_id = $1 \
+     WHERE m.user_id = $1 AND (m.changed > $2 OR r.changed > $2 OR rd.changed > $2) AND (m.joined = 1 OR $2 > 0) \
+     ORDER BY COALESCE(r.last_sort, '') DESC, m.room";
+
+/// A row of [`INBOX_QUERY`].
+pub(super) type InboxRow = (
+    String,
+    i64,
+    i64,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    Option<i64>,
+    Option<i64>,
+    String,
+    i64,
+);
+
+/// The inbox from [`INBOX_QUERY`]'s rows.
+pub(super) fn inbox_from_rows(version: i64, rows: Vec<InboxRow>) -> Result<super::Inbox> {
+    let mut rooms = Vec::with_capacity(rows.len());
+    for (room, joined, at, sort, id, author, kind, text, deleted, last_at, read_sort, unread) in rows {
+        let last = match (sort, id, author) {
+            (Some(sort), Some(id), Some(author)) => Some(super::LastMessage {
+                id,
+                sort,
+                author,
+                kind: kind.unwrap_or_default(),
+                text: text.unwrap_or_default(),
+                deleted: deleted.unwrap_or(0) != 0,
+                at_ms: from_sql(last_at.unwrap_or(0), &room, "message time")?,
+            }),
+            _ => None,
+        };
+        rooms.push(super::InboxRoom {
+            joined: joined != 0,
+            at_ms: from_sql(at, &room, "membership time")?,
+            last,
+            unread: from_sql(unread, &room, "unread count")?,
+            read_sort,
+            room,
+        });
+    }
+    Ok(super::Inbox {
+        version: from_sql(version, INBOX, "version")?,
+        rooms,
+    })
+}
+
+/// The version column's value in the chat index's statements: the version this transaction
+/// raised it to.
+const CHAT_VERSION: &str = "(SELECT version FROM chat_version WHERE id = 1)";
+
+/// `values(rows, columns, numbered)` with [`CHAT_VERSION`] as each row's last column.
+fn versioned_values(rows: usize, columns: usize, numbered: bool) -> String {
+    let plain = values(rows, columns, numbered);
+    plain.replace(')', &format!(", {CHAT_VERSION})"))
+}
+
+/// The statements that write what `indexed` (document, facts) found into the chat index (see
+/// `migrations/*/0003_chat_index.sql`): none without facts. The version is raised first; on
+/// PostgreSQL that takes the version row's lock, after every document row's (the order every
+/// append takes them in), so transactions changing the index commit in version order.
+/// Several facts of one key are merged first (a multi-row upsert may not touch a row twice).
+fn chat_index_writes<'a>(indexed: &[(&'a str, &'a ChatFacts)], numbered: bool) -> Result<Vec<Statement<'a>>> {
+    let Some(&(first, _)) = indexed.first() else {
+        return Ok(Vec::new());
+    };
+    let mut writes = vec![Statement::new(
+        first,
+        "UPDATE chat_version SET version = version + 1 WHERE id = 1".to_string(),
+        1,
+        Vec::new(),
+    )];
+    // Messages, and each room's greatest one.
+    let mut messages: BTreeMap<(&str, &str), (&str, i64)> = BTreeMap::new();
+    let mut last: BTreeMap<&str, &crate::chat::MessageFact> = BTreeMap::new();
+    let mut edits: Vec<(&str, &crate::chat::EditFact)> = Vec::new();
+    let mut reads: BTreeMap<(&str, &str), &str> = BTreeMap::new();
+    let mut members: BTreeMap<(&str, &str), &crate::chat::MemberFact> = BTreeMap::new();
+    for &(room, facts) in indexed {
+        for message in &facts.messages {
+            messages.insert((room, &message.sort), (&message.author, i64::from(message.counted())));
+            match last.get(room) {
+                Some(best) if best.sort >= message.sort => {}
+                _ => {
+                    last.insert(room, message);
+                }
+            }
+        }
+        edits.extend(facts.edits.iter().map(|edit| (room, edit)));
+        for read in &facts.reads {
+            let entry = reads.entry((room, &read.user)).or_insert(&read.sort);
+            if read.sort.as_str() > *entry {
+                *entry = &read.sort;
+            }
+        }
+        for member in &facts.members {
+            members.insert((room, &member.user), member);
+        }
+    }
+    let messages: Vec<_> = messages.into_iter().collect();
+    for chunk in messages.chunks(ROWS_PER_STATEMENT) {
+        writes.push(Statement::new(
+            first,
+            format!(
+                "INSERT INTO chat_messages (room, sort, author, counted) VALUES {} \
+                 ON CONFLICT (room, sort) DO NOTHING",
+                values(chunk.len(), 4, numbered)
+            ),
+            chunk.len(),
+            chunk
+                .iter()
+                .flat_map(|&((room, sort), (author, counted))| {
+                    [Value::Text(room), Value::Text(sort), Value::Text(author), Value::Int(counted)]
+                })
+                .collect(),
+        ));
+    }
+    let last: Vec<_> = last.into_iter().collect();
+    for chunk in last.chunks(ROWS_PER_STATEMENT) {
+        let mut values_ = Vec::with_capacity(chunk.len() * 8);
+        for &(room, message) in chunk {
+            values_.extend([
+                Value::Text(room),
+                Value::Text(&message.sort),
+                Value::Text(&message.id),
+                Value::Text(&message.author),
+                Value::Text(&message.kind),
+                Value::Text(&message.preview),
+                Value::Int(i64::from(message.deleted)),
+                Value::Int(to_sql(message.created_ms.min(MAX_CLIENT_ID), "message time")?),
+            ]);
+        }
+        let newer = "excluded.last_sort > chat_rooms.last_sort";
+        let pick = |column: &str| format!("{column} = CASE WHEN {newer} THEN excluded.{column} ELSE chat_rooms.{column} END");
+        let columns = ["last_id", "last_author", "last_kind", "last_text", "last_deleted", "last_at", "last_sort"];
+        writes.push(Statement::new(
+            first,
+            format!(
+                "INSERT INTO chat_rooms (room, last_sort, last_id, last_author, last_kind, last_text, last_deleted, \
+                 last_at, changed) VALUES {} ON CONFLICT (room) DO UPDATE SET {}, changed = excluded.changed",
+                versioned_values(chunk.len(), 8, numbered),
+                columns.map(pick).join(", ")
+            ),
+            chunk.len(),
+            values_,
+        ));
+    }
+    // Placeholders in the order of their values (SQLite's are anonymous, and a joined query's
+    // are counted across its statements).
+    let placeholders = |count: usize| -> Vec<String> {
+        (1..=count)
+            .map(|i| if numbered { format!("${i}") } else { "?".to_string() })
+            .collect()
+    };
+    for (room, edit) in edits {
+        // Rare (one per edit or deletion): a statement or two each.
+        if edit.deleted {
+            let p = placeholders(2);
+            writes.push(Statement::new(
+                room,
+                format!("UPDATE chat_messages SET counted = 0 WHERE room = {} AND sort = {}", p[0], p[1]),
+                1,
+                vec![Value::Text(room), Value::Text(&edit.sort)],
+            ));
+        }
+        let p = placeholders(5);
+        writes.push(Statement::new(
+            room,
+            format!(
+                "UPDATE chat_rooms SET changed = {CHAT_VERSION}, \
+                 last_text = CASE WHEN last_id = {} THEN {} ELSE last_text END, \
+                 last_deleted = CASE WHEN last_id = {} THEN {} ELSE last_deleted END WHERE room = {}",
+                p[0], p[1], p[2], p[3], p[4]
+            ),
+            1,
+            vec![
+                Value::Text(&edit.id),
+                Value::Text(&edit.preview),
+                Value::Text(&edit.id),
+                Value::Int(i64::from(edit.deleted)),
+                Value::Text(room),
+            ],
+        ));
+    }
+    let reads: Vec<_> = reads.into_iter().collect();
+    for chunk in reads.chunks(ROWS_PER_STATEMENT) {
+        writes.push(Statement::new(
+            first,
+            format!(
+                "INSERT INTO chat_reads (room, user_id, sort, changed) VALUES {} ON CONFLICT (room, user_id) \
+                 DO UPDATE SET sort = CASE WHEN excluded.sort > chat_reads.sort THEN excluded.sort \
+                 ELSE chat_reads.sort END, changed = excluded.changed",
+                versioned_values(chunk.len(), 3, numbered)
+            ),
+            chunk.len(),
+            chunk
+                .iter()
+                .flat_map(|&((room, user), sort)| [Value::Text(room), Value::Text(user), Value::Text(sort)])
+                .collect(),
+        ));
+    }
+    let members: Vec<_> = members.into_iter().collect();
+    for chunk in members.chunks(ROWS_PER_STATEMENT) {
+        let mut values_ = Vec::with_capacity(chunk.len() * 4);
+        for &((room, user), member) in chunk {
+            values_.extend([
+                Value::Text(room),
+                Value::Text(user),
+                Value::Int(i64::from(member.joined)),
+                Value::Int(to_sql(member.at_ms.min(MAX_CLIENT_ID), "membership time")?),
+            ]);
+        }
+        writes.push(Statement::new(
+            first,
+            format!(
+                "INSERT INTO chat_members (room, user_id, joined, at, changed) VALUES {} \
+                 ON CONFLICT (room, user_id) DO UPDATE SET joined = excluded.joined, at = excluded.at, \
+                 changed = excluded.changed",
+                versioned_values(chunk.len(), 4, numbered)
+            ),
+            chunk.len(),
+            values_,
+        ));
+    }
+    Ok(writes)
 }
 
 /// Implements [`Store`] (and a few hidden test hooks) for a store struct with a `pool` field, a
@@ -550,7 +800,8 @@ macro_rules! sql_store {
             use super::$store;
             use driftsync_protocol::Cursor;
             use $crate::store::sql::{
-                check_counters, corrupt, device_identity, fold, from_sql, log_entries, read_error, to_sql,
+                check_counters, corrupt, device_identity, fold, from_sql, inbox_from_rows, log_entries, read_error, to_sql,
+                InboxRow, INBOX, INBOX_QUERY,
                 AppendPlan, ReadRow, Row, Statement, Swap, Value, CLIENT_OWNERS, DEVICE_ROW, HEADS_PER_QUERY, OUTBOX_INSERT, PRUNE_LOG,
                 RECOUNT_LOG_BYTES, SWAP_SNAPSHOT, SYNC_STATE_ADVANCE,
             };
@@ -852,6 +1103,65 @@ macro_rules! sql_store {
                 }
 
                 /// One query per [`HEADS_PER_QUERY`] documents.
+                async fn inbox(&self, user: &str, since: u64) -> Result<$crate::store::Inbox> {
+                    let since_sql = to_sql(since, "inbox version")?;
+                    let mut tx = self.begin_read().await?;
+                    // The version first: in one snapshot, every change up to it is visible.
+                    let (version,): (i64,) = ::sqlx::query_as("SELECT version FROM chat_version WHERE id = 1")
+                        .fetch_one(&mut *tx)
+                        .await
+                        .map_err(read_error(INBOX))?;
+                    let rows: Vec<InboxRow> = ::sqlx::query_as(INBOX_QUERY)
+                        .bind(user)
+                        .bind(since_sql)
+                        .fetch_all(&mut *tx)
+                        .await
+                        .map_err(read_error(INBOX))?;
+                    tx.commit().await?;
+                    inbox_from_rows(version, rows)
+                }
+
+                async fn members(&self, room: &str) -> Result<Vec<$crate::store::RoomMember>> {
+                    let rows: Vec<(String, i64, i64, Option<i64>)> = ::sqlx::query_as(
+                        "SELECT m.user_id, m.joined, m.at, s.at FROM chat_members m \
+                         LEFT JOIN user_seen s ON s.user_id = m.user_id WHERE m.room = $1 ORDER BY m.user_id",
+                    )
+                    .bind(room)
+                    .fetch_all(&self.pool)
+                    .await
+                    .map_err(read_error(room))?;
+                    rows.into_iter()
+                        .map(|(user, joined, at, seen)| {
+                            Ok($crate::store::RoomMember {
+                                user,
+                                joined: joined != 0,
+                                at_ms: from_sql(at, room, "membership time")?,
+                                last_seen_ms: seen.map(|seen| from_sql(seen, room, "last seen")).transpose()?,
+                            })
+                        })
+                        .collect()
+                }
+
+                async fn set_seen(&self, seen: &[(String, u64)]) -> Result<()> {
+                    if seen.is_empty() {
+                        return Ok(());
+                    }
+                    let mut tx = self.pool.begin().await?;
+                    for (user, at) in seen {
+                        ::sqlx::query(
+                            "INSERT INTO user_seen (user_id, at) VALUES ($1, $2) ON CONFLICT (user_id) \
+                             DO UPDATE SET at = CASE WHEN excluded.at > user_seen.at THEN excluded.at ELSE user_seen.at END",
+                        )
+                        .bind(user.as_str())
+                        .bind(to_sql(*at, "last seen")?)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(read_error(INBOX))?;
+                    }
+                    tx.commit().await?;
+                    Ok(())
+                }
+
                 async fn heads(&self, docs: &[&str]) -> Result<Vec<Cursor>> {
                     let mut found: ::std::collections::HashMap<String, Cursor> =
                         ::std::collections::HashMap::with_capacity(docs.len());
@@ -994,6 +1304,7 @@ macro_rules! sql_store {
                             doc,
                             origin: None,
                             update,
+                            chat: None,
                         }],
                     )
                     .await?;
@@ -1065,6 +1376,7 @@ macro_rules! sql_store {
                                 doc,
                                 origin: None,
                                 update,
+                                chat: None,
                             })
                             .collect();
                         append_rows(&mut tx, &rows).await?;

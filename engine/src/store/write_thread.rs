@@ -347,6 +347,7 @@ fn record_local(tx: &Transaction<'_>, doc: &str, update: &[u8]) -> Result<u64> {
             doc,
             origin: None,
             update,
+            chat: None,
         }],
     )?;
     let batch: i64 = tx
@@ -364,6 +365,7 @@ fn record_remote(tx: &Transaction<'_>, doc: &str, cursor: i64, updates: &[Vec<u8
                 doc,
                 origin: None,
                 update,
+                chat: None,
             })
             .collect();
         append_rows(tx, &rows)?;
