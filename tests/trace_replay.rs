@@ -54,6 +54,7 @@ async fn replay_through_store(trace: Trace) {
                 doc: DOC.to_string(),
                 origin: None,
                 update,
+                chat: None,
             });
             if batch.len() == GROUP {
                 tx.blocking_send(std::mem::replace(&mut batch, Vec::with_capacity(GROUP)))

@@ -586,6 +586,7 @@ impl Room {
             doc: self.id.as_str().to_string(),
             origin: pusher.origin,
             update: update.clone(),
+            chat: None,
         };
         // Queued under the lock: the store assigns cursors in the order updates were applied.
         let commit = committer
@@ -761,6 +762,7 @@ impl Room {
                     doc: self.id.as_str().to_string(),
                     origin: None,
                     update: update.clone(),
+                    chat: None,
                 })
                 .collect();
             let appended = store.append(&appends).await?;

@@ -322,6 +322,7 @@ mod tests {
                 batch,
             }),
             update: update.to_vec(),
+            chat: None,
         }
     }
 
@@ -350,6 +351,7 @@ mod tests {
                                     doc: doc.into(),
                                     origin: None,
                                     update,
+                                    chat: None,
                                 },
                                 1 if batches[w] > 0 => {
                                     push(doc, w as u64 + 1, rng.random_range(1..=batches[w]), &update)
