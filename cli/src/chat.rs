@@ -85,6 +85,25 @@ pub(crate) fn event_json(event: &Event) -> serde_json::Value {
             "doc": doc,
         }),
         Event::Lagged { missed } => json!({"event": "lagged", "missed": missed}),
+        Event::Inbox { version, rooms, more } => json!({
+            "event": "inbox",
+            "version": version,
+            "more": more,
+            "rooms": rooms.iter().map(|r| json!({
+                "room": r.room.as_str(), "joined": r.joined, "unread": r.unread,
+                "last": r.last.as_ref().map(|m| json!({
+                    "id": m.id, "author": m.author, "kind": m.kind, "text": m.text, "time": m.at_ms,
+                })),
+            })).collect::<Vec<_>>(),
+        }),
+        Event::Members { room, members } => json!({
+            "event": "members",
+            "room": room,
+            "members": members.iter().map(|m| json!({
+                "user": m.user, "joined": m.joined, "at": m.at_ms, "status": m.status,
+                "last_seen": m.last_seen_ms,
+            })).collect::<Vec<_>>(),
+        }),
     }
 }
 

@@ -67,8 +67,30 @@ enum ClientCommand {
     /// The root text of a document.
     #[command(subcommand)]
     Text(TextCommand),
-    /// Synchronise every known document with a server.
+    /// Synchronise every known document with a server (and, first, every chat room the user
+    /// belongs to: a fresh device finds its rooms from its token alone).
     Sync(SyncArgs),
+    /// The user's chat rooms, most recently active first, with the last message and the unread
+    /// count: from the server's inbox with --server, else from this device's store.
+    Rooms(RoomsArgs),
+}
+
+#[derive(clap::Args)]
+struct RoomsArgs {
+    /// Ask the server at this URL (`ws://host:port`); without it, list the rooms this device
+    /// holds, as it knows them.
+    #[arg(long, env = "DRIFTSYNC_SERVER")]
+    server: Option<String>,
+    /// A CA certificate (PEM) to trust for `wss://`.
+    #[arg(long, env = "DRIFTSYNC_CA_CERT")]
+    ca_cert: Option<PathBuf>,
+    /// The access token (empty for an open server).
+    #[arg(long, env = "DRIFTSYNC_TOKEN", default_value = "", hide_env_values = true)]
+    token: String,
+    /// One JSON array of objects (room, joined, unread, last: {id, author, kind, text, time,
+    /// deleted}).
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Subcommand)]
@@ -108,6 +130,16 @@ enum ChatCommand {
     },
     /// Mark the room read up to a message (by default the latest).
     Read { room: String, message: Option<String> },
+    /// Join a room (works offline; the server announces it with a system message).
+    Join { room: String },
+    /// Leave a room.
+    Leave { room: String },
+    /// The room's members as this device knows them: user, joined or left, since when.
+    Members {
+        room: String,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -641,6 +673,31 @@ async fn client(args: ClientArgs) -> anyhow::Result<()> {
                 bail!("room {room} has no messages");
             }
         }
+        ClientCommand::Chat(ChatCommand::Join { room }) => {
+            if !client.chat_join(&room).await? {
+                eprintln!("{} is a member of {room} already", args.user);
+            }
+        }
+        ClientCommand::Chat(ChatCommand::Leave { room }) => {
+            if !client.chat_leave(&room).await? {
+                eprintln!("{} is not a member of {room}", args.user);
+            }
+        }
+        ClientCommand::Chat(ChatCommand::Members { room, json }) => {
+            let members = client.chat_members(&room).await?;
+            if json {
+                let array: Vec<_> = members
+                    .iter()
+                    .map(|m| serde_json::json!({"user": m.user, "joined": m.joined, "at": m.at_ms}))
+                    .collect();
+                println!("{}", serde_json::Value::Array(array));
+            } else {
+                for m in &members {
+                    println!("{}\t{}\t{}", m.user, if m.joined { "joined" } else { "left" }, m.at_ms);
+                }
+            }
+        }
+        ClientCommand::Rooms(rooms) => list_rooms(&mut client, &rooms).await?,
         ClientCommand::Text(TextCommand::Append { doc, text }) => client.text_append(&doc, &text).await?,
         ClientCommand::Text(TextCommand::Insert { doc, pos, text }) => client.text_insert(&doc, pos, &text).await?,
         ClientCommand::Text(TextCommand::Delete { doc, pos, len }) => client.text_delete(&doc, pos, len).await?,
@@ -651,12 +708,94 @@ async fn client(args: ClientArgs) -> anyhow::Result<()> {
             }
             if sync.once {
                 let tls = client_tls(sync.ca_cert.as_deref())?;
+                // The rooms the user belongs to first (one round trip): a fresh device given
+                // only a token finds them, and the sync below resumes them all at once.
+                match client.fetch_inbox(&sync.server, &sync.token, tls.as_ref(), 0).await {
+                    Ok((rooms, _)) => {
+                        for room in rooms.iter().filter(|r| r.joined) {
+                            client.document(room.room.as_str()).await?;
+                        }
+                    }
+                    Err(e) => eprintln!("could not read the inbox ({e}); syncing the documents known here"),
+                }
                 let report = client.sync_once_with(&sync.server, &sync.token, tls.as_ref()).await?;
                 println!("{}", report.to_json());
             } else {
                 sync_live(client, &sync).await?;
             }
         }
+    }
+    Ok(())
+}
+
+/// `client rooms`: the inbox from the server, or what this device knows offline.
+async fn list_rooms(client: &mut driftsync_client::Client, args: &RoomsArgs) -> anyhow::Result<()> {
+    let rooms: Vec<serde_json::Value> = match &args.server {
+        Some(server) => {
+            let tls = client_tls(args.ca_cert.as_deref())?;
+            let (rooms, _) = client.fetch_inbox(server, &args.token, tls.as_ref(), 0).await?;
+            rooms
+                .iter()
+                .map(|r| {
+                    serde_json::json!({
+                        "room": r.room.as_str(),
+                        "joined": r.joined,
+                        "unread": r.unread,
+                        "last": r.last.as_ref().map(|m| serde_json::json!({
+                            "id": m.id, "author": m.author, "kind": m.kind, "text": m.text,
+                            "time": m.at_ms, "deleted": m.deleted,
+                        })),
+                    })
+                })
+                .collect()
+        }
+        None => {
+            let mut local = Vec::new();
+            for room in client.documents().await? {
+                if !room.starts_with(driftsync_client::CHAT_PREFIX) {
+                    continue;
+                }
+                let members = client.chat_members(&room).await?;
+                let joined = members.iter().any(|m| m.user == client.user() && m.joined);
+                let unread = client.chat_unread_count(&room).await?;
+                let last = client.chat_messages(&room).await?.into_iter().last().map(|(m, _)| m);
+                local.push((
+                    last.as_ref().map(|m| m.sort.clone()).unwrap_or_default(),
+                    serde_json::json!({
+                        "room": room,
+                        "joined": joined,
+                        "unread": unread,
+                        "last": last.map(|m| serde_json::json!({
+                            "id": m.id, "author": m.author, "kind": m.kind.as_str(), "text": m.text,
+                            "time": m.created_ms, "deleted": m.deleted,
+                        })),
+                    }),
+                ));
+            }
+            local.sort_by(|a, b| b.0.cmp(&a.0));
+            local.into_iter().map(|(_, room)| room).collect()
+        }
+    };
+    if args.json {
+        println!("{}", serde_json::Value::Array(rooms));
+        return Ok(());
+    }
+    for room in &rooms {
+        let last = &room["last"];
+        let preview = if last.is_null() {
+            String::new()
+        } else if last["deleted"] == true {
+            format!("{}: (deleted)", last["author"].as_str().unwrap_or(""))
+        } else {
+            format!("{}: {}", last["author"].as_str().unwrap_or(""), last["text"].as_str().unwrap_or(""))
+        };
+        println!(
+            "{}\t{}\tunread={}\t{}",
+            room["room"].as_str().unwrap_or(""),
+            if room["joined"] == true { "joined" } else { "left" },
+            room["unread"],
+            preview
+        );
     }
     Ok(())
 }

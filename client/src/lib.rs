@@ -247,6 +247,38 @@ impl Client {
         }
     }
 
+    /// Joins chat room `room` (works offline: the server announces it with a system message
+    /// when it arrives); returns whether anything changed (`false`: a member already).
+    pub async fn chat_join(&mut self, room: &str) -> Result<bool> {
+        self.membership(room, true).await
+    }
+
+    /// Leaves chat room `room`; returns whether anything changed (`false`: not a member).
+    pub async fn chat_leave(&mut self, room: &str) -> Result<bool> {
+        self.membership(room, false).await
+    }
+
+    async fn membership(&mut self, room: &str, join: bool) -> Result<bool> {
+        if !room.starts_with(CHAT_PREFIX) {
+            return Err(Error::Invalid(format!("{room} is not a chat room (they start with {CHAT_PREFIX})")));
+        }
+        let author = self.author.clone();
+        let chat = self.room(room).await?;
+        let update = if join { chat.join(&author, now_ms()) } else { chat.leave(&author, now_ms()) };
+        match update {
+            Some(update) => {
+                self.record(room, &update).await?;
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
+    /// The members of chat room `room` as this device knows them (joined or left, with when).
+    pub async fn chat_members(&mut self, room: &str) -> Result<Vec<driftsync_engine::chat::Member>> {
+        Ok(self.room(room).await?.members())
+    }
+
     /// Replaces the metadata and attachments of one of this user's messages.
     pub async fn chat_set_details(
         &mut self,

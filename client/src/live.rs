@@ -217,6 +217,23 @@ pub enum Event {
         /// Its state (JSON) or `None`.
         state: Option<String>,
     },
+    /// The user's inbox, or what changed in it (after [`Session::follow_inbox`]): rooms most
+    /// recently active first; `more` when further pieces of one answer follow.
+    Inbox {
+        /// Ask from this version next time.
+        version: u64,
+        /// The rooms that changed (`joined: false`: left).
+        rooms: Vec<driftsync_protocol::InboxRoom>,
+        /// More pieces follow.
+        more: bool,
+    },
+    /// The members of a room, asked for with [`Session::members`].
+    Members {
+        /// The room.
+        room: String,
+        /// Its members with their status and last seen.
+        members: Vec<driftsync_protocol::RoomMember>,
+    },
     /// Another connection started or stopped typing.
     Typing {
         /// The document.
@@ -263,6 +280,8 @@ enum Command {
     Subscribe(String),
     Presence(String, Option<String>),
     Typing(String, bool),
+    Inbox(u64),
+    Members(String),
     Pause(oneshot::Sender<()>),
     Resume,
     Shutdown(oneshot::Sender<()>),
@@ -453,6 +472,19 @@ impl Session {
     pub async fn set_presence(&self, doc: &str, state: Option<String>) -> Result<()> {
         DocId::new(doc).map_err(Error::DocId)?;
         self.command(Command::Presence(doc.to_string(), state)).await
+    }
+
+    /// Follows the user's inbox from index version `since` (0: all of it): [`Event::Inbox`]
+    /// brings it, then every change while connected; after a reconnect, what changed since the
+    /// last version received.
+    pub async fn follow_inbox(&self, since: u64) -> Result<()> {
+        self.command(Command::Inbox(since)).await
+    }
+
+    /// Asks for the members of a chat room with their status and when they were last seen
+    /// ([`Event::Members`]; best asked once the room is subscribed).
+    pub async fn members(&self, room: &str) -> Result<()> {
+        self.command(Command::Members(room.to_string())).await
     }
 
     /// Call on every keystroke in `doc`'s editor: "typing" is announced at most every
@@ -764,12 +796,13 @@ impl Task {
             // Without a connection the machine only takes note: no actions.
             Command::Subscribe(doc) => drop(self.machine.subscribe(&doc)),
             Command::Presence(doc, state) => drop(self.machine.presence(&doc, state)),
+            Command::Inbox(since) => drop(self.machine.follow_inbox(since)),
             Command::Pause(done) => {
                 self.paused = true;
                 let _ = done.send(());
             }
             // Typing is not worth delivering late; shutdown and resume are handled by callers.
-            Command::Typing(..) | Command::Resume | Command::Shutdown(_) => {}
+            Command::Typing(..) | Command::Members(_) | Command::Resume | Command::Shutdown(_) => {}
         }
     }
 
@@ -889,6 +922,8 @@ impl Task {
                     Some(Command::Subscribe(doc)) => self.machine.subscribe(&doc),
                     Some(Command::Presence(doc, state)) => self.machine.presence(&doc, state),
                     Some(Command::Typing(doc, typing)) => self.machine.typing(&doc, typing),
+                    Some(Command::Inbox(since)) => self.machine.follow_inbox(since),
+                    Some(Command::Members(room)) => self.machine.members(&room),
                 },
             };
         }

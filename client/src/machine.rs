@@ -269,6 +269,9 @@ pub struct Machine {
     subscribed: BTreeSet<String>,
     /// This device's presence per document, restored after every reconnect.
     presence: BTreeMap<String, Option<String>>,
+    /// The inbox followed, and the version of the last inbox frame (asked again from it after
+    /// every reconnect).
+    inbox: Option<u64>,
     /// The last ping's nonce.
     nonce: u64,
     /// The current connection, if any.
@@ -285,6 +288,7 @@ impl Machine {
             options,
             subscribed: BTreeSet::new(),
             presence: BTreeMap::new(),
+            inbox: None,
             nonce: 0,
             conn: None,
             report: SyncReport::default(),
@@ -500,6 +504,10 @@ impl Machine {
                     }
                     conn.effects += 1;
                     actions.push(Action::Emit(Event::Connected { session }));
+                    if let Some(since) = self.inbox {
+                        // Ahead of the resume: a returning device learns which rooms changed.
+                        actions.push(Action::Send(ClientFrame::Inbox { since }));
+                    }
                     actions.push(Action::Effect(Effect::ListDocuments));
                 }
                 ServerFrame::Ping { nonce } => actions.push(Action::Send(ClientFrame::Pong { nonce })),
@@ -598,6 +606,37 @@ impl Machine {
             })),
             ServerFrame::Ping { nonce } => actions.push(Action::Send(ClientFrame::Pong { nonce })),
             ServerFrame::Pong { .. } | ServerFrame::Welcome { .. } => {}
+            ServerFrame::Inbox { version, rooms, more } => {
+                if let Some(followed) = self.inbox.as_mut() {
+                    *followed = (*followed).max(version);
+                }
+                actions.push(Action::Emit(Event::Inbox { version, rooms, more }));
+            }
+            ServerFrame::Members { room, members } => actions.push(Action::Emit(Event::Members {
+                room: room.as_str().to_string(),
+                members,
+            })),
+        }
+        self.finish(actions)
+    }
+
+    /// Follows the user's inbox from index version `since` (0: all of it): the server sends it
+    /// ([`Event::Inbox`]) and then every change, on this connection and, from the last version
+    /// received, on every later one.
+    pub fn follow_inbox(&mut self, since: u64) -> Vec<Action> {
+        self.inbox = Some(since);
+        let mut actions = Vec::new();
+        if self.is_connected() {
+            actions.push(Action::Send(ClientFrame::Inbox { since }));
+        }
+        self.finish(actions)
+    }
+
+    /// Asks for the members of a chat room ([`Event::Members`]); nothing while disconnected.
+    pub fn members(&mut self, room: &str) -> Vec<Action> {
+        let mut actions = Vec::new();
+        if self.is_connected() {
+            push_frame(&mut actions, room, |room| ClientFrame::Members { room });
         }
         self.finish(actions)
     }

@@ -189,6 +189,66 @@ impl Client {
 }
 
 impl Client {
+    /// The user's inbox from the server at `url`: the chat rooms they belong to, most recently
+    /// active first, with the last message and the unread count of each — in one round trip
+    /// after the handshake. Asked with `since` = 0 it lists every room; with the `version` of
+    /// an earlier answer, only the rooms that changed since (a room left shows
+    /// `joined: false`). Returns the rooms and the version to ask from next time.
+    pub async fn fetch_inbox(
+        &self,
+        url: &str,
+        token: &str,
+        tls: Option<&Tls>,
+        since: u64,
+    ) -> Result<(Vec<driftsync_protocol::InboxRoom>, u64)> {
+        let fetch = async {
+            let mut transport = WebSocketTransport::connect_with(url, tls).await?;
+            let result = self.fetch_inbox_over(&mut transport, token, since).await;
+            transport.close().await;
+            result
+        };
+        match tokio::time::timeout(SYNC_TIMEOUT, fetch).await {
+            Ok(result) => result,
+            Err(_) => Err(Error::Timeout(SYNC_TIMEOUT)),
+        }
+    }
+
+    /// [`fetch_inbox`](Self::fetch_inbox) over a connection made already.
+    pub async fn fetch_inbox_over(
+        &self,
+        transport: &mut dyn Transport,
+        token: &str,
+        since: u64,
+    ) -> Result<(Vec<driftsync_protocol::InboxRoom>, u64)> {
+        use driftsync_protocol::{ClientFrame, PROTOCOL_VERSION};
+        let hello = ClientFrame::Hello {
+            version: PROTOCOL_VERSION,
+            token: token.to_string(),
+            client_id: self.identity.client_id,
+        };
+        transport.send(hello.encode()).await?;
+        // Sent at once, without waiting for the welcome: one round trip.
+        transport.send(ClientFrame::Inbox { since }.encode()).await?;
+        let mut rooms = Vec::new();
+        loop {
+            let frame = match transport.recv().await? {
+                Incoming::Binary(bytes) => decode(&bytes)?,
+                Incoming::Closed(_) => return Err(Error::Closed),
+            };
+            match frame {
+                ServerFrame::Inbox { version, rooms: piece, more } => {
+                    rooms.extend(piece);
+                    if !more {
+                        return Ok((rooms, version));
+                    }
+                }
+                ServerFrame::Error { code, doc, batch } => return Err(Error::Server { code, doc, batch }),
+                ServerFrame::Ping { nonce } => transport.send(ClientFrame::Pong { nonce }.encode()).await?,
+                _ => {}
+            }
+        }
+    }
+
     /// Like [`sync_once`](Self::sync_once), retried with `backoff` while the failure is
     /// retryable, at most `max_attempts` times.
     pub async fn sync_with_retry(

@@ -52,7 +52,7 @@ mod members;
 
 use crate::{Error, Result};
 pub use members::{
-    preview, ChatFacts, EditFact, Member, MemberFact, MessageFact, ReadFact, MAX_PREVIEW_BYTES, MEMBERS_ROOT,
+    joined_members, preview, ChatFacts, EditFact, Member, MemberFact, MessageFact, ReadFact, MAX_PREVIEW_BYTES, MEMBERS_ROOT,
 };
 pub use details::{
     check_metadata, check_reaction, parse_reaction_key, reaction_key, Attachment, Kind, MAX_ATTACHMENTS,

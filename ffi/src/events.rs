@@ -429,6 +429,9 @@ impl Pump {
                     self.chat_changed(&room).await;
                 }
             }
+            // Not followed through this API yet (the inbox and members are in the Rust client
+            // library and the CLI).
+            ClientEvent::Inbox { .. } | ClientEvent::Members { .. } => {}
         }
     }
 

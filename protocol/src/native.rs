@@ -202,6 +202,19 @@ pub enum ClientFrame {
         /// The new token.
         token: String,
     },
+    /// Send the user's inbox — the chat rooms they belong to — changed after index version
+    /// `since` (0: all of it), answered with [`ServerFrame::Inbox`] frames; then keep sending
+    /// what changes while the connection lasts.
+    Inbox {
+        /// The version of the last inbox received (0: none).
+        since: u64,
+    },
+    /// Send the members of a chat room with their presence status and when they were last seen
+    /// ([`ServerFrame::Members`]). The room must be one the token covers.
+    Members {
+        /// The room.
+        room: DocId,
+    },
 }
 
 /// Frames a server sends.
@@ -301,6 +314,77 @@ pub enum ServerFrame {
         #[serde(with = "serde_bytes")]
         bytes: Vec<u8>,
     },
+    /// The user's inbox, or what changed in it: an answer to [`ClientFrame::Inbox`] (in pieces
+    /// when large: every piece but the last has `more`), and later each change while the
+    /// connection lasts.
+    Inbox {
+        /// The index version this is current at: ask with `since` = this next time.
+        version: u64,
+        /// Rooms whose entry changed, most recently active first; a room with `joined: false`
+        /// was left.
+        rooms: Vec<InboxRoom>,
+        /// More pieces of this answer follow.
+        more: bool,
+    },
+    /// Answer to [`ClientFrame::Members`].
+    Members {
+        /// The room.
+        room: DocId,
+        /// Everyone who joined it (and may have left since), in user order.
+        members: Vec<RoomMember>,
+    },
+}
+
+/// One room of a user's inbox.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InboxRoom {
+    /// The room.
+    pub room: DocId,
+    /// A member now (`false`: they left).
+    pub joined: bool,
+    /// When they joined or left (milliseconds since the Unix epoch, their device's clock).
+    pub at_ms: u64,
+    /// The room's last message.
+    pub last: Option<InboxMessage>,
+    /// Messages of others after the user's read receipt, neither deleted nor system messages.
+    pub unread: u64,
+    /// The sort key the user has read up to (empty: nothing).
+    pub read_sort: String,
+}
+
+/// A room's last message, as an inbox shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InboxMessage {
+    /// Its id.
+    pub id: String,
+    /// Its sort key.
+    pub sort: String,
+    /// Its author.
+    pub author: String,
+    /// Its kind (`text`, `image`, `video`, `file`, `system`).
+    pub kind: String,
+    /// The start of its text (at most 280 bytes).
+    pub text: String,
+    /// Deleted.
+    pub deleted: bool,
+    /// Its sender's clock at sending (milliseconds since the Unix epoch).
+    pub at_ms: u64,
+}
+
+/// A member of a room.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoomMember {
+    /// The user.
+    pub user: String,
+    /// A member now (`false`: left).
+    pub joined: bool,
+    /// When they joined or left (their clock, milliseconds since the Unix epoch).
+    pub at_ms: u64,
+    /// Their presence status in the room: `online`, `away` or `busy` while a connection of
+    /// theirs is there, `None` (offline) otherwise.
+    pub status: Option<String>,
+    /// When a connection of theirs was last seen (the server's clock), if ever.
+    pub last_seen_ms: Option<u64>,
 }
 
 /// Why the server refused something. Details go to the server log, not to the client.

@@ -8,7 +8,7 @@
 use std::path::PathBuf;
 
 use driftsync_protocol::{
-    ClientFrame, DocId, DocResumed, ErrorCode, ResumeDoc, ServerFrame, DEFAULT_MAX_FRAME_SIZE, PROTOCOL_VERSION,
+    ClientFrame, DocId, DocResumed, ErrorCode, InboxMessage, InboxRoom, ResumeDoc, RoomMember, ServerFrame, DEFAULT_MAX_FRAME_SIZE, PROTOCOL_VERSION,
 };
 use proptest::prelude::*;
 
@@ -397,6 +397,69 @@ fn golden_frames() -> Vec<(String, Golden)> {
             Golden::Server(ServerFrame::ResumePart {
                 doc: DocId::new("notes/big").unwrap(),
                 bytes: vec![1, 2, 3, 4],
+            }),
+        ),
+        ("client-inbox".into(), Golden::Client(ClientFrame::Inbox { since: 4_242 })),
+        (
+            "client-members".into(),
+            Golden::Client(ClientFrame::Members {
+                room: doc("chat/general"),
+            }),
+        ),
+        (
+            "server-inbox".into(),
+            Golden::Server(ServerFrame::Inbox {
+                version: 4_243,
+                rooms: vec![
+                    InboxRoom {
+                        room: doc("chat/general"),
+                        joined: true,
+                        at_ms: 1_733_000_000_000,
+                        last: Some(InboxMessage {
+                            id: "0193f1c2-7c1e-7cc3-a9b1-5d0c1e7b2a10".into(),
+                            sort: "001733000000500.0000000000/0000000000000042/0193f1c2-7c1e-7cc3-a9b1-5d0c1e7b2a10"
+                                .into(),
+                            author: "bob".into(),
+                            kind: "text".into(),
+                            text: "lunch?".into(),
+                            deleted: false,
+                            at_ms: 1_733_000_000_500,
+                        }),
+                        unread: 3,
+                        read_sort: String::new(),
+                    },
+                    InboxRoom {
+                        room: doc("chat/old"),
+                        joined: false,
+                        at_ms: 1_733_000_000_001,
+                        last: None,
+                        unread: 0,
+                        read_sort: String::new(),
+                    },
+                ],
+                more: false,
+            }),
+        ),
+        (
+            "server-members".into(),
+            Golden::Server(ServerFrame::Members {
+                room: doc("chat/general"),
+                members: vec![
+                    RoomMember {
+                        user: "ada".into(),
+                        joined: true,
+                        at_ms: 1_733_000_000_000,
+                        status: Some("away".into()),
+                        last_seen_ms: Some(1_733_000_100_000),
+                    },
+                    RoomMember {
+                        user: "bob".into(),
+                        joined: false,
+                        at_ms: 1_733_000_000_002,
+                        status: None,
+                        last_seen_ms: None,
+                    },
+                ],
             }),
         ),
     ];

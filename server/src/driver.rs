@@ -49,6 +49,7 @@ pub(crate) async fn run<S: Store, H: Handler>(shared: Arc<Shared<S>>, socket: So
         limiter: Limiter::new(&shared.config.rate_limit, &shared.config.room_opens, now),
         actions: Actions::new(),
         pushes: None,
+        inbox: None,
     };
     let mut handler = handler(session);
     // Not boxed: the loop's future holds no store query or room future inline (those are
@@ -59,6 +60,16 @@ pub(crate) async fn run<S: Store, H: Handler>(shared: Arc<Shared<S>>, socket: So
     let _ = tokio::time::timeout(FINISH_PUSHES, conn.finish_pushes(&mut handler)).await;
     for doc in handler.subscriptions() {
         shared.rooms.get(&doc).leave(session).await;
+    }
+    if let Some((user, _)) = conn.inbox.take() {
+        shared.rooms.ctx().inboxes.unfollow(&user, session);
+    }
+    if let Some(user) = handler.identity() {
+        // "Last seen": when the user's connection ended (kept across instances in the store).
+        let seen = [(user.to_string(), crate::presence::unix_ms())];
+        if let Err(e) = Box::pin(shared.store.set_seen(&seen)).await {
+            tracing::warn!(error = %e, "could not record when a user was last seen");
+        }
     }
     conn.out.ctl.close(driftsync_protocol::CLOSE_GOING_AWAY);
     let Conn { out, mut stream, .. } = conn;
@@ -84,6 +95,8 @@ struct Conn<'a, S> {
     /// Pushes whose commits are in flight, in the order they were made (`None` while there are
     /// none: an idle connection keeps no queue).
     pushes: Option<FuturesOrdered<BoxFuture<'a, Reply>>>,
+    /// The inbox the connection follows: its user, and what wakes it when it may have changed.
+    inbox: Option<(String, Arc<tokio::sync::Notify>)>,
 }
 
 /// How long a closing connection waits for the commits of its pushes in flight.
@@ -139,6 +152,9 @@ impl<'a, S: Store> Conn<'a, S> {
                 () = &mut timer, if armed.is_some() => {
                     armed = None;
                     handler.timer(Now::read(), &mut self.actions);
+                }
+                () = inbox_changed(&self.inbox), if self.inbox.is_some() => {
+                    handler.inbox_changed(Now::read(), &mut self.actions);
                 }
                 _ = ticker.tick() => {
                     if last_heard.elapsed() > heartbeat * 3 {
@@ -339,6 +355,53 @@ impl<'a, S: Store> Conn<'a, S> {
                     .await
                     .map(|(entries, _)| entries),
             ),
+            Request::Inbox { since } => {
+                let user = handler.user().to_string();
+                if self.inbox.is_none() {
+                    let notify = shared.rooms.ctx().inboxes.follow(&user, self.session);
+                    self.inbox = Some((user.clone(), notify));
+                }
+                let inbox = Box::pin(self.store.inbox(&user, since)).await;
+                Reply::Inbox(inbox.map_err(|e| {
+                    tracing::error!(error = %e, "store failed reading an inbox");
+                    shared.metrics.store_errors.inc();
+                    driftsync_protocol::ErrorCode::StoreUnavailable
+                }))
+            }
+            Request::Members { room } => {
+                let members = match Box::pin(self.store.members(room.as_str())).await {
+                    Ok(members) => members,
+                    Err(e) => {
+                        tracing::error!(error = %e, "store failed reading a room's members");
+                        shared.metrics.store_errors.inc();
+                        return Reply::Members {
+                            room,
+                            result: Err(driftsync_protocol::ErrorCode::StoreUnavailable),
+                        };
+                    }
+                };
+                // Presence is known where the room is live (its states from every instance
+                // arrive once it is subscribed here): a client asks after resuming the room.
+                let statuses = match shared.rooms.existing(&room) {
+                    Some(live) => live.statuses().await,
+                    None => Default::default(),
+                };
+                let now = crate::presence::unix_ms();
+                let result = Ok(members
+                    .into_iter()
+                    .map(|member| {
+                        let status = statuses.get(&member.user).cloned();
+                        driftsync_protocol::RoomMember {
+                            last_seen_ms: if status.is_some() { Some(now) } else { member.last_seen_ms },
+                            status,
+                            user: member.user,
+                            joined: member.joined,
+                            at_ms: member.at_ms,
+                        }
+                    })
+                    .collect());
+                Reply::Members { room, result }
+            }
             Request::Push { .. } => {
                 // Pushes are pipelined by `act`; never sent here.
                 Reply::Done
@@ -353,6 +416,14 @@ impl<'a, S: Store> Conn<'a, S> {
         let shared = self.shared;
         self.limiter.allow_open(now)
             && identity.is_none_or(|user| shared.opens.allow(&shared.config.room_opens, user, now))
+    }
+}
+
+/// Resolves when the inbox the connection follows may have changed (never without one).
+async fn inbox_changed(inbox: &Option<(String, Arc<tokio::sync::Notify>)>) {
+    match inbox {
+        Some((_, notify)) => notify.notified().await,
+        None => std::future::pending().await,
     }
 }
 
@@ -401,6 +472,7 @@ mod tests {
             limiter: Limiter::new(&shared.config.rate_limit, &shared.config.room_opens, Instant::now()),
             actions: Actions::new(),
             pushes: None,
+            inbox: None,
         };
         let mut handler = NativeHandler::new(Arc::clone(&shared.native), 1);
         let serve = conn.serve(&mut handler);

@@ -100,6 +100,13 @@ pub enum Inbound {
     },
     /// Events may have been lost (a reconnect, a full queue): catch up every live room.
     Resync,
+    /// These users' inboxes may have changed (see `crate::inbox`).
+    Inbox {
+        /// The instance that published it.
+        origin: u64,
+        /// The users.
+        users: Vec<String>,
+    },
 }
 
 /// Connects the rooms of several server instances.
@@ -110,6 +117,10 @@ pub trait Fanout: std::fmt::Debug + Send + Sync + 'static {
     fn publish(&self, instance: u64, doc: &DocId, event: FanoutEvent);
     /// Tells the other instances that `instance` is alive. Never waits.
     fn heartbeat(&self, instance: u64);
+    /// Tells every other instance that these users' inboxes may have changed. Never waits.
+    fn publish_inbox(&self, instance: u64, users: &[String]) {
+        let _ = (instance, users);
+    }
     /// Starts receiving a document's events; [`Inbound::Subscribed`] follows once active.
     fn subscribe(&self, instance: u64, doc: &DocId);
     /// Stops receiving a document's events.
@@ -293,6 +304,16 @@ impl Fanout for LocalFanout {
         self.send_all(instance, &Inbound::Alive { origin: instance });
     }
 
+    fn publish_inbox(&self, instance: u64, users: &[String]) {
+        self.send_all(
+            instance,
+            &Inbound::Inbox {
+                origin: instance,
+                users: users.to_vec(),
+            },
+        );
+    }
+
     fn subscribe(&self, instance: u64, doc: &DocId) {
         let instances = self.instances.lock().unwrap_or_else(PoisonError::into_inner);
         for (_, inbox) in instances.iter().filter(|(id, _)| *id == instance) {
@@ -341,6 +362,8 @@ enum Wire {
     Stateless { origin: u64, doc: String, payload: String },
     /// [`Inbound::Alive`].
     Alive { origin: u64 },
+    /// [`Inbound::Inbox`].
+    Inbox { origin: u64, users: Vec<String> },
 }
 
 /// The version byte every message starts with.
@@ -400,6 +423,14 @@ pub fn encode_event(origin: u64, doc: &DocId, event: &FanoutEvent) -> Vec<u8> {
         },
     };
     encode(&wire)
+}
+
+/// Encodes `origin`'s nudge of these users' inboxes.
+pub fn encode_inbox(origin: u64, users: &[String]) -> Vec<u8> {
+    encode(&Wire::Inbox {
+        origin,
+        users: users.to_vec(),
+    })
 }
 
 /// Encodes `origin`'s heartbeat.
@@ -475,6 +506,7 @@ pub fn decode(bytes: &[u8]) -> Result<Inbound, WireError> {
             event: FanoutEvent::Stateless { payload },
         },
         Wire::Alive { origin } => Inbound::Alive { origin },
+        Wire::Inbox { origin, users } => Inbound::Inbox { origin, users },
     })
 }
 

@@ -99,6 +99,11 @@ pub(crate) enum Request {
     SendPresence { doc: DocId },
     /// The awareness states of a document.
     AwarenessSnapshot { doc: DocId },
+    /// The handler's user's inbox changed after index version `since`; the connection follows
+    /// the inbox from now on ([`Handler::inbox_changed`]).
+    Inbox { since: u64 },
+    /// The members of a chat room, with their status and when they were last seen.
+    Members { room: DocId },
 }
 
 /// The answer to a [`Request`].
@@ -125,6 +130,13 @@ pub(crate) enum Reply {
     Presence { doc: DocId, result: Result<(), Refused> },
     /// To `AwarenessSnapshot` (`None`: the room is not loaded).
     AwarenessSnapshot(Option<Vec<AwarenessEntry>>),
+    /// To `Inbox`.
+    Inbox(Result<driftsync_engine::store::Inbox, ErrorCode>),
+    /// To `Members`.
+    Members {
+        room: DocId,
+        result: Result<Vec<driftsync_protocol::RoomMember>, ErrorCode>,
+    },
     /// To requests that have nothing to say (`Leave`, `Awareness`, `Relay`, `SendPresence`).
     Done,
 }
@@ -167,4 +179,7 @@ pub(crate) trait Handler: Send {
 
     /// The documents the connection is subscribed to (left when it closes).
     fn subscriptions(&self) -> Vec<DocId>;
+
+    /// The inbox the connection follows (after a [`Request::Inbox`]) may have changed.
+    fn inbox_changed(&mut self, _now: Now, _out: &mut Actions) {}
 }

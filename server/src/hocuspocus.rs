@@ -516,7 +516,12 @@ impl Handler for HocuspocusHandler {
                     Err(refused) => self.refused(&address, refused, out),
                 }
             }
-            Reply::Claimed(_) | Reply::Resumed { .. } | Reply::Presence { .. } | Reply::Done => {}
+            Reply::Claimed(_)
+            | Reply::Resumed { .. }
+            | Reply::Presence { .. }
+            | Reply::Inbox(_)
+            | Reply::Members { .. }
+            | Reply::Done => {}
         }
     }
 

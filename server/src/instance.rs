@@ -181,8 +181,15 @@ pub(crate) fn start_instance<S: Store>(
                     }
                 }
                 fanout::Inbound::Subscribed { doc } => fan_in.rooms.subscribed(&*fan_in.store, &doc).await,
+                fanout::Inbound::Inbox { origin, users } => {
+                    if origin != instance {
+                        fan_in.rooms.ctx().inboxes.wake(&users);
+                    }
+                }
                 fanout::Inbound::Resync => {
                     tracing::info!("fan-out resync: catching up every live room and exchanging presence");
+                    // Inbox nudges may have been lost too: every follower reads what changed.
+                    fan_in.rooms.ctx().inboxes.wake_all();
                     resync.notify_one();
                     fan_in.rooms.exchange_presence().await;
                 }

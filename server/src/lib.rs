@@ -35,6 +35,7 @@ pub mod fanout;
 mod handler;
 mod hocuspocus;
 mod http;
+mod inbox;
 mod instance;
 mod limits;
 mod metrics;

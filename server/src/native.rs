@@ -125,7 +125,24 @@ struct Peer {
     expired: bool,
     /// The resume being answered, if any.
     resume: Option<Resume>,
+    /// The inbox the peer follows, once it asked for it.
+    inbox: Option<InboxFollow>,
 }
+
+/// The inbox a peer follows (see `crate::inbox`).
+struct InboxFollow {
+    /// The index version of the last inbox frame sent (or the peer's `since`).
+    version: u64,
+    /// A read of the store is in flight.
+    reading: bool,
+    /// It may have changed while reading: read again after.
+    again: bool,
+    /// The read in flight answers the peer's own request: answered even if nothing changed.
+    asked: bool,
+}
+
+/// The largest inbox frame: an answer goes in pieces of about this size (each a frame).
+const INBOX_PIECE_BYTES: usize = 256 * 1024;
 
 /// A resume being answered, document by document.
 struct Resume {
@@ -244,6 +261,7 @@ impl NativeHandler {
             nonce: 0,
             expired: false,
             resume: None,
+            inbox: None,
         }));
     }
 
@@ -331,9 +349,111 @@ impl NativeHandler {
                     self.refuse(code, CLOSE_UNAUTHORIZED, out);
                 }
             }
+            ClientFrame::Inbox { since } => {
+                let follow = peer.inbox.get_or_insert(InboxFollow {
+                    version: since,
+                    reading: false,
+                    again: false,
+                    asked: false,
+                });
+                follow.version = since;
+                follow.asked = true;
+                if follow.reading {
+                    follow.again = true;
+                } else {
+                    follow.reading = true;
+                    out.push_back(Action::Request(Request::Inbox { since }));
+                }
+            }
+            ClientFrame::Members { room } => {
+                if peer.grant.is_expired_at(now.unix) {
+                    out.push_back(Action::Send(error(ErrorCode::TokenExpired, Some(room), None)));
+                } else if peer.grant.access(&room).is_none() {
+                    out.push_back(Action::Send(error(ErrorCode::Forbidden, Some(room), None)));
+                } else {
+                    out.push_back(Action::Request(Request::Members { room }));
+                }
+            }
             ClientFrame::Pong { .. } => {}
         }
     }
+}
+
+/// Sends an inbox read from the store: only the rooms the token covers, in pieces of at most
+/// about [`INBOX_PIECE_BYTES`]; nothing for a change the peer did not ask about that holds
+/// no room it may see. Then reads again if it changed meanwhile.
+fn inbox_answered(peer: &mut Peer, inbox: driftsync_engine::store::Inbox, out: &mut Actions) {
+    let Some(follow) = peer.inbox.as_mut() else { return };
+    let asked = std::mem::take(&mut follow.asked);
+    follow.reading = false;
+    follow.version = follow.version.max(inbox.version);
+    let version = follow.version;
+    let mut rooms: Vec<driftsync_protocol::InboxRoom> = Vec::new();
+    for room in inbox.rooms {
+        let Ok(id) = DocId::new(room.room) else { continue };
+        if peer.grant.access(&id).is_none() {
+            continue;
+        }
+        rooms.push(driftsync_protocol::InboxRoom {
+            room: id,
+            joined: room.joined,
+            at_ms: room.at_ms,
+            last: room.last.map(|last| driftsync_protocol::InboxMessage {
+                id: last.id,
+                sort: last.sort,
+                author: last.author,
+                kind: last.kind,
+                text: last.text,
+                deleted: last.deleted,
+                at_ms: last.at_ms,
+            }),
+            unread: room.unread,
+            read_sort: room.read_sort,
+        });
+    }
+    if asked || !rooms.is_empty() {
+        let mut piece: Vec<driftsync_protocol::InboxRoom> = Vec::new();
+        let mut size = 0;
+        let mut rooms = rooms.into_iter().peekable();
+        loop {
+            let next = rooms.next();
+            let last = rooms.peek().is_none();
+            if let Some(room) = next {
+                size += 64 + room.room.as_str().len() + room.read_sort.len()
+                    + room.last.as_ref().map_or(0, |m| m.id.len() + m.sort.len() + m.author.len() + m.text.len() + m.kind.len());
+                piece.push(room);
+            }
+            if last || size >= INBOX_PIECE_BYTES {
+                out.push_back(Action::Answer {
+                    bytes: ServerFrame::Inbox {
+                        version,
+                        rooms: std::mem::take(&mut piece),
+                        more: !last,
+                    }
+                    .encode(),
+                    charge: true,
+                });
+                size = 0;
+            }
+            if last {
+                break;
+            }
+        }
+    }
+    if std::mem::take(&mut follow_mut(peer).again) {
+        let follow = follow_mut(peer);
+        follow.reading = true;
+        out.push_back(Action::Request(Request::Inbox { since: follow.version }));
+    }
+}
+
+fn follow_mut(peer: &mut Peer) -> &mut InboxFollow {
+    peer.inbox.get_or_insert(InboxFollow {
+        version: 0,
+        reading: false,
+        again: false,
+        asked: false,
+    })
 }
 
 /// Replaces the peer's grant with `token`'s, which must name the same user. Documents the new
@@ -545,6 +665,27 @@ impl Handler for NativeHandler {
                     out.push_back(Action::Send(error(refused.code, Some(doc), None)));
                 }
             }
+            Reply::Inbox(result) => {
+                if let Phase::Open(peer) = &mut self.phase {
+                    match result {
+                        Ok(inbox) => inbox_answered(peer, inbox, out),
+                        Err(code) => {
+                            if let Some(follow) = peer.inbox.as_mut() {
+                                follow.reading = false;
+                                follow.asked = false;
+                            }
+                            out.push_back(Action::Send(error(code, None, None)));
+                        }
+                    }
+                }
+            }
+            Reply::Members { room, result } => match result {
+                Ok(members) => out.push_back(Action::Answer {
+                    bytes: ServerFrame::Members { room, members }.encode(),
+                    charge: true,
+                }),
+                Err(code) => out.push_back(Action::Send(error(code, Some(room), None))),
+            },
             Reply::Joined(_) | Reply::Diff(_) | Reply::AwarenessSnapshot(_) | Reply::Done => {}
         }
     }
@@ -638,6 +779,17 @@ impl Handler for NativeHandler {
         match &self.phase {
             Phase::Open(peer) => peer.docs.iter().cloned().collect(),
             _ => Vec::new(),
+        }
+    }
+
+    fn inbox_changed(&mut self, _now: Now, out: &mut Actions) {
+        let Phase::Open(peer) = &mut self.phase else { return };
+        let Some(follow) = peer.inbox.as_mut() else { return };
+        if follow.reading {
+            follow.again = true;
+        } else {
+            follow.reading = true;
+            out.push_back(Action::Request(Request::Inbox { since: follow.version }));
         }
     }
 }

@@ -785,8 +785,62 @@ impl Presence {
     }
 
     /// The user owning `client` (empty when the table does not know it).
+    /// Each user present in the room (any protocol, any instance) with their status: the
+    /// `status` field of their states (`"away"`, `"busy"`; anything else, or none, is
+    /// `"online"`), the most available one when they have several.
+    pub(crate) fn statuses(&self) -> BTreeMap<String, String> {
+        let mut out: BTreeMap<String, String> = BTreeMap::new();
+        let local = self
+            .table
+            .snapshot()
+            .into_iter()
+            .filter_map(|entry| Some((self.user_of(entry.client_id), entry.state?)));
+        let remote = self
+            .remote
+            .values()
+            .map(|remote| (remote.user.clone(), remote.state.clone()));
+        for (user, state) in local.chain(remote) {
+            if user.is_empty() {
+                continue;
+            }
+            let status = status_of(&state);
+            let entry = out.entry(user).or_insert_with(|| status.to_string());
+            if rank(status) < rank(entry) {
+                *entry = status.to_string();
+            }
+        }
+        out
+    }
+
     fn user_of(&self, client: u64) -> String {
         self.clients.get(&client).map(|c| c.user.clone()).unwrap_or_default()
+    }
+}
+
+/// The status an awareness state declares: its `status` field if it is `away` or `busy`,
+/// `online` otherwise.
+fn status_of(state: &str) -> &'static str {
+    if !state.contains("\"status\"") {
+        return "online";
+    }
+    match serde_json::from_str::<serde_json::Value>(state)
+        .ok()
+        .as_ref()
+        .and_then(|value| value.get("status"))
+        .and_then(serde_json::Value::as_str)
+    {
+        Some("away") => "away",
+        Some("busy") => "busy",
+        _ => "online",
+    }
+}
+
+/// Availability order of statuses: online before busy before away.
+fn rank(status: &str) -> u8 {
+    match status {
+        "online" => 0,
+        "busy" => 1,
+        _ => 2,
     }
 }
 

@@ -200,6 +200,15 @@ impl Fanout for RedisFanout {
         );
     }
 
+    fn publish_inbox(&self, instance: u64, users: &[String]) {
+        // On the channel every instance listens to (heartbeats'): inbox nudges are few and
+        // small, and an instance cannot know which others follow a user.
+        self.enqueue(
+            instances_channel(&self.inner.prefix),
+            fanout::encode_inbox(instance, users),
+        );
+    }
+
     fn subscribe(&self, instance: u64, doc: &DocId) {
         if let Some(wanted) = self.wanted(instance) {
             wanted

@@ -15,7 +15,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Instant;
 
-use driftsync_engine::chat::ChatGuard;
+use driftsync_engine::chat::{joined_members, system_message, ChatFacts, ChatGuard};
 use driftsync_engine::doc::{decode_update, is_empty_update, load_document, state_vector};
 use driftsync_engine::store::{Append, Appended, LogEntry, LogTail, Origin, Store};
 use driftsync_engine::sync::{
@@ -31,6 +31,7 @@ use yrs::{Doc, ReadTxn, StateVector, Transact};
 use crate::commit::{CommitResult, Committer, Gate};
 use crate::event::{Joined, Outbound, Outgoing, Refused, RoomEvent, SharedEvent};
 use crate::fanout::{Fanout, FanoutEvent, MAX_CARRIED_UPDATE};
+use crate::inbox::Inboxes;
 use crate::metrics::Metrics;
 use crate::owners::{Owners, Ownership};
 use crate::presence::{InvalidState, Presence};
@@ -76,6 +77,9 @@ pub(crate) struct RoomCtx {
     pub(crate) max_clock_skew_ms: u64,
     /// The instance's tasks: a push's commit is settled by a task of its own.
     pub(crate) tasks: Arc<Tasks>,
+    /// The connections following users' inboxes here, woken when a chat room stores a change
+    /// to an inbox (see [`crate::inbox`]).
+    pub(crate) inboxes: Arc<Inboxes>,
     /// When the instance started, on tokio's clock (virtual in a simulation).
     epoch: tokio::time::Instant,
 }
@@ -97,6 +101,7 @@ impl RoomCtx {
             max_document_bytes,
             max_clock_skew_ms,
             tasks,
+            inboxes: Arc::default(),
             epoch: tokio::time::Instant::now(),
         }
     }
@@ -149,7 +154,7 @@ struct RoomState {
     /// Updates the live document holds that were broadcast but whose commit failed, oldest
     /// first: the room stores them itself, before anything else, at its next use or sweep (see
     /// [`Room::recover`]). At most [`MAX_UNSTORED_BYTES`].
-    unstored: Vec<Vec<u8>>,
+    unstored: Vec<(Vec<u8>, Option<Box<ChatFacts>>)>,
     /// Native sessions a push of which was refused for a passing reason (or whose failed commit
     /// the room could not keep), with that reason: none of their later pushes of this document
     /// is stored until they resume it (each is refused for the same reason). A client's `Ack` covers its batch and every older one of the document,
@@ -176,6 +181,8 @@ struct InFlight {
     /// The committer's answer, which whoever settles the room first reads.
     commit: Shared<oneshot::Receiver<CommitResult>>,
     update: Vec<u8>,
+    /// What it does to a chat room that the chat index keeps (stored with it).
+    chat: Option<Box<ChatFacts>>,
     /// The native session that pushed it and its batch: acknowledged once stored, fenced
     /// should its commit fail and the room not keep it (see [`RoomState::fenced`]).
     pusher: Option<(u64, u64)>,
@@ -404,7 +411,7 @@ impl Room {
         let outcome = match begun {
             Ok(Begun::Done(result)) => ready(result),
             Err(refused) => ready(Err(refused)),
-            Ok(Begun::Committing { commit, outcome }) => {
+            Ok(Begun::Committing { commit, outcome, also }) => {
                 // Settled by a task of its own, which is always polled. Were the pusher's
                 // connection to settle it, a connection busy elsewhere — waiting for this room's
                 // lock for its next request — would leave the lock granted to its unpolled
@@ -414,6 +421,12 @@ impl Room {
                     let _ = commit.await;
                     let mut guard = room.state.lock().await;
                     room.settle(&mut guard, &*store, false).await;
+                    drop(guard);
+                    for commit in also {
+                        commit.await;
+                        let mut guard = room.state.lock().await;
+                        room.settle(&mut guard, &*store, false).await;
+                    }
                 });
                 Box::pin(async move {
                     let _ = settled.await;
@@ -544,11 +557,8 @@ impl Room {
                 });
             }
         };
-        if let Some(Err(violation)) = state
-            .chat
-            .as_ref()
-            .map(|chat| chat.check(pusher.user, crate::presence::unix_ms()))
-        {
+        let now_ms = crate::presence::unix_ms();
+        if let Some(Err(violation)) = state.chat.as_ref().map(|chat| chat.check(pusher.user, now_ms)) {
             // The live document holds the refused update: reload it from the store.
             tracing::info!(doc = %self.id, user = ?pusher.user, %violation, "refusing an update that breaks the chat rules");
             self.reload(slot, store).await;
@@ -576,19 +586,76 @@ impl Room {
         // it reaches this update's cursor with a later update or resume. Should the commit
         // fail, the room keeps the update and stores it itself before anything else
         // (`unstored`): they never hold a change the server will not store while it runs.
+        let facts = state
+            .chat
+            .as_ref()
+            .map(ChatGuard::take_facts)
+            .filter(|facts| !facts.is_empty());
+        let joins: Vec<(String, bool)> = facts
+            .iter()
+            .flat_map(|facts| &facts.members)
+            .map(|member| (member.user.clone(), member.joined))
+            .collect();
+        let (commit, outcome) = self
+            .queue_commit(state, committer, pusher.session, pusher.origin, update, facts)
+            .await;
+        // Joins and leaves are announced by the server: a system message each, written after
+        // the change (see `chat::system_message`), broadcast to everyone, the pusher included.
+        let mut also = Vec::new();
+        for (user, joined) in joins {
+            let Some(doc) = state.live.as_ref() else { break };
+            let written = system_message(doc, &user, if joined { "joined" } else { "left" }, now_ms);
+            let (_, system) = match written {
+                Ok(written) => written,
+                Err(e) => {
+                    tracing::warn!(doc = %self.id, %user, error = %e, "cannot write a system message");
+                    continue;
+                }
+            };
+            if let Some(chat) = &state.chat {
+                chat.reset();
+            }
+            if !matches!(apply_checked(doc, &system), Ok(Applied::Integrated)) {
+                tracing::error!(doc = %self.id, %user, "a system message did not apply to its room");
+                continue;
+            }
+            let facts = state.chat.as_ref().map(ChatGuard::take_facts);
+            let (commit, _) = self
+                .queue_commit(state, committer, NO_SESSION, None, system, facts)
+                .await;
+            also.push(commit);
+        }
+        Ok(Begun::Committing { commit, outcome, also })
+    }
+
+    /// Broadcasts an update applied to the live document to every subscriber but `session`
+    /// and queues its commit (under the lock: the store assigns cursors in the order updates
+    /// were applied), recording it among the commits in flight.
+    async fn queue_commit(
+        &self,
+        state: &mut RoomState,
+        committer: &Committer,
+        session: u64,
+        origin: Option<Origin>,
+        update: Vec<u8>,
+        facts: Option<ChatFacts>,
+    ) -> (
+        futures_util::future::BoxFuture<'static, ()>,
+        oneshot::Receiver<Result<Cursor, Refused>>,
+    ) {
         let event = RoomEvent::Update {
             doc: self.id.clone(),
             cursor: state.head,
             update: update.clone(),
         };
-        state.broadcast(&self.ctx, pusher.session, event);
+        state.broadcast(&self.ctx, session, event);
+        let chat = facts.map(Box::new);
         let append = Append {
             doc: self.id.as_str().to_string(),
-            origin: pusher.origin,
+            origin,
             update: update.clone(),
-            chat: None,
+            chat: chat.clone(),
         };
-        // Queued under the lock: the store assigns cursors in the order updates were applied.
         let commit = committer
             .enqueue(append, Arc::clone(&self.gate), state.epoch)
             .await
@@ -598,14 +665,34 @@ impl Room {
         state.inflight.push_back(InFlight {
             commit: commit.clone(),
             update,
-            pusher: pusher.origin.map(|origin| (pusher.session, origin.batch)),
+            chat,
+            pusher: origin.map(|origin| (session, origin.batch)),
             generation: state.generation,
             outcome: tx,
         });
-        Ok(Begun::Committing {
-            commit: commit.map(|_| ()).boxed(),
-            outcome,
-        })
+        (commit.map(|_| ()).boxed(), outcome)
+    }
+
+    /// Wakes the inboxes a stored chat change touched (see [`crate::inbox`]): a new, edited or
+    /// deleted message those of every member, a read receipt its reader's, a membership
+    /// change that member's — on this instance and, through the fan-out, the others.
+    fn wake_inboxes(&self, state: Option<&RoomState>, facts: Option<&ChatFacts>) {
+        let Some(facts) = facts else { return };
+        let mut users: Vec<String> = Vec::new();
+        if !facts.messages.is_empty() || !facts.edits.is_empty() {
+            if let Some(doc) = state.and_then(|state| state.live.as_ref()) {
+                users.extend(joined_members(doc));
+            }
+        }
+        users.extend(facts.reads.iter().map(|read| read.user.clone()));
+        users.extend(facts.members.iter().map(|member| member.user.clone()));
+        users.sort_unstable();
+        users.dedup();
+        if users.is_empty() {
+            return;
+        }
+        self.ctx.inboxes.wake(&users);
+        self.ctx.fanout.publish_inbox(self.ctx.instance, &users);
     }
 
     /// Settles the commits in flight, in the order they were queued: every one whose commit
@@ -637,6 +724,7 @@ impl Room {
             let outcome = match result {
                 Ok(Appended::Stored(cursor)) => {
                     if current {
+                        self.wake_inboxes(slot.as_ref(), entry.chat.as_deref());
                         Box::pin(self.stored(slot, store, cursor, entry.update)).await;
                         if let Some(state) = slot.as_ref() {
                             state.ack(&self.id, entry.pusher, cursor);
@@ -656,7 +744,7 @@ impl Room {
                     // lacks what readers got. The room stores it itself, as for a failed commit,
                     // so that the live document never holds more than the store will.
                     if current {
-                        state.unstored.push(entry.update);
+                        state.unstored.push((entry.update, entry.chat));
                     }
                     state.ack(&self.id, entry.pusher, cursor);
                     Ok(cursor)
@@ -664,7 +752,7 @@ impl Room {
                 Err(e) => {
                     tracing::error!(doc = %self.id, error = %e, "store failed; update not acknowledged");
                     self.ctx.metrics.store_errors.inc();
-                    let unstored: usize = state.unstored.iter().map(Vec::len).sum();
+                    let unstored: usize = state.unstored.iter().map(|(update, _)| update.len()).sum();
                     let kept = current && unstored + entry.update.len() <= MAX_UNSTORED_BYTES;
                     if let (false, Some((session, _))) = (kept, entry.pusher) {
                         // Dropped, not stored by the room: the pusher's later pushes wait for
@@ -677,7 +765,7 @@ impl Room {
                             // sweep, so that readers never keep a change the server never
                             // stores. The pusher gets no `Ack` and re-sends it; that re-send
                             // changes nothing.
-                            state.unstored.push(entry.update);
+                            state.unstored.push((entry.update, entry.chat));
                         } else {
                             // The live document holds an update the store does not: reload it,
                             // so that nothing unacknowledged is ever served as stored. (The
@@ -758,18 +846,19 @@ impl Room {
             let appends: Vec<Append> = state
                 .unstored
                 .iter()
-                .map(|update| Append {
+                .map(|(update, chat)| Append {
                     doc: self.id.as_str().to_string(),
                     origin: None,
                     update: update.clone(),
-                    chat: None,
+                    chat: chat.clone(),
                 })
                 .collect();
             let appended = store.append(&appends).await?;
             let updates = std::mem::take(&mut state.unstored);
             tracing::info!(doc = %self.id, count = updates.len(), "stored changes whose commit had failed");
-            for (appended, update) in appended.into_iter().zip(updates) {
+            for (appended, (update, chat)) in appended.into_iter().zip(updates) {
                 if let Appended::Stored(cursor) = appended {
+                    self.wake_inboxes(slot.as_ref(), chat.as_deref());
                     Box::pin(self.stored(slot, store, cursor, update)).await;
                 }
             }
@@ -934,6 +1023,12 @@ impl Room {
                 state.broadcast(&self.ctx, NO_SESSION, event);
             }
         }
+    }
+
+    /// The presence status of each user present in the room (see `Presence::statuses`).
+    pub(crate) async fn statuses(&self) -> std::collections::BTreeMap<String, String> {
+        let guard = self.state.lock().await;
+        guard.as_ref().map(|state| state.presence.statuses()).unwrap_or_default()
     }
 
     /// The current awareness states and their size in bytes (`None`: the room is not loaded).
@@ -1197,6 +1292,9 @@ enum Begun {
         commit: futures_util::future::BoxFuture<'static, ()>,
         /// The outcome, once the room settled the commit.
         outcome: oneshot::Receiver<Result<Cursor, Refused>>,
+        /// The commits of the server's own writes the push caused (system messages), queued
+        /// after it: settled after it.
+        also: Vec<futures_util::future::BoxFuture<'static, ()>>,
     },
 }
 

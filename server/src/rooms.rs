@@ -50,7 +50,7 @@ impl Rooms {
     }
 
     /// The room for `id` if it exists.
-    fn existing(&self, id: &DocId) -> Option<Arc<Room>> {
+    pub(crate) fn existing(&self, id: &DocId) -> Option<Arc<Room>> {
         self.map
             .lock()
             .unwrap_or_else(PoisonError::into_inner)

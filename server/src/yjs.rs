@@ -284,6 +284,8 @@ impl Handler for YjsHandler {
             | Reply::Claimed(_)
             | Reply::Resumed { .. }
             | Reply::Presence { .. }
+            | Reply::Inbox(_)
+            | Reply::Members { .. }
             | Reply::Done => {}
         }
     }

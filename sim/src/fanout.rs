@@ -178,6 +178,7 @@ fn describe(message: &Inbound) -> String {
         Inbound::Alive { origin } => format!("Alive from i{origin}"),
         Inbound::Subscribed { doc } => format!("Subscribed {doc}"),
         Inbound::Resync => "Resync".to_string(),
+        Inbound::Inbox { origin, users } => format!("Inbox of {users:?} from i{origin}"),
     }
 }
 

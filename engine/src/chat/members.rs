@@ -163,6 +163,18 @@ pub fn preview(text: &str) -> String {
     text[..end].to_string()
 }
 
+/// The users whose entry in the room's `members` map says `joined`.
+pub fn joined_members(doc: &yrs::Doc) -> Vec<String> {
+    use yrs::{Map, Transact};
+    let members = doc.get_or_insert_map(MEMBERS_ROOT);
+    let txn = doc.transact();
+    members
+        .iter(&txn)
+        .filter(|(_, value)| member_from(value).is_some_and(|(joined, _)| joined))
+        .map(|(user, _)| user.to_string())
+        .collect()
+}
+
 /// A member entry's value: `{state, at}`.
 pub(crate) fn member_value(joined: bool, at_ms: u64) -> Any {
     Any::from(HashMap::from([
