@@ -499,3 +499,79 @@ async fn rich_messages_and_reactions_through_the_cli() {
     assert_eq!(list(&ada, "ada").await.len(), 2);
     server.stop().await;
 }
+
+/// Membership and the inbox through the CLI: joining offline, a fresh device that finds its
+/// rooms (and their unread counts) from its token alone, the server's system messages, leaving.
+#[tokio::test]
+async fn a_fresh_device_finds_its_rooms_through_the_cli() {
+    const SECRET: &str = "cli-inbox-test-secret-of-32-bytes-at-least";
+    let dir = tempfile::tempdir().unwrap();
+    let (phone, fresh, bob) = (dir.path().join("ada-phone.db"), dir.path().join("ada-new.db"), dir.path().join("bob.db"));
+    let (_server_dir, store) = sqlite_store().await;
+    let config = driftsync_server::Config {
+        auth: driftsync_server::Auth::new(Some(SECRET)),
+        ..Default::default()
+    };
+    let server = TestServer::start(store, config).await;
+    let url = server.url();
+    let token = |user: &str| {
+        driftsync_server::mint(SECRET, user, &["chat/*".to_string()], true, Duration::from_secs(3600)).unwrap()
+    };
+    let (ada_token, bob_token) = (token("ada"), token("bob"));
+    let sync = |path: &Path, user: &str, token: &str| {
+        let (path, user, url, token) = (path.to_path_buf(), user.to_string(), url.clone(), token.to_string());
+        async move { run(&path, &user, &["sync", "--server", &url, "--token", &token, "--once"]).await }
+    };
+
+    // Ada joins three rooms on her phone, offline, and says hello in one.
+    for room in ["chat/a", "chat/b", "chat/c"] {
+        run(&phone, "ada", &["chat", "join", room]).await;
+    }
+    run(&phone, "ada", &["chat", "send", "chat/a", "hello"]).await;
+    let offline: Value = serde_json::from_str(run(&phone, "ada", &["rooms", "--json"]).await.trim()).unwrap();
+    assert_eq!(offline.as_array().unwrap().len(), 3, "known offline: {offline}");
+    sync(&phone, "ada", &ada_token).await;
+    // Bob joins two of them and writes.
+    for room in ["chat/b", "chat/c"] {
+        run(&bob, "bob", &["chat", "join", room]).await;
+        run(&bob, "bob", &["chat", "send", room, &format!("bob in {room}")]).await;
+    }
+    run(&bob, "bob", &["chat", "send", "chat/c", "again"]).await;
+    sync(&bob, "bob", &bob_token).await;
+
+    // A fresh device of Ada's: its rooms from the server, with unread counts.
+    let rooms: Value = serde_json::from_str(
+        run(&fresh, "ada", &["rooms", "--server", &url, "--token", &ada_token, "--json"])
+            .await
+            .trim(),
+    )
+    .unwrap();
+    let unread: Vec<(String, u64)> = rooms
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["room"].as_str().unwrap().to_string(), r["unread"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(
+        unread,
+        [("chat/c".to_string(), 2), ("chat/b".to_string(), 1), ("chat/a".to_string(), 0)],
+        "most recently active first: {rooms}"
+    );
+    assert_eq!(rooms[0]["last"]["text"], "again");
+    // One sync brings every room; the server's join messages are there.
+    sync(&fresh, "ada", &ada_token).await;
+    let c: Value = serde_json::from_str(run(&fresh, "ada", &["chat", "list", "chat/c", "--json"]).await.trim()).unwrap();
+    let texts: Vec<&str> = c.as_array().unwrap().iter().map(|m| m["text"].as_str().unwrap()).collect();
+    assert_eq!(texts, ["ada joined", "bob joined", "bob in chat/c", "again"]);
+    assert_eq!(c[0]["kind"], "system");
+    let members: Value = serde_json::from_str(run(&fresh, "ada", &["chat", "members", "chat/c", "--json"]).await.trim()).unwrap();
+    assert_eq!(members.as_array().unwrap().len(), 2);
+
+    // Ada leaves one room: gone from her inbox.
+    run(&fresh, "ada", &["chat", "leave", "chat/b"]).await;
+    sync(&fresh, "ada", &ada_token).await;
+    let listed = run(&phone, "ada", &["rooms", "--server", &url, "--token", &ada_token]).await;
+    assert_eq!(listed.lines().count(), 2, "{listed}");
+    assert!(!listed.contains("chat/b"), "{listed}");
+    server.stop().await;
+}

@@ -622,27 +622,19 @@ impl Drop for ChatRoom {
     }
 }
 
-/// A system message saying that `user` did `event` (`"joined"`, `"left"`), as a server writes
-/// it into the room `room` at wall time `now_ms`: `kind` `system`, `author` the user concerned,
-/// device `server`, `meta` `{event, user}`, stamped after every message the room holds. Returns
-/// its id and the update, which the caller applies to the room and stores.
+/// A system message saying that `user` did `event` (`"joined"`, `"left"`) at `at_ms`, as a
+/// server writes it into a room: `kind` `system`, `author` the user concerned, device
+/// `server`, `meta` `{event, user}`. It is stamped at `at_ms` — the time of the change on the
+/// member's device (the caller bounds it by its own clock) — so that it sorts where the change
+/// happened: before what the member wrote after joining, even when both arrive together from a
+/// device that was offline. Returns its id and the update, which the caller applies to the
+/// room and stores.
 ///
 /// The update is built on a scratch document with a fresh random client id, never the room's:
 /// a new key of the `messages` map references nothing else in the room, and an id used once
 /// can never be re-used for other content after a failed commit or by another instance.
-pub fn system_message(room: &Doc, user: &str, event: &str, now_ms: u64) -> Result<(String, Vec<u8>)> {
-    let messages = room.get_or_insert_map(MESSAGES_ROOT);
-    let latest = {
-        let txn = room.transact();
-        messages
-            .iter(&txn)
-            .filter_map(|(_, value)| message_hlc(&txn, &value))
-            .max()
-    };
+pub fn system_message(user: &str, event: &str, at_ms: u64) -> Result<(String, Vec<u8>)> {
     let chat = ChatRoom::new(crate::doc::new_doc(crate::doc::new_client_id())?);
-    if let Some(latest) = latest {
-        chat.clock.lock().unwrap_or_else(PoisonError::into_inner).observe(latest);
-    }
     let message = NewMessage {
         text: format!("{user} {event}"),
         kind: Kind::System,
@@ -657,7 +649,7 @@ pub fn system_message(room: &Doc, user: &str, event: &str, now_ms: u64) -> Resul
         user: user.to_string(),
         device: "server".to_string(),
     };
-    Ok(chat.write_message(&author, uuid::Uuid::now_v7().to_string(), &message, now_ms))
+    Ok(chat.write_message(&author, uuid::Uuid::now_v7().to_string(), &message, at_ms))
 }
 
 /// The fields of a message its author may change after sending it.

@@ -591,10 +591,10 @@ impl Room {
             .as_ref()
             .map(ChatGuard::take_facts)
             .filter(|facts| !facts.is_empty());
-        let joins: Vec<(String, bool)> = facts
+        let joins: Vec<(String, bool, u64)> = facts
             .iter()
             .flat_map(|facts| &facts.members)
-            .map(|member| (member.user.clone(), member.joined))
+            .map(|member| (member.user.clone(), member.joined, member.at_ms.min(now_ms)))
             .collect();
         let (commit, outcome) = self
             .queue_commit(state, committer, pusher.session, pusher.origin, update, facts)
@@ -602,9 +602,9 @@ impl Room {
         // Joins and leaves are announced by the server: a system message each, written after
         // the change (see `chat::system_message`), broadcast to everyone, the pusher included.
         let mut also = Vec::new();
-        for (user, joined) in joins {
+        for (user, joined, at_ms) in joins {
             let Some(doc) = state.live.as_ref() else { break };
-            let written = system_message(doc, &user, if joined { "joined" } else { "left" }, now_ms);
+            let written = system_message(&user, if joined { "joined" } else { "left" }, at_ms);
             let (_, system) = match written {
                 Ok(written) => written,
                 Err(e) => {
