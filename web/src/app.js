@@ -293,7 +293,10 @@ async function main() {
         items.set(message.id, item)
         visibility.observe(item)
       }
-      const mine = message.author === user
+      // Joins and leaves, written by the server: a line of their own, without actions.
+      const system = message.kind === 'system'
+      const mine = !system && message.author === user
+      item.classList.toggle('system', system)
       item.classList.toggle('mine', mine)
       item.classList.toggle('deleted', message.deleted)
       const author = /** @type {HTMLElement} */ (item.querySelector('.author'))

@@ -25,6 +25,7 @@ export const MESSAGES_ROOT = 'messages'
 export const RECEIPTS_ROOT = 'receipts'
 export const DELIVERED_ROOT = 'delivered'
 export const REACTIONS_ROOT = 'reactions'
+export const MEMBERS_ROOT = 'members'
 /** The kinds a client may send (`system` messages are written by the server). */
 export const KINDS = ['text', 'image', 'video', 'file']
 
@@ -211,6 +212,8 @@ export class ChatRoom {
     this.deliveredMap = doc.getMap(DELIVERED_ROOT)
     /** @type {Y.Map<any>} */
     this.reactionsMap = doc.getMap(REACTIONS_ROOT)
+    /** @type {Y.Map<any>} */
+    this.membersMap = doc.getMap(MEMBERS_ROOT)
     this.clock = new HlcClock()
     for (const fields of this.messagesMap.values()) this.#observeStamp(fields)
     /** @param {Y.YMapEvent<Y.Map<any>>} event */
@@ -457,8 +460,57 @@ export class ChatRoom {
    */
   unreadCount(user = this.user) {
     const read = this.receipt(user)?.sort
-    return this.messages().filter((m) => !m.deleted && m.author !== user && (read === undefined || m.sort > read))
+    return this.messages()
+      .filter((m) => !m.deleted && m.kind !== 'system' && m.author !== user && (read === undefined || m.sort > read))
       .length
+  }
+
+  /**
+   * Joins the room: this user's entry in `members` becomes `joined` (the server then writes a
+   * system message). Works offline like every write.
+   * @returns {boolean} whether anything changed (false: a member already)
+   */
+  join() {
+    return this.#membership(true)
+  }
+
+  /**
+   * Leaves the room.
+   * @returns {boolean} whether anything changed (false: not a member)
+   */
+  leave() {
+    return this.#membership(false)
+  }
+
+  /** @param {boolean} joined */
+  #membership(joined) {
+    if (this.isMember(this.user) === joined) return false
+    this.membersMap.set(this.user, { state: joined ? 'joined' : 'left', at: this.now() })
+    return true
+  }
+
+  /**
+   * Whether `user` has joined (and not left).
+   * @param {string} user
+   */
+  isMember(user) {
+    return this.members().some((m) => m.user === user && m.joined)
+  }
+
+  /**
+   * Everyone who joined, with their state and when, in user order.
+   * @returns {{ user: string, joined: boolean, at: number }[]}
+   */
+  members() {
+    /** @type {{ user: string, joined: boolean, at: number }[]} */
+    const out = []
+    for (const [user, value] of this.membersMap.entries()) {
+      if (!isPlainObject(value)) continue
+      const v = /** @type {Record<string, unknown>} */ (value)
+      if ((v.state !== 'joined' && v.state !== 'left') || typeof v.at !== 'number') continue
+      out.push({ user, joined: v.state === 'joined', at: v.at })
+    }
+    return out.sort((a, b) => (a.user < b.user ? -1 : a.user > b.user ? 1 : 0))
   }
 
   /**
@@ -480,7 +532,7 @@ export class ChatRoom {
    */
   onChange(listener) {
     const handler = () => listener()
-    const flat = [this.receiptsMap, this.deliveredMap, this.reactionsMap]
+    const flat = [this.receiptsMap, this.deliveredMap, this.reactionsMap, this.membersMap]
     this.messagesMap.observeDeep(handler)
     for (const map of flat) map.observe(handler)
     return () => {

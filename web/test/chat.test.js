@@ -210,3 +210,36 @@ test('delivery receipts: per device, forward only; delivered to readers too', ()
   assert.deepEqual(ada.deliveredTo(ada.message(m1)), ['bob', 'carol'])
   assert.equal(b.getMap('delivered').get('bob/phone').message, m2)
 })
+
+test('membership: each user joins and leaves for themselves; system messages never count as unread', () => {
+  const [a, b] = pair()
+  let t = 1_000
+  const ada = new ChatRoom(a, { user: 'ada', device: 'd', now: () => t })
+  const bob = new ChatRoom(b, { user: 'bob', device: 'd', now: () => t })
+  assert.ok(ada.join())
+  assert.equal(ada.join(), false, 'a member already')
+  t = 2_000
+  assert.ok(bob.join())
+  assert.deepEqual(bob.members(), [
+    { user: 'ada', joined: true, at: 1_000 },
+    { user: 'bob', joined: true, at: 2_000 },
+  ])
+  assert.deepEqual(a.getMap('members').get('bob'), { state: 'joined', at: 2_000 })
+  // A system message, as the server writes it: not unread for anyone.
+  const id = uuidv7(t)
+  a.transact(() => {
+    const fields = new Y.Map()
+    a.getMap('messages').set(id, fields)
+    const hlc = { wall: t, counter: 0 }
+    for (const [k, v] of Object.entries({
+      id, author: 'bob', device: 'server', client: 7, text: 'bob joined', created: t,
+      hlc: hlcKey(hlc), sort: sortKey(hlc, 7, id), kind: 'system',
+    })) fields.set(k, v)
+  })
+  assert.equal(ada.unreadCount(), 0)
+  assert.equal(bob.messages()[0].kind, 'system')
+  t = 3_000
+  assert.ok(ada.leave())
+  assert.equal(bob.isMember('ada'), false)
+  assert.equal(ada.leave(), false)
+})
