@@ -5,6 +5,7 @@
 pub mod b4;
 pub mod clients;
 pub mod cross;
+pub mod inbox;
 pub mod load;
 pub mod procfs;
 pub mod relay;

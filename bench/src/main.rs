@@ -31,6 +31,17 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// The inbox of a user with many rooms (a server in this process, on a fresh SQLite
+    /// store): a fresh device's first inbox and a returning device's after some rooms changed,
+    /// bytes and time; one JSON line per room count.
+    Inbox {
+        /// Room counts, one run each.
+        #[arg(long, value_delimiter = ',', default_value = "1000,10000")]
+        rooms: Vec<usize>,
+        /// Rooms that change before the returning device asks.
+        #[arg(long, default_value_t = 10)]
+        changed: usize,
+    },
     /// One writer, N readers in one room: latency from send to the last reader, server CPU.
     Fanout {
         #[command(flatten)]
@@ -287,6 +298,12 @@ fn main() {
 
 async fn run(command: Command) -> anyhow::Result<()> {
     match command {
+        Command::Inbox { rooms, changed } => {
+            for n in rooms {
+                let line = driftsync_bench::inbox::run(n, changed).await?;
+                println!("{line}");
+            }
+        }
         Command::Fanout {
             target,
             readers,
