@@ -149,6 +149,70 @@ async fn a_paused_member_gets_one_webhook_for_a_burst_and_nobody_else_any() {
     server.stop().await;
 }
 
+/// What an app does: its session's `pause()` (going to the background) makes the member
+/// offline, so the next message brings a webhook; the push wakes the app, `resume()` brings
+/// everything in one round trip, and while it is connected nothing more is sent.
+#[tokio::test]
+async fn a_paused_session_is_notified_and_a_resumed_one_is_not() {
+    use driftsync_client::{Client, ConnectionState, Options, Session};
+    let receiver = WebhookReceiver::start().await;
+    let (_dir, store) = driftsync_tests::sqlite_store().await;
+    let server = TestServer::start(store, config(push_config(&receiver))).await;
+    let mut alice = ChatMember::new("alice", 51);
+    let mut carol = ChatMember::new("carol", 53);
+    let mut alice_conn = alice.connect(&server.url()).await;
+    alice.join(&server.url()).await;
+    carol.join(&server.url()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let session = Session::start(
+        Client::open(dir.path().join("carol.db"), "carol").await.unwrap(),
+        Options::new(server.url())
+            .token(carol.token())
+            .documents([driftsync_tests::webhook::chat_room().as_str()]),
+    );
+    async fn synced(session: &Session) {
+        let wait = session.wait_for(|s| s == ConnectionState::Synced);
+        tokio::time::timeout(WITHIN, wait).await.expect("synced in time");
+    }
+    synced(&session).await;
+    alice.send(&mut alice_conn, "while carol is here").await;
+    assert_quiet(&receiver, 0).await;
+
+    session.pause().await.unwrap();
+    await_metric(&server, "driftsync_connections", 1.0).await;
+    let id = alice.send(&mut alice_conn, "carol, are you there?").await;
+    let received = receiver.wait_for(1, WITHIN).await;
+    let hook = single(&received);
+    assert!(hook.verified);
+    assert_eq!(
+        (hook.json["user"].as_str(), hook.json["unread"].as_u64()),
+        (Some("carol"), Some(1))
+    );
+    assert_eq!(hook.json["latest"]["id"], id.as_str());
+
+    // The push wakes the app.
+    session.resume().await.unwrap();
+    synced(&session).await;
+    let texts: Vec<String> = session
+        .client()
+        .await
+        .chat_messages("chat/push-room")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(message, _)| message.text)
+        .collect();
+    // After the server's "… joined" system messages.
+    assert!(
+        texts.ends_with(&["while carol is here".to_string(), "carol, are you there?".to_string()]),
+        "{texts:?}"
+    );
+    alice.send(&mut alice_conn, "welcome back").await;
+    assert_quiet(&receiver, 1).await;
+    session.shutdown().await.unwrap();
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn failures_are_retried_under_one_id_with_growing_delays() {
     let receiver = WebhookReceiver::start().await;
