@@ -153,7 +153,7 @@ async fn attempt<S: Store>(
         let settled = settle(config, &due, &answer, now_ms());
         match (&settled.0, &answer) {
             (PushOutcome::Delivered, Answer::Status(status, _)) => {
-                tracing::info!(id, room = %due.room, user = %due.user, unread = due.unread, status, "push notification delivered");
+                tracing::debug!(id, room = %due.room, user = %due.user, unread = due.unread, status, "push notification delivered");
             }
             (PushOutcome::Retry { at_ms, .. }, answer) => {
                 tracing::warn!(id, room = %due.room, user = %due.user, attempt = due.attempts, ?answer, retry_in_ms = at_ms.saturating_sub(now_ms()), "push notification failed; will retry");
