@@ -324,6 +324,25 @@ async fn the_text_is_sent_only_when_asked() {
     server.stop().await;
 }
 
+/// An `https://` webhook: the same request over TLS (here with a private CA in
+/// `PushConfig::tls`; `serve` trusts Mozilla's roots).
+#[tokio::test]
+async fn an_https_webhook_is_delivered_over_tls() {
+    let (receiver, tls) = WebhookReceiver::start_tls().await;
+    assert!(receiver.url().starts_with("https://"));
+    let (_dir, store) = driftsync_tests::sqlite_store().await;
+    let mut push = push_config(&receiver);
+    push.tls = Some(tls);
+    let server = TestServer::start(store, config(push)).await;
+    let (mut alice, mut alice_conn, _carol) = alice_and_paused_carol(&server).await;
+    alice.send(&mut alice_conn, "over TLS").await;
+    let received = receiver.wait_for(1, WITHIN).await;
+    let hook = single(&received);
+    assert!(hook.verified);
+    assert_eq!(hook.json["user"], "carol");
+    server.stop().await;
+}
+
 /// Two instances on one PostgreSQL: a member connected to the other instance gets nothing, an
 /// offline one gets exactly one webhook (one instance claims it).
 #[tokio::test]

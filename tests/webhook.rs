@@ -1,5 +1,5 @@
-//! An in-process webhook receiver for the push notification tests: plain HTTP/1.1 on
-//! 127.0.0.1 and a free port, checking every request's Standard Webhooks signature, and
+//! An in-process webhook receiver for the push notification tests: HTTP/1.1 (or HTTPS with a
+//! fresh self-signed certificate) on 127.0.0.1 and a free port, checking every request's Standard Webhooks signature, and
 //! answering each as planned — a status (with `Retry-After`), or never (a hang). Unplanned
 //! requests get 200.
 
@@ -82,6 +82,8 @@ pub struct WebhookReceiver {
     pub addr: SocketAddr,
     state: Arc<Mutex<State>>,
     task: tokio::task::JoinHandle<()>,
+    /// `http` or `https`.
+    scheme: &'static str,
 }
 
 impl Drop for WebhookReceiver {
@@ -129,12 +131,65 @@ impl WebhookReceiver {
                 });
             }
         });
-        WebhookReceiver { addr, state, task }
+        WebhookReceiver {
+            addr,
+            state,
+            task,
+            scheme: "http",
+        }
+    }
+
+    /// Starts a receiver speaking HTTPS on 127.0.0.1, port 0, with a fresh self-signed
+    /// certificate for 127.0.0.1; returns it with a client configuration that trusts it.
+    pub async fn start_tls() -> (WebhookReceiver, Arc<rustls::ClientConfig>) {
+        let made = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).expect("certificate");
+        let cert = made.cert.der().clone();
+        let key = rustls::pki_types::PrivateKeyDer::try_from(made.signing_key.serialize_der()).expect("key");
+        #[allow(deprecated)]
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let server = rustls::ServerConfig::builder_with_provider(Arc::clone(&provider))
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_no_client_auth()
+            .with_single_cert(vec![cert.clone()], key)
+            .expect("server config");
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(cert).expect("root");
+        let client = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let state = Arc::new(Mutex::new(State::default()));
+        let shared = Arc::clone(&state);
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let (state, acceptor) = (Arc::clone(&shared), acceptor.clone());
+                tokio::spawn(async move {
+                    if let Ok(stream) = acceptor.accept(stream).await {
+                        let _ = serve(stream, state).await;
+                    }
+                });
+            }
+        });
+        let receiver = WebhookReceiver {
+            addr,
+            state,
+            task,
+            scheme: "https",
+        };
+        (receiver, Arc::new(client))
     }
 
     /// The webhook URL.
     pub fn url(&self) -> String {
-        format!("http://{}/hooks/driftsync?token=t0ps3cret", self.addr)
+        format!("{}://{}/hooks/driftsync?token=t0ps3cret", self.scheme, self.addr)
     }
 
     /// Plans the answers to the next requests, in order.
@@ -160,7 +215,10 @@ impl WebhookReceiver {
     }
 }
 
-async fn serve(mut stream: tokio::net::TcpStream, state: Arc<Mutex<State>>) -> std::io::Result<()> {
+async fn serve<S>(mut stream: S, state: Arc<Mutex<State>>) -> std::io::Result<()>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
     let head_end = loop {
