@@ -2,6 +2,7 @@
 //! protocol client over a real WebSocket.
 
 pub mod hpclient;
+pub mod webhook;
 pub mod yclient;
 
 use std::future::Future;

@@ -37,7 +37,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the sync server.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Mint an access token (HS256, signed with the server's secret) and print it.
     Token(TokenArgs),
     /// Work on a local client store: chat, text and sync.
@@ -244,6 +244,53 @@ struct ServeArgs {
     /// The private key (PEM: PKCS#8, PKCS#1 or SEC1) of --tls-cert.
     #[arg(long, env = "DRIFTSYNC_TLS_KEY", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
+    /// Push notifications: POST a signed webhook (Standard Webhooks) here when members who are
+    /// offline have new chat messages (http:// or https://); needs --push-webhook-secret.
+    #[arg(
+        long,
+        env = "DRIFTSYNC_PUSH_WEBHOOK_URL",
+        hide_env_values = true,
+        requires = "push_webhook_secret"
+    )]
+    push_webhook_url: Option<String>,
+    /// The webhook signing secret, whsec_<base64> (at least 16 bytes); several, separated by
+    /// spaces, while rotating (each signs every webhook).
+    #[arg(
+        long,
+        env = "DRIFTSYNC_PUSH_WEBHOOK_SECRET",
+        hide_env_values = true,
+        requires = "push_webhook_url"
+    )]
+    push_webhook_secret: Option<String>,
+    /// How long a member's notification waits after the message (one who comes back meanwhile
+    /// gets none): a number with ms, s or m [default: 3s].
+    #[arg(long, env = "DRIFTSYNC_PUSH_GRACE", value_parser = parse_short_duration)]
+    push_grace: Option<Duration>,
+    /// Put the latest message's text in the webhook (otherwise only its id and sender).
+    #[arg(long, env = "DRIFTSYNC_PUSH_INCLUDE_TEXT")]
+    push_include_text: bool,
+    /// How long one webhook attempt may take [default: 10s].
+    #[arg(long, env = "DRIFTSYNC_PUSH_TIMEOUT", value_parser = parse_short_duration)]
+    push_timeout: Option<Duration>,
+    /// The first retry's delay bound, doubled per attempt up to an hour [default: 1s].
+    #[arg(long, env = "DRIFTSYNC_PUSH_BACKOFF", value_parser = parse_short_duration, hide = true)]
+    push_backoff: Option<Duration>,
+}
+
+/// A duration with ms, s or m, e.g. `500ms`, `3s`.
+fn parse_short_duration(text: &str) -> Result<Duration, String> {
+    let bad = || format!("invalid duration {text:?}: use a number with ms, s or m, e.g. 500ms, 3s");
+    let (number, unit_ms) = if let Some(number) = text.strip_suffix("ms") {
+        (number, 1)
+    } else if let Some(number) = text.strip_suffix('s') {
+        (number, 1000)
+    } else if let Some(number) = text.strip_suffix('m') {
+        (number, 60_000)
+    } else {
+        return Err(bad());
+    };
+    let number: u64 = number.parse().map_err(|_| bad())?;
+    number.checked_mul(unit_ms).map(Duration::from_millis).ok_or_else(bad)
 }
 
 #[derive(clap::Args)]
@@ -287,7 +334,7 @@ fn main() {
     };
     let result = runtime.block_on(async {
         match cli.command {
-            Command::Serve(args) => serve(args).await,
+            Command::Serve(args) => serve(*args).await,
             Command::Token(args) => token(args),
             Command::Client(args) => client(args).await,
             Command::Chat(args) => chat::run(args, shutdown_signal()).await,
@@ -485,6 +532,32 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         }
         _ => None,
     };
+    // Push notifications, checked before anything listens.
+    let push = match (&args.push_webhook_url, &args.push_webhook_secret) {
+        (Some(url), Some(secret)) => {
+            let secret = driftsync_server::push::PushSecret::parse(secret)
+                .map_err(|e| anyhow::anyhow!("invalid --push-webhook-secret: {e}"))?;
+            let mut push = driftsync_server::push::PushConfig::new(url, secret)
+                .map_err(|e| anyhow::anyhow!("invalid --push-webhook-url: {e}"))?;
+            push.grace = args.push_grace.unwrap_or(push.grace);
+            push.include_text = args.push_include_text;
+            push.timeout = args.push_timeout.unwrap_or(push.timeout);
+            if push.timeout.is_zero() {
+                anyhow::bail!("--push-timeout must be longer than zero");
+            }
+            push.backoff_base = args.push_backoff.unwrap_or(push.backoff_base);
+            if push.grace < 2 * push.poll {
+                tracing::warn!(
+                    grace = ?push.grace,
+                    "--push-grace is shorter than twice the outbox poll ({:?}): with several instances a member \
+                     connected to another one may still be notified",
+                    push.poll
+                );
+            }
+            Some(push)
+        }
+        _ => None,
+    };
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
@@ -520,6 +593,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .head_check_interval
         .or_else(|| (shared_store || args.redis_url.is_some()).then_some(driftsync_server::DEFAULT_HEAD_CHECK));
     let config = driftsync_server::Config {
+        push,
         fanout,
         head_check,
         auth: driftsync_server::Auth::new(args.secret.as_deref()),
@@ -866,6 +940,17 @@ mod tests {
         assert_eq!(parse_ttl("7d"), Ok(Duration::from_secs(604_800)));
         for bad in ["", "h", "24", "24x", "-1h", "0h", "1.5h", "99999999999999999999d", "é"] {
             assert!(parse_ttl(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn short_durations() {
+        assert_eq!(parse_short_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_short_duration("3s"), Ok(Duration::from_secs(3)));
+        assert_eq!(parse_short_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_short_duration("0s"), Ok(Duration::ZERO));
+        for bad in ["", "s", "3", "3h", "-1s", "1.5s", "99999999999999999999m", "é"] {
+            assert!(parse_short_duration(bad).is_err(), "{bad:?}");
         }
     }
 

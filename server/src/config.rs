@@ -148,6 +148,9 @@ pub struct Config {
     /// ([`tls_server_config`](crate::tls_server_config) makes one from PEM). `None`: plain
     /// TCP, for loopback or behind a proxy that terminates TLS.
     pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// Push notifications for members who are offline: a signed webhook per user and room
+    /// (`serve --push-webhook-url`; see `push.rs`). `None`: off, and the store keeps no outbox.
+    pub push: Option<crate::webhook::PushConfig>,
 }
 
 impl Default for Config {
@@ -175,6 +178,7 @@ impl Default for Config {
             allowed_origins: None,
             max_hello_frame: DEFAULT_MAX_HELLO_FRAME,
             tls: None,
+            push: None,
         }
     }
 }

@@ -280,6 +280,13 @@ impl<'a, S: Store> Conn<'a, S> {
         true
     }
 
+    /// Records the connection's user (the token's subject) before it subscribes to a room.
+    fn identify(&self, user: Option<&str>) {
+        if let Some(user) = user {
+            self.out.ctl.user.get_or_init(|| user.into());
+        }
+    }
+
     /// Carries out one request (not a push) for the connection.
     async fn execute<H: Handler>(&mut self, handler: &H, request: Request) -> Reply {
         let shared = self.shared;
@@ -302,6 +309,7 @@ impl<'a, S: Store> Conn<'a, S> {
                         result: Err(driftsync_protocol::ErrorCode::RateLimited),
                     };
                 }
+                self.identify(handler.identity());
                 let room = shared.rooms.get(&doc);
                 let result = room
                     .resume(self.store, self.session, &self.out, cursor, &state_vector)
@@ -313,6 +321,7 @@ impl<'a, S: Store> Conn<'a, S> {
                     tracing::info!(session = self.session, doc = %doc, "connection refused: opening rooms too fast");
                     return Reply::Joined(Err(driftsync_protocol::ErrorCode::RateLimited));
                 }
+                self.identify(handler.identity());
                 let room = shared.rooms.get(&doc);
                 Reply::Joined(room.join(self.store, self.session, &self.out).await)
             }

@@ -152,6 +152,9 @@ pub(crate) struct ConnCtl {
     /// document's name (`sessionAwareness` providers): its writer sends each event of such a
     /// document once per address. Empty for every other connection.
     pub(crate) addresses: std::sync::Mutex<std::collections::BTreeMap<DocId, Vec<String>>>,
+    /// The authenticated user of the connection, once known (set when it subscribes to a
+    /// room): push notifications skip members connected to the room.
+    pub(crate) user: std::sync::OnceLock<Box<str>>,
 }
 
 impl ConnCtl {
@@ -162,6 +165,7 @@ impl ConnCtl {
             code: AtomicU16::new(driftsync_protocol::CLOSE_GOING_AWAY),
             metrics,
             addresses: std::sync::Mutex::default(),
+            user: std::sync::OnceLock::new(),
         }
     }
 

@@ -42,6 +42,7 @@ mod metrics;
 mod native;
 mod owners;
 mod presence;
+pub mod push;
 mod queue;
 pub mod redis_fanout;
 mod room;
@@ -52,6 +53,7 @@ mod socket;
 mod tasks;
 mod tls;
 mod web;
+mod webhook;
 mod yjs;
 
 use std::future::Future;
@@ -101,6 +103,8 @@ pub async fn serve<S: Store>(
         token.clone(),
         tasks::Tasks::default(),
     );
+    // Push notifications: the store's outbox turned on, and this instance's delivery task.
+    push::start(&shared);
     let at_shutdown = Arc::clone(&shared);
     let info = info_body(open);
     let mut app = Router::new()

@@ -4,7 +4,10 @@
 //! connection and room.
 
 use prometheus_client::encoding::text::encode;
+use std::sync::atomic::AtomicU64;
+
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
@@ -40,6 +43,15 @@ pub(crate) struct Metrics {
     pub(crate) head_check_repairs: Counter,
     /// Other instances heard from within the instance timeout.
     pub(crate) peer_instances: Gauge,
+    /// Push webhook attempts by result (`delivered`, `retry`, `throttled`, `timeout`, `error`,
+    /// `gone`, `dead`, `expired`, `online`).
+    pub(crate) push_attempts: Family<Vec<(String, String)>, Counter>,
+    /// Push notifications waiting for delivery (first attempt or retry), store-wide.
+    pub(crate) push_queue: Gauge,
+    /// Push notifications in the dead-letter state, store-wide.
+    pub(crate) push_dead_letters: Gauge,
+    /// Age of the oldest pending push notification (since its first message), in seconds.
+    pub(crate) push_oldest_age: Gauge<f64, AtomicU64>,
 }
 
 impl Metrics {
@@ -104,7 +116,35 @@ impl Metrics {
             "Other instances heard from recently",
             peer_instances.clone(),
         );
+        let push_attempts = Family::<Vec<(String, String)>, Counter>::default();
+        let push_queue = Gauge::default();
+        let push_dead_letters = Gauge::default();
+        let push_oldest_age = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "push_attempts",
+            "Push webhook attempts by result",
+            push_attempts.clone(),
+        );
+        registry.register(
+            "push_queue_depth",
+            "Push notifications waiting for delivery",
+            push_queue.clone(),
+        );
+        registry.register(
+            "push_dead_letters",
+            "Push notifications in the dead-letter state",
+            push_dead_letters.clone(),
+        );
+        registry.register(
+            "push_oldest_age_seconds",
+            "Age of the oldest pending push notification",
+            push_oldest_age.clone(),
+        );
         Metrics {
+            push_attempts,
+            push_queue,
+            push_dead_letters,
+            push_oldest_age,
             registry,
             connections,
             rooms,

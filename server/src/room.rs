@@ -970,6 +970,31 @@ impl Room {
         Ok(missing_for(live, sv))
     }
 
+    /// Whether a live connection of `user` is subscribed to the room.
+    pub(crate) async fn has_subscriber(&self, user: &str) -> bool {
+        let guard = self.state.lock().await;
+        guard.as_ref().is_some_and(|state| {
+            state
+                .subscribers
+                .values()
+                .any(|out| !out.ctl.token.is_cancelled() && out.ctl.user.get().is_some_and(|u| &**u == user))
+        })
+    }
+
+    /// The users of the live connections subscribed to the room.
+    pub(crate) async fn subscribed_users(&self, into: &mut std::collections::BTreeSet<String>) {
+        let guard = self.state.lock().await;
+        if let Some(state) = guard.as_ref() {
+            for out in state.subscribers.values() {
+                if let Some(user) = out.ctl.user.get() {
+                    if !out.ctl.token.is_cancelled() && !into.contains(&**user) {
+                        into.insert(user.to_string());
+                    }
+                }
+            }
+        }
+    }
+
     /// Removes a subscriber, and removes and announces every presence state it set, so no ghost
     /// remains for either protocol.
     pub(crate) async fn leave(&self, session: u64) {

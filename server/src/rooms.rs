@@ -58,6 +58,29 @@ impl Rooms {
             .cloned()
     }
 
+    /// Whether a live connection of `user` here is subscribed to `room` (push notifications).
+    pub(crate) async fn user_in_room(&self, room: &str, user: &str) -> bool {
+        let room = self
+            .map
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(room)
+            .cloned();
+        match room {
+            Some(room) => room.has_subscriber(user).await,
+            None => false,
+        }
+    }
+
+    /// The users with a live connection here subscribed to any room.
+    pub(crate) async fn users_subscribed(&self) -> std::collections::BTreeSet<String> {
+        let mut users = std::collections::BTreeSet::new();
+        for room in self.all() {
+            room.subscribed_users(&mut users).await;
+        }
+        users
+    }
+
     /// Every room, in id order.
     fn all(&self) -> Vec<Arc<Room>> {
         self.map

@@ -2,8 +2,8 @@
 //! database URL.
 
 use super::{
-    Append, Appended, Compacted, CompactionPolicy, DeviceIdentity, DocMeta, LogTail, OutboxEntry, PgStore, SqliteStore,
-    Store, StoredDoc,
+    Append, Appended, Compacted, CompactionPolicy, DeviceIdentity, DocMeta, DueNotification, LogTail, OutboxEntry,
+    PendingPush, PgStore, PushOutcome, PushSettings, PushStats, SqliteStore, Store, StoredDoc,
 };
 use crate::{Error, Result};
 use driftsync_protocol::Cursor;
@@ -51,6 +51,34 @@ macro_rules! dispatch {
 }
 
 impl Store for AnyStore {
+    fn set_push(&self, settings: Option<PushSettings>) {
+        dispatch!(self, s => s.set_push(settings))
+    }
+
+    async fn push_pending(&self, limit: usize) -> Result<Vec<PendingPush>> {
+        dispatch!(self, s => s.push_pending(limit).await)
+    }
+
+    async fn push_claim(&self, now_ms: u64, lease_until_ms: u64, limit: usize) -> Result<Vec<DueNotification>> {
+        dispatch!(self, s => s.push_claim(now_ms, lease_until_ms, limit).await)
+    }
+
+    async fn push_finish(&self, due: &DueNotification, outcome: &PushOutcome, now_ms: u64) -> Result<()> {
+        dispatch!(self, s => s.push_finish(due, outcome, now_ms).await)
+    }
+
+    async fn push_seen(&self, seen: &[(String, String)], users: &[String]) -> Result<()> {
+        dispatch!(self, s => s.push_seen(seen, users).await)
+    }
+
+    async fn push_stopped(&self, limit: usize) -> Result<Vec<String>> {
+        dispatch!(self, s => s.push_stopped(limit).await)
+    }
+
+    async fn push_stats(&self) -> Result<PushStats> {
+        dispatch!(self, s => s.push_stats().await)
+    }
+
     async fn append(&self, batch: &[Append]) -> Result<Vec<Appended>> {
         dispatch!(self, s => s.append(batch).await)
     }

@@ -17,6 +17,7 @@
 
 mod any;
 mod postgres;
+mod push;
 mod sql;
 mod sqlite;
 mod write_thread;
@@ -25,6 +26,7 @@ use std::future::Future;
 
 pub use any::AnyStore;
 pub use postgres::PgStore;
+pub use push::{DueNotification, PendingPush, PushOutcome, PushSettings, PushStats};
 pub use sqlite::SqliteStore;
 
 #[allow(unused_imports)] // `Error` is named in the docs.
@@ -301,6 +303,65 @@ pub trait Store: Send + Sync + 'static {
     fn set_seen(&self, seen: &[(String, u64)]) -> impl Future<Output = Result<()>> + Send {
         let _ = seen;
         async { Ok(()) }
+    }
+
+    // ----- server side: the push outbox (ARCHITECTURE.md, "Push notifications") -----
+
+    /// Turns the push outbox on (`Some`) or off: while on, every append that stores chat
+    /// messages writes, in its own transaction, a due notification for each joined member of
+    /// the room other than the author (coalesced per room and member). Off by default; a
+    /// store without an outbox ignores it.
+    fn set_push(&self, settings: Option<PushSettings>) {
+        let _ = settings;
+    }
+
+    /// Up to `limit` pending notifications, next due first (what a server instance checks
+    /// against the members connected to it, and how long it may sleep).
+    fn push_pending(&self, limit: usize) -> impl Future<Output = Result<Vec<PendingPush>>> + Send {
+        let _ = limit;
+        async { Ok(Vec::new()) }
+    }
+
+    /// Claims up to `limit` notifications due at `now_ms` (ms since the Unix epoch) for one
+    /// attempt each, leased until `lease_until_ms`: no other claim gets them meanwhile (several
+    /// instances on one PostgreSQL share the work, each notification going to one).
+    fn push_claim(
+        &self,
+        now_ms: u64,
+        lease_until_ms: u64,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<DueNotification>>> + Send {
+        let _ = (now_ms, lease_until_ms, limit);
+        async { Ok(Vec::new()) }
+    }
+
+    /// Records what became of an attempt at a claimed notification.
+    fn push_finish(
+        &self,
+        due: &DueNotification,
+        outcome: &PushOutcome,
+        now_ms: u64,
+    ) -> impl Future<Output = Result<()>> + Send {
+        let _ = (due, outcome, now_ms);
+        async { Ok(()) }
+    }
+
+    /// Members connected to rooms (`(room, user)`): nothing is owed to them there. `users`:
+    /// users connected again, whose 410 stop ends.
+    fn push_seen(&self, seen: &[(String, String)], users: &[String]) -> impl Future<Output = Result<()>> + Send {
+        let _ = (seen, users);
+        async { Ok(()) }
+    }
+
+    /// Users stopped by a 410 (at most `limit`).
+    fn push_stopped(&self, limit: usize) -> impl Future<Output = Result<Vec<String>>> + Send {
+        let _ = limit;
+        async { Ok(Vec::new()) }
+    }
+
+    /// Counts of the outbox, for metrics.
+    fn push_stats(&self) -> impl Future<Output = Result<PushStats>> + Send {
+        async { Ok(PushStats::default()) }
     }
 
     // ----- client side -----

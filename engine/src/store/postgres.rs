@@ -17,6 +17,8 @@ use crate::{Error, Result};
 #[derive(Debug, Clone)]
 pub struct PgStore {
     pool: PgPool,
+    /// The push outbox's switch (see `store::push`).
+    push: std::sync::Arc<super::push::PushSwitch>,
 }
 
 impl PgStore {
@@ -65,7 +67,10 @@ impl PgStore {
     /// Runs the migrations (creating `_sqlx_migrations` in the first schema of the search path).
     async fn migrate(pool: PgPool) -> Result<Self> {
         sqlx::migrate!("./migrations/postgres").run(&pool).await?;
-        Ok(PgStore { pool })
+        Ok(PgStore {
+            pool,
+            push: std::sync::Arc::default(),
+        })
     }
 }
 
@@ -76,4 +81,5 @@ sql_store! {
     begin_read: "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY",
     numbered_placeholders: true,
     joined_statements: false,
+    claim_lock: " FOR UPDATE SKIP LOCKED",
 }

@@ -383,7 +383,12 @@ impl<'a> AppendPlan<'a> {
 
     /// Assigns cursors from what step 1 read and returns what became of each row, in order,
     /// with the statements of step 2 (none when every row was a re-sent batch).
-    pub(super) fn writes(&self, read: Vec<ReadRow>, numbered: bool) -> Result<(Vec<Appended>, Vec<Statement<'a>>)> {
+    pub(super) fn writes(
+        &self,
+        read: Vec<ReadRow>,
+        numbered: bool,
+        push: Option<super::push::PushPlan>,
+    ) -> Result<(Vec<Appended>, Vec<Statement<'a>>)> {
         // Per document: the head read, the head after this append, the bytes appended.
         let mut heads: HashMap<String, (i64, i64, i64)> = HashMap::with_capacity(self.docs.len());
         // The latest stored batch of each pushing client, per document.
@@ -518,6 +523,11 @@ impl<'a> AppendPlan<'a> {
             ));
         }
         writes.extend(chat_index_writes(&indexed, numbered)?);
+        // The push outbox (`serve --push-webhook-url`): due notifications for the members of
+        // the rooms that got messages, in this same transaction.
+        if let Some(push) = push {
+            writes.extend(super::push::due_statements(&indexed, &push, numbered)?);
+        }
         Ok((appended, writes))
     }
 }
@@ -789,7 +799,8 @@ macro_rules! sql_store {
         begin_write: $begin_write:literal,
         begin_read: $begin_read:literal,
         numbered_placeholders: $numbered:literal,
-        joined_statements: $joined:literal
+        joined_statements: $joined:literal,
+        claim_lock: $lock:literal
         $(, write_thread: $thread:ident)? $(,)?
     ) => {
         /// The implementation of [`Store`](crate::store::Store) that both backends share (see the docs
@@ -810,6 +821,7 @@ macro_rules! sql_store {
                 StoredDoc,
             };
             use $crate::Result;
+            use $crate::store::push;
 
             /// Whether multi-row statements use `$n` placeholders (see `values`).
             const NUMBERED: bool = $numbered;
@@ -854,7 +866,11 @@ macro_rules! sql_store {
 
             /// Appends `rows` inside a write transaction (see [`AppendPlan`]), one query per step
             /// where the backend joins statements.
-            async fn append_rows(conn: &mut Connection, rows: &[Row<'_>]) -> Result<Vec<Appended>> {
+            async fn append_rows(
+                conn: &mut Connection,
+                rows: &[Row<'_>],
+                push: Option<$crate::store::push::PushPlan>,
+            ) -> Result<Vec<Appended>> {
                 use ::sqlx::Row as _;
 
                 let plan = AppendPlan::new(rows)?;
@@ -876,11 +892,26 @@ macro_rules! sql_store {
                         }
                     });
                 }
-                let (appended, writes) = plan.writes(read, NUMBERED)?;
+                let (appended, writes) = plan.writes(read, NUMBERED, push)?;
                 if !writes.is_empty() {
                     run(conn, writes).await?;
                 }
                 Ok(appended)
+            }
+
+            /// Binds `values` to `query` by number.
+            fn bind_values<'q>(
+                mut query: ::sqlx::query::Query<'q, $db, <$db as ::sqlx::Database>::Arguments<'q>>,
+                values: &[Value<'q>],
+            ) -> ::sqlx::query::Query<'q, $db, <$db as ::sqlx::Database>::Arguments<'q>> {
+                for value in values {
+                    query = match *value {
+                        Value::Text(text) => query.bind(text),
+                        Value::Int(int) => query.bind(int),
+                        Value::Blob(blob) => query.bind(blob),
+                    };
+                }
+                query
             }
 
             /// Reads a document's snapshot and log tail (inside a read transaction).
@@ -1047,18 +1078,149 @@ macro_rules! sql_store {
             }
 
             impl Store for $store {
+                fn set_push(&self, settings: Option<$crate::store::PushSettings>) {
+                    self.push.set(settings);
+                }
+
+                async fn push_pending(&self, limit: usize) -> Result<Vec<$crate::store::PendingPush>> {
+                    let rows: Vec<(String, String, i64)> = ::sqlx::query_as(push::PENDING)
+                        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+                        .fetch_all(&self.pool)
+                        .await
+                        .map_err(read_error("(push outbox)"))?;
+                    Ok(rows
+                        .into_iter()
+                        .map(|(room, user, due_at)| $crate::store::PendingPush {
+                            room,
+                            user,
+                            due_at: u64::try_from(due_at).unwrap_or(0),
+                        })
+                        .collect())
+                }
+
+                async fn push_claim(
+                    &self,
+                    now_ms: u64,
+                    lease_until_ms: u64,
+                    limit: usize,
+                ) -> Result<Vec<$crate::store::DueNotification>> {
+                    let (now, lease, limit) = (push::ms(now_ms), push::ms(lease_until_ms), i64::try_from(limit).unwrap_or(i64::MAX));
+                    $(if let Some(thread) = self.$thread() {
+                        return thread
+                            .write(move |tx| {
+                                let sql = push::claim_sql($lock);
+                                let mut statement = tx.prepare(&sql)?;
+                                let rows = statement.query_map(
+                                    ::rusqlite::named_params! { "$1": now, "$2": lease, "$3": limit },
+                                    |row| {
+                                        Ok((
+                                            row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?, row.get(4)?,
+                                            row.get(5)?, row.get(6)?, row.get(7)?, row.get(8)?, row.get(9)?,
+                                        ))
+                                    },
+                                )?;
+                                let mut claimed = Vec::new();
+                                for row in rows {
+                                    claimed.push(push::claimed(row?));
+                                }
+                                Ok(claimed)
+                            })
+                            .await;
+                    })?
+                    let mut tx = self.begin_write().await?;
+                    let rows: Vec<(String, String, String, i64, String, String, String, i64, i64, i64)> =
+                        ::sqlx::query_as(&push::claim_sql($lock))
+                            .bind(now)
+                            .bind(lease)
+                            .bind(limit)
+                            .fetch_all(&mut *tx)
+                            .await
+                            .map_err(read_error("(push outbox)"))?;
+                    tx.commit().await?;
+                    Ok(rows.into_iter().map(push::claimed).collect())
+                }
+
+                async fn push_finish(
+                    &self,
+                    due: &$crate::store::DueNotification,
+                    outcome: &$crate::store::PushOutcome,
+                    now_ms: u64,
+                ) -> Result<()> {
+                    $(if let Some(thread) = self.$thread() {
+                        let (due, outcome) = (due.clone(), outcome.clone());
+                        return thread
+                            .write(move |tx| {
+                                for (sql, values) in push::finish_statements(&due, &outcome, now_ms) {
+                                    $crate::store::write_thread::execute_named(tx, sql, &values)?;
+                                }
+                                Ok(())
+                            })
+                            .await;
+                    })?
+                    let mut tx = self.begin_write().await?;
+                    for (sql, values) in push::finish_statements(due, outcome, now_ms) {
+                        bind_values(::sqlx::query(sql), &values).execute(&mut *tx).await?;
+                    }
+                    tx.commit().await?;
+                    Ok(())
+                }
+
+                async fn push_seen(&self, seen: &[(String, String)], users: &[String]) -> Result<()> {
+                    if seen.is_empty() && users.is_empty() {
+                        return Ok(());
+                    }
+                    $(if let Some(thread) = self.$thread() {
+                        let (seen, users) = (seen.to_vec(), users.to_vec());
+                        return thread
+                            .write(move |tx| {
+                                for (sql, values) in push::seen_statements(&seen, &users) {
+                                    $crate::store::write_thread::execute_named(tx, sql, &values)?;
+                                }
+                                Ok(())
+                            })
+                            .await;
+                    })?
+                    let mut tx = self.begin_write().await?;
+                    for (sql, values) in push::seen_statements(seen, users) {
+                        bind_values(::sqlx::query(sql), &values).execute(&mut *tx).await?;
+                    }
+                    tx.commit().await?;
+                    Ok(())
+                }
+
+                async fn push_stopped(&self, limit: usize) -> Result<Vec<String>> {
+                    ::sqlx::query_scalar(push::STOPPED)
+                        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+                        .fetch_all(&self.pool)
+                        .await
+                        .map_err(read_error("(push outbox)"))
+                }
+
+                async fn push_stats(&self) -> Result<$crate::store::PushStats> {
+                    let (pending, dead, oldest): (i64, i64, Option<i64>) = ::sqlx::query_as(push::STATS)
+                        .fetch_one(&self.pool)
+                        .await
+                        .map_err(read_error("(push outbox)"))?;
+                    Ok($crate::store::PushStats {
+                        pending: u64::try_from(pending).unwrap_or(0),
+                        dead: u64::try_from(dead).unwrap_or(0),
+                        oldest_created_ms: oldest.and_then(|oldest| u64::try_from(oldest).ok()),
+                    })
+                }
+
                 async fn append(&self, batch: &[Append]) -> Result<Vec<Appended>> {
                     if batch.is_empty() {
                         return Ok(Vec::new());
                     }
+                    let push = self.push.plan();
                     $(if let Some(thread) = self.$thread() {
-                        let appended = thread.append(batch.to_vec()).await?;
+                        let appended = thread.append(batch.to_vec(), push).await?;
                         self.after_write();
                         return Ok(appended);
                     })?
                     let rows: Vec<Row<'_>> = batch.iter().map(Row::from).collect();
                     let mut tx = self.begin_write().await?;
-                    let appended = append_rows(&mut tx, &rows).await?;
+                    let appended = append_rows(&mut tx, &rows, push).await?;
                     tx.commit().await?;
                     self.after_write();
                     Ok(appended)
@@ -1306,6 +1468,7 @@ macro_rules! sql_store {
                             update,
                             chat: None,
                         }],
+                        None,
                     )
                     .await?;
                     let batch: i64 =
@@ -1379,7 +1542,7 @@ macro_rules! sql_store {
                                 chat: None,
                             })
                             .collect();
-                        append_rows(&mut tx, &rows).await?;
+                        append_rows(&mut tx, &rows, None).await?;
                     }
                     ::sqlx::query(SYNC_STATE_ADVANCE)
                     .bind(doc)

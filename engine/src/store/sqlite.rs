@@ -77,6 +77,8 @@ pub struct SqliteStore {
     /// The thread appends run on; `None` in memory (an in-memory database is private to the
     /// connection that opened it) and for a database opened read-only.
     thread: Option<WriteThread>,
+    /// The push outbox's switch (see `store::push`).
+    push: Arc<super::push::PushSwitch>,
 }
 
 /// When the WAL was last checkpointed, and whether a checkpoint is running.
@@ -146,6 +148,7 @@ impl SqliteStore {
                 pool,
                 wal: None,
                 thread: None,
+                push: Arc::default(),
             });
         }
         // What earlier processes left in the WAL (a short-lived CLI may exit before 256 commits
@@ -164,6 +167,7 @@ impl SqliteStore {
             pool,
             wal: Some(Arc::new(Wal::default())),
             thread,
+            push: Arc::default(),
         })
     }
 
@@ -240,5 +244,6 @@ sql_store! {
     begin_read: "BEGIN",
     numbered_placeholders: false,
     joined_statements: true,
+    claim_lock: "",
     write_thread: write_thread,
 }

@@ -37,6 +37,7 @@ use rusqlite::{Connection, OpenFlags, Transaction, TransactionBehavior};
 use tokio::sync::mpsc::error::TryRecvError;
 use tokio::sync::{mpsc, oneshot};
 
+use super::push::PushPlan;
 use super::sql::{
     corrupt, from_sql, AppendPlan, ReadRow, Row, Statement, Swap, Value, OUTBOX_INSERT, PRUNE_LOG, RECOUNT_LOG_BYTES,
     SWAP_SNAPSHOT, SYNC_STATE_ADVANCE,
@@ -57,7 +58,9 @@ const RELEASE_AFTER: Duration = Duration::from_secs(2);
 
 /// A job and where its answer goes.
 enum Job {
-    Append(Vec<Append>, oneshot::Sender<Result<Vec<Appended>>>),
+    Append(Vec<Append>, Option<PushPlan>, oneshot::Sender<Result<Vec<Appended>>>),
+    /// Any other write: a closure given the connection (the push outbox's statements).
+    Run(Box<dyn FnOnce(&mut Connection) + Send>),
     RecordLocal {
         doc: String,
         update: Vec<u8>,
@@ -158,9 +161,21 @@ impl WriteThread {
     }
 
     /// [`Store::append`](super::Store::append) on the thread.
-    pub(super) async fn append(&self, batch: Vec<Append>) -> Result<Vec<Appended>> {
+    pub(super) async fn append(&self, batch: Vec<Append>, push: Option<PushPlan>) -> Result<Vec<Appended>> {
         let (reply, answer) = oneshot::channel();
-        self.submit(Job::Append(batch, reply), answer).await
+        self.submit(Job::Append(batch, push, reply), answer).await
+    }
+
+    /// Runs `work` in a write transaction on the thread (committed if it succeeds).
+    pub(super) async fn write<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&Transaction<'_>) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let (reply, answer) = oneshot::channel();
+        let job = Job::Run(Box::new(move |conn: &mut Connection| {
+            let _ = reply.send(transaction(conn, work));
+        }));
+        self.submit(job, answer).await
     }
 
     /// [`Store::record_local`](super::Store::record_local) on the thread.
@@ -261,10 +276,11 @@ fn finish_checkpoint(conn: &Connection) {
 /// One job: its transaction, its answer (dropped if its caller went away).
 fn run_job(conn: &mut Connection, job: Job) {
     match job {
-        Job::Append(batch, reply) => {
+        Job::Append(batch, push, reply) => {
             let rows: Vec<Row<'_>> = batch.iter().map(Row::from).collect();
-            let _ = reply.send(transaction(conn, |tx| append_rows(tx, &rows)));
+            let _ = reply.send(transaction(conn, |tx| append_rows(tx, &rows, push)));
         }
+        Job::Run(work) => work(conn),
         Job::RecordLocal { doc, update, reply } => {
             let _ = reply.send(transaction(conn, |tx| record_local(tx, &doc, &update)));
         }
@@ -301,7 +317,7 @@ fn run_job(conn: &mut Connection, job: Job) {
 /// Runs `work` in a write transaction (`BEGIN IMMEDIATE`: the write lock first, so that it waits
 /// for another writer instead of failing halfway) and commits it if it succeeds; a failure rolls
 /// everything back.
-fn transaction<T>(conn: &mut Connection, work: impl FnOnce(&Transaction<'_>) -> Result<T>) -> Result<T> {
+pub(super) fn transaction<T>(conn: &mut Connection, work: impl FnOnce(&Transaction<'_>) -> Result<T>) -> Result<T> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let value = work(&tx)?;
     tx.commit()?;
@@ -309,7 +325,7 @@ fn transaction<T>(conn: &mut Connection, work: impl FnOnce(&Transaction<'_>) -> 
 }
 
 /// The two steps of an [`AppendPlan`].
-fn append_rows(tx: &Transaction<'_>, rows: &[Row<'_>]) -> Result<Vec<Appended>> {
+fn append_rows(tx: &Transaction<'_>, rows: &[Row<'_>], push: Option<PushPlan>) -> Result<Vec<Appended>> {
     let plan = AppendPlan::new(rows)?;
     let mut read = Vec::new();
     for statement in plan.reads(false) {
@@ -333,7 +349,7 @@ fn append_rows(tx: &Transaction<'_>, rows: &[Row<'_>]) -> Result<Vec<Appended>> 
             Ok(())
         })?;
     }
-    let (appended, writes) = plan.writes(read, false)?;
+    let (appended, writes) = plan.writes(read, false, push)?;
     for statement in writes {
         query(tx, &statement, |_| Ok(()))?;
     }
@@ -349,6 +365,7 @@ fn record_local(tx: &Transaction<'_>, doc: &str, update: &[u8]) -> Result<u64> {
             update,
             chat: None,
         }],
+        None,
     )?;
     let batch: i64 = tx
         .prepare_cached(OUTBOX_INSERT)?
@@ -368,7 +385,7 @@ fn record_remote(tx: &Transaction<'_>, doc: &str, cursor: i64, updates: &[Vec<u8
                 chat: None,
             })
             .collect();
-        append_rows(tx, &rows)?;
+        append_rows(tx, &rows, None)?;
     }
     tx.prepare_cached(SYNC_STATE_ADVANCE)?.execute((doc, cursor))?;
     Ok(())
@@ -452,4 +469,16 @@ impl rusqlite::ToSql for Value<'_> {
             Value::Blob(blob) => ValueRef::Blob(blob),
         }))
     }
+}
+
+/// Runs one statement whose `$n` parameters are bound by name (rusqlite numbers `$n`
+/// parameters in the order they first appear, not by their digits).
+pub(super) fn execute_named(tx: &Transaction<'_>, sql: &str, values: &[Value<'_>]) -> Result<usize> {
+    let names: Vec<String> = (1..=values.len()).map(|n| format!("${n}")).collect();
+    let params: Vec<(&str, &dyn rusqlite::ToSql)> = names
+        .iter()
+        .zip(values)
+        .map(|(name, value)| (name.as_str(), value as &dyn rusqlite::ToSql))
+        .collect();
+    Ok(tx.prepare_cached(sql)?.execute(params.as_slice())?)
 }
