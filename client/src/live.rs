@@ -218,7 +218,8 @@ pub enum Event {
         state: Option<String>,
     },
     /// The user's inbox, or what changed in it (after [`Session::follow_inbox`]): rooms most
-    /// recently active first; `more` when further pieces of one answer follow.
+    /// recently active first; `more` when further pieces of one answer follow. An app keeping
+    /// the inbox asks from `version` next time only once a piece without `more` arrived.
     Inbox {
         /// Ask from this version next time.
         version: u64,

@@ -607,7 +607,9 @@ impl Machine {
             ServerFrame::Ping { nonce } => actions.push(Action::Send(ClientFrame::Pong { nonce })),
             ServerFrame::Pong { .. } | ServerFrame::Welcome { .. } => {}
             ServerFrame::Inbox { version, rooms, more } => {
-                if let Some(followed) = self.inbox.as_mut() {
+                // Only a complete answer moves the version: a connection lost between pieces
+                // asks again from the version before them.
+                if let Some(followed) = self.inbox.as_mut().filter(|_| !more) {
                     *followed = (*followed).max(version);
                 }
                 actions.push(Action::Emit(Event::Inbox { version, rooms, more }));

@@ -935,6 +935,11 @@ fn message_touches(
     // A change inside an existing message: its author's alone, and only to the mutable fields.
     let author = match messages.get(txn, id) {
         Some(Out::YMap(fields)) => {
+            // A system message is the server's: its "author" (the member it is about) does
+            // not change it either.
+            if get_str(txn, &fields, "kind").as_deref() == Some(Kind::System.as_str()) {
+                out.push(Touch::System(id.to_string()));
+            }
             if let Some(message) = read_message(txn, id, &fields) {
                 facts.edits.push(EditFact {
                     preview: preview(&message.text),
@@ -1022,7 +1027,9 @@ fn receipt_touches(txn: &TransactionMut<'_>, event: &Event, what: &str, out: &mu
                     if let (EntryChange::Inserted(new) | EntryChange::Updated(_, new), Some((user, _))) =
                         (change, key.rsplit_once('/'))
                     {
-                        if let Some(sort) = sort_of(new) {
+                        // A sort key is ~70 bytes; a longer one is nobody's message, and the
+                        // index does not keep it.
+                        if let Some(sort) = sort_of(new).filter(|sort| sort.len() <= 256) {
                             raised.push(ReadFact {
                                 user: user.to_string(),
                                 sort,
@@ -1813,6 +1820,37 @@ mod tests {
         assert!(judge.judge(&restamp, Some("ada")).unwrap_err().0.contains("hlc"));
         let reclient = raw_set(&a, "m1", &[("client", Any::from(8.0))]);
         assert!(judge.judge(&reclient, Some("ada")).is_err());
+    }
+
+    /// The server's join and leave messages: nobody but the server writes or changes them —
+    /// not even the member they name (their "author"); and each user joins only themselves.
+    #[test]
+    fn system_messages_and_memberships() {
+        let judge = Judge::new();
+        let (id, system) = system_message("ada", "joined", 1_000).unwrap();
+        judge.guard.reset();
+        apply_bytes(&judge.doc, &system).unwrap();
+        let facts = judge.guard.take_facts();
+        assert_eq!(facts.messages.len(), 1);
+        assert!(!facts.messages[0].counted(), "system messages are never unread");
+        // Ada's replica edits or deletes "ada joined": refused.
+        let ada = room(5);
+        apply_bytes(ada.doc(), &system).unwrap();
+        let edit = ada.edit(&who("ada", "d"), &id, "ada owns this room", NOW).unwrap();
+        assert!(judge.judge(&edit, Some("ada")).is_err());
+        let delete = ada.delete(&who("ada", "d"), &id, NOW).unwrap();
+        assert!(judge.judge(&delete, Some("ada")).is_err());
+        // Joining is one's own: bob's entry written by ada is refused.
+        let join = room(6).join(&who("bob", "d"), 2_000).unwrap();
+        assert!(judge.judge(&join, Some("ada")).is_err());
+        // (A server reloads after a refusal: a fresh judge for the next.)
+        let judge = Judge::new();
+        assert_eq!(judge.judge(&join, Some("bob")), Ok(()));
+        let facts = judge.guard.take_facts();
+        assert_eq!(facts.members.len(), 1);
+        // A first "left" (never a member) announces nothing.
+        let leave = room(7).leave(&who("carol", "d"), 2_000);
+        assert!(leave.is_none(), "not a member: nothing to leave");
     }
 
     #[test]

@@ -141,6 +141,47 @@ pub struct SyncReport {
     pub refused: Vec<String>,
 }
 
+/// One room of the user's inbox ([`Store::fetch_inbox`]).
+#[derive(Debug, Clone, PartialEq, Eq, uniffi::Record)]
+pub struct InboxRoom {
+    /// The room (a `chat/…` document).
+    pub room: String,
+    /// A member now (`false`: left since the version asked from).
+    pub joined: bool,
+    /// Messages of others after the user's read receipt (neither deleted nor system ones).
+    pub unread: u64,
+    /// The last message's id, if any.
+    pub last_id: Option<String>,
+    /// Its author.
+    pub last_author: Option<String>,
+    /// Its kind (`text`, `image`, `video`, `file`, `system`).
+    pub last_kind: Option<String>,
+    /// Its text, the first 280 bytes.
+    pub last_text: Option<String>,
+    /// Its sender's time (ms).
+    pub last_at_ms: Option<u64>,
+}
+
+/// The user's inbox, or what changed in it since a version.
+#[derive(Debug, Clone, PartialEq, Eq, uniffi::Record)]
+pub struct Inbox {
+    /// Ask from this version next time (only the rooms that changed come then).
+    pub version: u64,
+    /// The rooms, most recently active first.
+    pub rooms: Vec<InboxRoom>,
+}
+
+/// A member of a room as this device knows it.
+#[derive(Debug, Clone, PartialEq, Eq, uniffi::Record)]
+pub struct ChatMember {
+    /// The user.
+    pub user: String,
+    /// Joined (`false`: left).
+    pub joined: bool,
+    /// When they joined or left (ms, their clock).
+    pub at_ms: u64,
+}
+
 /// How a session connects.
 #[derive(Debug, Clone, PartialEq, Eq, uniffi::Record)]
 pub struct SessionConfig {
@@ -258,6 +299,87 @@ impl Store {
     }
 
     // ----- chat -----
+
+    /// The user's inbox from the server: the rooms they belong to (with `since` = 0), or those
+    /// that changed after an earlier answer's `version`, most recently active first, with the
+    /// unread counts — one round trip, before any room is downloaded. A fresh device calls it
+    /// with its token, then follows the rooms (a session with them in `documents`).
+    pub async fn fetch_inbox(
+        &self,
+        server_url: String,
+        token: String,
+        since: u64,
+        ca_certificate_pem: Option<String>,
+    ) -> Result<Inbox> {
+        let inner = self.inner.clone();
+        run(async move {
+            let tls = tls_of(ca_certificate_pem.as_deref())?;
+            let (rooms, version) = with_client!(inner, |client| client
+                .fetch_inbox(&server_url, &token, tls.as_ref(), since)
+                .await)?;
+            Ok(Inbox {
+                version,
+                rooms: rooms
+                    .into_iter()
+                    .map(|room| InboxRoom {
+                        room: room.room.as_str().to_string(),
+                        joined: room.joined,
+                        unread: room.unread,
+                        last_id: room.last.as_ref().map(|m| m.id.clone()),
+                        last_author: room.last.as_ref().map(|m| m.author.clone()),
+                        last_kind: room.last.as_ref().map(|m| m.kind.clone()),
+                        last_text: room.last.as_ref().map(|m| m.text.clone()),
+                        last_at_ms: room.last.as_ref().map(|m| m.at_ms),
+                    })
+                    .collect(),
+            })
+        })
+        .await
+    }
+
+    /// Joins `room` (works offline; the server announces it with a system message). Returns
+    /// whether anything changed (`false`: a member already).
+    pub async fn chat_join(&self, room: String) -> Result<bool> {
+        let inner = self.inner.clone();
+        run(async move {
+            let changed = with_client!(inner, |client| client.chat_join(&room).await)?;
+            if changed {
+                inner.changed(&room).await;
+            }
+            Ok(changed)
+        })
+        .await
+    }
+
+    /// Leaves `room`. Returns whether anything changed (`false`: not a member).
+    pub async fn chat_leave(&self, room: String) -> Result<bool> {
+        let inner = self.inner.clone();
+        run(async move {
+            let changed = with_client!(inner, |client| client.chat_leave(&room).await)?;
+            if changed {
+                inner.changed(&room).await;
+            }
+            Ok(changed)
+        })
+        .await
+    }
+
+    /// The members of `room` as this device knows them, in user order.
+    pub async fn chat_members(&self, room: String) -> Result<Vec<ChatMember>> {
+        let inner = self.inner.clone();
+        run(async move {
+            let members = with_client!(inner, |client| client.chat_members(&room).await)?;
+            Ok(members
+                .into_iter()
+                .map(|m| ChatMember {
+                    user: m.user,
+                    joined: m.joined,
+                    at_ms: m.at_ms,
+                })
+                .collect())
+        })
+        .await
+    }
 
     /// Sends a message to `room` (a `chat/…` document); returns its id. Stored before it
     /// returns, pushed when connected.

@@ -153,9 +153,6 @@ impl<'a, S: Store> Conn<'a, S> {
                     armed = None;
                     handler.timer(Now::read(), &mut self.actions);
                 }
-                () = inbox_changed(&self.inbox), if self.inbox.is_some() => {
-                    handler.inbox_changed(Now::read(), &mut self.actions);
-                }
                 _ = ticker.tick() => {
                     if last_heard.elapsed() > heartbeat * 3 {
                         tracing::info!(session = self.session, "peer silent for three heartbeats: closing");
@@ -175,6 +172,12 @@ impl<'a, S: Store> Conn<'a, S> {
                         tracing::debug!(session = self.session, "rate limited");
                         handler.rate_limited(bytes, &mut self.actions);
                     }
+                }
+                // After the peer's messages (the select is biased): wake-ups, however frequent,
+                // never keep the connection from being read. The handler reads the inbox at
+                // most every `INBOX_READ_EVERY` (native.rs).
+                () = inbox_changed(&self.inbox), if self.inbox.is_some() => {
+                    handler.inbox_changed(Now::read(), &mut self.actions);
                 }
             }
             if !self.act(handler).await {

@@ -130,15 +130,47 @@ struct Peer {
 }
 
 /// The inbox a peer follows (see `crate::inbox`).
+#[derive(Default)]
 struct InboxFollow {
     /// The index version of the last inbox frame sent (or the peer's `since`).
     version: u64,
-    /// A read of the store is in flight.
-    reading: bool,
-    /// It may have changed while reading: read again after.
-    again: bool,
+    /// The `since` of the read of the store in flight.
+    reading: Option<u64>,
     /// The read in flight answers the peer's own request: answered even if nothing changed.
     asked: bool,
+    /// A request of the peer's that came while a read was in flight: answered after it.
+    requested: Option<u64>,
+    /// It may have changed while reading: read again after.
+    again: bool,
+    /// When the last read started, and when a wake-up that came too soon after it is due.
+    last_read: Option<Instant>,
+    due: Option<Instant>,
+}
+
+/// The least time between two reads of the inbox a wake-up causes (a busy room of the user's
+/// wakes it at every message; a peer's own requests are not paced but rate limited as frames).
+const INBOX_READ_EVERY: Duration = Duration::from_millis(250);
+
+impl InboxFollow {
+    fn start_read(&mut self, since: u64, asked: bool, now: Instant, out: &mut Actions) {
+        self.reading = Some(since);
+        self.asked = asked;
+        self.last_read = Some(now);
+        out.push_back(Action::Request(Request::Inbox { since }));
+    }
+
+    /// The inbox may have changed: read it now, after the read in flight, or once the pace
+    /// allows.
+    fn changed(&mut self, now: Instant, out: &mut Actions) {
+        if self.reading.is_some() {
+            self.again = true;
+        } else if let Some(next) = self.last_read.map(|at| at + INBOX_READ_EVERY).filter(|&next| next > now) {
+            self.due.get_or_insert(next);
+        } else {
+            self.due = None;
+            self.start_read(self.version, false, now, out);
+        }
+    }
 }
 
 /// The largest inbox frame: an answer goes in pieces of about this size (each a frame).
@@ -350,19 +382,15 @@ impl NativeHandler {
                 }
             }
             ClientFrame::Inbox { since } => {
-                let follow = peer.inbox.get_or_insert(InboxFollow {
-                    version: since,
-                    reading: false,
-                    again: false,
-                    asked: false,
-                });
-                follow.version = since;
-                follow.asked = true;
-                if follow.reading {
-                    follow.again = true;
+                if peer.grant.is_expired_at(now.unix) {
+                    out.push_back(Action::Send(error(ErrorCode::TokenExpired, None, None)));
+                    return;
+                }
+                let follow = peer.inbox.get_or_insert_with(InboxFollow::default);
+                if follow.reading.is_some() {
+                    follow.requested = Some(since);
                 } else {
-                    follow.reading = true;
-                    out.push_back(Action::Request(Request::Inbox { since }));
+                    follow.start_read(since, true, now.at, out);
                 }
             }
             ClientFrame::Members { room } => {
@@ -381,12 +409,19 @@ impl NativeHandler {
 
 /// Sends an inbox read from the store: only the rooms the token covers, in pieces of at most
 /// about [`INBOX_PIECE_BYTES`]; nothing for a change the peer did not ask about that holds
-/// no room it may see. Then reads again if it changed meanwhile.
-fn inbox_answered(peer: &mut Peer, inbox: driftsync_engine::store::Inbox, out: &mut Actions) {
+/// no room it may see. Then answers a request that came meanwhile, or reads again if the
+/// inbox changed meanwhile.
+fn inbox_answered(peer: &mut Peer, inbox: driftsync_engine::store::Inbox, now: Instant, out: &mut Actions) {
     let Some(follow) = peer.inbox.as_mut() else { return };
+    let since = follow.reading.take().unwrap_or(0);
     let asked = std::mem::take(&mut follow.asked);
-    follow.reading = false;
-    follow.version = follow.version.max(inbox.version);
+    if since > inbox.version {
+        // Asked from a version this store never reached (restored from a backup, say): the
+        // whole inbox instead, or the device would wait for changes that never come.
+        follow.start_read(0, true, now, out);
+        return;
+    }
+    follow.version = inbox.version;
     let version = follow.version;
     let mut rooms: Vec<driftsync_protocol::InboxRoom> = Vec::new();
     for room in inbox.rooms {
@@ -419,8 +454,12 @@ fn inbox_answered(peer: &mut Peer, inbox: driftsync_engine::store::Inbox, out: &
             let next = rooms.next();
             let last = rooms.peek().is_none();
             if let Some(room) = next {
-                size += 64 + room.room.as_str().len() + room.read_sort.len()
-                    + room.last.as_ref().map_or(0, |m| m.id.len() + m.sort.len() + m.author.len() + m.text.len() + m.kind.len());
+                size += 64
+                    + room.room.as_str().len()
+                    + room.read_sort.len()
+                    + room.last.as_ref().map_or(0, |m| {
+                        m.id.len() + m.sort.len() + m.author.len() + m.text.len() + m.kind.len()
+                    });
                 piece.push(room);
             }
             if last || size >= INBOX_PIECE_BYTES {
@@ -440,20 +479,12 @@ fn inbox_answered(peer: &mut Peer, inbox: driftsync_engine::store::Inbox, out: &
             }
         }
     }
-    if std::mem::take(&mut follow_mut(peer).again) {
-        let follow = follow_mut(peer);
-        follow.reading = true;
-        out.push_back(Action::Request(Request::Inbox { since: follow.version }));
+    let Some(follow) = peer.inbox.as_mut() else { return };
+    if let Some(since) = follow.requested.take() {
+        follow.start_read(since, true, now, out);
+    } else if std::mem::take(&mut follow.again) {
+        follow.changed(now, out);
     }
-}
-
-fn follow_mut(peer: &mut Peer) -> &mut InboxFollow {
-    peer.inbox.get_or_insert(InboxFollow {
-        version: 0,
-        reading: false,
-        again: false,
-        asked: false,
-    })
 }
 
 /// Replaces the peer's grant with `token`'s, which must name the same user. Documents the new
@@ -668,11 +699,14 @@ impl Handler for NativeHandler {
             Reply::Inbox(result) => {
                 if let Phase::Open(peer) = &mut self.phase {
                     match result {
-                        Ok(inbox) => inbox_answered(peer, inbox, out),
+                        Ok(inbox) => inbox_answered(peer, inbox, now.at, out),
                         Err(code) => {
                             if let Some(follow) = peer.inbox.as_mut() {
-                                follow.reading = false;
+                                // The peer asks again (or the next change reads again).
+                                follow.reading = None;
                                 follow.asked = false;
+                                follow.again = false;
+                                follow.requested = None;
                             }
                             out.push_back(Action::Send(error(code, None, None)));
                         }
@@ -724,7 +758,10 @@ impl Handler for NativeHandler {
     fn deadline(&self) -> Option<Instant> {
         match &self.phase {
             Phase::Hello { deadline } => Some(*deadline),
-            Phase::Open(peer) => peer.expiry,
+            Phase::Open(peer) => match (peer.expiry, peer.inbox.as_ref().and_then(|f| f.due)) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            },
             Phase::Claiming { .. } | Phase::Closed => None,
         }
     }
@@ -732,6 +769,17 @@ impl Handler for NativeHandler {
     fn timer(&mut self, now: Now, out: &mut Actions) {
         let session = self.session;
         let grace = self.settings.token_grace;
+        if let Phase::Open(peer) = &mut self.phase {
+            if let Some(follow) = peer.inbox.as_mut().filter(|f| f.due.is_some_and(|due| due <= now.at)) {
+                // A paced inbox read (the token's expiry, if also due, fires next).
+                follow.due = None;
+                follow.changed(now.at, out);
+                return;
+            }
+            if !peer.expiry.is_some_and(|expiry| expiry <= now.at) {
+                return;
+            }
+        }
         match &mut self.phase {
             Phase::Hello { .. } => {
                 tracing::info!(session, "no hello in time: closing");
@@ -782,14 +830,10 @@ impl Handler for NativeHandler {
         }
     }
 
-    fn inbox_changed(&mut self, _now: Now, out: &mut Actions) {
+    fn inbox_changed(&mut self, now: Now, out: &mut Actions) {
         let Phase::Open(peer) = &mut self.phase else { return };
-        let Some(follow) = peer.inbox.as_mut() else { return };
-        if follow.reading {
-            follow.again = true;
-        } else {
-            follow.reading = true;
-            out.push_back(Action::Request(Request::Inbox { since: follow.version }));
+        if let Some(follow) = peer.inbox.as_mut() {
+            follow.changed(now.at, out);
         }
     }
 }

@@ -784,7 +784,6 @@ impl Presence {
         self.owners.entry(session).or_default().clients.insert(client);
     }
 
-    /// The user owning `client` (empty when the table does not know it).
     /// Each user present in the room (any protocol, any instance) with their status: the
     /// `status` field of their states (`"away"`, `"busy"`; anything else, or none, is
     /// `"online"`), the most available one when they have several.
@@ -812,6 +811,7 @@ impl Presence {
         out
     }
 
+    /// The user owning `client` (empty when the table does not know it).
     fn user_of(&self, client: u64) -> String {
         self.clients.get(&client).map(|c| c.user.clone()).unwrap_or_default()
     }
@@ -820,7 +820,9 @@ impl Presence {
 /// The status an awareness state declares: its `status` field if it is `away` or `busy`,
 /// `online` otherwise.
 fn status_of(state: &str) -> &'static str {
-    if !state.contains("\"status\"") {
+    // Only small states are parsed (like typing's): a `Members` request costs no more than the
+    // answer it gets, however large the states in the room.
+    if state.len() > 4 * 1024 || !state.contains("\"status\"") {
         return "online";
     }
     match serde_json::from_str::<serde_json::Value>(state)

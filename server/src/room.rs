@@ -52,6 +52,9 @@ pub(crate) const REMOTE_SESSION: u64 = u64::MAX;
 /// a larger one makes the room reload from the store instead.
 const MAX_UNSTORED_BYTES: usize = 4 * 1024 * 1024;
 
+/// The most membership changes of one push the room announces with system messages.
+const MAX_ANNOUNCED_PER_PUSH: usize = 8;
+
 /// The most updates kept in a room's `recent` (as many as compaction keeps in the log).
 const RECENT_ENTRIES: usize = 1024;
 /// The most bytes of updates kept in a room's `recent`.
@@ -591,9 +594,12 @@ impl Room {
             .as_ref()
             .map(ChatGuard::take_facts)
             .filter(|facts| !facts.is_empty());
+        // With a secret a push changes one membership at most (its user's own); an open server
+        // checks no owner, so one push could flip thousands: announced up to a few.
         let joins: Vec<(String, bool, u64)> = facts
             .iter()
             .flat_map(|facts| &facts.members)
+            .take(MAX_ANNOUNCED_PER_PUSH)
             .map(|member| (member.user.clone(), member.joined, member.at_ms.min(now_ms)))
             .collect();
         let (commit, outcome) = self

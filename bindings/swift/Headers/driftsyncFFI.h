@@ -355,6 +355,16 @@ uint64_t uniffi_driftsync_ffi_fn_method_store_chat_delete(uint64_t ptr, RustBuff
 uint64_t uniffi_driftsync_ffi_fn_method_store_chat_edit(uint64_t ptr, RustBuffer room, RustBuffer id, RustBuffer text
 );
 #endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_DRIFTSYNC_FFI_FN_METHOD_STORE_CHAT_JOIN
+#define UNIFFI_FFIDEF_UNIFFI_DRIFTSYNC_FFI_FN_METHOD_STORE_CHAT_JOIN
+uint64_t uniffi_driftsync_ffi_fn_method_store_chat_join(uint64_t ptr, RustBuffer room
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_DRIFTSYNC_FFI_FN_METHOD_STORE_CHAT_LEAVE
+#define UNIFFI_FFIDEF_UNIFFI_DRIFTSYNC_FFI_FN_METHOD_STORE_CHAT_LEAVE
+uint64_t uniffi_driftsync_ffi_fn_method_store_chat_leave(uint64_t ptr, RustBuffer room
+);
+#endif
 #ifndef UNIFFI_FFIDEF_UNIFFI_DRIFTSYNC_FFI_FN_METHOD_STORE_CHAT_LIST
 #define UNIFFI_FFIDEF_UNIFFI_DRIFTSYNC_FFI_FN_METHOD_STORE_CHAT_LIST
 uint64_t uniffi_driftsync_ffi_fn_method_store_chat_list(uint64_t ptr, RustBuffer room
@@ -363,6 +373,11 @@ uint64_t uniffi_driftsync_ffi_fn_method_store_chat_list(uint64_t ptr, RustBuffer
 #ifndef UNIFFI_FFIDEF_UNIFFI_DRIFTSYNC_FFI_FN_METHOD_STORE_CHAT_MARK_READ
 #define UNIFFI_FFIDEF_UNIFFI_DRIFTSYNC_FFI_FN_METHOD_STORE_CHAT_MARK_READ
 uint64_t uniffi_driftsync_ffi_fn_method_store_chat_mark_read(uint64_t ptr, RustBuffer room, RustBuffer id
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_DRIFTSYNC_FFI_FN_METHOD_STORE_CHAT_MEMBERS
+#define UNIFFI_FFIDEF_UNIFFI_DRIFTSYNC_FFI_FN_METHOD_STORE_CHAT_MEMBERS
+uint64_t uniffi_driftsync_ffi_fn_method_store_chat_members(uint64_t ptr, RustBuffer room
 );
 #endif
 #ifndef UNIFFI_FFIDEF_UNIFFI_DRIFTSYNC_FFI_FN_METHOD_STORE_CHAT_REACT
@@ -388,6 +403,11 @@ uint64_t uniffi_driftsync_ffi_fn_method_store_chat_unread_count(uint64_t ptr, Ru
 #ifndef UNIFFI_FFIDEF_UNIFFI_DRIFTSYNC_FFI_FN_METHOD_STORE_DOCUMENTS
 #define UNIFFI_FFIDEF_UNIFFI_DRIFTSYNC_FFI_FN_METHOD_STORE_DOCUMENTS
 uint64_t uniffi_driftsync_ffi_fn_method_store_documents(uint64_t ptr
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_DRIFTSYNC_FFI_FN_METHOD_STORE_FETCH_INBOX
+#define UNIFFI_FFIDEF_UNIFFI_DRIFTSYNC_FFI_FN_METHOD_STORE_FETCH_INBOX
+uint64_t uniffi_driftsync_ffi_fn_method_store_fetch_inbox(uint64_t ptr, RustBuffer server_url, RustBuffer token, uint64_t since, RustBuffer ca_certificate_pem
 );
 #endif
 #ifndef UNIFFI_FFIDEF_UNIFFI_DRIFTSYNC_FFI_FN_METHOD_STORE_MAP_ENTRIES
@@ -826,6 +846,18 @@ uint16_t uniffi_driftsync_ffi_checksum_method_store_chat_edit(void
     
 );
 #endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_DRIFTSYNC_FFI_CHECKSUM_METHOD_STORE_CHAT_JOIN
+#define UNIFFI_FFIDEF_UNIFFI_DRIFTSYNC_FFI_CHECKSUM_METHOD_STORE_CHAT_JOIN
+uint16_t uniffi_driftsync_ffi_checksum_method_store_chat_join(void
+    
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_DRIFTSYNC_FFI_CHECKSUM_METHOD_STORE_CHAT_LEAVE
+#define UNIFFI_FFIDEF_UNIFFI_DRIFTSYNC_FFI_CHECKSUM_METHOD_STORE_CHAT_LEAVE
+uint16_t uniffi_driftsync_ffi_checksum_method_store_chat_leave(void
+    
+);
+#endif
 #ifndef UNIFFI_FFIDEF_UNIFFI_DRIFTSYNC_FFI_CHECKSUM_METHOD_STORE_CHAT_LIST
 #define UNIFFI_FFIDEF_UNIFFI_DRIFTSYNC_FFI_CHECKSUM_METHOD_STORE_CHAT_LIST
 uint16_t uniffi_driftsync_ffi_checksum_method_store_chat_list(void
@@ -835,6 +867,12 @@ uint16_t uniffi_driftsync_ffi_checksum_method_store_chat_list(void
 #ifndef UNIFFI_FFIDEF_UNIFFI_DRIFTSYNC_FFI_CHECKSUM_METHOD_STORE_CHAT_MARK_READ
 #define UNIFFI_FFIDEF_UNIFFI_DRIFTSYNC_FFI_CHECKSUM_METHOD_STORE_CHAT_MARK_READ
 uint16_t uniffi_driftsync_ffi_checksum_method_store_chat_mark_read(void
+    
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_DRIFTSYNC_FFI_CHECKSUM_METHOD_STORE_CHAT_MEMBERS
+#define UNIFFI_FFIDEF_UNIFFI_DRIFTSYNC_FFI_CHECKSUM_METHOD_STORE_CHAT_MEMBERS
+uint16_t uniffi_driftsync_ffi_checksum_method_store_chat_members(void
     
 );
 #endif
@@ -865,6 +903,12 @@ uint16_t uniffi_driftsync_ffi_checksum_method_store_chat_unread_count(void
 #ifndef UNIFFI_FFIDEF_UNIFFI_DRIFTSYNC_FFI_CHECKSUM_METHOD_STORE_DOCUMENTS
 #define UNIFFI_FFIDEF_UNIFFI_DRIFTSYNC_FFI_CHECKSUM_METHOD_STORE_DOCUMENTS
 uint16_t uniffi_driftsync_ffi_checksum_method_store_documents(void
+    
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_DRIFTSYNC_FFI_CHECKSUM_METHOD_STORE_FETCH_INBOX
+#define UNIFFI_FFIDEF_UNIFFI_DRIFTSYNC_FFI_CHECKSUM_METHOD_STORE_FETCH_INBOX
+uint16_t uniffi_driftsync_ffi_checksum_method_store_fetch_inbox(void
     
 );
 #endif

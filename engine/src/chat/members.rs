@@ -223,7 +223,8 @@ pub(crate) fn member_touches(
                         EntryChange::Updated(old, _) => member_from(old).map(|(joined, _)| joined),
                         _ => None,
                     };
-                    if was != Some(joined) {
+                    // A first entry saying "left" (never a member) changes nothing to announce.
+                    if was != Some(joined) && (joined || was.is_some()) {
                         facts.push(MemberFact {
                             user: key.to_string(),
                             joined,

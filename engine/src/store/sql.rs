@@ -536,15 +536,18 @@ impl<'a> AppendPlan<'a> {
 pub(super) const INBOX: &str = "(chat index)";
 
 /// A user's inbox rooms changed after a version: `$1` user, `$2` version (0: every room they
-/// are a member of). Unread = others' counted messages after the user's read receipt.
+/// are a member of; later, a room they left only when they left after `$2`). Unread = others'
+/// counted messages after the user's read receipt, counted up to 1,000 (shown as "999+"): the
+/// count costs at most that many index entries per room.
 pub(super) const INBOX_QUERY: &str = "SELECT m.room, m.joined, m.at, r.last_sort, r.last_id, r.last_author, \
      r.last_kind, r.last_text, r.last_deleted, r.last_at, COALESCE(rd.sort, ''), \
-     (SELECT COUNT(*) FROM chat_messages x WHERE x.room = m.room AND x.sort > COALESCE(rd.sort, '') \
-      AND x.author <> $1 AND x.counted = 1) \
+     (SELECT COUNT(*) FROM (SELECT 1 FROM chat_messages x WHERE x.room = m.room \
+      AND x.sort > COALESCE(rd.sort, '') AND x.author <> $1 AND x.counted = 1 LIMIT 1000) AS u) \
      FROM chat_members m \
      LEFT JOIN chat_rooms r ON r.room = m.room \
      LEFT JOIN chat_reads rd ON rd.room = m.room AND rd.user_id = $1 \
-     WHERE m.user_id = $1 AND (m.changed > $2 OR r.changed > $2 OR rd.changed > $2) AND (m.joined = 1 OR $2 > 0) \
+     WHERE m.user_id = $1 AND (m.changed > $2 OR r.changed > $2 OR rd.changed > $2) \
+     AND (m.joined = 1 OR ($2 > 0 AND m.changed > $2)) \
      ORDER BY COALESCE(r.last_sort, '') DESC, m.room";
 
 /// A row of [`INBOX_QUERY`].

@@ -191,6 +191,24 @@ async def main():
     assert await ada.text(NOTES) == await bob.text(NOTES)
     ok("pause, write, resume, converge")
 
+    # Membership and the inbox: a fresh device finds the room, with its unread count, from its
+    # token alone, before downloading it.
+    assert await ada.chat_join(ROOM)
+    assert await bob.chat_join(ROOM)
+    assert not await bob.chat_join(ROOM), "a member already"
+    await until("the joins announced", lambda: _has(bob.chat_list(ROOM), "ada joined"))
+    assert [(m.user, m.joined) for m in await bob.chat_members(ROOM)] == [("ada", True), ("bob", True)]
+    await bob.chat_send(ROOM, "news for ada")
+    fresh = await Store.open(os.path.join(DIR, "ada-new.db"), "ada")
+
+    async def _inbox_lists_the_news():
+        inbox = await fresh.fetch_inbox(URL, os.environ["DRIFTSYNC_TOKEN_ADA"], 0, None)
+        return [(r.room, r.last_text, r.last_author) for r in inbox.rooms] == [(ROOM, "news for ada", "bob")] and \
+            inbox.rooms[0].unread >= 1 and inbox.version > 0
+
+    await until("the fresh device's inbox", _inbox_lists_the_news)
+    ok("membership and the inbox")
+
     # Typed errors: a refused token, an unreachable server, an invalid argument.
     eve = await Store.open(os.path.join(DIR, "eve.db"), "eve")
     await eve.chat_send(ROOM, "eve")

@@ -1129,6 +1129,17 @@ public protocol StoreProtocol: AnyObject, Sendable {
     func chatEdit(room: String, id: String, text: String) async throws 
     
     /**
+     * Joins `room` (works offline; the server announces it with a system message). Returns
+     * whether anything changed (`false`: a member already).
+     */
+    func chatJoin(room: String) async throws  -> Bool
+    
+    /**
+     * Leaves `room`. Returns whether anything changed (`false`: not a member).
+     */
+    func chatLeave(room: String) async throws  -> Bool
+    
+    /**
      * Every message of `room` in order (tombstones included), with its delivery state and
      * readers.
      */
@@ -1139,6 +1150,11 @@ public protocol StoreProtocol: AnyObject, Sendable {
      * marked, or nothing when the room has no messages.
      */
     func chatMarkRead(room: String, id: String?) async throws  -> String?
+    
+    /**
+     * The members of `room` as this device knows them, in user order.
+     */
+    func chatMembers(room: String) async throws  -> [ChatMember]
     
     /**
      * Adds (or with `add` false takes back) this user's `reaction` (an emoji, say) to message
@@ -1166,6 +1182,14 @@ public protocol StoreProtocol: AnyObject, Sendable {
      * Every known document: the stored ones and the ones opened since.
      */
     func documents() async throws  -> [String]
+    
+    /**
+     * The user's inbox from the server: the rooms they belong to (with `since` = 0), or those
+     * that changed after an earlier answer's `version`, most recently active first, with the
+     * unread counts — one round trip, before any room is downloaded. A fresh device calls it
+     * with its token, then follows the rooms (a session with them in `documents`).
+     */
+    func fetchInbox(serverUrl: String, token: String, since: UInt64, caCertificatePem: String?) async throws  -> Inbox
     
     /**
      * Every plain value of the map, as JSON text.
@@ -1338,6 +1362,45 @@ open func chatEdit(room: String, id: String, text: String)async throws   {
 }
     
     /**
+     * Joins `room` (works offline; the server announces it with a system message). Returns
+     * whether anything changed (`false`: a member already).
+     */
+open func chatJoin(room: String)async throws  -> Bool  {
+    return
+        try  await uniffiRustCallAsync(
+            rustFutureFunc: {
+                uniffi_driftsync_ffi_fn_method_store_chat_join(
+                        self.uniffiCloneHandle(),FfiConverterString.lower(room)
+                )
+            },
+            pollFunc: ffi_driftsync_ffi_rust_future_poll_i8,
+            completeFunc: ffi_driftsync_ffi_rust_future_complete_i8,
+            freeFunc: ffi_driftsync_ffi_rust_future_free_i8,
+            liftFunc: FfiConverterBool.lift,
+            errorHandler: FfiConverterTypeDriftsyncError_lift
+        )
+}
+    
+    /**
+     * Leaves `room`. Returns whether anything changed (`false`: not a member).
+     */
+open func chatLeave(room: String)async throws  -> Bool  {
+    return
+        try  await uniffiRustCallAsync(
+            rustFutureFunc: {
+                uniffi_driftsync_ffi_fn_method_store_chat_leave(
+                        self.uniffiCloneHandle(),FfiConverterString.lower(room)
+                )
+            },
+            pollFunc: ffi_driftsync_ffi_rust_future_poll_i8,
+            completeFunc: ffi_driftsync_ffi_rust_future_complete_i8,
+            freeFunc: ffi_driftsync_ffi_rust_future_free_i8,
+            liftFunc: FfiConverterBool.lift,
+            errorHandler: FfiConverterTypeDriftsyncError_lift
+        )
+}
+    
+    /**
      * Every message of `room` in order (tombstones included), with its delivery state and
      * readers.
      */
@@ -1373,6 +1436,25 @@ open func chatMarkRead(room: String, id: String?)async throws  -> String?  {
             completeFunc: ffi_driftsync_ffi_rust_future_complete_rust_buffer,
             freeFunc: ffi_driftsync_ffi_rust_future_free_rust_buffer,
             liftFunc: FfiConverterOptionString.lift,
+            errorHandler: FfiConverterTypeDriftsyncError_lift
+        )
+}
+    
+    /**
+     * The members of `room` as this device knows them, in user order.
+     */
+open func chatMembers(room: String)async throws  -> [ChatMember]  {
+    return
+        try  await uniffiRustCallAsync(
+            rustFutureFunc: {
+                uniffi_driftsync_ffi_fn_method_store_chat_members(
+                        self.uniffiCloneHandle(),FfiConverterString.lower(room)
+                )
+            },
+            pollFunc: ffi_driftsync_ffi_rust_future_poll_rust_buffer,
+            completeFunc: ffi_driftsync_ffi_rust_future_complete_rust_buffer,
+            freeFunc: ffi_driftsync_ffi_rust_future_free_rust_buffer,
+            liftFunc: FfiConverterSequenceTypeChatMember.lift,
             errorHandler: FfiConverterTypeDriftsyncError_lift
         )
 }
@@ -1470,6 +1552,28 @@ open func documents()async throws  -> [String]  {
             completeFunc: ffi_driftsync_ffi_rust_future_complete_rust_buffer,
             freeFunc: ffi_driftsync_ffi_rust_future_free_rust_buffer,
             liftFunc: FfiConverterSequenceString.lift,
+            errorHandler: FfiConverterTypeDriftsyncError_lift
+        )
+}
+    
+    /**
+     * The user's inbox from the server: the rooms they belong to (with `since` = 0), or those
+     * that changed after an earlier answer's `version`, most recently active first, with the
+     * unread counts — one round trip, before any room is downloaded. A fresh device calls it
+     * with its token, then follows the rooms (a session with them in `documents`).
+     */
+open func fetchInbox(serverUrl: String, token: String, since: UInt64, caCertificatePem: String?)async throws  -> Inbox  {
+    return
+        try  await uniffiRustCallAsync(
+            rustFutureFunc: {
+                uniffi_driftsync_ffi_fn_method_store_fetch_inbox(
+                        self.uniffiCloneHandle(),FfiConverterString.lower(serverUrl),FfiConverterString.lower(token),FfiConverterUInt64.lower(since),FfiConverterOptionString.lower(caCertificatePem)
+                )
+            },
+            pollFunc: ffi_driftsync_ffi_rust_future_poll_rust_buffer,
+            completeFunc: ffi_driftsync_ffi_rust_future_complete_rust_buffer,
+            freeFunc: ffi_driftsync_ffi_rust_future_free_rust_buffer,
+            liftFunc: FfiConverterTypeInbox_lift,
             errorHandler: FfiConverterTypeDriftsyncError_lift
         )
 }
@@ -2074,6 +2178,85 @@ public func FfiConverterTypeTokenProvider_lower(_ value: TokenProvider) -> UInt6
 
 
 /**
+ * A member of a room as this device knows it.
+ */
+public struct ChatMember: Equatable, Hashable {
+    /**
+     * The user.
+     */
+    public var user: String
+    /**
+     * Joined (`false`: left).
+     */
+    public var joined: Bool
+    /**
+     * When they joined or left (ms, their clock).
+     */
+    public var atMs: UInt64
+
+    // Default memberwise initializers are never public by default, so we
+    // declare one manually.
+    public init(
+        /**
+         * The user.
+         */user: String, 
+        /**
+         * Joined (`false`: left).
+         */joined: Bool, 
+        /**
+         * When they joined or left (ms, their clock).
+         */atMs: UInt64) {
+        self.user = user
+        self.joined = joined
+        self.atMs = atMs
+    }
+
+    
+
+    
+}
+
+#if compiler(>=6)
+extension ChatMember: Sendable {}
+#endif
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public struct FfiConverterTypeChatMember: FfiConverterRustBuffer {
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> ChatMember {
+        return
+            try ChatMember(
+                user: FfiConverterString.read(from: &buf), 
+                joined: FfiConverterBool.read(from: &buf), 
+                atMs: FfiConverterUInt64.read(from: &buf)
+        )
+    }
+
+    public static func write(_ value: ChatMember, into buf: inout [UInt8]) {
+        FfiConverterString.write(value.user, into: &buf)
+        FfiConverterBool.write(value.joined, into: &buf)
+        FfiConverterUInt64.write(value.atMs, into: &buf)
+    }
+}
+
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeChatMember_lift(_ buf: RustBuffer) throws -> ChatMember {
+    return try FfiConverterTypeChatMember.lift(buf)
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeChatMember_lower(_ value: ChatMember) -> RustBuffer {
+    return FfiConverterTypeChatMember.lower(value)
+}
+
+
+/**
  * One chat message as the app shows it.
  */
 public struct ChatMessage: Equatable, Hashable {
@@ -2249,6 +2432,204 @@ public func FfiConverterTypeChatMessage_lift(_ buf: RustBuffer) throws -> ChatMe
 #endif
 public func FfiConverterTypeChatMessage_lower(_ value: ChatMessage) -> RustBuffer {
     return FfiConverterTypeChatMessage.lower(value)
+}
+
+
+/**
+ * The user's inbox, or what changed in it since a version.
+ */
+public struct Inbox: Equatable, Hashable {
+    /**
+     * Ask from this version next time (only the rooms that changed come then).
+     */
+    public var version: UInt64
+    /**
+     * The rooms, most recently active first.
+     */
+    public var rooms: [InboxRoom]
+
+    // Default memberwise initializers are never public by default, so we
+    // declare one manually.
+    public init(
+        /**
+         * Ask from this version next time (only the rooms that changed come then).
+         */version: UInt64, 
+        /**
+         * The rooms, most recently active first.
+         */rooms: [InboxRoom]) {
+        self.version = version
+        self.rooms = rooms
+    }
+
+    
+
+    
+}
+
+#if compiler(>=6)
+extension Inbox: Sendable {}
+#endif
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public struct FfiConverterTypeInbox: FfiConverterRustBuffer {
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> Inbox {
+        return
+            try Inbox(
+                version: FfiConverterUInt64.read(from: &buf), 
+                rooms: FfiConverterSequenceTypeInboxRoom.read(from: &buf)
+        )
+    }
+
+    public static func write(_ value: Inbox, into buf: inout [UInt8]) {
+        FfiConverterUInt64.write(value.version, into: &buf)
+        FfiConverterSequenceTypeInboxRoom.write(value.rooms, into: &buf)
+    }
+}
+
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeInbox_lift(_ buf: RustBuffer) throws -> Inbox {
+    return try FfiConverterTypeInbox.lift(buf)
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeInbox_lower(_ value: Inbox) -> RustBuffer {
+    return FfiConverterTypeInbox.lower(value)
+}
+
+
+/**
+ * One room of the user's inbox ([`Store::fetch_inbox`]).
+ */
+public struct InboxRoom: Equatable, Hashable {
+    /**
+     * The room (a `chat/…` document).
+     */
+    public var room: String
+    /**
+     * A member now (`false`: left since the version asked from).
+     */
+    public var joined: Bool
+    /**
+     * Messages of others after the user's read receipt (neither deleted nor system ones).
+     */
+    public var unread: UInt64
+    /**
+     * The last message's id, if any.
+     */
+    public var lastId: String?
+    /**
+     * Its author.
+     */
+    public var lastAuthor: String?
+    /**
+     * Its kind (`text`, `image`, `video`, `file`, `system`).
+     */
+    public var lastKind: String?
+    /**
+     * Its text, the first 280 bytes.
+     */
+    public var lastText: String?
+    /**
+     * Its sender's time (ms).
+     */
+    public var lastAtMs: UInt64?
+
+    // Default memberwise initializers are never public by default, so we
+    // declare one manually.
+    public init(
+        /**
+         * The room (a `chat/…` document).
+         */room: String, 
+        /**
+         * A member now (`false`: left since the version asked from).
+         */joined: Bool, 
+        /**
+         * Messages of others after the user's read receipt (neither deleted nor system ones).
+         */unread: UInt64, 
+        /**
+         * The last message's id, if any.
+         */lastId: String?, 
+        /**
+         * Its author.
+         */lastAuthor: String?, 
+        /**
+         * Its kind (`text`, `image`, `video`, `file`, `system`).
+         */lastKind: String?, 
+        /**
+         * Its text, the first 280 bytes.
+         */lastText: String?, 
+        /**
+         * Its sender's time (ms).
+         */lastAtMs: UInt64?) {
+        self.room = room
+        self.joined = joined
+        self.unread = unread
+        self.lastId = lastId
+        self.lastAuthor = lastAuthor
+        self.lastKind = lastKind
+        self.lastText = lastText
+        self.lastAtMs = lastAtMs
+    }
+
+    
+
+    
+}
+
+#if compiler(>=6)
+extension InboxRoom: Sendable {}
+#endif
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public struct FfiConverterTypeInboxRoom: FfiConverterRustBuffer {
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> InboxRoom {
+        return
+            try InboxRoom(
+                room: FfiConverterString.read(from: &buf), 
+                joined: FfiConverterBool.read(from: &buf), 
+                unread: FfiConverterUInt64.read(from: &buf), 
+                lastId: FfiConverterOptionString.read(from: &buf), 
+                lastAuthor: FfiConverterOptionString.read(from: &buf), 
+                lastKind: FfiConverterOptionString.read(from: &buf), 
+                lastText: FfiConverterOptionString.read(from: &buf), 
+                lastAtMs: FfiConverterOptionUInt64.read(from: &buf)
+        )
+    }
+
+    public static func write(_ value: InboxRoom, into buf: inout [UInt8]) {
+        FfiConverterString.write(value.room, into: &buf)
+        FfiConverterBool.write(value.joined, into: &buf)
+        FfiConverterUInt64.write(value.unread, into: &buf)
+        FfiConverterOptionString.write(value.lastId, into: &buf)
+        FfiConverterOptionString.write(value.lastAuthor, into: &buf)
+        FfiConverterOptionString.write(value.lastKind, into: &buf)
+        FfiConverterOptionString.write(value.lastText, into: &buf)
+        FfiConverterOptionUInt64.write(value.lastAtMs, into: &buf)
+    }
+}
+
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeInboxRoom_lift(_ buf: RustBuffer) throws -> InboxRoom {
+    return try FfiConverterTypeInboxRoom.lift(buf)
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeInboxRoom_lower(_ value: InboxRoom) -> RustBuffer {
+    return FfiConverterTypeInboxRoom.lower(value)
 }
 
 
@@ -3368,6 +3749,31 @@ fileprivate struct FfiConverterSequenceString: FfiConverterRustBuffer {
 #if swift(>=5.8)
 @_documentation(visibility: private)
 #endif
+fileprivate struct FfiConverterSequenceTypeChatMember: FfiConverterRustBuffer {
+    typealias SwiftType = [ChatMember]
+
+    public static func write(_ value: [ChatMember], into buf: inout [UInt8]) {
+        let len = Int32(value.count)
+        writeInt(&buf, len)
+        for item in value {
+            FfiConverterTypeChatMember.write(item, into: &buf)
+        }
+    }
+
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> [ChatMember] {
+        let len: Int32 = try readInt(&buf)
+        var seq = [ChatMember]()
+        seq.reserveCapacity(Int(len))
+        for _ in 0 ..< len {
+            seq.append(try FfiConverterTypeChatMember.read(from: &buf))
+        }
+        return seq
+    }
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
 fileprivate struct FfiConverterSequenceTypeChatMessage: FfiConverterRustBuffer {
     typealias SwiftType = [ChatMessage]
 
@@ -3385,6 +3791,31 @@ fileprivate struct FfiConverterSequenceTypeChatMessage: FfiConverterRustBuffer {
         seq.reserveCapacity(Int(len))
         for _ in 0 ..< len {
             seq.append(try FfiConverterTypeChatMessage.read(from: &buf))
+        }
+        return seq
+    }
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+fileprivate struct FfiConverterSequenceTypeInboxRoom: FfiConverterRustBuffer {
+    typealias SwiftType = [InboxRoom]
+
+    public static func write(_ value: [InboxRoom], into buf: inout [UInt8]) {
+        let len = Int32(value.count)
+        writeInt(&buf, len)
+        for item in value {
+            FfiConverterTypeInboxRoom.write(item, into: &buf)
+        }
+    }
+
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> [InboxRoom] {
+        let len: Int32 = try readInt(&buf)
+        var seq = [InboxRoom]()
+        seq.reserveCapacity(Int(len))
+        for _ in 0 ..< len {
+            seq.append(try FfiConverterTypeInboxRoom.read(from: &buf))
         }
         return seq
     }
@@ -3538,10 +3969,19 @@ private let initializationResult: InitializationResult = {
     if (uniffi_driftsync_ffi_checksum_method_store_chat_edit() != 51061) {
         return InitializationResult.apiChecksumMismatch
     }
+    if (uniffi_driftsync_ffi_checksum_method_store_chat_join() != 48574) {
+        return InitializationResult.apiChecksumMismatch
+    }
+    if (uniffi_driftsync_ffi_checksum_method_store_chat_leave() != 28565) {
+        return InitializationResult.apiChecksumMismatch
+    }
     if (uniffi_driftsync_ffi_checksum_method_store_chat_list() != 7689) {
         return InitializationResult.apiChecksumMismatch
     }
     if (uniffi_driftsync_ffi_checksum_method_store_chat_mark_read() != 35498) {
+        return InitializationResult.apiChecksumMismatch
+    }
+    if (uniffi_driftsync_ffi_checksum_method_store_chat_members() != 23676) {
         return InitializationResult.apiChecksumMismatch
     }
     if (uniffi_driftsync_ffi_checksum_method_store_chat_react() != 1403) {
@@ -3557,6 +3997,9 @@ private let initializationResult: InitializationResult = {
         return InitializationResult.apiChecksumMismatch
     }
     if (uniffi_driftsync_ffi_checksum_method_store_documents() != 61181) {
+        return InitializationResult.apiChecksumMismatch
+    }
+    if (uniffi_driftsync_ffi_checksum_method_store_fetch_inbox() != 9617) {
         return InitializationResult.apiChecksumMismatch
     }
     if (uniffi_driftsync_ffi_checksum_method_store_map_entries() != 51181) {
