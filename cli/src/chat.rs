@@ -42,7 +42,7 @@ pub(crate) struct ChatArgs {
 }
 
 const HELP: &str = "commands: /reply ID TEXT, /react ID EMOJI, /unreact ID EMOJI, /edit ID TEXT, /delete ID, /read, \
-                    /who, /history [N], /quit (IDs: the #xxxxxx shown)";
+                    /who, /members, /leave, /history [N], /quit (IDs: the #xxxxxx shown)";
 
 /// What the input side produces.
 enum Input {
@@ -178,6 +178,10 @@ struct View {
 impl View {
     fn format(entry: &ChatEntry, me: &str) -> String {
         let m = &entry.message;
+        if m.kind == driftsync_engine::chat::Kind::System {
+            // The server's join and leave lines.
+            return format!("[{}] * {}", clock(m.created_ms), m.text);
+        }
         let mut line = format!("[{}] {} {}: ", clock(m.created_ms), short(&m.id), m.author);
         if let Some(to) = &m.reply_to {
             line.push_str(&format!("↪ {} ", short(to)));
@@ -302,6 +306,10 @@ pub(crate) async fn run(args: ChatArgs, stop: impl Future<Output = ()>) -> anyho
     if let Some(tls) = crate::client_tls(args.ca_cert.as_deref())? {
         options = options.tls(tls);
     }
+    // Opening a room joins it (offline too): its members' inboxes list it, and the server
+    // announces the join once it arrives.
+    let mut client = client;
+    client.chat_join(&room).await?;
     let session = Session::start(client, options);
     let mut events = session.events();
     let raw = !args.line_mode && std::io::IsTerminal::is_terminal(&std::io::stdin()) && enable_raw();
@@ -452,6 +460,16 @@ async fn command(
             };
             screen.line(&format!("* you are {state}; here: {}", users.join(", ")));
         }
+        "/members" => {
+            // Answered by an `Event::Members` (status and last seen from the server).
+            if session.members(room).await.is_err() {
+                screen.line("! the session has stopped");
+            }
+        }
+        "/leave" => {
+            session.chat_leave(room).await?;
+            screen.line("* you left the room (it stays on this device); /quit to close");
+        }
         "/history" => {
             let n: usize = rest.trim().parse().unwrap_or(20);
             for entry in entries.iter().skip(entries.len().saturating_sub(n)) {
@@ -529,6 +547,21 @@ async fn on_event(
             }
         },
         Event::Error { message, .. } => screen.line(&format!("! {message}")),
+        Event::Members { room: of, members } if of == room => {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64);
+            let listed: Vec<String> = members
+                .iter()
+                .filter(|m| m.joined)
+                .map(|m| match (&m.status, m.last_seen_ms) {
+                    (Some(status), _) => format!("{} ({status})", m.user),
+                    (None, Some(seen)) => format!("{} (last seen {} min ago)", m.user, now.saturating_sub(seen) / 60_000),
+                    (None, None) => format!("{} (offline)", m.user),
+                })
+                .collect();
+            screen.line(&format!("* members: {}", listed.join(", ")));
+        }
         _ => {}
     }
     Ok(())

@@ -339,7 +339,11 @@ async fn interactive_chat_live_offline_and_catch_up() {
     let mut bob = Chat::start(&url, &dir.path().join("bob.db"), "bob");
     bob.expect("written while offline").await;
     bob.say("hello ada").await;
-    ada.expect_all(&["bob is here", "hello ada", "read by bob"]).await;
+    ada.expect_all(&["bob is here", "bob joined", "hello ada", "read by bob"]).await;
+    // Opening the room joined it: both are members, online, as the server says.
+    ada.say("/members").await;
+    let members = ada.expect("members:").await;
+    assert!(members.contains("ada (online)") && members.contains("bob (online)"), "{members}");
     ada.say("hello bob").await;
     let line = bob.expect("hello bob").await;
     assert!(line.contains("ada:"), "{line}");

@@ -595,6 +595,24 @@ impl Session {
         Ok(changed)
     }
 
+    /// Joins a chat room (see [`Client::chat_join`]).
+    pub async fn chat_join(&self, room: &str) -> Result<bool> {
+        let changed = self.client().await.chat_join(room).await?;
+        if changed {
+            self.changed(room);
+        }
+        Ok(changed)
+    }
+
+    /// Leaves a chat room (see [`Client::chat_leave`]).
+    pub async fn chat_leave(&self, room: &str) -> Result<bool> {
+        let changed = self.client().await.chat_leave(room).await?;
+        if changed {
+            self.changed(room);
+        }
+        Ok(changed)
+    }
+
     /// Edits one of this user's messages (see [`Client::chat_edit`]).
     pub async fn chat_edit(&self, room: &str, id: &str, text: &str) -> Result<()> {
         self.client().await.chat_edit(room, id, text).await?;

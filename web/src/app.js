@@ -240,6 +240,9 @@ async function main() {
   // ----- the chat -----
 
   const room = new ChatRoom(chatDoc, { user, device })
+  // Opening a room joins it (offline too: the server announces it once it arrives), so that
+  // the room is in the user's inbox and its members are notified.
+  room.join()
   const chatStored = storedVector(roomId)
   const list = element('messages')
   /** @type {Map<string, HTMLLIElement>} */
