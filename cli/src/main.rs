@@ -883,13 +883,23 @@ async fn sync_live(client: driftsync_client::Client, args: &SyncArgs) -> anyhow:
     }
     let session = Session::start(client, options);
     let mut events = session.events();
+    // The user's rooms follow them: every room the inbox lists (now, or joined later on
+    // another device) is subscribed, so it syncs live like the documents this store knows.
+    session.follow_inbox(0).await?;
     let stop = shutdown_signal();
     tokio::pin!(stop);
     loop {
         tokio::select! {
             () = &mut stop => break,
             event = events.recv() => match event {
-                Some(event) => println!("{}", chat::event_json(&event)),
+                Some(event) => {
+                    println!("{}", chat::event_json(&event));
+                    if let driftsync_client::Event::Inbox { rooms, .. } = &event {
+                        for room in rooms.iter().filter(|r| r.joined) {
+                            session.subscribe(room.room.as_str()).await?;
+                        }
+                    }
+                }
                 None => bail!("the session stopped"),
             },
         }

@@ -579,3 +579,57 @@ async fn a_fresh_device_finds_its_rooms_through_the_cli() {
     assert!(!listed.contains("chat/b"), "{listed}");
     server.stop().await;
 }
+
+/// `sync` (live) follows the user's inbox: a room joined on another device is subscribed and
+/// its messages arrive, without naming it.
+#[tokio::test]
+async fn live_sync_follows_rooms_joined_elsewhere() {
+    const SECRET: &str = "cli-live-inbox-secret-of-32-bytes-at-least";
+    let dir = tempfile::tempdir().unwrap();
+    let (phone, laptop) = (dir.path().join("phone.db"), dir.path().join("laptop.db"));
+    let (_server_dir, store) = sqlite_store().await;
+    let config = driftsync_server::Config {
+        auth: driftsync_server::Auth::new(Some(SECRET)),
+        ..Default::default()
+    };
+    let server = TestServer::start(store, config).await;
+    let url = server.url();
+    let token = driftsync_server::mint(SECRET, "ada", &["chat/*".to_string()], true, Duration::from_secs(3600)).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_driftsync"))
+        .args(["client", "--store"])
+        .arg(&laptop)
+        .args(["--user", "ada", "sync", "--server", &url, "--token", &token])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut wait_for = async |what: &str, pick: &dyn Fn(&Value) -> bool| {
+        let found = tokio::time::timeout(TIMEOUT, async {
+            while let Some(line) = lines.next_line().await.unwrap() {
+                let event: Value = serde_json::from_str(&line).unwrap();
+                if pick(&event) {
+                    return event;
+                }
+            }
+            panic!("the live sync ended before {what}");
+        })
+        .await;
+        found.unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+    };
+    wait_for("the first inbox", &|e| e["event"] == "inbox").await;
+    // On the phone: join a room the laptop never heard of, and write in it.
+    run(&phone, "ada", &["chat", "join", "chat/new"]).await;
+    run(&phone, "ada", &["chat", "send", "chat/new", "from the phone"]).await;
+    run(&phone, "ada", &["sync", "--server", &url, "--token", &token, "--once"]).await;
+    wait_for("the room in the inbox", &|e| {
+        e["event"] == "inbox" && e["rooms"].as_array().is_some_and(|r| r.iter().any(|r| r["room"] == "chat/new"))
+    })
+    .await;
+    wait_for("the room's messages", &|e| e["event"] == "remote_change" && e["doc"] == "chat/new").await;
+    child.kill().await.unwrap();
+    let listed = run(&laptop, "ada", &["chat", "list", "chat/new"]).await;
+    assert!(listed.contains("from the phone"), "{listed}");
+    server.stop().await;
+}
