@@ -70,11 +70,16 @@ async fn a_fresh_device_finds_its_rooms_and_unread_counts_in_one_round_trip() {
     let (alice, bob) = (author("alice", "phone"), author("bob", "laptop"));
     let mut a = NativeClient::connect(&url, &token("alice"), 101).await;
     let mut b = NativeClient::connect(&url, &token("bob"), 202).await;
-    let rooms: Vec<DocId> = (0..200).map(|i| DocId::new(format!("chat/room-{i:03}")).unwrap()).collect();
+    let rooms: Vec<DocId> = (0..200)
+        .map(|i| DocId::new(format!("chat/room-{i:03}")).unwrap())
+        .collect();
     let mut expected = BTreeMap::new();
     let mut batch = 0;
     for (i, room) in rooms.iter().enumerate() {
-        let (mine, theirs) = (ChatRoom::new(new_doc(101).unwrap()), ChatRoom::new(new_doc(202).unwrap()));
+        let (mine, theirs) = (
+            ChatRoom::new(new_doc(101).unwrap()),
+            ChatRoom::new(new_doc(202).unwrap()),
+        );
         a.resume_from_scratch(room).await;
         b.resume_from_scratch(room).await;
         batch += 1;
@@ -102,7 +107,11 @@ async fn a_fresh_device_finds_its_rooms_and_unread_counts_in_one_round_trip() {
     let resumed = b.resume_from_scratch(&rooms[2]).await;
     let replica = ChatRoom::new(new_doc(9).unwrap());
     apply_bytes(replica.doc(), resumed[0].update.as_deref().unwrap()).unwrap();
-    let system: Vec<_> = replica.messages().into_iter().filter(|m| m.kind == Kind::System).collect();
+    let system: Vec<_> = replica
+        .messages()
+        .into_iter()
+        .filter(|m| m.kind == Kind::System)
+        .collect();
     assert_eq!(system.len(), 2, "one system message per join");
     assert!(system.iter().any(|m| m.author == "alice" && m.text == "alice joined"));
     assert_eq!(system[0].metadata.get("event").map(String::as_str), Some("joined"));
@@ -160,11 +169,7 @@ async fn a_fresh_device_finds_its_rooms_and_unread_counts_in_one_round_trip() {
     drop(a);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     let members = loop {
-        fresh
-            .send(&ClientFrame::Members {
-                room: rooms[7].clone(),
-            })
-            .await;
+        fresh.send(&ClientFrame::Members { room: rooms[7].clone() }).await;
         let members = fresh
             .recv_until(|f| match f {
                 ServerFrame::Members { members, .. } => Some(members.clone()),
@@ -172,7 +177,9 @@ async fn a_fresh_device_finds_its_rooms_and_unread_counts_in_one_round_trip() {
             })
             .await;
         let alice_seen = members.iter().any(|m| m.user == "alice" && m.last_seen_ms.is_some());
-        let bob_away = members.iter().any(|m| m.user == "bob" && m.status.as_deref() == Some("away"));
+        let bob_away = members
+            .iter()
+            .any(|m| m.user == "bob" && m.status.as_deref() == Some("away"));
         if (alice_seen && bob_away) || tokio::time::Instant::now() > deadline {
             break members;
         }
@@ -182,7 +189,10 @@ async fn a_fresh_device_finds_its_rooms_and_unread_counts_in_one_round_trip() {
     assert_eq!(by_user.len(), 2, "{members:?}");
     assert!(by_user["alice"].joined && by_user["bob"].joined);
     assert_eq!(by_user["bob"].status.as_deref(), Some("away"), "{members:?}");
-    assert_eq!(by_user["alice"].status, None, "alice has no presence there: {members:?}");
+    assert_eq!(
+        by_user["alice"].status, None,
+        "alice has no presence there: {members:?}"
+    );
     assert!(by_user["alice"].last_seen_ms.is_some(), "{members:?}");
     server.stop().await;
 }
@@ -202,7 +212,9 @@ async fn leaving_and_forged_memberships() {
     let mut a = NativeClient::connect(&url, &token("alice"), 111).await;
     let mine = ChatRoom::new(new_doc(111).unwrap());
     a.resume_from_scratch(&room).await;
-    a.push(&room, 1, mine.join(&author("alice", "p"), 10).unwrap()).await.unwrap();
+    a.push(&room, 1, mine.join(&author("alice", "p"), 10).unwrap())
+        .await
+        .unwrap();
     assert_eq!(store.inbox("alice", 0).await.unwrap().rooms.len(), 1);
 
     // Mallory writes Alice's membership: refused, nothing stored.
@@ -224,10 +236,17 @@ async fn leaving_and_forged_memberships() {
     };
     assert_eq!(m.push(&room, 1, update).await, Err(ErrorCode::SchemaViolation));
     assert_eq!(store.inbox("alice", 0).await.unwrap().rooms.len(), 1);
-    assert!(store.members("chat/lobby").await.unwrap().iter().all(|m| m.user != "mallory"));
+    assert!(store
+        .members("chat/lobby")
+        .await
+        .unwrap()
+        .iter()
+        .all(|m| m.user != "mallory"));
 
     // Alice leaves: a system message, and the room is gone from her inbox.
-    a.push(&room, 2, mine.leave(&author("alice", "p"), 30).unwrap()).await.unwrap();
+    a.push(&room, 2, mine.leave(&author("alice", "p"), 30).unwrap())
+        .await
+        .unwrap();
     let mut checked = false;
     for _ in 0..100 {
         let resumed = m.resume_from_scratch(&room).await;

@@ -60,7 +60,9 @@ pub async fn run(rooms: usize, changed: usize) -> anyhow::Result<serde_json::Val
         for (user, update) in updates {
             guard.reset();
             apply_bytes(&server, &update)?;
-            guard.check(Some(user), u64::MAX / 4).map_err(|v| anyhow::anyhow!("{v}"))?;
+            guard
+                .check(Some(user), u64::MAX / 4)
+                .map_err(|v| anyhow::anyhow!("{v}"))?;
             let facts = guard.take_facts();
             batch.push(Append {
                 doc: id.clone(),
@@ -149,11 +151,17 @@ async fn read(url: &str, user: &str, client_id: u64, since: u64) -> anyhow::Resu
     ws.send(Message::Binary(ask.into())).await?;
     let (mut frames, mut rooms, mut bytes_received) = (0, 0, 0);
     loop {
-        let Some(message) = ws.next().await else { bail!("the server closed") };
+        let Some(message) = ws.next().await else {
+            bail!("the server closed")
+        };
         let Message::Binary(bytes) = message? else { continue };
         bytes_received += bytes.len();
         match ServerFrame::decode(&bytes, DEFAULT_MAX_FRAME_SIZE)? {
-            ServerFrame::Inbox { version, rooms: piece, more } => {
+            ServerFrame::Inbox {
+                version,
+                rooms: piece,
+                more,
+            } => {
                 frames += 1;
                 rooms += piece.len();
                 if !more {
@@ -207,7 +215,9 @@ async fn write(url: &str, count: usize) -> anyhow::Result<()> {
     }
     let mut acked = 0;
     while acked < count {
-        let Some(message) = ws.next().await else { bail!("the server closed") };
+        let Some(message) = ws.next().await else {
+            bail!("the server closed")
+        };
         let Message::Binary(bytes) = message? else { continue };
         match ServerFrame::decode(&bytes, DEFAULT_MAX_FRAME_SIZE)? {
             ServerFrame::Ack { .. } => acked += 1,

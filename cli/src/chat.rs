@@ -556,7 +556,9 @@ async fn on_event(
                 .filter(|m| m.joined)
                 .map(|m| match (&m.status, m.last_seen_ms) {
                     (Some(status), _) => format!("{} ({status})", m.user),
-                    (None, Some(seen)) => format!("{} (last seen {} min ago)", m.user, now.saturating_sub(seen) / 60_000),
+                    (None, Some(seen)) => {
+                        format!("{} (last seen {} min ago)", m.user, now.saturating_sub(seen) / 60_000)
+                    }
                     (None, None) => format!("{} (offline)", m.user),
                 })
                 .collect();

@@ -861,7 +861,11 @@ async fn list_rooms(client: &mut driftsync_client::Client, args: &RoomsArgs) -> 
         } else if last["deleted"] == true {
             format!("{}: (deleted)", last["author"].as_str().unwrap_or(""))
         } else {
-            format!("{}: {}", last["author"].as_str().unwrap_or(""), last["text"].as_str().unwrap_or(""))
+            format!(
+                "{}: {}",
+                last["author"].as_str().unwrap_or(""),
+                last["text"].as_str().unwrap_or("")
+            )
         };
         println!(
             "{}\t{}\tunread={}\t{}",

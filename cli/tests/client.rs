@@ -339,11 +339,15 @@ async fn interactive_chat_live_offline_and_catch_up() {
     let mut bob = Chat::start(&url, &dir.path().join("bob.db"), "bob");
     bob.expect("written while offline").await;
     bob.say("hello ada").await;
-    ada.expect_all(&["bob is here", "bob joined", "hello ada", "read by bob"]).await;
+    ada.expect_all(&["bob is here", "bob joined", "hello ada", "read by bob"])
+        .await;
     // Opening the room joined it: both are members, online, as the server says.
     ada.say("/members").await;
     let members = ada.expect("members:").await;
-    assert!(members.contains("ada (online)") && members.contains("bob (online)"), "{members}");
+    assert!(
+        members.contains("ada (online)") && members.contains("bob (online)"),
+        "{members}"
+    );
     ada.say("hello bob").await;
     let line = bob.expect("hello bob").await;
     assert!(line.contains("ada:"), "{line}");
@@ -510,7 +514,11 @@ async fn rich_messages_and_reactions_through_the_cli() {
 async fn a_fresh_device_finds_its_rooms_through_the_cli() {
     const SECRET: &str = "cli-inbox-test-secret-of-32-bytes-at-least";
     let dir = tempfile::tempdir().unwrap();
-    let (phone, fresh, bob) = (dir.path().join("ada-phone.db"), dir.path().join("ada-new.db"), dir.path().join("bob.db"));
+    let (phone, fresh, bob) = (
+        dir.path().join("ada-phone.db"),
+        dir.path().join("ada-new.db"),
+        dir.path().join("bob.db"),
+    );
     let (_server_dir, store) = sqlite_store().await;
     let config = driftsync_server::Config {
         auth: driftsync_server::Auth::new(Some(SECRET)),
@@ -545,9 +553,13 @@ async fn a_fresh_device_finds_its_rooms_through_the_cli() {
 
     // A fresh device of Ada's: its rooms from the server, with unread counts.
     let rooms: Value = serde_json::from_str(
-        run(&fresh, "ada", &["rooms", "--server", &url, "--token", &ada_token, "--json"])
-            .await
-            .trim(),
+        run(
+            &fresh,
+            "ada",
+            &["rooms", "--server", &url, "--token", &ada_token, "--json"],
+        )
+        .await
+        .trim(),
     )
     .unwrap();
     let unread: Vec<(String, u64)> = rooms
@@ -558,17 +570,32 @@ async fn a_fresh_device_finds_its_rooms_through_the_cli() {
         .collect();
     assert_eq!(
         unread,
-        [("chat/c".to_string(), 2), ("chat/b".to_string(), 1), ("chat/a".to_string(), 0)],
+        [
+            ("chat/c".to_string(), 2),
+            ("chat/b".to_string(), 1),
+            ("chat/a".to_string(), 0)
+        ],
         "most recently active first: {rooms}"
     );
     assert_eq!(rooms[0]["last"]["text"], "again");
     // One sync brings every room; the server's join messages are there.
     sync(&fresh, "ada", &ada_token).await;
-    let c: Value = serde_json::from_str(run(&fresh, "ada", &["chat", "list", "chat/c", "--json"]).await.trim()).unwrap();
-    let texts: Vec<&str> = c.as_array().unwrap().iter().map(|m| m["text"].as_str().unwrap()).collect();
+    let c: Value =
+        serde_json::from_str(run(&fresh, "ada", &["chat", "list", "chat/c", "--json"]).await.trim()).unwrap();
+    let texts: Vec<&str> = c
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["text"].as_str().unwrap())
+        .collect();
     assert_eq!(texts, ["ada joined", "bob joined", "bob in chat/c", "again"]);
     assert_eq!(c[0]["kind"], "system");
-    let members: Value = serde_json::from_str(run(&fresh, "ada", &["chat", "members", "chat/c", "--json"]).await.trim()).unwrap();
+    let members: Value = serde_json::from_str(
+        run(&fresh, "ada", &["chat", "members", "chat/c", "--json"])
+            .await
+            .trim(),
+    )
+    .unwrap();
     assert_eq!(members.as_array().unwrap().len(), 2);
 
     // Ada leaves one room: gone from her inbox.
@@ -594,7 +621,8 @@ async fn live_sync_follows_rooms_joined_elsewhere() {
     };
     let server = TestServer::start(store, config).await;
     let url = server.url();
-    let token = driftsync_server::mint(SECRET, "ada", &["chat/*".to_string()], true, Duration::from_secs(3600)).unwrap();
+    let token =
+        driftsync_server::mint(SECRET, "ada", &["chat/*".to_string()], true, Duration::from_secs(3600)).unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_driftsync"))
         .args(["client", "--store"])
         .arg(&laptop)
@@ -624,10 +652,16 @@ async fn live_sync_follows_rooms_joined_elsewhere() {
     run(&phone, "ada", &["chat", "send", "chat/new", "from the phone"]).await;
     run(&phone, "ada", &["sync", "--server", &url, "--token", &token, "--once"]).await;
     wait_for("the room in the inbox", &|e| {
-        e["event"] == "inbox" && e["rooms"].as_array().is_some_and(|r| r.iter().any(|r| r["room"] == "chat/new"))
+        e["event"] == "inbox"
+            && e["rooms"]
+                .as_array()
+                .is_some_and(|r| r.iter().any(|r| r["room"] == "chat/new"))
     })
     .await;
-    wait_for("the room's messages", &|e| e["event"] == "remote_change" && e["doc"] == "chat/new").await;
+    wait_for("the room's messages", &|e| {
+        e["event"] == "remote_change" && e["doc"] == "chat/new"
+    })
+    .await;
     child.kill().await.unwrap();
     let listed = run(&laptop, "ada", &["chat", "list", "chat/new"]).await;
     assert!(listed.contains("from the phone"), "{listed}");

@@ -260,11 +260,17 @@ impl Client {
 
     async fn membership(&mut self, room: &str, join: bool) -> Result<bool> {
         if !room.starts_with(CHAT_PREFIX) {
-            return Err(Error::Invalid(format!("{room} is not a chat room (they start with {CHAT_PREFIX})")));
+            return Err(Error::Invalid(format!(
+                "{room} is not a chat room (they start with {CHAT_PREFIX})"
+            )));
         }
         let author = self.author.clone();
         let chat = self.room(room).await?;
-        let update = if join { chat.join(&author, now_ms()) } else { chat.leave(&author, now_ms()) };
+        let update = if join {
+            chat.join(&author, now_ms())
+        } else {
+            chat.leave(&author, now_ms())
+        };
         match update {
             Some(update) => {
                 self.record(room, &update).await?;

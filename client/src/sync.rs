@@ -236,7 +236,11 @@ impl Client {
                 Incoming::Closed(_) => return Err(Error::Closed),
             };
             match frame {
-                ServerFrame::Inbox { version, rooms: piece, more } => {
+                ServerFrame::Inbox {
+                    version,
+                    rooms: piece,
+                    more,
+                } => {
                     rooms.extend(piece);
                     if !more {
                         return Ok((rooms, version));

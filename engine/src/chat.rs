@@ -51,13 +51,14 @@ mod details;
 mod members;
 
 use crate::{Error, Result};
-pub use members::{
-    joined_members, preview, ChatFacts, EditFact, Member, MemberFact, MessageFact, ReadFact, MAX_PREVIEW_BYTES, MEMBERS_ROOT,
-};
 pub use details::{
     check_metadata, check_reaction, parse_reaction_key, reaction_key, Attachment, Kind, MAX_ATTACHMENTS,
     MAX_MESSAGE_ID_BYTES, MAX_METADATA_ENTRIES, MAX_METADATA_KEY_BYTES, MAX_METADATA_VALUE_BYTES, MAX_MIME_BYTES,
     MAX_REACTION_BYTES, MAX_URL_BYTES,
+};
+pub use members::{
+    joined_members, preview, ChatFacts, EditFact, Member, MemberFact, MessageFact, ReadFact, MAX_PREVIEW_BYTES,
+    MEMBERS_ROOT,
 };
 
 /// Root map of the messages.
@@ -1006,7 +1007,13 @@ fn stamp(txn: &TransactionMut<'_>, id: &str, fields: &MapRef) -> std::result::Re
 /// Records what one event under a receipts root (`receipts` or `delivered`) did: every touched
 /// key belongs to the user named before its last `/`; an entry is `{message, sort[, at]}`, moves
 /// only forward (its `sort` never decreases) and is never removed.
-fn receipt_touches(txn: &TransactionMut<'_>, event: &Event, what: &str, out: &mut Vec<Touch>, raised: &mut Vec<ReadFact>) {
+fn receipt_touches(
+    txn: &TransactionMut<'_>,
+    event: &Event,
+    what: &str,
+    out: &mut Vec<Touch>,
+    raised: &mut Vec<ReadFact>,
+) {
     let path = event.path();
     let owner = |key: &str| Touch::Owner {
         user: key.rsplit_once('/').map(|(user, _)| user.to_string()),

@@ -271,12 +271,22 @@ async fn chat_index_keeps_inboxes<F: Fixture>(fixture: &F) {
     use driftsync_engine::chat::{Author, ChatRoom};
     let store = fixture.open().await;
     let (alice, bob) = (
-        Author { user: "alice".into(), device: "a1".into() },
-        Author { user: "bob".into(), device: "b1".into() },
+        Author {
+            user: "alice".into(),
+            device: "a1".into(),
+        },
+        Author {
+            user: "bob".into(),
+            device: "b1".into(),
+        },
     );
     let mut rooms = Vec::new();
     for name in ["chat/one", "chat/two", "chat/three"] {
-        rooms.push((GuardedRoom::new(name), ChatRoom::new(new_doc(11).unwrap()), ChatRoom::new(new_doc(12).unwrap())));
+        rooms.push((
+            GuardedRoom::new(name),
+            ChatRoom::new(new_doc(11).unwrap()),
+            ChatRoom::new(new_doc(12).unwrap()),
+        ));
     }
     let empty = store.inbox("alice", 0).await.unwrap();
     assert!(empty.rooms.is_empty());

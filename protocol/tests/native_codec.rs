@@ -8,7 +8,8 @@
 use std::path::PathBuf;
 
 use driftsync_protocol::{
-    ClientFrame, DocId, DocResumed, ErrorCode, InboxMessage, InboxRoom, ResumeDoc, RoomMember, ServerFrame, DEFAULT_MAX_FRAME_SIZE, PROTOCOL_VERSION,
+    ClientFrame, DocId, DocResumed, ErrorCode, InboxMessage, InboxRoom, ResumeDoc, RoomMember, ServerFrame,
+    DEFAULT_MAX_FRAME_SIZE, PROTOCOL_VERSION,
 };
 use proptest::prelude::*;
 
@@ -399,7 +400,10 @@ fn golden_frames() -> Vec<(String, Golden)> {
                 bytes: vec![1, 2, 3, 4],
             }),
         ),
-        ("client-inbox".into(), Golden::Client(ClientFrame::Inbox { since: 4_242 })),
+        (
+            "client-inbox".into(),
+            Golden::Client(ClientFrame::Inbox { since: 4_242 }),
+        ),
         (
             "client-members".into(),
             Golden::Client(ClientFrame::Members {

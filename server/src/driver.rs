@@ -404,7 +404,11 @@ impl<'a, S: Store> Conn<'a, S> {
                     .map(|member| {
                         let status = statuses.get(&member.user).cloned();
                         driftsync_protocol::RoomMember {
-                            last_seen_ms: if status.is_some() { Some(now) } else { member.last_seen_ms },
+                            last_seen_ms: if status.is_some() {
+                                Some(now)
+                            } else {
+                                member.last_seen_ms
+                            },
                             status,
                             user: member.user,
                             joined: member.joined,

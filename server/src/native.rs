@@ -164,7 +164,11 @@ impl InboxFollow {
     fn changed(&mut self, now: Instant, out: &mut Actions) {
         if self.reading.is_some() {
             self.again = true;
-        } else if let Some(next) = self.last_read.map(|at| at + INBOX_READ_EVERY).filter(|&next| next > now) {
+        } else if let Some(next) = self
+            .last_read
+            .map(|at| at + INBOX_READ_EVERY)
+            .filter(|&next| next > now)
+        {
             self.due.get_or_insert(next);
         } else {
             self.due = None;

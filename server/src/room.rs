@@ -1059,7 +1059,10 @@ impl Room {
     /// The presence status of each user present in the room (see `Presence::statuses`).
     pub(crate) async fn statuses(&self) -> std::collections::BTreeMap<String, String> {
         let guard = self.state.lock().await;
-        guard.as_ref().map(|state| state.presence.statuses()).unwrap_or_default()
+        guard
+            .as_ref()
+            .map(|state| state.presence.statuses())
+            .unwrap_or_default()
     }
 
     /// The current awareness states and their size in bytes (`None`: the room is not loaded).

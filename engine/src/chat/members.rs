@@ -274,7 +274,13 @@ mod tests {
             at_ms: 2,
         });
         facts.normalize();
-        assert_eq!(facts.reads, vec![ReadFact { user: "u".into(), sort: "c".into() }]);
+        assert_eq!(
+            facts.reads,
+            vec![ReadFact {
+                user: "u".into(),
+                sort: "c".into()
+            }]
+        );
         assert_eq!(facts.members.len(), 1);
         assert!(!facts.members[0].joined);
     }

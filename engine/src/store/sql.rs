@@ -662,7 +662,12 @@ fn chat_index_writes<'a>(indexed: &[(&'a str, &'a ChatFacts)], numbered: bool) -
             chunk
                 .iter()
                 .flat_map(|&((room, sort), (author, counted))| {
-                    [Value::Text(room), Value::Text(sort), Value::Text(author), Value::Int(counted)]
+                    [
+                        Value::Text(room),
+                        Value::Text(sort),
+                        Value::Text(author),
+                        Value::Int(counted),
+                    ]
                 })
                 .collect(),
         ));
@@ -683,8 +688,17 @@ fn chat_index_writes<'a>(indexed: &[(&'a str, &'a ChatFacts)], numbered: bool) -
             ]);
         }
         let newer = "excluded.last_sort > chat_rooms.last_sort";
-        let pick = |column: &str| format!("{column} = CASE WHEN {newer} THEN excluded.{column} ELSE chat_rooms.{column} END");
-        let columns = ["last_id", "last_author", "last_kind", "last_text", "last_deleted", "last_at", "last_sort"];
+        let pick =
+            |column: &str| format!("{column} = CASE WHEN {newer} THEN excluded.{column} ELSE chat_rooms.{column} END");
+        let columns = [
+            "last_id",
+            "last_author",
+            "last_kind",
+            "last_text",
+            "last_deleted",
+            "last_at",
+            "last_sort",
+        ];
         writes.push(Statement::new(
             first,
             format!(
@@ -710,7 +724,10 @@ fn chat_index_writes<'a>(indexed: &[(&'a str, &'a ChatFacts)], numbered: bool) -
             let p = placeholders(2);
             writes.push(Statement::new(
                 room,
-                format!("UPDATE chat_messages SET counted = 0 WHERE room = {} AND sort = {}", p[0], p[1]),
+                format!(
+                    "UPDATE chat_messages SET counted = 0 WHERE room = {} AND sort = {}",
+                    p[0], p[1]
+                ),
                 1,
                 vec![Value::Text(room), Value::Text(&edit.sort)],
             ));
