@@ -36,6 +36,17 @@ fn author(user: &str, device: &str) -> Author {
     }
 }
 
+/// A server with a secret; the store is a handle on the server's own database.
+async fn start() -> (tempfile::TempDir, driftsync_engine::store::SqliteStore, TestServer) {
+    let (dir, store) = sqlite_store().await;
+    let config = Config {
+        auth: Auth::new(Some(SECRET)),
+        ..Default::default()
+    };
+    let server = TestServer::start(store.clone(), config).await;
+    (dir, store, server)
+}
+
 /// Asks for the inbox after `since` and collects the answer's pieces: (frames, rooms, version).
 async fn inbox(c: &mut NativeClient, since: u64) -> (usize, Vec<InboxRoom>, u64) {
     c.send(&ClientFrame::Inbox { since }).await;
@@ -60,12 +71,7 @@ async fn inbox(c: &mut NativeClient, since: u64) -> (usize, Vec<InboxRoom>, u64)
 /// 200 rooms with their unread counts in one frame, then opens one.
 #[tokio::test]
 async fn a_fresh_device_finds_its_rooms_and_unread_counts_in_one_round_trip() {
-    let (_dir, store) = sqlite_store().await;
-    let config = Config {
-        auth: Auth::new(Some(SECRET)),
-        ..Default::default()
-    };
-    let server = TestServer::start(store.clone(), config).await;
+    let (_dir, _store, server) = start().await;
     let url = server.url();
     let (alice, bob) = (author("alice", "phone"), author("bob", "laptop"));
     let mut a = NativeClient::connect(&url, &token("alice"), 101).await;
@@ -201,12 +207,7 @@ async fn a_fresh_device_finds_its_rooms_and_unread_counts_in_one_round_trip() {
 /// leaves for somebody else.
 #[tokio::test]
 async fn leaving_and_forged_memberships() {
-    let (_dir, store) = sqlite_store().await;
-    let config = Config {
-        auth: Auth::new(Some(SECRET)),
-        ..Default::default()
-    };
-    let server = TestServer::start(store.clone(), config).await;
+    let (_dir, store, server) = start().await;
     let url = server.url();
     let room = DocId::new("chat/lobby").unwrap();
     let mut a = NativeClient::connect(&url, &token("alice"), 111).await;
