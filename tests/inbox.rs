@@ -267,3 +267,39 @@ async fn leaving_and_forged_memberships() {
     assert!(!members[0].joined);
     server.stop().await;
 }
+
+/// A peer repeating its inbox request as fast as it can costs one read of the store per
+/// pacing interval, not one per frame: the requests are answered together.
+#[tokio::test]
+async fn repeated_inbox_requests_are_answered_together() {
+    let (_dir, _store, server) = start().await;
+    let url = server.url();
+    let mut a = NativeClient::connect(&url, &token("alice"), 121).await;
+    let room = DocId::new("chat/busy").unwrap();
+    a.resume_from_scratch(&room).await;
+    let mine = ChatRoom::new(new_doc(121).unwrap());
+    a.push(&room, 1, mine.join(&author("alice", "p"), 10).unwrap())
+        .await
+        .unwrap();
+    for _ in 0..300 {
+        a.send(&ClientFrame::Inbox { since: 0 }).await;
+    }
+    // Every answer that comes within a second, each the whole (one-room) inbox.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+    let mut answers = 0;
+    while let Ok(Some(frame)) = a.recv_within(deadline - tokio::time::Instant::now()).await {
+        if let ServerFrame::Inbox { rooms, .. } = frame {
+            assert_eq!(rooms.len(), 1);
+            answers += 1;
+        }
+    }
+    assert!(
+        (1..=6).contains(&answers),
+        "300 requests in a burst were answered {answers} times"
+    );
+    // Still served: a later request is answered.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (frames, rooms, _) = inbox(&mut a, 0).await;
+    assert_eq!((frames, rooms.len()), (1, 1));
+    server.stop().await;
+}

@@ -147,8 +147,9 @@ struct InboxFollow {
     due: Option<Instant>,
 }
 
-/// The least time between two reads of the inbox a wake-up causes (a busy room of the user's
-/// wakes it at every message; a peer's own requests are not paced but rate limited as frames).
+/// The least time between two reads of a connection's inbox, whether a change (a busy room of
+/// the user's wakes it at every message) or the peer's own request causes them: requests
+/// repeated faster are answered together, once.
 const INBOX_READ_EVERY: Duration = Duration::from_millis(250);
 
 impl InboxFollow {
@@ -162,17 +163,37 @@ impl InboxFollow {
     /// The inbox may have changed: read it now, after the read in flight, or once the pace
     /// allows.
     fn changed(&mut self, now: Instant, out: &mut Actions) {
-        if self.reading.is_some() {
-            self.again = true;
-        } else if let Some(next) = self
+        self.again = true;
+        self.next(now, out);
+    }
+
+    /// The peer asks for what changed after `since`: answered like a change, paced alike (a
+    /// peer repeating its request costs one read per [`INBOX_READ_EVERY`], not one per frame).
+    fn asked(&mut self, since: u64, now: Instant, out: &mut Actions) {
+        self.requested = Some(since);
+        self.next(now, out);
+    }
+
+    /// Starts the read wanted (a request first, else a change), unless one is in flight or
+    /// the last started less than [`INBOX_READ_EVERY`] ago (then it is due then).
+    fn next(&mut self, now: Instant, out: &mut Actions) {
+        if self.reading.is_some() || (self.requested.is_none() && !self.again) {
+            return;
+        }
+        if let Some(next) = self
             .last_read
             .map(|at| at + INBOX_READ_EVERY)
             .filter(|&next| next > now)
         {
             self.due.get_or_insert(next);
-        } else {
-            self.due = None;
-            self.start_read(self.version, false, now, out);
+            return;
+        }
+        self.due = None;
+        // A request reads from its own version, which covers every change since: `again` too.
+        self.again = false;
+        match self.requested.take() {
+            Some(since) => self.start_read(since, true, now, out),
+            None => self.start_read(self.version, false, now, out),
         }
     }
 }
@@ -390,12 +411,9 @@ impl NativeHandler {
                     out.push_back(Action::Send(error(ErrorCode::TokenExpired, None, None)));
                     return;
                 }
-                let follow = peer.inbox.get_or_insert_with(InboxFollow::default);
-                if follow.reading.is_some() {
-                    follow.requested = Some(since);
-                } else {
-                    follow.start_read(since, true, now.at, out);
-                }
+                peer.inbox
+                    .get_or_insert_with(InboxFollow::default)
+                    .asked(since, now.at, out);
             }
             ClientFrame::Members { room } => {
                 if peer.grant.is_expired_at(now.unix) {
@@ -483,11 +501,8 @@ fn inbox_answered(peer: &mut Peer, inbox: driftsync_engine::store::Inbox, now: I
             }
         }
     }
-    let Some(follow) = peer.inbox.as_mut() else { return };
-    if let Some(since) = follow.requested.take() {
-        follow.start_read(since, true, now, out);
-    } else if std::mem::take(&mut follow.again) {
-        follow.changed(now, out);
+    if let Some(follow) = peer.inbox.as_mut() {
+        follow.next(now, out);
     }
 }
 
@@ -777,7 +792,7 @@ impl Handler for NativeHandler {
             if let Some(follow) = peer.inbox.as_mut().filter(|f| f.due.is_some_and(|due| due <= now.at)) {
                 // A paced inbox read (the token's expiry, if also due, fires next).
                 follow.due = None;
-                follow.changed(now.at, out);
+                follow.next(now.at, out);
                 return;
             }
             if !peer.expiry.is_some_and(|expiry| expiry <= now.at) {

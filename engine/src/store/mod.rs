@@ -292,7 +292,8 @@ pub trait Store: Send + Sync + 'static {
         async { Err(crate::Error::Invalid("this store keeps no chat index".into())) }
     }
 
-    /// The members of a chat room (joined or left) with when each was last seen connected.
+    /// The members of a chat room (joined or left) with when each was last seen connected, in
+    /// user order, the first 10,000 (an answer stays within a frame).
     fn members(&self, room: &str) -> impl Future<Output = Result<Vec<RoomMember>>> + Send {
         let _ = room;
         async { Err(crate::Error::Invalid("this store keeps no chat index".into())) }

@@ -1306,7 +1306,8 @@ macro_rules! sql_store {
                 async fn members(&self, room: &str) -> Result<Vec<$crate::store::RoomMember>> {
                     let rows: Vec<(String, i64, i64, Option<i64>)> = ::sqlx::query_as(
                         "SELECT m.user_id, m.joined, m.at, s.at FROM chat_members m \
-                         LEFT JOIN user_seen s ON s.user_id = m.user_id WHERE m.room = $1 ORDER BY m.user_id",
+                         LEFT JOIN user_seen s ON s.user_id = m.user_id WHERE m.room = $1 ORDER BY m.user_id \
+                         LIMIT 10000",
                     )
                     .bind(room)
                     .fetch_all(&self.pool)
