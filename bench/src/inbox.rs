@@ -234,3 +234,66 @@ fn tempfile_dir() -> anyhow::Result<std::path::PathBuf> {
     std::fs::create_dir_all(&dir)?;
     Ok(dir)
 }
+
+/// What the chat index costs a write: `messages` chat messages appended one transaction each
+/// (as a quiet room commits them) to a SQLite file, in a room of two members, with their index
+/// facts and without (the same updates), and with them and the push outbox on (a due row for
+/// the other member). Returns the mean per append of each, in µs (two runs each, interleaved).
+pub async fn append_cost(messages: usize) -> anyhow::Result<serde_json::Value> {
+    let dir = tempfile_dir()?.join("append");
+    std::fs::create_dir_all(&dir)?;
+    let mut means = Vec::new();
+    let modes = [0u8, 1, 2, 0, 1, 2];
+    for (run, mode) in modes.into_iter().enumerate() {
+        let indexed = mode > 0;
+        let store = SqliteStore::open(dir.join(format!("run-{run}.db"))).await?;
+        if mode == 2 {
+            store.set_push(Some(driftsync_engine::store::PushSettings {
+                grace_ms: 3_000,
+                include_text: false,
+            }));
+        }
+        let server = new_doc(1)?;
+        let guard = ChatGuard::attach(&server);
+        let (a, b) = (ChatRoom::new(new_doc(31)?), ChatRoom::new(new_doc(32)?));
+        let mut appends = Vec::new();
+        for (user, update) in [
+            ("a", a.join(&author("a"), 1_000).context("join")?),
+            ("b", b.join(&author("b"), 1_000).context("join")?),
+        ]
+        .into_iter()
+        .chain((0..messages).map(|i| ("a", a.send(&author("a"), &format!("message {i}"), 2_000 + i as u64).1)))
+        {
+            guard.reset();
+            apply_bytes(&server, &update)?;
+            guard
+                .check(Some(user), u64::MAX / 4)
+                .map_err(|v| anyhow::anyhow!("{v}"))?;
+            let facts = guard.take_facts();
+            appends.push(Append {
+                doc: "chat/cost".into(),
+                origin: None,
+                update,
+                chat: indexed.then(|| Box::new(facts)),
+            });
+        }
+        let (joins, rest) = appends.split_at(2);
+        store.append(joins).await?;
+        let started = Instant::now();
+        for append in rest {
+            store.append(std::slice::from_ref(append)).await?;
+        }
+        means.push((mode, started.elapsed().as_secs_f64() * 1e6 / messages as f64));
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    let mean = |mode: u8| {
+        let runs: Vec<f64> = means.iter().filter(|m| m.0 == mode).map(|m| m.1).collect();
+        runs.iter().sum::<f64>() / runs.len() as f64
+    };
+    Ok(json!({
+        "messages": messages,
+        "append_us_without_index": mean(0),
+        "append_us_with_index": mean(1),
+        "append_us_with_index_and_push": mean(2),
+    }))
+}

@@ -33,7 +33,8 @@ struct Cli {
 enum Command {
     /// The inbox of a user with many rooms (a server in this process, on a fresh SQLite
     /// store): a fresh device's first inbox and a returning device's after some rooms changed,
-    /// bytes and time; one JSON line per room count.
+    /// bytes and time; one JSON line per room count; then what the chat index costs a message's
+    /// append (one transaction each, with and without).
     Inbox {
         /// Room counts, one run each.
         #[arg(long, value_delimiter = ',', default_value = "1000,10000")]
@@ -303,6 +304,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 let line = driftsync_bench::inbox::run(n, changed).await?;
                 println!("{line}");
             }
+            println!("{}", driftsync_bench::inbox::append_cost(2_000).await?);
         }
         Command::Fanout {
             target,
